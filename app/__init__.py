@@ -1,0 +1,1 @@
+"""The eCard service (Litestar)."""

@@ -1,0 +1,232 @@
+"""`litestar ecard …`: the card office's commands, run against the same database and stores as the service."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+from litestar.plugins.problem_details import ProblemDetailsException
+
+from app.context import ServiceContext
+from app.db.engine import create_engine
+from app.db.migrate import upgrade_to_head
+from app.keyring import KeyringError, generate_keyring
+from app.settings import get_settings
+
+T = TypeVar("T")
+
+
+def _run(work: Callable[[ServiceContext], Awaitable[T]]) -> T:
+    """Run work with a fresh context; print a problem's detail instead of a traceback."""
+
+    async def main() -> T:
+        context = ServiceContext.build(get_settings())
+        try:
+            await context.directory.reload()
+            return await work(context)
+        finally:
+            await context.close()
+
+    try:
+        return asyncio.run(main())
+    except ProblemDetailsException as exc:
+        raise click.ClickException(str(exc.detail)) from None
+    except KeyringError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(name="ecard")
+def ecard_group() -> None:
+    """eCard card-office commands."""
+
+
+@ecard_group.group(name="db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command(name="upgrade")
+def db_upgrade() -> None:
+    """Apply all pending migrations."""
+
+    async def main() -> None:
+        engine = create_engine(get_settings().database_url)
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    click.echo("database is at the latest migration")
+
+
+@ecard_group.group(name="keys")
+def keys_group() -> None:
+    """The service's own secrets."""
+
+
+@keys_group.command(name="generate")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create the key files in.")
+def keys_generate(out: Path) -> None:
+    """Write a fresh data key, index key and session key (for production)."""
+    try:
+        generate_keyring(out)
+    except KeyringError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote data.key, index.key and session.pem to {out}; set ECARD_KEYS_DIR={out}")
+
+
+@ecard_group.group(name="operator")
+def operator_group() -> None:
+    """Operator accounts."""
+
+
+@operator_group.command(name="create")
+@click.option("--username", required=True)
+@click.option("--role", type=click.Choice(["admin", "card_officer", "verifier_manager", "auditor"]), default="admin")
+@click.option("--region", "regions", multiple=True, required=True, help="Region code, or '*' for all; repeatable.")
+@click.password_option(help="At least 12 characters; asked for when not given.")
+def operator_create(username: str, role: str, regions: tuple[str, ...], password: str) -> None:
+    """Create an operator account."""
+    from app.domain.operators.services import Role, create_operator
+
+    async def work(context: ServiceContext) -> uuid.UUID:
+        async with context.sessions() as session:
+            operator = await create_operator(
+                session, username=username, password=password, role=Role(role), regions=list(regions)
+            )
+            return operator.id
+
+    operator_id = _run(work)
+    click.echo(f"operator {username} ({role}, regions {', '.join(regions)}) created: {operator_id}")
+
+
+@ecard_group.group(name="region")
+def region_group() -> None:
+    """Issuing regions."""
+
+
+@region_group.command(name="add")
+@click.argument("code")
+@click.argument("name")
+def region_add(code: str, name: str) -> None:
+    """Register a region (GB/T 2260 code) and generate its signing key."""
+    from app.domain.regions.services import register_region
+
+    async def work(context: ServiceContext) -> None:
+        async with context.sessions() as session:
+            await register_region(session, context.pii, code, name)
+        await context.bus.publish("directory")
+
+    _run(work)
+    click.echo(f"region {code} registered with a fresh signing key")
+
+
+@ecard_group.group(name="card")
+def card_group() -> None:
+    """Physical cards and eCards."""
+
+
+@card_group.command(name="issue")
+@click.option("--region", required=True)
+@click.option("--citizen-id", required=True, help="18-character citizen identity number.")
+@click.option("--name", required=True)
+@click.option("--card-number", required=True, help="9 letters or digits.")
+def card_issue(region: str, citizen_id: str, name: str, card_number: str) -> None:
+    """Issue a card and print its one-time activation code."""
+    from app.domain.cards.services import issue_card
+
+    async def work(context: ServiceContext) -> tuple[str, str]:
+        async with context.sessions() as session:
+            issued = await issue_card(
+                session,
+                context.pii,
+                region=region,
+                citizen_id=citizen_id,
+                name=name,
+                card_number=card_number,
+                code_ttl=context.settings.activation_code_ttl,
+            )
+            return issued.activation_code, issued.activation_expires_at.isoformat()
+
+    code, expires = _run(work)
+    click.echo(f"card {card_number.upper()} issued; activation code {code} (valid until {expires})")
+
+
+@ecard_group.group(name="status")
+def status_group() -> None:
+    """The card-status mirror in Redis."""
+
+
+@status_group.command(name="sync")
+def status_sync() -> None:
+    """Copy every eCard's status from the database into the mirror."""
+    from app.domain.cards.services import mirror_all_statuses
+
+    async def work(context: ServiceContext) -> int:
+        async with context.sessions() as session:
+            return await mirror_all_statuses(session, context.mirror)
+
+    click.echo(f"{_run(work)} statuses mirrored")
+
+
+@ecard_group.command(name="demo")
+@click.option("--region", default="510000", show_default=True)
+def demo(region: str) -> None:
+    """Set up a region, an admin, a transit gate and a card to try the whole loop by hand."""
+    from app.db.models import Region
+    from app.domain.cards.citizen_id import check_character
+    from app.domain.cards.services import issue_card
+    from app.domain.operators.services import Role, create_operator
+    from app.domain.regions.services import register_region
+    from app.domain.verification.disclosure import BusinessType
+    from app.domain.verifiers.services import register_organisation, register_terminal
+
+    password = secrets.token_urlsafe(12)
+    username = f"admin-{secrets.token_hex(3)}"
+    birth_serial = f"{region}19900101{secrets.randbelow(1000):03d}"
+    citizen_id = birth_serial + check_character(birth_serial)
+    card_number = f"D{secrets.randbelow(10**8):08d}"
+
+    async def work(context: ServiceContext) -> dict[str, str]:
+        async with context.sessions() as session:
+            if await session.get(Region, region) is None:
+                await register_region(session, context.pii, region, f"Demo region {region}")
+            await create_operator(session, username=username, password=password, role=Role.ADMIN, regions=[region])
+            organisation = await register_organisation(
+                session, name="Demo Metro", business_type=BusinessType.TRANSIT, region=region
+            )
+            _terminal, api_key = await register_terminal(
+                session, organisation, name=f"gate-{secrets.token_hex(2)}", purposes=["transit", "general"]
+            )
+            issued = await issue_card(
+                session,
+                context.pii,
+                region=region,
+                citizen_id=citizen_id,
+                name="张三",
+                card_number=card_number,
+                code_ttl=context.settings.activation_code_ttl,
+            )
+        await context.bus.publish("directory")
+        return {
+            "operator username": username,
+            "operator password": password,
+            "terminal api key (X-Api-Key)": api_key,
+            "card number": card_number,
+            "activation code": issued.activation_code,
+        }
+
+    for label, value in _run(work).items():
+        click.echo(f"{label:30} {value}")
+    click.echo("A running service picks these up within its cache refresh interval (30 s), or restart it.", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(ecard_group())

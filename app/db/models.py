@@ -1,0 +1,211 @@
+"""The relational model. Personal data is stored only as AES-GCM ciphertext plus a keyed index."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with stable constraint names, so migrations are reproducible."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: dict[Any, Any] = {
+        datetime: DateTime(timezone=True),
+        bytes: LargeBinary,
+        uuid.UUID: Uuid,
+    }
+
+
+class CardState(StrEnum):
+    """Life of the physical card."""
+
+    ISSUED = "issued"
+    ACTIVE = "active"
+    LOST = "lost"
+    REPLACED = "replaced"
+    CANCELLED = "cancelled"
+
+
+class ECardState(StrEnum):
+    """Life of the electronic card."""
+
+    PENDING_ACTIVATION = "pending_activation"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+
+
+class KeyState(StrEnum):
+    """Whether an issuer key signs new credentials or only verifies old ones."""
+
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+class Region(Base):
+    """An issuing region, by its GB/T 2260 code."""
+
+    __tablename__ = "regions"
+
+    code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+
+
+class IssuerKey(Base):
+    """A region's Ed25519 signing key; the private half encrypted under the data key."""
+
+    __tablename__ = "issuer_keys"
+
+    kid: Mapped[bytes] = mapped_column(LargeBinary(8), primary_key=True)
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    private_key_encrypted: Mapped[bytes]
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+
+class Operator(Base):
+    """A card-office account, scoped to regions."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(32))
+    regions: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
+class Person(Base):
+    """A card holder. Name and citizen ID are ciphertext; `citizen_id_index` is their keyed index."""
+
+    __tablename__ = "persons"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    citizen_id_index: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    citizen_id_encrypted: Mapped[bytes]
+    name_encrypted: Mapped[bytes]
+    created_at: Mapped[datetime]
+
+
+class Card(Base):
+    """A physical social security card."""
+
+    __tablename__ = "cards"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    person_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("persons.id"), index=True)
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    card_number: Mapped[str] = mapped_column(String(16), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+
+class ECard(Base):
+    """The electronic card of a physical card; `card_ref` is the opaque id inside credentials."""
+
+    __tablename__ = "ecards"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    card_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cards.id"), unique=True)
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    card_ref: Mapped[bytes] = mapped_column(LargeBinary(16), unique=True)
+    state: Mapped[str] = mapped_column(String(24))
+    activated_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+
+class ActivationCode(Base):
+    """A one-time code that lets a holder bind a device to an eCard; only its hash is kept."""
+
+    __tablename__ = "activation_codes"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    ecard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ecards.id"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    used_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class Device(Base):
+    """A holder's phone, bound by its Ed25519 public key."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    ecard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ecards.id"), index=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class RefreshToken(Base):
+    """One link of a rotating refresh-token chain; only the token's SHA-256 is kept."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    family_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    device_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("devices.id"), index=True)
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    expires_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class VerifierOrganisation(Base):
+    """A transit company, park, library, hospital… that scans credentials."""
+
+    __tablename__ = "verifier_organisations"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    business_type: Mapped[str] = mapped_column(String(32))
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    created_at: Mapped[datetime]
+
+
+class Terminal(Base):
+    """A gate, turnstile or desk; authenticates with an API key of which only the hash is kept."""
+
+    __tablename__ = "terminals"
+    __table_args__ = (UniqueConstraint("organisation_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    organisation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("verifier_organisations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    allowed_purposes: Mapped[list[str]] = mapped_column(JSON)
+    api_key_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    enabled: Mapped[bool]
+    created_at: Mapped[datetime]

@@ -1,0 +1,61 @@
+"""What handlers get injected: the caller (holder or operator session), a database session, the context."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Request
+from litestar.di import Provide
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.context import ServiceContext, context_of
+from app.tokens import HolderSession, InvalidToken, OperatorSession
+
+HOLDER_SECURITY: list[dict[str, list[str]]] = [{"holderToken": []}]
+OPERATOR_SECURITY: list[dict[str, list[str]]] = [{"operatorToken": []}]
+TERMINAL_SECURITY: list[dict[str, list[str]]] = [{"terminalApiKey": []}]
+
+
+def _bearer(request: Request[Any, Any, Any]) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise problems.unauthorized("send 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+def current_holder(request: Request[Any, Any, Any]) -> HolderSession:
+    """The holder whose access token the request carries; 401 otherwise."""
+    try:
+        return context_of(request.app.state).tokens.read_holder(_bearer(request))
+    except InvalidToken as exc:
+        raise problems.unauthorized(f"access token rejected: {exc}") from None
+
+
+def current_operator(request: Request[Any, Any, Any]) -> OperatorSession:
+    """The operator whose token the request carries; 401 otherwise."""
+    try:
+        return context_of(request.app.state).tokens.read_operator(_bearer(request))
+    except InvalidToken as exc:
+        raise problems.unauthorized(f"operator token rejected: {exc}") from None
+
+
+def service_context(request: Request[Any, Any, Any]) -> ServiceContext:
+    """The process's service context."""
+    return context_of(request.app.state)
+
+
+async def db_session(request: Request[Any, Any, Any]) -> AsyncIterator[AsyncSession]:
+    """A database session for one request; whatever it did not commit is rolled back."""
+    async with context_of(request.app.state).sessions() as session:
+        yield session
+
+
+DEPENDENCIES = {
+    "ctx": Provide(service_context, sync_to_thread=False),
+    "session": Provide(db_session),
+}
+provide_holder = Provide(current_holder, sync_to_thread=False)
+provide_operator = Provide(current_operator, sync_to_thread=False)

@@ -1,0 +1,1 @@
+"""Domain packages: each holds its rules (services), wire schemas and thin controllers."""

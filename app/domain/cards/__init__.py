@@ -1,0 +1,1 @@
+"""Persons, physical cards and eCards: issuance, activation codes, status."""

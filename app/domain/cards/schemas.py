@@ -1,0 +1,57 @@
+"""Wire format of the operator card API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from app.schema import WireModel
+
+
+class CardIssue(WireModel):
+    """A person and the physical card issued to them."""
+
+    region: Annotated[str, msgspec.Meta(pattern=r"^[1-9]\d{5}$", examples=["510000"])]
+    citizen_id: Annotated[str, msgspec.Meta(min_length=18, max_length=18, examples=["11010519491231002X"])]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    card_number: Annotated[str, msgspec.Meta(min_length=9, max_length=9, examples=["A12345678"])]
+
+
+class ActivationCodeOut(WireModel):
+    """A one-time activation code, shown once; deliver it to the holder."""
+
+    card_id: uuid.UUID
+    ecard_id: uuid.UUID
+    activation_code: str
+    activation_expires_at: datetime
+
+
+class CardOut(WireModel):
+    """A card as an operator sees it: personal data masked."""
+
+    card_id: uuid.UUID
+    card_number: str
+    region: str
+    card_state: str
+    ecard_id: uuid.UUID
+    ecard_state: str
+    holder_name: str
+    citizen_id: str
+
+
+class IssuedCardOut(WireModel):
+    """A card just issued, with its activation code (shown once)."""
+
+    card: CardOut
+    activation_code: str
+    activation_expires_at: datetime
+
+
+class ECardStateChange(WireModel):
+    """Move an eCard to another state, saying why."""
+
+    state: Literal["active", "suspended", "revoked"]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]

@@ -1,0 +1,201 @@
+"""Issuing cards to persons, activation codes, and the eCard's status."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.clock import utcnow
+from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Person, Region
+from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
+from app.pii import PiiCipher
+from app.stores.status_mirror import MirroredStatus, StatusMirror
+
+CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")
+CITIZEN_ID_FIELD = "persons.citizen_id"
+NAME_FIELD = "persons.name"
+ACTIVATION_CODE_FIELD = "activation_codes.code"
+
+MIRRORED = {
+    ECardState.PENDING_ACTIVATION: MirroredStatus.PENDING_ACTIVATION,
+    ECardState.ACTIVE: MirroredStatus.ACTIVE,
+    ECardState.SUSPENDED: MirroredStatus.SUSPENDED,
+    ECardState.REVOKED: MirroredStatus.REVOKED,
+}
+
+# Transitions an operator may make; activation (pending → active) is the holder's own step.
+OPERATOR_TRANSITIONS: dict[ECardState, frozenset[ECardState]] = {
+    ECardState.PENDING_ACTIVATION: frozenset({ECardState.REVOKED}),
+    ECardState.ACTIVE: frozenset({ECardState.SUSPENDED, ECardState.REVOKED}),
+    ECardState.SUSPENDED: frozenset({ECardState.ACTIVE, ECardState.REVOKED}),
+    ECardState.REVOKED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCard:
+    """A card just issued, with the activation code to hand to its holder."""
+
+    card: Card
+    ecard: ECard
+    activation_code: str
+    activation_expires_at: datetime
+
+
+def normalise_card_number(raw: str) -> str:
+    """Nine upper-case letters or digits."""
+    number = raw.strip().upper()
+    if not CARD_NUMBER.fullmatch(number):
+        raise problems.bad_request("card number must be 9 letters or digits")
+    return number
+
+
+def activation_code_hash(pii: PiiCipher, ecard_id: uuid.UUID, code: str) -> str:
+    """Keyed hash of a code: a database leak alone does not let anyone test guesses offline."""
+    return pii.blind_index(f"{ecard_id.hex}:{code}", ACTIVATION_CODE_FIELD).hex()
+
+
+def _new_activation_code() -> str:
+    digits = f"{secrets.randbelow(10**8):08d}"
+    return f"{digits[:4]}-{digits[4:]}"
+
+
+def normalise_activation_code(raw: str) -> str:
+    """Accept the code with or without its dash or spaces."""
+    digits = re.sub(r"[\s-]", "", raw)
+    return f"{digits[:4]}-{digits[4:]}" if len(digits) == 8 and digits.isdigit() else ""
+
+
+async def new_activation_code(session: AsyncSession, pii: PiiCipher, ecard: ECard, ttl: int) -> tuple[str, datetime]:
+    """Replace any open code of the eCard with a fresh one (caller commits)."""
+    now = utcnow()
+    await session.execute(
+        update(ActivationCode)
+        .where(ActivationCode.ecard_id == ecard.id, ActivationCode.used_at.is_(None))
+        .values(expires_at=now)
+    )
+    code = _new_activation_code()
+    expires_at = now + timedelta(seconds=ttl)
+    session.add(
+        ActivationCode(
+            ecard_id=ecard.id,
+            code_hash=activation_code_hash(pii, ecard.id, code),
+            expires_at=expires_at,
+            failed_attempts=0,
+            created_at=now,
+        )
+    )
+    return code, expires_at
+
+
+async def issue_card(
+    session: AsyncSession,
+    pii: PiiCipher,
+    *,
+    region: str,
+    citizen_id: str,
+    name: str,
+    card_number: str,
+    code_ttl: int,
+) -> IssuedCard:
+    """Register (or find) the person, issue the physical card and its pending eCard, and an activation code."""
+    try:
+        citizen_id = normalise_citizen_id(citizen_id)
+    except InvalidCitizenId as exc:
+        raise problems.bad_request(str(exc)) from None
+    card_number = normalise_card_number(card_number)
+    name = name.strip()
+    if not name:
+        raise problems.bad_request("name must not be empty")
+    if await session.get(Region, region) is None:
+        raise problems.not_found(f"region {region} is not registered")
+    if await session.scalar(select(Card.id).where(Card.card_number == card_number)) is not None:
+        raise problems.conflict(f"card number {card_number} is already issued")
+    index = pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
+    person = await session.scalar(select(Person).where(Person.citizen_id_index == index))
+    now = utcnow()
+    if person is None:
+        person = Person(
+            region_code=region,
+            citizen_id_index=index,
+            citizen_id_encrypted=pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
+            name_encrypted=pii.encrypt(name, NAME_FIELD),
+            created_at=now,
+        )
+        session.add(person)
+        await session.flush()
+    elif await session.scalar(
+        select(Card.id).where(Card.person_id == person.id, Card.state.in_([CardState.ISSUED, CardState.ACTIVE]))
+    ):
+        raise problems.conflict("this person already holds a card in use")
+    card = Card(
+        person_id=person.id, region_code=region, card_number=card_number, state=CardState.ISSUED, created_at=now
+    )
+    session.add(card)
+    await session.flush()
+    ecard = ECard(
+        card_id=card.id,
+        region_code=region,
+        card_ref=os.urandom(16),
+        state=ECardState.PENDING_ACTIVATION,
+        updated_at=now,
+    )
+    session.add(ecard)
+    await session.flush()
+    code, expires_at = await new_activation_code(session, pii, ecard, code_ttl)
+    await session.commit()
+    return IssuedCard(card=card, ecard=ecard, activation_code=code, activation_expires_at=expires_at)
+
+
+async def find_card(session: AsyncSession, card_id: uuid.UUID, regions: tuple[str, ...]) -> tuple[Card, ECard, Person]:
+    """A card with its eCard and person, if it lies in one of the regions ('*' = all); else 404."""
+    row = (
+        await session.execute(
+            select(Card, ECard, Person)
+            .join(ECard, ECard.card_id == Card.id)
+            .join(Person, Person.id == Card.person_id)
+            .where(Card.id == card_id)
+        )
+    ).first()
+    if row is None or ("*" not in regions and row[0].region_code not in regions):
+        # The same answer whether the card is missing or outside the operator's regions.
+        raise problems.not_found("no such card")
+    return row[0], row[1], row[2]
+
+
+async def change_ecard_state(session: AsyncSession, mirror: StatusMirror, ecard: ECard, target: ECardState) -> ECard:
+    """Move an eCard to target if the rules allow; mirror the new status after the commit."""
+    current = ECardState(ecard.state)
+    if target not in OPERATOR_TRANSITIONS[current]:
+        raise problems.conflict(
+            f"an eCard in state {current.value} cannot become {target.value}", current_state=current.value
+        )
+    result = await session.execute(
+        update(ECard)
+        .where(ECard.id == ecard.id, ECard.state == current.value)
+        .values(state=target.value, updated_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise problems.conflict("the eCard changed meanwhile; read it again", current_state=current.value)
+    await session.commit()
+    await session.refresh(ecard)
+    await mirror.set_status(ecard.card_ref, MIRRORED[target])
+    return ecard
+
+
+async def mirror_all_statuses(session: AsyncSession, mirror: StatusMirror) -> int:
+    """Copy every eCard's status from the database into the mirror; the number copied."""
+    count = 0
+    for card_ref, state in (await session.execute(select(ECard.card_ref, ECard.state))).tuples():
+        await mirror.set_status(card_ref, MIRRORED[ECardState(state)])
+        count += 1
+    return count

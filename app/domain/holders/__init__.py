@@ -1,0 +1,1 @@
+"""Holders: activation on a device, session tokens, credentials and their QR images."""

@@ -1,0 +1,74 @@
+"""Wire format of the holder API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from app.schema import WireModel
+from crypto.credential import MAX_TEXT_LENGTH
+
+PurposeName = Literal["transit", "medical", "park", "library", "general"]
+
+
+class ActivationRequest(WireModel):
+    """Bind this device to the eCard of a physical card, with the one-time code from the card office."""
+
+    card_number: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    activation_code: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    # Raw 32-byte Ed25519 public key, unpadded base64url (43 characters).
+    device_public_key: Annotated[str, msgspec.Meta(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]{43}$")]
+    device_name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "phone"
+
+
+class RefreshRequest(WireModel):
+    """Trade a refresh token for a new access and refresh token."""
+
+    refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class SessionResponse(WireModel):
+    """Tokens for a holder's device. The refresh token works once."""
+
+    access_token: str
+    refresh_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    ecard_id: uuid.UUID
+    device_id: uuid.UUID
+
+
+class CredentialRequest(WireModel):
+    """Ask for credentials for one purpose; up to the bundle limit for consecutive windows (medical: 1)."""
+
+    purpose: PurposeName
+    count: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+
+
+class CredentialOut(WireModel):
+    """One QR credential: show it from `not_before` until `refresh_at`; it is void after `expires_at`."""
+
+    credential: str
+    not_before: datetime
+    expires_at: datetime
+    refresh_at: datetime
+
+
+class CredentialBundle(WireModel):
+    """Credentials with consecutive validity windows, signed by key `kid`."""
+
+    kid: str
+    purpose: PurposeName
+    server_time: datetime
+    credentials: list[CredentialOut]
+
+
+class QrRequest(WireModel):
+    """Render one of your credentials as a QR image."""
+
+    credential: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LENGTH)]
+    format: Literal["png", "svg"] = "svg"
+    scale: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4

@@ -1,0 +1,183 @@
+"""Activation of an eCard on a device, and rotating refresh tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.clock import as_utc, utcnow
+from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, RefreshToken
+from app.domain.cards.services import activation_code_hash, normalise_activation_code
+from app.pii import PiiCipher
+from app.settings import Settings
+from app.stores.status_mirror import MirroredStatus, StatusMirror
+from app.tokens import HolderSession, SessionTokens
+from crypto.keys import b64url
+
+REFRESH_TOKEN_PREFIX = "rt_"
+ACTIVATION_FAILED = "card number or activation code is wrong, expired or used up"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    """Tokens handed to a holder's device."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    ecard_id: uuid.UUID
+    device_id: uuid.UUID
+
+
+def _hash_refresh_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def _start_session(
+    session: AsyncSession,
+    tokens: SessionTokens,
+    settings: Settings,
+    ecard: ECard,
+    device: Device,
+    family_id: uuid.UUID,
+) -> IssuedSession:
+    """Add a refresh token to family and sign an access token (caller commits)."""
+    refresh = REFRESH_TOKEN_PREFIX + b64url(os.urandom(32))
+    now = utcnow()
+    session.add(
+        RefreshToken(
+            family_id=family_id,
+            device_id=device.id,
+            token_hash=_hash_refresh_token(refresh),
+            expires_at=now + timedelta(seconds=settings.refresh_token_ttl),
+            created_at=now,
+        )
+    )
+    access = tokens.issue_holder(
+        HolderSession(ecard_id=ecard.id, device_id=device.id, card_ref=ecard.card_ref, region=ecard.region_code),
+        settings.access_token_ttl,
+    )
+    return IssuedSession(access, refresh, settings.access_token_ttl, ecard.id, device.id)
+
+
+async def activate(
+    session: AsyncSession,
+    pii: PiiCipher,
+    tokens: SessionTokens,
+    mirror: StatusMirror,
+    settings: Settings,
+    *,
+    card_number: str,
+    activation_code: str,
+    device_public_key: bytes,
+    device_name: str,
+) -> IssuedSession:
+    """Bind a device to the eCard of card_number with a one-time code, and open a session.
+
+    An unknown card, a wrong code, an expired or used-up code all get the same answer.
+    """
+    failed = problems.problem(401, "activation_failed", ACTIVATION_FAILED)
+    row = (
+        await session.execute(
+            select(Card, ECard).join(ECard, ECard.card_id == Card.id).where(Card.card_number == card_number)
+        )
+    ).first()
+    if row is None:
+        raise failed
+    card, ecard = row
+    code_row = await session.scalar(
+        select(ActivationCode)
+        .where(ActivationCode.ecard_id == ecard.id, ActivationCode.used_at.is_(None))
+        .order_by(ActivationCode.created_at.desc())
+        .limit(1)
+    )
+    now = utcnow()
+    if (
+        code_row is None
+        or as_utc(code_row.expires_at) <= now
+        or code_row.failed_attempts >= settings.activation_max_attempts
+    ):
+        raise failed
+    code = normalise_activation_code(activation_code)
+    if not code or code_row.code_hash != activation_code_hash(pii, ecard.id, code):
+        await session.execute(
+            update(ActivationCode)
+            .where(ActivationCode.id == code_row.id)
+            .values(failed_attempts=ActivationCode.failed_attempts + 1)
+        )
+        await session.commit()
+        raise failed
+    if ecard.state not in (ECardState.PENDING_ACTIVATION, ECardState.ACTIVE):
+        raise problems.conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)
+    # Consume the code exactly once, even when two devices race with it.
+    consumed = await session.execute(
+        update(ActivationCode)
+        .where(ActivationCode.id == code_row.id, ActivationCode.used_at.is_(None))
+        .values(used_at=now)
+    )
+    if consumed.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise failed
+    ecard.state = ECardState.ACTIVE
+    ecard.activated_at = now
+    ecard.updated_at = now
+    if card.state == CardState.ISSUED:
+        card.state = CardState.ACTIVE
+    device = Device(ecard_id=ecard.id, public_key=device_public_key, name=device_name, created_at=now)
+    session.add(device)
+    await session.flush()
+    issued = await _start_session(session, tokens, settings, ecard, device, uuid.uuid4())
+    await session.commit()
+    await mirror.set_status(ecard.card_ref, MirroredStatus.ACTIVE)
+    return issued
+
+
+async def refresh_session(
+    session: AsyncSession, tokens: SessionTokens, settings: Settings, refresh_token: str
+) -> IssuedSession:
+    """Trade a refresh token for a new pair. Presenting a token twice revokes its whole family."""
+    invalid = problems.problem(401, "invalid_refresh_token", "refresh token is invalid, expired or revoked")
+    stored = await session.scalar(
+        select(RefreshToken).where(RefreshToken.token_hash == _hash_refresh_token(refresh_token))
+    )
+    if stored is None or stored.revoked_at is not None:
+        raise invalid
+    now = utcnow()
+    rotated = await session.execute(
+        update(RefreshToken).where(RefreshToken.id == stored.id, RefreshToken.used_at.is_(None)).values(used_at=now)
+    )
+    if rotated.rowcount != 1:  # type: ignore[attr-defined]
+        # Reuse of a rotated token: someone holds a copy. End every session of the family.
+        await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.family_id == stored.family_id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        await session.commit()
+        raise problems.problem(
+            401,
+            "refresh_token_reused",
+            "refresh token was already used; all sessions of this device sign-in are revoked",
+        )
+    if as_utc(stored.expires_at) <= now:
+        await session.rollback()
+        raise invalid
+    row = (
+        await session.execute(
+            select(Device, ECard).join(ECard, ECard.id == Device.ecard_id).where(Device.id == stored.device_id)
+        )
+    ).first()
+    if row is None or row[0].revoked_at is not None or row[1].state == ECardState.REVOKED:
+        await session.rollback()
+        raise invalid
+    device, ecard = row
+    issued = await _start_session(session, tokens, settings, ecard, device, stored.family_id)
+    await session.commit()
+    return issued

@@ -1,0 +1,1 @@
+"""Operators: card-office accounts, sign-in, roles and region scope."""

@@ -1,0 +1,32 @@
+"""Operator sign-in."""
+
+from __future__ import annotations
+
+from litestar import Controller, post
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.context import ServiceContext
+from app.domain.operators.schemas import OperatorToken, SignInRequest
+from app.domain.operators.services import authenticate
+
+OPERATOR_TOKEN_TTL = 8 * 3600
+
+
+class OperatorSessionController(Controller):
+    """Sign-in for card-office staff."""
+
+    path = "/v1/operator/session"
+    tags = ["operator"]
+    request_max_body_size = 4096
+
+    @post("/", status_code=200, summary="Sign in")
+    async def sign_in(self, ctx: ServiceContext, session: AsyncSession, data: SignInRequest) -> OperatorToken:
+        """Exchange username and password for an operator token (one answer for every failure)."""
+        operator = await authenticate(session, data.username, data.password)
+        return OperatorToken(
+            access_token=ctx.tokens.issue_operator(operator, OPERATOR_TOKEN_TTL),
+            token_type="Bearer",
+            expires_in=OPERATOR_TOKEN_TTL,
+            role=operator.role,
+            regions=list(operator.regions),
+        )

@@ -1,0 +1,41 @@
+"""Registering issuing regions; each gets its first signing key at once."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.clock import utcnow
+from app.db.models import Region
+from app.domain.issuers.services import create_issuer_key
+from app.pii import PiiCipher
+
+REGION_CODE = re.compile(r"^[1-9]\d{5}$")
+
+
+def check_region_code(code: str) -> str:
+    """A GB/T 2260 administrative division code: six digits, not starting with 0."""
+    if not REGION_CODE.fullmatch(code):
+        raise problems.bad_request(f"region code {code!r} is not a 6-digit GB/T 2260 code")
+    return code
+
+
+async def register_region(session: AsyncSession, pii: PiiCipher, code: str, name: str) -> Region:
+    """Create a region and its first issuer key, in one transaction."""
+    check_region_code(code)
+    if await session.get(Region, code) is not None:
+        raise problems.conflict(f"region {code} is already registered")
+    region = Region(code=code, name=name, created_at=utcnow())
+    session.add(region)
+    await session.flush()
+    await create_issuer_key(session, pii, code)
+    await session.commit()
+    return region
+
+
+async def list_regions(session: AsyncSession) -> list[Region]:
+    """All regions by code."""
+    return list((await session.scalars(select(Region).order_by(Region.code))).all())

@@ -1,0 +1,1 @@
+"""Verification: the hot path that answers a terminal's scan."""

@@ -1,0 +1,1 @@
+"""Verifier organisations and their terminals."""

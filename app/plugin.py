@@ -1,0 +1,175 @@
+"""The one wiring plugin: routes, dependencies, error handling, OpenAPI, lifespan and CLI commands."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from click import Group
+from litestar import Litestar, Request, Response, get
+from litestar.config.app import AppConfig
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins import CLIPlugin, InitPlugin
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
+from sqlalchemy.exc import IntegrityError
+
+from app import problems
+from app.context import STATE_KEY, ServiceContext
+from app.dependencies import DEPENDENCIES
+from app.domain.cards.controllers import CardController
+from app.domain.cards.services import mirror_all_statuses
+from app.domain.holders.controllers import HolderAuthController, HolderCredentialController
+from app.domain.issuers.controllers import issuer_jwks
+from app.domain.operators.controllers import OperatorSessionController
+from app.domain.regions.controllers import RegionController
+from app.domain.verification.controllers import verify
+from app.domain.verifiers.controllers import VerifierController
+from app.settings import PROJECT_ROOT, Settings
+from app.stores.status_mirror import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+MEMORY_STORE_LOCK = PROJECT_ROOT / "var" / "memory-store.lock"
+
+
+class SingleWorkerError(RuntimeError):
+    """The in-process nonce store is in use by another worker."""
+
+
+def _lock_single_worker(path: Path) -> IO[str]:
+    """Hold an exclusive lock for the life of the process: a second worker cannot start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SingleWorkerError(
+            "another worker already uses the in-process nonce store; without REDIS_URL the service "
+            "runs one worker only (set REDIS_URL to run more)"
+        ) from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@get("/health", tags=["service"], summary="Liveness and dependencies")
+async def health(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """`ok` when the status store answers; 503 otherwise."""
+    context: ServiceContext = request.app.state[STATE_KEY]
+    try:
+        await context.mirror.ping()
+    except StoreUnavailable:
+        raise problems.unavailable("status store is unreachable") from None
+    return {"status": "ok", "mode": context.settings.mode, "store": "redis" if context.settings.redis_url else "memory"}
+
+
+def _integrity_error(exc: IntegrityError) -> ProblemDetailsException:
+    return problems.conflict("the request conflicts with existing data (a duplicate?)")
+
+
+def _store_unavailable(exc: StoreUnavailable) -> ProblemDetailsException:
+    return problems.unavailable("card status store is unreachable; nothing was changed there")
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problems.problem(500, "internal_error", "internal error").to_response(request)
+
+
+class EcardPlugin(InitPlugin, CLIPlugin):
+    """Everything the eCard app is made of."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def on_cli_init(self, cli: Group) -> None:
+        """Add `litestar ecard …` commands."""
+        from app.cli import ecard_group
+
+        cli.add_command(ecard_group)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        """Build the context, load caches, and tear down on exit."""
+        lock = None
+        if not self.settings.redis_url:
+            if self.settings.production:
+                raise RuntimeError("production mode needs REDIS_URL: the in-process nonce store serves one worker only")
+            if self.settings.workers > 1:
+                raise SingleWorkerError("without REDIS_URL the service runs one worker only (WEB_CONCURRENCY=1)")
+            lock = _lock_single_worker(MEMORY_STORE_LOCK)
+        context = ServiceContext.build(self.settings)
+        try:
+            await context.start()
+            if not self.settings.redis_url:
+                async with context.sessions() as session:
+                    await mirror_all_statuses(session, context.mirror)
+            app.state[STATE_KEY] = context
+            yield
+        finally:
+            await context.close()
+            if lock is not None:
+                lock.close()
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        """Register routes, dependencies, error handling and the OpenAPI document."""
+        app_config.route_handlers.extend(
+            [
+                verify,
+                issuer_jwks,
+                health,
+                HolderAuthController,
+                HolderCredentialController,
+                OperatorSessionController,
+                RegionController,
+                CardController,
+                VerifierController,
+            ]
+        )
+        app_config.dependencies.update(DEPENDENCIES)
+        app_config.lifespan.append(self.lifespan)
+        app_config.plugins.append(
+            ProblemDetailsPlugin(
+                ProblemDetailsConfig(
+                    enable_for_all_http_exceptions=True,
+                    exception_to_problem_detail_map={
+                        HTTPException: problems.from_http_exception,
+                        IntegrityError: _integrity_error,
+                        StoreUnavailable: _store_unavailable,
+                    },
+                )
+            )
+        )
+        app_config.exception_handlers[Exception] = _unexpected
+        app_config.openapi_config = OpenAPIConfig(
+            title="eCard API",
+            version=API_VERSION,
+            description=(
+                "Electronic social security card: activation, dynamic QR credentials (CWT/COSE, Base45) "
+                "and their verification. Errors are RFC 9457 problem details."
+            ),
+            use_handler_docstrings=True,
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "holderToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                    "operatorToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                    "terminalApiKey": SecurityScheme(type="apiKey", name="X-Api-Key", security_scheme_in="header"),
+                }
+            ),
+        )
+        return app_config

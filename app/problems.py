@@ -1,0 +1,92 @@
+"""RFC 9457 problem details: the one shape of every error the API returns."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from litestar.exceptions import HTTPException
+from litestar.plugins.problem_details import ProblemDetailsException
+
+PROBLEM_BASE = "https://ecard.example/problems/"
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> ProblemDetailsException:
+    """A problem whose `type` ends in a stable code that clients can switch on."""
+    return ProblemDetailsException(
+        status_code=status,
+        type_=PROBLEM_BASE + code,
+        title=HTTPStatus(status).phrase,
+        detail=detail,
+        extra={"code": code, **extra},
+    )
+
+
+def bad_request(detail: str, **extra: Any) -> ProblemDetailsException:
+    """400: the request is malformed."""
+    return problem(400, "bad_request", detail, **extra)
+
+
+def unauthorized(detail: str = "missing or invalid credentials") -> ProblemDetailsException:
+    """401: who is asking could not be established."""
+    exc = problem(401, "unauthorized", detail)
+    exc.headers = {"WWW-Authenticate": "Bearer"}
+    return exc
+
+
+def forbidden(detail: str) -> ProblemDetailsException:
+    """403: known caller, action not allowed."""
+    return problem(403, "forbidden", detail)
+
+
+def not_found(detail: str) -> ProblemDetailsException:
+    """404: no such thing (or not one the caller may know of)."""
+    return problem(404, "not_found", detail)
+
+
+def conflict(detail: str, **extra: Any) -> ProblemDetailsException:
+    """409: the request conflicts with the current state."""
+    return problem(409, "conflict", detail, **extra)
+
+
+def unavailable(detail: str) -> ProblemDetailsException:
+    """503: a dependency is down; nothing was accepted."""
+    exc = problem(503, "unavailable", detail)
+    exc.headers = {"Retry-After": "1"}
+    return exc
+
+
+_CODES_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
+    """Litestar's own errors (validation, 404, 405, 413…) as problem details with their detail kept."""
+    status = exc.status_code
+    code = _CODES_BY_STATUS.get(status, "error" if status >= 500 else "client_error")
+    extra: dict[str, Any] = {"code": code}
+    if isinstance(exc.extra, list) and exc.extra:
+        extra["errors"] = exc.extra
+    elif isinstance(exc.extra, dict):
+        extra.update(exc.extra)
+    detail = exc.detail
+    if status >= 500:
+        detail = "internal error"
+    return ProblemDetailsException(
+        status_code=status,
+        type_=PROBLEM_BASE + code,
+        title=HTTPStatus(status).phrase,
+        detail=detail,
+        headers=exc.headers,
+        extra=extra,
+    )

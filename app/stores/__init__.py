@@ -1,0 +1,1 @@
+"""Stores outside the database: nonces, the card-status mirror, cache invalidation."""

@@ -1,0 +1,124 @@
+"""API session tokens: short-lived JWTs (EdDSA, pyjwt) for holders and operators.
+
+Credentials in QR codes are COSE, not JWT (see crypto/credential.py); these tokens only
+authenticate API calls.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from crypto.keys import SigningKey, b64url, b64url_decode
+
+ISSUER = "ecard"
+HOLDER_AUDIENCE = "ecard-holder"
+OPERATOR_AUDIENCE = "ecard-operator"
+LEEWAY_SECONDS = 5
+
+
+class InvalidToken(Exception):
+    """The token is missing, forged, expired or for another audience."""
+
+
+@dataclass(frozen=True, slots=True)
+class HolderSession:
+    """Who a holder access token speaks for."""
+
+    ecard_id: uuid.UUID
+    device_id: uuid.UUID
+    card_ref: bytes
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSession:
+    """Who an operator token speaks for."""
+
+    operator_id: uuid.UUID
+    username: str
+    role: str
+    regions: tuple[str, ...]
+
+
+class SessionTokens:
+    """Signs and checks session JWTs with the service's session key."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self._key = key
+        self._kid = b64url(key.kid)
+        self._public = key.private.public_key()
+
+    def _encode(self, claims: dict[str, Any], audience: str, ttl: int) -> str:
+        now = int(time.time())
+        payload = {"iss": ISSUER, "aud": audience, "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+        payload.update(claims)
+        return jwt.encode(payload, self._key.private, algorithm="EdDSA", headers={"kid": self._kid})
+
+    def _decode(self, token: str, audience: str) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._public,
+                algorithms=["EdDSA"],
+                audience=audience,
+                issuer=ISSUER,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc)) from None
+        return claims
+
+    def issue_holder(self, session: HolderSession, ttl: int) -> str:
+        """An access token for a holder's device."""
+        claims = {
+            "sub": str(session.ecard_id),
+            "dev": str(session.device_id),
+            "crf": b64url(session.card_ref),
+            "reg": session.region,
+        }
+        return self._encode(claims, HOLDER_AUDIENCE, ttl)
+
+    def read_holder(self, token: str) -> HolderSession:
+        """Check a holder access token and say whose it is."""
+        claims = self._decode(token, HOLDER_AUDIENCE)
+        try:
+            return HolderSession(
+                ecard_id=uuid.UUID(claims["sub"]),
+                device_id=uuid.UUID(claims["dev"]),
+                card_ref=b64url_decode(claims["crf"]),
+                region=str(claims["reg"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InvalidToken(f"token claims are incomplete: {exc}") from None
+
+    def issue_operator(self, session: OperatorSession, ttl: int) -> str:
+        """An access token for an operator."""
+        claims = {
+            "sub": str(session.operator_id),
+            "name": session.username,
+            "role": session.role,
+            "regions": list(session.regions),
+        }
+        return self._encode(claims, OPERATOR_AUDIENCE, ttl)
+
+    def read_operator(self, token: str) -> OperatorSession:
+        """Check an operator token and say whose it is."""
+        claims = self._decode(token, OPERATOR_AUDIENCE)
+        try:
+            regions = claims["regions"]
+            if not isinstance(regions, list):
+                raise TypeError("regions must be a list")
+            return OperatorSession(
+                operator_id=uuid.UUID(claims["sub"]),
+                username=str(claims["name"]),
+                role=str(claims["role"]),
+                regions=tuple(str(region) for region in regions),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InvalidToken(f"token claims are incomplete: {exc}") from None

@@ -1,0 +1,113 @@
+"""The public test vectors in tests/vectors/credentials.json.
+
+Every case is checked the way an offline verifier would: keys come only from the JWKS in the
+file, through `parse_jwks`. The generator must reproduce the file byte for byte.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cbor2
+import pytest
+from pycose.keys import OKPKey
+from pycose.keys.curves import Ed25519
+from pycose.messages import CoseMessage
+
+from crypto.base45 import b45decode
+from crypto.credential import PREFIX, CredentialRejected, Purpose, Rejection, verify_credential
+from crypto.jwk import parse_jwks
+from crypto.keys import b64url_decode
+
+VECTORS_DIR = Path(__file__).resolve().parents[2] / "vectors"
+VECTORS_FILE = VECTORS_DIR / "credentials.json"
+GENERATOR = VECTORS_DIR / "make_vectors.py"
+
+DOCUMENT: dict[str, Any] = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))
+CASES: list[dict[str, Any]] = DOCUMENT["cases"]
+VALID_CASES = [case for case in CASES if case["expected"] == "valid"]
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_vectors", GENERATOR)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def verify(case: dict[str, Any]) -> Any:
+    keys = parse_jwks(DOCUMENT["jwks"])
+    return verify_credential(case["credential"], keys, DOCUMENT["now"], DOCUMENT["leeway"])
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=[case["name"] for case in VALID_CASES])
+def test_valid_vector_verifies_with_the_expected_claims(case: dict[str, Any]) -> None:
+    result = verify(case)
+    expected = case["claims"]
+    assert result.claims.region == expected["iss"]
+    assert result.claims.expires_at == expected["exp"]
+    assert result.claims.not_before == expected["nbf"]
+    assert result.claims.nonce.hex() == expected["cti"]
+    assert result.claims.card_ref.hex() == expected["card_ref"]
+    assert result.claims.purpose is Purpose(expected["purpose"])
+    assert result.claims.purpose.label == expected["purpose_label"]
+    assert result.key.kid.hex() == case["kid_hex"]
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=[case["name"] for case in VALID_CASES])
+def test_valid_vector_cose_bytes_and_payload_match_the_credential(case: dict[str, Any]) -> None:
+    raw = b45decode(case["credential"][len(PREFIX) :])
+    assert raw.hex() == case["cose_hex"]
+    assert cbor2.loads(raw).value[2].hex() == case["claims"]["payload_hex"]
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=[case["name"] for case in VALID_CASES])
+def test_valid_vector_verifies_with_pycose_and_the_jwks_alone(case: dict[str, Any]) -> None:
+    jwk = next(entry for entry in DOCUMENT["jwks"]["keys"] if b64url_decode(entry["kid"]).hex() == case["kid_hex"])
+    message = CoseMessage.decode(bytes.fromhex(case["cose_hex"]))
+    message.key = OKPKey(crv=Ed25519, x=b64url_decode(jwk["x"]))
+    assert message.verify_signature() is True
+
+
+REJECTED_CASES = [case for case in CASES if case["expected"] != "valid"]
+
+
+@pytest.mark.parametrize("case", REJECTED_CASES, ids=[case["name"] for case in REJECTED_CASES])
+def test_rejected_vector_fails_with_the_expected_reason(case: dict[str, Any]) -> None:
+    with pytest.raises(CredentialRejected) as info:
+        verify(case)
+    assert info.value.reason is Rejection(case["expected"])
+
+
+def test_vectors_cover_every_outcome_with_unique_names() -> None:
+    outcomes = {case["expected"] for case in CASES}
+    assert outcomes == {"valid"} | {reason.value for reason in Rejection}
+    names = [case["name"] for case in CASES]
+    assert len(names) == len(set(names))
+
+
+def test_jwks_in_the_vectors_parses_to_two_regions() -> None:
+    keys = parse_jwks(DOCUMENT["jwks"])
+    assert sorted(key.region for key in keys.values()) == ["500000", "510000"]
+
+
+def test_generator_reproduces_the_file_byte_for_byte() -> None:
+    generator = load_generator()
+    assert generator.render().encode("utf-8") == VECTORS_FILE.read_bytes()
+    assert generator.render() == generator.render()
+
+
+def test_generator_check_mode_passes_as_a_script() -> None:
+    result = subprocess.run(  # the generator must also work when run directly, as the README says
+        [sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout

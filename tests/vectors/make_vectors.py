@@ -1,0 +1,276 @@
+"""Generate tests/vectors/credentials.json, the public test vectors of the eCard credential.
+
+Everything is fixed — key seeds, times, card references, nonces — and Ed25519 signatures are
+deterministic, so the output is byte-identical on every run. From the repository root:
+
+    python tests/vectors/make_vectors.py           # (re)write credentials.json
+    python tests/vectors/make_vectors.py --check   # exit 1 if the file is not what this produces
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import cbor2  # noqa: E402
+
+from crypto.base45 import b45encode  # noqa: E402
+from crypto.credential import (  # noqa: E402
+    PREFIX,
+    Claims,
+    Purpose,
+    encode_claims,
+    issue_credential,
+    sign_cose,
+)
+from crypto.jwk import jwks  # noqa: E402
+from crypto.keys import SigningKey  # noqa: E402
+
+OUTPUT = Path(__file__).with_name("credentials.json")
+
+# Published issuer keys (seeds are public: these are test keys only) and one unpublished key.
+ISSUER_SICHUAN = SigningKey.from_seed(bytes(range(32)))
+ISSUER_CHONGQING = SigningKey.from_seed(bytes(range(64, 96)))
+UNPUBLISHED = SigningKey.from_seed(bytes(range(32, 64)))
+SICHUAN = "510000"
+CHONGQING = "500000"
+
+NOW = 1_750_000_000
+LEEWAY = 10
+CARD_REF = bytes.fromhex("5ec0ca7d00112233445566778899aabb")
+NONCE = bytes.fromhex("000102030405060708090a0b")
+
+
+def claims(**overrides: Any) -> Claims:
+    fields: dict[str, Any] = {
+        "card_ref": CARD_REF,
+        "nonce": NONCE,
+        "region": SICHUAN,
+        "purpose": Purpose.TRANSIT,
+        "not_before": NOW - 30,
+        "expires_at": NOW + 30,
+    }
+    fields.update(overrides)
+    return Claims(**fields)
+
+
+def protected_header(kid: bytes, alg: int | None = -8) -> bytes:
+    header: dict[int, Any] = {} if alg is None else {1: alg}
+    header[4] = kid
+    return cbor2.dumps(header)
+
+
+def cose_sign1(
+    key: SigningKey,
+    payload: bytes,
+    *,
+    protected: bytes | None = None,
+    tagged: bool = True,
+    signature: bytes | None = None,
+) -> bytes:
+    """A COSE_Sign1 assembled by hand (RFC 9052), signed over its Sig_structure unless given one."""
+    if protected is None:
+        protected = protected_header(key.kid)
+    if signature is None:
+        signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+    items = [protected, {}, payload, signature]
+    return cbor2.dumps(cbor2.CBORTag(18, items) if tagged else items)
+
+
+def text(raw: bytes) -> str:
+    return PREFIX + b45encode(raw)
+
+
+def expected_claims(value: Claims) -> dict[str, Any]:
+    return {
+        "iss": value.region,
+        "exp": value.expires_at,
+        "nbf": value.not_before,
+        "cti": value.nonce.hex(),
+        "card_ref": value.card_ref.hex(),
+        "purpose": int(value.purpose),
+        "purpose_label": value.purpose.label,
+        "payload_hex": encode_claims(value).hex(),
+    }
+
+
+def valid_case(name: str, description: str, key: SigningKey, value: Claims) -> dict[str, Any]:
+    credential = issue_credential(key, value)
+    return {
+        "name": name,
+        "description": description,
+        "credential": credential,
+        "expected": "valid",
+        "kid_hex": key.kid.hex(),
+        "cose_hex": sign_cose(key, encode_claims(value)).hex(),
+        "claims": expected_claims(value),
+    }
+
+
+def rejected_case(name: str, description: str, credential: str, expected: str) -> dict[str, Any]:
+    return {"name": name, "description": description, "credential": credential, "expected": expected}
+
+
+def cases() -> list[dict[str, Any]]:
+    good = claims()
+    good_payload = encode_claims(good)
+    good_cose = cose_sign1(ISSUER_SICHUAN, good_payload)
+    signature = cbor2.loads(good_cose).value[3]
+    flipped = bytes([signature[0] ^ 0x01]) + signature[1:]
+    bad_purpose = cbor2.loads(good_payload)
+    bad_purpose[-65537] = [CARD_REF, 9]
+
+    return [
+        valid_case("valid", "transit credential inside its window", ISSUER_SICHUAN, good),
+        valid_case(
+            "valid-other-issuer",
+            "medical credential of another region, signed by that region's key",
+            ISSUER_CHONGQING,
+            claims(region=CHONGQING, purpose=Purpose.MEDICAL),
+        ),
+        valid_case(
+            "valid-expiry-edge",
+            "now == exp + leeway: still valid",
+            ISSUER_SICHUAN,
+            claims(not_before=NOW - LEEWAY - 60, expires_at=NOW - LEEWAY, purpose=Purpose.LIBRARY),
+        ),
+        valid_case(
+            "valid-not-before-edge",
+            "now + leeway == nbf: already valid",
+            ISSUER_SICHUAN,
+            claims(not_before=NOW + LEEWAY, expires_at=NOW + LEEWAY + 60, purpose=Purpose.PARK),
+        ),
+        rejected_case(
+            "malformed-no-prefix",
+            "valid COSE_Sign1 without the EC1: prefix",
+            b45encode(good_cose),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-base45",
+            "lower-case letters are not in the Base45 alphabet",
+            PREFIX + b45encode(good_cose).lower(),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-untagged",
+            "COSE_Sign1 array without CBOR tag 18 (correctly signed)",
+            text(cose_sign1(ISSUER_SICHUAN, good_payload, tagged=False)),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-wrong-alg",
+            "protected header names ES256 (-7) instead of EdDSA (-8)",
+            text(cose_sign1(ISSUER_SICHUAN, good_payload, protected=protected_header(ISSUER_SICHUAN.kid, -7))),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-missing-kid",
+            "protected header without a kid (correctly signed)",
+            text(cose_sign1(ISSUER_SICHUAN, good_payload, protected=cbor2.dumps({1: -8}))),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-trailing-bytes",
+            "one byte (0x00) after the COSE_Sign1",
+            text(good_cose + b"\x00"),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-unknown-purpose",
+            "correctly signed claims with purpose 9, which is not defined",
+            text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(bad_purpose))),
+            "malformed",
+        ),
+        rejected_case(
+            "unknown-key",
+            "signed by a key that is not in the JWKS",
+            issue_credential(UNPUBLISHED, good),
+            "unknown_key",
+        ),
+        rejected_case(
+            "bad-signature-flipped-bit",
+            "lowest bit of the first signature byte flipped",
+            text(cose_sign1(ISSUER_SICHUAN, good_payload, signature=flipped)),
+            "bad_signature",
+        ),
+        rejected_case(
+            "bad-signature-altered-payload",
+            "exp moved one hour later after signing",
+            text(cose_sign1(ISSUER_SICHUAN, encode_claims(claims(expires_at=NOW + 3600)), signature=signature)),
+            "bad_signature",
+        ),
+        rejected_case(
+            "bad-signature-region-mismatch",
+            "iss 510000 but signed by the key published for region 500000",
+            issue_credential(ISSUER_CHONGQING, good),
+            "bad_signature",
+        ),
+        rejected_case(
+            "expired",
+            "now == exp + leeway + 1",
+            issue_credential(ISSUER_SICHUAN, claims(not_before=NOW - LEEWAY - 61, expires_at=NOW - LEEWAY - 1)),
+            "expired",
+        ),
+        rejected_case(
+            "not-yet-valid",
+            "now + leeway == nbf - 1",
+            issue_credential(ISSUER_SICHUAN, claims(not_before=NOW + LEEWAY + 1, expires_at=NOW + LEEWAY + 61)),
+            "not_yet_valid",
+        ),
+    ]
+
+
+def build() -> dict[str, Any]:
+    return {
+        "description": (
+            "Test vectors for the eCard credential: EC1:<base45(COSE_Sign1, CBOR tag 18)> carrying a "
+            "CWT signed with EdDSA (Ed25519), kid in the protected header. Verify every credential "
+            "against the JWKS at time `now` (seconds since the epoch) allowing `leeway` seconds of "
+            "clock skew on both ends of [nbf, exp]."
+        ),
+        "claims_layout": {
+            "1": "iss: issuing region, 6-digit GB/T 2260 code; must equal the key's `region`",
+            "4": "exp",
+            "5": "nbf",
+            "7": "cti: 12-byte nonce",
+            "-65537": "[card_ref (16 bytes), purpose (1 transit, 2 medical, 3 park, 4 library, 5 general)]",
+        },
+        "now": NOW,
+        "leeway": LEEWAY,
+        "jwks": jwks([ISSUER_SICHUAN.verify_key(SICHUAN), ISSUER_CHONGQING.verify_key(CHONGQING)]),
+        "cases": cases(),
+    }
+
+
+def render() -> str:
+    """The file's exact text."""
+    return json.dumps(build(), indent=2, ensure_ascii=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the file instead of writing it")
+    args = parser.parse_args(argv)
+    content = render()
+    if args.check:
+        current = OUTPUT.read_bytes() if OUTPUT.exists() else None
+        if current != content.encode("utf-8"):
+            print(f"{OUTPUT} is out of date; run {Path(__file__).name} to regenerate it", file=sys.stderr)
+            return 1
+        print(f"{OUTPUT} is up to date")
+        return 0
+    OUTPUT.write_bytes(content.encode("utf-8"))
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
