@@ -15,7 +15,6 @@ from litestar.plugins.problem_details import ProblemDetailsException
 
 from app.context import ServiceContext
 from app.db.engine import create_engine
-from app.db.migrate import upgrade_to_head
 from app.keyring import KeyringError, generate_keyring
 from app.settings import get_settings
 
@@ -54,6 +53,7 @@ def db_group() -> None:
 @db_group.command(name="upgrade")
 def db_upgrade() -> None:
     """Apply all pending migrations."""
+    from app.db.migrate import upgrade_to_head  # Alembic is heavy and chatty: only here.
 
     async def main() -> None:
         engine = create_engine(get_settings().database_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -42,11 +43,16 @@ from app.stores.status_mirror import StoreUnavailable
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
-MEMORY_STORE_LOCK = PROJECT_ROOT / "var" / "memory-store.lock"
+LOCK_DIR = PROJECT_ROOT / "var"
 
 
 class SingleWorkerError(RuntimeError):
     """The in-process nonce store is in use by another worker."""
+
+
+def memory_store_lock_path(database_url: str) -> Path:
+    """One lock per database: the workers of one deployment share it, test runs do not."""
+    return LOCK_DIR / f"memory-store-{hashlib.sha256(database_url.encode()).hexdigest()[:16]}.lock"
 
 
 def _lock_single_worker(path: Path) -> IO[str]:
@@ -111,7 +117,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 raise RuntimeError("production mode needs REDIS_URL: the in-process nonce store serves one worker only")
             if self.settings.workers > 1:
                 raise SingleWorkerError("without REDIS_URL the service runs one worker only (WEB_CONCURRENCY=1)")
-            lock = _lock_single_worker(MEMORY_STORE_LOCK)
+            lock = _lock_single_worker(memory_store_lock_path(self.settings.database_url))
         context = ServiceContext.build(self.settings)
         try:
             await context.start()

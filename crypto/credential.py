@@ -24,7 +24,7 @@ from enum import IntEnum, StrEnum
 
 import cbor2
 
-from crypto.base45 import Base45Error, b45decode, b45encode
+from crypto.base45 import b45decode, b45encode
 from crypto.keys import KID_LENGTH, SigningKey, VerifyKey
 
 PREFIX = "EC1:"
@@ -61,6 +61,9 @@ class Purpose(IntEnum):
     def from_label(cls, label: str) -> Purpose:
         """Look a purpose up by its API name."""
         return cls[label.upper()]
+
+
+_PURPOSE_VALUES = frozenset(int(purpose) for purpose in Purpose)
 
 
 class Rejection(StrEnum):
@@ -136,9 +139,17 @@ def issue_credential(key: SigningKey, claims: Claims) -> str:
 
 
 def _loads_exact(data: bytes) -> object:
-    """Decode one CBOR item and refuse trailing bytes."""
+    """Decode one CBOR item and refuse trailing bytes.
+
+    The input is not authenticated yet, and cbor2's decoders for semantic tags (dates,
+    decimals, regexes…) raise TypeError, OverflowError or decimal errors on hostile values:
+    every failure becomes a ValueError, so it ends as `malformed`, never as a crash.
+    """
     stream = io.BytesIO(data)
-    item = cbor2.CBORDecoder(stream).decode()
+    try:
+        item = cbor2.CBORDecoder(stream).decode()
+    except Exception as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
     if stream.tell() != len(data):
         raise ValueError("trailing bytes after the CBOR item")
     return item
@@ -157,7 +168,7 @@ def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
     try:
         raw = b45decode(text[len(PREFIX) :])
         message = _loads_exact(raw)
-    except (Base45Error, ValueError, cbor2.CBORDecodeError) as exc:
+    except ValueError as exc:  # Base45Error and every CBOR failure are ValueErrors
         raise _malformed(f"credential is not Base45-encoded CBOR: {exc}") from None
     if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
         raise _malformed("credential is not a tagged COSE_Sign1")
@@ -174,7 +185,7 @@ def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
         raise _malformed("COSE_Sign1 items have the wrong types")
     try:
         header = _loads_exact(protected)
-    except (ValueError, cbor2.CBORDecodeError):
+    except ValueError:
         raise _malformed("protected header is not CBOR") from None
     if not isinstance(header, dict) or header.get(HEADER_ALG) != ALG_EDDSA:
         raise _malformed("protected header must name alg EdDSA (-8)")
@@ -188,16 +199,17 @@ def decode_claims(payload: bytes) -> Claims:
     """Decode and type-check the CWT claims; raise a `malformed` rejection otherwise."""
     try:
         claims = _loads_exact(payload)
-    except (ValueError, cbor2.CBORDecodeError):
+    except ValueError:
         raise _malformed("payload is not CBOR") from None
-    if not isinstance(claims, dict):
-        raise _malformed("payload is not a claims map")
+    # Exact int keys only: True and 1.0 compare equal to 1 and must not pass for it.
+    if not isinstance(claims, dict) or not all(type(key) is int for key in claims):
+        raise _malformed("payload is not a claims map with integer keys")
     region = claims.get(CLAIM_ISS)
     exp = claims.get(CLAIM_EXP)
     nbf = claims.get(CLAIM_NBF)
     nonce = claims.get(CLAIM_CTI)
     card = claims.get(CLAIM_CARD)
-    if not (isinstance(region, str) and len(region) == 6 and region.isdigit()):
+    if not (isinstance(region, str) and len(region) == 6 and region.isascii() and region.isdigit()):
         raise _malformed("iss must be a 6-digit region code")
     if type(exp) is not int or type(nbf) is not int or not 0 <= nbf <= exp < 2**32:
         raise _malformed("nbf and exp must be integers with nbf <= exp")
@@ -208,10 +220,9 @@ def decode_claims(payload: bytes) -> Claims:
     card_ref, purpose = card
     if not (isinstance(card_ref, bytes) and len(card_ref) == CARD_REF_LENGTH):
         raise _malformed("card reference must be 16 bytes")
-    try:
-        purpose_value = Purpose(purpose)
-    except ValueError:
-        raise _malformed("unknown purpose") from None
+    if type(purpose) is not int or purpose not in _PURPOSE_VALUES:
+        raise _malformed("unknown purpose")
+    purpose_value = Purpose(purpose)
     return Claims(
         card_ref=card_ref,
         nonce=nonce,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -50,7 +52,11 @@ class CardController(Controller):
 
     @post("/", status_code=201, summary="Issue a card")
     async def create(
-        self, ctx: ServiceContext, session: AsyncSession, operator: OperatorSession, data: CardIssue
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        data: JSONBody[CardIssue],
     ) -> IssuedCardOut:
         """Register the person (or find them by citizen ID), issue the card and its eCard, return an activation code."""
         require_role(operator, Role.CARD_OFFICER)
@@ -73,7 +79,11 @@ class CardController(Controller):
 
     @get("/{card_id:uuid}", summary="Read a card")
     async def read(
-        self, ctx: ServiceContext, session: AsyncSession, operator: OperatorSession, card_id: uuid.UUID
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
     ) -> CardOut:
         """A card and its eCard, personal data masked."""
         require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
@@ -81,7 +91,11 @@ class CardController(Controller):
 
     @post("/{card_id:uuid}/activation-code", status_code=201, summary="Issue a new activation code")
     async def activation_code(
-        self, ctx: ServiceContext, session: AsyncSession, operator: OperatorSession, card_id: uuid.UUID
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
     ) -> ActivationCodeOut:
         """Replace the card's open activation code (to activate on a new device, or after expiry)."""
         require_role(operator, Role.CARD_OFFICER)
@@ -95,11 +109,11 @@ class CardController(Controller):
     @post("/{card_id:uuid}/ecard-state", status_code=200, summary="Change the eCard's state")
     async def ecard_state(
         self,
-        ctx: ServiceContext,
-        session: AsyncSession,
-        operator: OperatorSession,
-        card_id: uuid.UUID,
-        data: ECardStateChange,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[ECardStateChange],
     ) -> CardOut:
         """Suspend, resume or revoke the eCard; verification sees the change at once."""
         require_role(operator, Role.CARD_OFFICER)

@@ -195,7 +195,7 @@ async def change_ecard_state(session: AsyncSession, mirror: StatusMirror, ecard:
 async def mirror_all_statuses(session: AsyncSession, mirror: StatusMirror) -> int:
     """Copy every eCard's status from the database into the mirror; the number copied."""
     count = 0
-    for card_ref, state in (await session.execute(select(ECard.card_ref, ECard.state))).tuples():
+    for card_ref, state in await session.execute(select(ECard.card_ref, ECard.state)):
         await mirror.set_status(card_ref, MIRRORED[ECardState(state)])
         count += 1
     return count

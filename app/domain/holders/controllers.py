@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from litestar import Controller, Response, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -51,7 +53,12 @@ class HolderAuthController(Controller):
     request_max_body_size = 4096
 
     @post("/activation", status_code=201, summary="Activate the eCard on this device")
-    async def activation(self, ctx: ServiceContext, session: AsyncSession, data: ActivationRequest) -> SessionResponse:
+    async def activation(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[ActivationRequest],
+    ) -> SessionResponse:
         """Check the card number and one-time activation code, bind the device key, open a session.
 
         Every failure about the card or the code gets the same 401 answer, so the endpoint
@@ -71,7 +78,12 @@ class HolderAuthController(Controller):
         return _session_response(issued)
 
     @post("/token", status_code=200, summary="Refresh the session")
-    async def token(self, ctx: ServiceContext, session: AsyncSession, data: RefreshRequest) -> SessionResponse:
+    async def token(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[RefreshRequest],
+    ) -> SessionResponse:
         """Rotate the refresh token. Presenting an already used one revokes the device's whole session family."""
         return _session_response(await refresh_session(session, ctx.tokens, ctx.settings, data.refresh_token))
 
@@ -86,7 +98,12 @@ class HolderCredentialController(Controller):
     request_max_body_size = 4096
 
     @post("/", status_code=200, summary="Issue QR credentials")
-    async def issue(self, ctx: ServiceContext, holder: HolderSession, data: CredentialRequest) -> CredentialBundle:
+    async def issue(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        holder: NamedDependency[HolderSession],
+        data: JSONBody[CredentialRequest],
+    ) -> CredentialBundle:
         """Sign `count` credentials with consecutive windows (one per `refresh_at` step)."""
         purpose = Purpose.from_label(data.purpose)
         kid, issued = await issue_credentials(
@@ -113,7 +130,9 @@ class HolderCredentialController(Controller):
         summary="Render a credential as a QR image",
         response_description="PNG or SVG image of the QR code (error level M, 4-module quiet zone)",
     )
-    async def qr(self, ctx: ServiceContext, holder: HolderSession, data: QrRequest) -> Response[bytes]:
+    async def qr(
+        self, ctx: NamedDependency[ServiceContext], holder: NamedDependency[HolderSession], data: JSONBody[QrRequest]
+    ) -> Response[bytes]:
         """The QR image of one of this card's credentials, for clients that do not draw QR codes themselves."""
         image = render_qr(holder, ctx.directory.keys.verify_keys, data.credential, data.format, data.scale)
         return Response(image, media_type=QR_MEDIA_TYPES[data.format], headers={"Cache-Control": "no-store"})

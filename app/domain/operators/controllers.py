@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import Controller, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -20,7 +22,12 @@ class OperatorSessionController(Controller):
     request_max_body_size = 4096
 
     @post("/", status_code=200, summary="Sign in")
-    async def sign_in(self, ctx: ServiceContext, session: AsyncSession, data: SignInRequest) -> OperatorToken:
+    async def sign_in(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[SignInRequest],
+    ) -> OperatorToken:
         """Exchange username and password for an operator token (one answer for every failure)."""
         operator = await authenticate(session, data.username, data.password)
         return OperatorToken(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -29,7 +31,11 @@ class RegionController(Controller):
 
     @post("/", status_code=201, summary="Register a region")
     async def create(
-        self, ctx: ServiceContext, session: AsyncSession, operator: OperatorSession, data: RegionCreate
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        data: JSONBody[RegionCreate],
     ) -> RegionOut:
         """Register a region (admins within their scope); its key is published in the JWKS at once."""
         require_role(operator)
@@ -39,6 +45,8 @@ class RegionController(Controller):
         return _out(region)
 
     @get("/", summary="List regions")
-    async def index(self, session: AsyncSession, operator: OperatorSession) -> list[RegionOut]:
+    async def index(
+        self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
+    ) -> list[RegionOut]:
         """Every registered region."""
         return [_out(region) for region in await list_regions(session)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, post
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, JSONBody
 
 from app import problems
 from app.context import context_of
@@ -26,8 +26,8 @@ MAX_BODY_BYTES = 2048
 )
 async def verify(
     request: Request[Any, Any, Any],
-    data: VerifyRequest,
-    api_key: Annotated[str | None, Parameter(header="X-Api-Key", required=False)] = None,
+    data: JSONBody[VerifyRequest],
+    api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
 ) -> VerifyResponse:
     """Accept or reject a scanned credential, once.
 

@@ -76,7 +76,7 @@ class VerifierDirectory:
                     api_key_hash=terminal.api_key_hash,
                     enabled=terminal.enabled,
                 )
-                for terminal, organisation in rows.tuples()
+                for terminal, organisation in rows
             }
         self._terminals = terminals
         self.keys = keys

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 from litestar import Controller, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -63,7 +65,10 @@ class VerifierController(Controller):
 
     @post("/verifier-organisations", status_code=201, summary="Register a verifier organisation")
     async def create_organisation(
-        self, session: AsyncSession, operator: OperatorSession, data: OrganisationCreate
+        self,
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        data: JSONBody[OrganisationCreate],
     ) -> OrganisationOut:
         """A transit company, park, library, hospital… in a region of the operator's scope."""
         require_role(operator, Role.VERIFIER_MANAGER)
@@ -74,7 +79,9 @@ class VerifierController(Controller):
         return _organisation_out(organisation)
 
     @get("/verifier-organisations", summary="List verifier organisations")
-    async def list_organisations(self, session: AsyncSession, operator: OperatorSession) -> list[OrganisationOut]:
+    async def list_organisations(
+        self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
+    ) -> list[OrganisationOut]:
         """Organisations in the operator's regions."""
         require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
         return [_organisation_out(org) for org in await list_organisations(session, operator.regions)]
@@ -86,11 +93,11 @@ class VerifierController(Controller):
     )
     async def create_terminal(
         self,
-        ctx: ServiceContext,
-        session: AsyncSession,
-        operator: OperatorSession,
-        organisation_id: uuid.UUID,
-        data: TerminalCreate,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        organisation_id: FromPath[uuid.UUID],
+        data: JSONBody[TerminalCreate],
     ) -> TerminalWithKey:
         """Create a terminal; its API key is in this answer and nowhere else."""
         require_role(operator, Role.VERIFIER_MANAGER)
@@ -104,11 +111,11 @@ class VerifierController(Controller):
     @patch("/terminals/{terminal_id:uuid}", summary="Enable or disable a terminal")
     async def update_terminal(
         self,
-        ctx: ServiceContext,
-        session: AsyncSession,
-        operator: OperatorSession,
-        terminal_id: uuid.UUID,
-        data: TerminalUpdate,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        terminal_id: FromPath[uuid.UUID],
+        data: JSONBody[TerminalUpdate],
     ) -> TerminalOut:
         """A disabled terminal's verifications are refused on every worker."""
         require_role(operator, Role.VERIFIER_MANAGER)
@@ -120,7 +127,11 @@ class VerifierController(Controller):
 
     @post("/terminals/{terminal_id:uuid}/api-key", status_code=201, summary="Replace a terminal's API key")
     async def rotate_key(
-        self, ctx: ServiceContext, session: AsyncSession, operator: OperatorSession, terminal_id: uuid.UUID
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        terminal_id: FromPath[uuid.UUID],
     ) -> TerminalWithKey:
         """Issue a new key; the old one stops working at once."""
         require_role(operator, Role.VERIFIER_MANAGER)

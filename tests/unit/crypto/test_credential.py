@@ -7,7 +7,6 @@ names. The Sig_structure is rebuilt here from RFC 9052 rather than taken from th
 
 from __future__ import annotations
 
-import decimal
 from collections.abc import Callable
 from typing import Any
 
@@ -786,14 +785,8 @@ def test_semantic_tags_that_fail_to_decode_are_malformed(raw: bytes) -> None:
     assert exc.reason is Rejection.MALFORMED
 
 
-# --- KNOWN BUGS in crypto/credential.py (strict xfail: they turn into failures once fixed) ----
-#
-# BUG 1 (unauthenticated input crashes the verifier): `_loads_exact` lets cbor2 run its semantic
-# tag decoders on the attacker-controlled message, and `parse_cose` only catches Base45Error,
-# ValueError and CBORDecodeError. Some decoders raise TypeError, OverflowError or decimal
-# exceptions (ArithmeticError), which escape `verify_credential` instead of a `malformed`
-# rejection — e.g. the 9-character text "EC1:QER00" raises TypeError. Fix: catch Exception
-# around the CBOR decoding (or decode with a tag_hook that refuses every tag but 18).
+# Unauthenticated input that makes cbor2's semantic-tag decoders raise TypeError, OverflowError
+# or decimal errors must still end as `malformed`, never escape verify_credential.
 UNAUTHENTICATED_CRASHES = [
     pytest.param("EC1:QER00", id="tag35-regex-of-int-TypeError"),  # d8 23 00
     pytest.param("EC1:1GRYF300000", id="tag100-date-2**31-OverflowError"),  # d8 64 1a 80000000
@@ -804,14 +797,8 @@ UNAUTHENTICATED_CRASHES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, OverflowError, decimal.DecimalException),
-    reason="BUG crypto/credential.py: cbor2 tag decoders raise TypeError/OverflowError/decimal errors "
-    "that escape verify_credential instead of a malformed rejection",
-)
 @pytest.mark.parametrize("text", UNAUTHENTICATED_CRASHES)
-def test_bug_cbor_tag_decoder_errors_in_unauthenticated_input_are_malformed(text: str) -> None:
+def test_cbor_tag_decoder_errors_in_unauthenticated_input_are_malformed(text: str) -> None:
     try:
         verify_credential(text, KEYS, NOW, LEEWAY)
     except CredentialRejected as exc:
@@ -820,16 +807,8 @@ def test_bug_cbor_tag_decoder_errors_in_unauthenticated_input_are_malformed(text
         raise AssertionError("accepted")
 
 
-# BUG 2 (minor, issuer-side only since the payload is signed): `decode_claims` checks exp and nbf
-# with `type(x) is int` but looks the purpose up with `Purpose(value)`, which accepts CBOR `true`
-# and `1.0` as TRANSIT (bool and float hash and compare equal to 1); likewise `claims.get(1)` finds
-# an iss stored under the key `true`, and `str.isdigit` accepts non-ASCII digits in iss.
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG (minor) crypto/credential.py: decode_claims accepts a bool/float purpose, a `true` "
-    "claim key for iss and non-ASCII digits in iss",
-)
+# Lookalike types are malformed: CBOR true and 1.0 compare equal to 1 in Python, and
+# str.isdigit accepts non-ASCII digits.
 @pytest.mark.parametrize(
     "claims",
     [
@@ -839,7 +818,7 @@ def test_bug_cbor_tag_decoder_errors_in_unauthenticated_input_are_malformed(text
         pytest.param(claims_map(iss="\uff15\uff11\uff10\uff10\uff10\uff10"), id="iss-fullwidth-digits"),
     ],
 )
-def test_bug_claims_with_lookalike_types_are_malformed(claims: dict[Any, Any]) -> None:
+def test_claims_with_lookalike_types_are_malformed(claims: dict[Any, Any]) -> None:
     with pytest.raises(CredentialRejected) as info:
         decode_claims(cbor2.dumps(claims))
     assert info.value.reason is Rejection.MALFORMED

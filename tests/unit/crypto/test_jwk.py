@@ -231,19 +231,8 @@ def test_parse_jwks_rejects_an_ed25519_entry_missing_a_member(member: str) -> No
         parse_jwks(doc)
 
 
-# --- KNOWN BUG in crypto/keys.py (strict xfail: turns into a failure once fixed) -------------
-#
-# BUG 3 (minor): `b64url_decode` promises "unpadded base64url; raise ValueError on anything
-# else" but calls `base64.urlsafe_b64decode`, which does not validate: characters outside the
-# alphabet are silently dropped and the standard-alphabet '+' and '/' are accepted. So "****"
-# decodes to b"" and a JWK "x" with a stray character parses to the same key. Fix: check the
-# text against [A-Za-z0-9_-] (or decode with `base64.b64decode(..., altchars=b"-_", validate=True)`).
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG (minor) crypto/keys.py: b64url_decode accepts characters outside base64url",
-)
+# b64url_decode validates its alphabet: urlsafe_b64decode alone would drop stray characters.
 @pytest.mark.parametrize("text", ["****", "AA+/", RFC8037_X[:10] + "!!" + RFC8037_X[10:], "AA AA"])
-def test_bug_b64url_decode_rejects_characters_outside_base64url(text: str) -> None:
+def test_b64url_decode_rejects_characters_outside_base64url(text: str) -> None:
     with pytest.raises(ValueError):
         b64url_decode(text)

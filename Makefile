@@ -1,0 +1,54 @@
+# The two commands: `make run` serves on embedded defaults, `make test` runs every test.
+VENV   ?= .venv
+PYTHON ?= python3
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+WORKERS ?= 2
+APP    := --app app.asgi:create_app
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install run serve test lint openapi bench demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## Serve on embedded defaults: SQLite under var/, in-process nonce store, dev keys, one worker.
+run: install
+	$(VENV)/bin/litestar $(APP) ecard db upgrade
+	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT)
+
+## Production-style: several workers; needs REDIS_URL (and DATABASE_URL, ECARD_KEYS_DIR, ECARD_MODE=production).
+serve: install
+	test -n "$(REDIS_URL)" || (echo "serve runs $(WORKERS) workers and needs REDIS_URL" >&2; exit 2)
+	$(VENV)/bin/litestar $(APP) ecard db upgrade
+	WEB_CONCURRENCY=$(WORKERS) $(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
+		--workers $(WORKERS) --no-access-log --loop uvloop --http httptools
+
+## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL).
+test: install lint
+	$(VENV)/bin/pytest
+
+lint: install
+	$(VENV)/bin/ruff check app crypto tests loadtests
+	$(VENV)/bin/ruff format --check app crypto tests loadtests
+	$(VENV)/bin/mypy
+
+## Rewrite openapi/openapi.json from the code (a test fails when they differ).
+openapi: install
+	$(VENV)/bin/python -m app.openapi_export
+
+## Set up a region, an admin, a gate and a card to try the loop by hand (see README).
+demo: install
+	$(VENV)/bin/litestar $(APP) ecard db upgrade
+	$(VENV)/bin/litestar $(APP) ecard demo
+
+bench: install
+	$(VENV)/bin/python -m loadtests.bench_verify
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

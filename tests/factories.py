@@ -1,0 +1,134 @@
+"""Test data made through the public API, unique per call so tests never collide."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from app.domain.cards.citizen_id import check_character
+
+REGIONS = {"510000": "四川省", "500000": "重庆市", "440000": "广东省"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def citizen_id(region: str = "510000") -> str:
+    """A random, valid citizen identity number."""
+    first17 = f"{region[:6]}{1950 + secrets.randbelow(60)}{1 + secrets.randbelow(12):02d}"
+    first17 += f"{1 + secrets.randbelow(28):02d}{secrets.randbelow(1000):03d}"
+    return first17 + check_character(first17)
+
+
+def card_number() -> str:
+    """A random card number."""
+    return "T" + "".join(secrets.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(8))
+
+
+def device_key() -> str:
+    """A device public key as the API takes it (random bytes stand in for a real key)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+
+
+@dataclass
+class Holder:
+    """An activated card and its holder's session."""
+
+    card_id: str
+    ecard_id: str
+    card_number: str
+    access_token: str
+    refresh_token: str
+
+
+@dataclass
+class Gate:
+    """A terminal and its API key."""
+
+    terminal_id: str
+    organisation_id: str
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Its authentication header."""
+        return {"X-Api-Key": self.api_key}
+
+
+async def issue_card(client: httpx.AsyncClient, token: str, region: str = "510000") -> dict[str, Any]:
+    """Issue a card through the operator API; the response body."""
+    response = await client.post(
+        "/v1/operator/cards",
+        json={"region": region, "citizen_id": citizen_id(region), "name": "张三", "card_number": card_number()},
+        headers=bearer(token),
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def activate(client: httpx.AsyncClient, number: str, code: str) -> dict[str, Any]:
+    """Activate a card through the holder API; the response body."""
+    response = await client.post(
+        "/v1/holder/activation",
+        json={"card_number": number, "activation_code": code, "device_public_key": device_key()},
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def activated_holder(client: httpx.AsyncClient, token: str, region: str) -> Holder:
+    """A card issued and activated."""
+    issued = await issue_card(client, token, region)
+    session = await activate(client, issued["card"]["card_number"], issued["activation_code"])
+    return Holder(
+        card_id=issued["card"]["card_id"],
+        ecard_id=issued["card"]["ecard_id"],
+        card_number=issued["card"]["card_number"],
+        access_token=session["access_token"],
+        refresh_token=session["refresh_token"],
+    )
+
+
+async def new_gate(client: httpx.AsyncClient, token: str, region: str, business_type: str, purposes: list[str]) -> Gate:
+    """A verifier organisation with one terminal."""
+    response = await client.post(
+        "/v1/operator/verifier-organisations",
+        json={"name": f"org-{secrets.token_hex(3)}", "business_type": business_type, "region": region},
+        headers=bearer(token),
+    )
+    assert response.status_code == 201, response.text
+    organisation_id = response.json()["id"]
+    response = await client.post(
+        f"/v1/operator/verifier-organisations/{organisation_id}/terminals",
+        json={"name": f"gate-{secrets.token_hex(3)}", "allowed_purposes": purposes},
+        headers=bearer(token),
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return Gate(terminal_id=body["terminal"]["id"], organisation_id=organisation_id, api_key=body["api_key"])
+
+
+async def credentials(client: httpx.AsyncClient, holder: Holder, purpose: str = "transit", count: int = 1) -> list[str]:
+    """Credential texts issued to the holder."""
+    response = await client.post(
+        "/v1/holder/credentials", json={"purpose": purpose, "count": count}, headers=bearer(holder.access_token)
+    )
+    assert response.status_code == 200, response.text
+    return [item["credential"] for item in response.json()["credentials"]]
+
+
+async def verify(client: httpx.AsyncClient, gate: Gate, credential: str) -> dict[str, Any]:
+    """A verification's response body (asserting HTTP 200)."""
+    response = await client.post("/v1/verify", json={"credential": credential}, headers=gate.headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body

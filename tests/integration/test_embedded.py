@@ -1,0 +1,84 @@
+"""The embedded default: no Redis, an in-process nonce store, one worker only."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import URL
+
+from app.asgi import create_app
+from app.context import STATE_KEY, ServiceContext
+from app.domain.operators.services import Role
+from app.plugin import SingleWorkerError
+from tests import factories
+from tests.conftest import make_settings, migrated_database, operator_token, serve
+from tests.factories import bearer
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path: Path, postgres_url: URL) -> str:
+    """A fresh migrated SQLite database of this test alone."""
+    return (await migrated_database("sqlite", tmp_path, postgres_url)).render_as_string()
+
+
+async def _prepare(client: httpx.AsyncClient, context: ServiceContext) -> tuple[factories.Holder, factories.Gate]:
+    token = await operator_token(client, context, Role.ADMIN, ["*"])
+    response = await client.post(
+        "/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token)
+    )
+    assert response.status_code == 201
+    holder = await factories.activated_holder(client, token, "510000")
+    gate = await factories.new_gate(client, token, "510000", "transit", ["transit"])
+    return holder, gate
+
+
+async def test_loop_without_redis(sqlite_url: str) -> None:
+    app = create_app(make_settings(sqlite_url, "", "unused:"))
+    async with serve(app) as client:
+        assert (await client.get("/health")).json()["store"] == "memory"
+        holder, gate = await _prepare(client, app.state[STATE_KEY])
+        [credential] = await factories.credentials(client, holder)
+        responses = await asyncio.gather(
+            *(client.post("/v1/verify", json={"credential": credential}, headers=gate.headers) for _ in range(50))
+        )
+        results = [response.json()["result"] for response in responses]
+        assert results.count("accepted") == 1
+        assert results.count("rejected") == 49
+
+
+async def test_statuses_are_restored_from_the_database_on_start(sqlite_url: str) -> None:
+    settings = make_settings(sqlite_url, "", "unused:")
+    app = create_app(settings)
+    async with serve(app) as client:
+        holder, gate = await _prepare(client, app.state[STATE_KEY])
+    restarted = create_app(settings)
+    async with serve(restarted) as client:
+        [credential] = await factories.credentials(client, holder)
+        assert (await factories.verify(client, gate, credential))["result"] == "accepted"
+
+
+async def test_second_worker_is_refused(sqlite_url: str) -> None:
+    settings = make_settings(sqlite_url, "", "unused:")
+    first = create_app(settings)
+    async with serve(first):
+        with pytest.raises(SingleWorkerError, match="one worker"):
+            async with serve(create_app(settings)):
+                pass
+    # Once the first worker is gone, a new one may start.
+    async with serve(create_app(settings)) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_several_workers_without_redis_are_refused(sqlite_url: str) -> None:
+    with pytest.raises(SingleWorkerError, match="REDIS_URL"):
+        async with serve(create_app(make_settings(sqlite_url, "", "unused:", workers=2))):
+            pass
+
+
+async def test_production_mode_needs_redis(sqlite_url: str, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="REDIS_URL"):
+        async with serve(create_app(make_settings(sqlite_url, "", "unused:", mode="production"))):
+            pass
