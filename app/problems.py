@@ -5,7 +5,9 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
 PROBLEM_BASE = "https://ecard.example/problems/"
@@ -90,3 +92,38 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
         headers=exc.headers,
         extra=extra,
     )
+
+
+class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An RFC 9457 problem as this API sends it; `code` is stable, `detail` is for people."""
+
+    status: int
+    type: str
+    title: str
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+    current_state: str | None = None
+
+
+_DESCRIPTIONS = {
+    401: "Missing or invalid credentials (token, API key, or activation data)",
+    403: "Authenticated, but not allowed to do this",
+    404: "No such resource (or one outside the caller's regions)",
+    409: "Conflicts with the current state; `current_state` says what it is where relevant",
+    413: "Request body too large",
+    503: "A dependency is unreachable; nothing was accepted or changed",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI documentation of the problem answers an endpoint can give (400 is documented by Litestar)."""
+    return {
+        status: ResponseSpec(
+            data_container=ProblemBody,
+            media_type="application/problem+json",
+            description=_DESCRIPTIONS[status],
+            generate_examples=False,
+        )
+        for status in statuses
+    }

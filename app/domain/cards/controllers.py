@@ -24,6 +24,7 @@ from app.domain.cards.services import (
 )
 from app.domain.operators.services import Role, require_region, require_role
 from app.pii import PiiCipher
+from app.problems import problem_responses
 from app.tokens import OperatorSession
 
 
@@ -50,7 +51,7 @@ class CardController(Controller):
     dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Issue a card")
+    @post("/", status_code=201, summary="Issue a card", responses=problem_responses(401, 403, 404, 409, 413))
     async def create(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -77,7 +78,7 @@ class CardController(Controller):
             activation_expires_at=issued.activation_expires_at,
         )
 
-    @get("/{card_id:uuid}", summary="Read a card")
+    @get("/{card_id:uuid}", summary="Read a card", responses=problem_responses(401, 403, 404))
     async def read(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -89,7 +90,12 @@ class CardController(Controller):
         require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         return card_out(ctx.pii, *await find_card(session, card_id, operator.regions))
 
-    @post("/{card_id:uuid}/activation-code", status_code=201, summary="Issue a new activation code")
+    @post(
+        "/{card_id:uuid}/activation-code",
+        status_code=201,
+        summary="Issue a new activation code",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
     async def activation_code(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -106,7 +112,12 @@ class CardController(Controller):
             card_id=card.id, ecard_id=ecard.id, activation_code=code, activation_expires_at=expires_at
         )
 
-    @post("/{card_id:uuid}/ecard-state", status_code=200, summary="Change the eCard's state")
+    @post(
+        "/{card_id:uuid}/ecard-state",
+        status_code=200,
+        summary="Change the eCard's state",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
     async def ecard_state(
         self,
         ctx: NamedDependency[ServiceContext],

@@ -23,6 +23,7 @@ from app.domain.holders.schemas import (
     SessionResponse,
 )
 from app.domain.holders.services import IssuedSession, activate, refresh_session
+from app.problems import problem_responses
 from app.tokens import HolderSession
 from crypto.credential import Purpose
 from crypto.keys import b64url, b64url_decode
@@ -52,7 +53,12 @@ class HolderAuthController(Controller):
     tags = ["holder"]
     request_max_body_size = 4096
 
-    @post("/activation", status_code=201, summary="Activate the eCard on this device")
+    @post(
+        "/activation",
+        status_code=201,
+        summary="Activate the eCard on this device",
+        responses=problem_responses(401, 409, 413),
+    )
     async def activation(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -77,7 +83,7 @@ class HolderAuthController(Controller):
         )
         return _session_response(issued)
 
-    @post("/token", status_code=200, summary="Refresh the session")
+    @post("/token", status_code=200, summary="Refresh the session", responses=problem_responses(401, 413))
     async def token(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -97,7 +103,7 @@ class HolderCredentialController(Controller):
     dependencies = {"holder": provide_holder}
     request_max_body_size = 4096
 
-    @post("/", status_code=200, summary="Issue QR credentials")
+    @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 409, 503))
     async def issue(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -128,6 +134,7 @@ class HolderCredentialController(Controller):
         "/qr",
         status_code=200,
         summary="Render a credential as a QR image",
+        responses=problem_responses(401, 403),
         response_description="PNG or SVG image of the QR code (error level M, 4-module quiet zone)",
     )
     async def qr(

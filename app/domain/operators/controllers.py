@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.context import ServiceContext
 from app.domain.operators.schemas import OperatorToken, SignInRequest
 from app.domain.operators.services import authenticate
+from app.problems import problem_responses
 
 OPERATOR_TOKEN_TTL = 8 * 3600
 
@@ -21,7 +22,7 @@ class OperatorSessionController(Controller):
     tags = ["operator"]
     request_max_body_size = 4096
 
-    @post("/", status_code=200, summary="Sign in")
+    @post("/", status_code=200, summary="Sign in", responses=problem_responses(401, 413))
     async def sign_in(
         self,
         ctx: NamedDependency[ServiceContext],

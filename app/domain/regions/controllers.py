@@ -13,6 +13,7 @@ from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.operators.services import require_region, require_role
 from app.domain.regions.schemas import RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
+from app.problems import problem_responses
 from app.tokens import OperatorSession
 
 
@@ -29,7 +30,7 @@ class RegionController(Controller):
     dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Register a region")
+    @post("/", status_code=201, summary="Register a region", responses=problem_responses(401, 403, 404, 409, 413))
     async def create(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -44,7 +45,7 @@ class RegionController(Controller):
         await ctx.directory_changed()
         return _out(region)
 
-    @get("/", summary="List regions")
+    @get("/", summary="List regions", responses=problem_responses(401))
     async def index(
         self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
     ) -> list[RegionOut]:

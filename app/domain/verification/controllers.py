@@ -23,6 +23,7 @@ MAX_BODY_BYTES = 2048
     request_max_body_size=MAX_BODY_BYTES,
     tags=["verification"],
     summary="Verify a scanned credential",
+    responses=problems.problem_responses(401, 413, 503),
 )
 async def verify(
     request: Request[Any, Any, Any],

@@ -30,6 +30,7 @@ from app.domain.verifiers.services import (
     register_organisation,
     register_terminal,
 )
+from app.problems import problem_responses
 from app.tokens import OperatorSession
 
 
@@ -63,7 +64,12 @@ class VerifierController(Controller):
     dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/verifier-organisations", status_code=201, summary="Register a verifier organisation")
+    @post(
+        "/verifier-organisations",
+        status_code=201,
+        summary="Register a verifier organisation",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
     async def create_organisation(
         self,
         session: NamedDependency[AsyncSession],
@@ -78,7 +84,7 @@ class VerifierController(Controller):
         )
         return _organisation_out(organisation)
 
-    @get("/verifier-organisations", summary="List verifier organisations")
+    @get("/verifier-organisations", summary="List verifier organisations", responses=problem_responses(401, 403))
     async def list_organisations(
         self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
     ) -> list[OrganisationOut]:
@@ -90,6 +96,7 @@ class VerifierController(Controller):
         "/verifier-organisations/{organisation_id:uuid}/terminals",
         status_code=201,
         summary="Register a terminal",
+        responses=problem_responses(401, 403, 404, 409, 413),
     )
     async def create_terminal(
         self,
@@ -108,7 +115,11 @@ class VerifierController(Controller):
         await ctx.directory_changed()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)
 
-    @patch("/terminals/{terminal_id:uuid}", summary="Enable or disable a terminal")
+    @patch(
+        "/terminals/{terminal_id:uuid}",
+        summary="Enable or disable a terminal",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
     async def update_terminal(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -125,7 +136,12 @@ class VerifierController(Controller):
         await ctx.directory_changed()
         return _terminal_out(terminal)
 
-    @post("/terminals/{terminal_id:uuid}/api-key", status_code=201, summary="Replace a terminal's API key")
+    @post(
+        "/terminals/{terminal_id:uuid}/api-key",
+        status_code=201,
+        summary="Replace a terminal's API key",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
     async def rotate_key(
         self,
         ctx: NamedDependency[ServiceContext],
