@@ -5,6 +5,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 2
 APP    := --app app.asgi:create_app
+SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install run serve test lint openapi bench demo clean
@@ -34,8 +35,8 @@ test: install lint
 	$(VENV)/bin/pytest
 
 lint: install
-	$(VENV)/bin/ruff check app crypto tests loadtests
-	$(VENV)/bin/ruff format --check app crypto tests loadtests
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
 
 ## Rewrite openapi/openapi.json from the code (a test fails when they differ).
