@@ -151,7 +151,8 @@ class ActivationCode(Base):
     ecard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ecards.id"), index=True)
     code_hash: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[datetime]
-    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Tries taken so far, right or wrong; the code is locked when it reaches the limit.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     used_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
 

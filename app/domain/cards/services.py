@@ -89,7 +89,7 @@ async def new_activation_code(session: AsyncSession, pii: PiiCipher, ecard: ECar
             ecard_id=ecard.id,
             code_hash=activation_code_hash(pii, ecard.id, code),
             expires_at=expires_at,
-            failed_attempts=0,
+            attempts=0,
             created_at=now,
         )
     )

@@ -99,20 +99,24 @@ async def activate(
         .limit(1)
     )
     now = utcnow()
-    if (
-        code_row is None
-        or as_utc(code_row.expires_at) <= now
-        or code_row.failed_attempts >= settings.activation_max_attempts
-    ):
+    if code_row is None or as_utc(code_row.expires_at) <= now:
+        raise failed
+    # Take one of the code's tries before comparing, atomically and committed, so guesses sent in
+    # parallel cannot all be compared against a counter none of them has raised yet.
+    reserved = await session.execute(
+        update(ActivationCode)
+        .where(
+            ActivationCode.id == code_row.id,
+            ActivationCode.used_at.is_(None),
+            ActivationCode.attempts < settings.activation_max_attempts,
+        )
+        .values(attempts=ActivationCode.attempts + 1)
+    )
+    await session.commit()
+    if reserved.rowcount != 1:  # type: ignore[attr-defined]
         raise failed
     code = normalise_activation_code(activation_code)
     if not code or code_row.code_hash != activation_code_hash(pii, ecard.id, code):
-        await session.execute(
-            update(ActivationCode)
-            .where(ActivationCode.id == code_row.id)
-            .values(failed_attempts=ActivationCode.failed_attempts + 1)
-        )
-        await session.commit()
         raise failed
     if ecard.state not in (ECardState.PENDING_ACTIVATION, ECardState.ACTIVE):
         raise problems.conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)

@@ -141,7 +141,7 @@ def upgrade() -> None:
         sa.Column("ecard_id", sa.Uuid(), nullable=False),
         sa.Column("code_hash", sa.String(length=200), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("failed_attempts", sa.Integer(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["ecard_id"], ["ecards.id"], name=op.f("fk_activation_codes_ecard_id_ecards")),
