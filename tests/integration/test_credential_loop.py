@@ -118,14 +118,12 @@ async def test_qr_image_decodes_back_to_the_credential(
         return
     assert response.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(response.content))
-    [result] = zxingcpp.read_barcodes(image)
+    # Restricted to QR codes, as a gate's scanner is: zxing otherwise now and then also reports a
+    # spurious 1D (ITF) reading inside the QR pattern.
+    [result] = zxingcpp.read_barcodes(image, formats=zxingcpp.BarcodeFormat.QRCode)
     assert result.text == credential
-    assert result.format == zxingcpp.BarcodeFormat.QRCode
-    assert int(result.symbology_identifier[-1]) >= 0
     assert result.ec_level == "M"
-    # Version from the symbol size: 17 + 4 * version modules, plus the 4-module quiet zone each side.
-    modules = image.width // 4 - 8
-    assert (modules - 17) // 4 <= 8
+    assert int(result.extra["Version"]) <= 8
 
 
 async def test_qr_of_another_cards_credential_is_refused(
