@@ -15,6 +15,7 @@ from litestar.plugins.problem_details import ProblemDetailsException
 
 from app.context import ServiceContext
 from app.db.engine import create_engine
+from app.domain.audit.services import Actor
 from app.keyring import KeyringError, generate_keyring
 from app.settings import get_settings
 
@@ -99,7 +100,12 @@ def operator_create(username: str, role: str, regions: tuple[str, ...], password
     async def work(context: ServiceContext) -> uuid.UUID:
         async with context.sessions() as session:
             operator = await create_operator(
-                session, username=username, password=password, role=Role(role), regions=list(regions)
+                session,
+                Actor.command("ecard operator create"),
+                username=username,
+                password=password,
+                role=Role(role),
+                regions=list(regions),
             )
             return operator.id
 
@@ -121,7 +127,7 @@ def region_add(code: str, name: str) -> None:
 
     async def work(context: ServiceContext) -> None:
         async with context.sessions() as session:
-            await register_region(session, context.pii, code, name)
+            await register_region(session, context.pii, Actor.command("ecard region add"), code, name)
         await context.bus.publish("directory")
 
     _run(work)
@@ -152,6 +158,7 @@ def card_issue(region: str, citizen_id: str, name: str, card_number: str) -> Non
                 name=name,
                 card_number=card_number,
                 code_ttl=context.settings.activation_code_ttl,
+                actor=Actor.command("ecard card issue"),
             )
             return issued.activation_code, issued.activation_expires_at.isoformat()
 
@@ -159,21 +166,72 @@ def card_issue(region: str, citizen_id: str, name: str, card_number: str) -> Non
     click.echo(f"card {card_number.upper()} issued; activation code {code} (valid until {expires})")
 
 
+@card_group.command(name="import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
+@click.option("--region", "regions", multiple=True, help="Accept rows of this region only; repeatable. Default: all.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write rejected rows to this CSV.")
+@click.option("--chunk-size", type=click.IntRange(1, 5000), default=1000, show_default=True, help="Rows per commit.")
+def card_import(file: Path, regions: tuple[str, ...], report: Path | None, chunk_size: int) -> None:
+    """Issue persons and physical cards from a CSV file with the header region,citizen_id,name,card_number.
+
+    Each chunk of rows commits as a whole and a rerun creates nothing twice: after a crash, run the same
+    command again. Imported eCards get no activation code; issue one per card when handing it over
+    (POST /v1/operator/cards/{id}/activation-code).
+    """
+    from app.domain.imports.services import ImportFileError, ImportResult, import_file, write_rejection_report
+    from app.domain.operators.services import check_regions
+
+    size = file.stat().st_size
+
+    async def work(context: ServiceContext) -> ImportResult:
+        scope = check_regions(list(regions) or ["*"])
+        with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+            try:
+                result = await import_file(
+                    context.sessions,
+                    context.pii,
+                    file,
+                    Actor.command("ecard card import"),
+                    regions=scope,
+                    chunk_rows=chunk_size,
+                    on_progress=lambda progress: bar.update(progress.bytes_processed - bar.pos),
+                )
+            except ImportFileError as exc:
+                raise click.ClickException(f"{exc}; the rows before it are imported: fix it and run again") from None
+        if report is not None:
+            await write_rejection_report(context.sessions, result.job_id, report)
+        return result
+
+    result = _run(work)
+    done = result.progress
+    click.echo(
+        f"{done.rows} rows in {result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s): {done.created} created, "
+        f"{done.already_present} already present, {done.rejected} rejected (import job {result.job_id})"
+    )
+    if done.rejected:
+        click.echo(f"rejected rows written to {report}" if report else "run again with --report PATH to list them")
+
+
 @ecard_group.group(name="status")
 def status_group() -> None:
     """The card-status mirror in Redis."""
 
 
-@status_group.command(name="sync")
-def status_sync() -> None:
-    """Copy every eCard's status from the database into the mirror."""
-    from app.domain.cards.services import mirror_all_statuses
+@status_group.command(name="reconcile")
+@click.option("--repair", is_flag=True, help="Set every missing or different mirror entry from the database.")
+def status_reconcile(repair: bool) -> None:
+    """Compare every eCard's state in the database with the status mirror; report (and repair) drift."""
+    from app.domain.cards.services import reconcile_status_mirror
 
-    async def work(context: ServiceContext) -> int:
+    async def work(context: ServiceContext) -> str:
         async with context.sessions() as session:
-            return await mirror_all_statuses(session, context.mirror)
+            found = await reconcile_status_mirror(session, context.mirror, repair=repair)
+        return (
+            f"{found.checked} eCards checked: {found.missing} missing from the mirror, "
+            f"{found.different} different, {found.repaired} repaired"
+        )
 
-    click.echo(f"{_run(work)} statuses mirrored")
+    click.echo(_run(work))
 
 
 @ecard_group.command(name="demo")
@@ -194,16 +252,20 @@ def demo(region: str) -> None:
     citizen_id = birth_serial + check_character(birth_serial)
     card_number = f"D{secrets.randbelow(10**8):08d}"
 
+    actor = Actor.command("ecard demo")
+
     async def work(context: ServiceContext) -> dict[str, str]:
         async with context.sessions() as session:
             if await session.get(Region, region) is None:
-                await register_region(session, context.pii, region, f"Demo region {region}")
-            await create_operator(session, username=username, password=password, role=Role.ADMIN, regions=[region])
+                await register_region(session, context.pii, actor, region, f"Demo region {region}")
+            await create_operator(
+                session, actor, username=username, password=password, role=Role.ADMIN, regions=[region]
+            )
             organisation = await register_organisation(
-                session, name="Demo Metro", business_type=BusinessType.TRANSIT, region=region
+                session, actor, name="Demo Metro", business_type=BusinessType.TRANSIT, region=region
             )
             _terminal, api_key = await register_terminal(
-                session, organisation, name=f"gate-{secrets.token_hex(2)}", purposes=["transit", "general"]
+                session, actor, organisation, name=f"gate-{secrets.token_hex(2)}", purposes=["transit", "general"]
             )
             issued = await issue_card(
                 session,
@@ -213,6 +275,7 @@ def demo(region: str) -> None:
                 name="张三",
                 card_number=card_number,
                 code_ttl=context.settings.activation_code_ttl,
+                actor=actor,
             )
         await context.bus.publish("directory")
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
@@ -26,12 +27,25 @@ def _bearer(request: Request[Any, Any, Any]) -> str:
     return token.strip()
 
 
-def current_holder(request: Request[Any, Any, Any]) -> HolderSession:
-    """The holder whose access token the request carries; 401 otherwise."""
+@dataclass(frozen=True, slots=True)
+class AuthenticatedHolder:
+    """A holder's session and, read with it in one store round trip, the card's mirrored status."""
+
+    session: HolderSession
+    card_status: str | None
+
+
+async def current_holder(request: Request[Any, Any, Any]) -> AuthenticatedHolder:
+    """The holder whose access token the request carries, from a device still bound; 401 otherwise."""
+    context = context_of(request.app.state)
     try:
-        return context_of(request.app.state).tokens.read_holder(_bearer(request))
+        session = context.tokens.read_holder(_bearer(request))
     except InvalidToken as exc:
         raise problems.unauthorized(f"access token rejected: {exc}") from None
+    status, device_revoked = await context.mirror.holder_state(session.card_ref, session.device_id)
+    if device_revoked:
+        raise problems.unauthorized("this device was removed from the card; activate it again")
+    return AuthenticatedHolder(session, status)
 
 
 def current_operator(request: Request[Any, Any, Any]) -> OperatorSession:
@@ -57,5 +71,5 @@ DEPENDENCIES = {
     "ctx": Provide(service_context, sync_to_thread=False),
     "session": Provide(db_session),
 }
-provide_holder = Provide(current_holder, sync_to_thread=False)
+provide_holder = Provide(current_holder)
 provide_operator = Provide(current_operator, sync_to_thread=False)

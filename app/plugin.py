@@ -29,9 +29,11 @@ from sqlalchemy.exc import IntegrityError
 from app import problems
 from app.context import STATE_KEY, ServiceContext
 from app.dependencies import DEPENDENCIES
+from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
-from app.domain.holders.controllers import HolderAuthController, HolderCredentialController
+from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
+from app.domain.imports.controllers import ImportController
 from app.domain.issuers.controllers import issuer_jwks
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
@@ -139,11 +141,14 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 issuer_jwks,
                 health,
                 HolderAuthController,
+                HolderCardController,
                 HolderCredentialController,
                 OperatorSessionController,
                 RegionController,
                 CardController,
+                ImportController,
                 VerifierController,
+                AuditController,
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)

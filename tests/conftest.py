@@ -24,6 +24,7 @@ from app.asgi import create_app
 from app.context import STATE_KEY, ServiceContext
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_to_head
+from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, create_operator
 from app.plugin import EcardPlugin
 from app.settings import DEV_KEYS_DIR, Settings
@@ -181,7 +182,9 @@ async def operator_token(client: httpx.AsyncClient, context: ServiceContext, rol
     username = f"op-{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
     async with context.sessions() as session:
-        await create_operator(session, username=username, password=password, role=role, regions=regions)
+        await create_operator(
+            session, Actor.command("test"), username=username, password=password, role=role, regions=regions
+        )
     response = await client.post("/v1/operator/session", json={"username": username, "password": password})
     assert response.status_code == 200, response.text
     token: str = response.json()["access_token"]

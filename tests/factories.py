@@ -117,11 +117,30 @@ async def new_gate(client: httpx.AsyncClient, token: str, region: str, business_
     return Gate(terminal_id=body["terminal"]["id"], organisation_id=organisation_id, api_key=body["api_key"])
 
 
-async def credentials(client: httpx.AsyncClient, holder: Holder, purpose: str = "transit", count: int = 1) -> list[str]:
-    """Credential texts issued to the holder."""
+HOLDER_PIN = "402917"
+
+
+async def step_up(client: httpx.AsyncClient, holder: Holder) -> str:
+    """Set the holder's PIN if none is set yet, enter it, and return the step-up token."""
+    card = await client.get("/v1/holder/card", headers=bearer(holder.access_token))
+    assert card.status_code == 200, card.text
+    if not card.json()["pin_set"]:
+        response = await client.put("/v1/holder/pin", json={"pin": HOLDER_PIN}, headers=bearer(holder.access_token))
+        assert response.status_code == 204, response.text
     response = await client.post(
-        "/v1/holder/credentials", json={"purpose": purpose, "count": count}, headers=bearer(holder.access_token)
+        "/v1/holder/pin/verification", json={"pin": HOLDER_PIN}, headers=bearer(holder.access_token)
     )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["step_up_token"]
+    return token
+
+
+async def credentials(client: httpx.AsyncClient, holder: Holder, purpose: str = "transit", count: int = 1) -> list[str]:
+    """Credential texts issued to the holder (medical ones after a PIN step-up)."""
+    body: dict[str, Any] = {"purpose": purpose, "count": count}
+    if purpose == "medical":
+        body["step_up_token"] = await step_up(client, holder)
+    response = await client.post("/v1/holder/credentials", json=body, headers=bearer(holder.access_token))
     assert response.status_code == 200, response.text
     return [item["credential"] for item in response.json()["credentials"]]
 

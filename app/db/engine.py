@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -18,9 +18,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+
+
+def async_url(database_url: str) -> URL:
+    """The URL with an async driver: `postgresql://…` as most tools write it means asyncpg here."""
+    url = make_url(database_url)
+    return url.set(drivername=ASYNC_DRIVERS.get(url.drivername, url.drivername))
+
+
 def create_engine(database_url: str) -> AsyncEngine:
     """An engine for the URL; SQLite gets foreign keys, WAL and a busy timeout, and its folder."""
-    url = make_url(database_url)
+    url = async_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -59,11 +59,41 @@ class ECardState(StrEnum):
     REVOKED = "revoked"
 
 
+class SuspensionCause(StrEnum):
+    """Why an eCard is suspended."""
+
+    CARD_LOST = "card_lost"
+    OPERATOR = "operator"
+
+
 class KeyState(StrEnum):
     """Whether an issuer key signs new credentials or only verifies old ones."""
 
     ACTIVE = "active"
     RETIRED = "retired"
+
+
+class AuditEvent(Base):
+    """One state-changing action: who, when, what, why, before → after. Append-only.
+
+    The database refuses UPDATE and DELETE on this table (triggers in migration 0003), and no
+    endpoint offers either.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    occurred_at: Mapped[datetime] = mapped_column(index=True)
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str] = mapped_column(String(64))
+    actor_name: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(48), index=True)
+    subject_type: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(64), index=True)
+    region_code: Mapped[str | None] = mapped_column(String(6), index=True)
+    reason: Mapped[str | None] = mapped_column(String(500))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Region(Base):
@@ -100,6 +130,9 @@ class Operator(Base):
     role: Mapped[str] = mapped_column(String(32))
     regions: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime]
+    # Consecutive failed sign-ins; past the limit the account is locked until `locked_until`.
+    failed_sign_ins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    locked_until: Mapped[datetime | None]
 
 
 class Person(Base):
@@ -126,6 +159,11 @@ class Card(Base):
     card_number: Mapped[str] = mapped_column(String(16), unique=True)
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
+    lost_at: Mapped[datetime | None]
+    # "holder" (from the app) or "office": only a holder's own report may be undone from the app.
+    loss_reported_by: Mapped[str | None] = mapped_column(String(16))
+    # The card that replaced this one (history only, so no foreign key: SQLite would rebuild the table).
+    replaced_by_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
 
 class ECard(Base):
@@ -140,6 +178,11 @@ class ECard(Base):
     state: Mapped[str] = mapped_column(String(24))
     activated_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+    # Why a suspended eCard is suspended: resuming after a loss report may only undo a loss.
+    suspension_cause: Mapped[str | None] = mapped_column(String(24))
+    pin_hash: Mapped[str | None] = mapped_column(String(200))
+    # PIN tries taken since the last success; at the limit the PIN is locked until the office resets it.
+    pin_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ActivationCode(Base):
@@ -210,3 +253,42 @@ class Terminal(Base):
     api_key_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     enabled: Mapped[bool]
     created_at: Mapped[datetime]
+
+
+class ImportJob(Base):
+    """One run of a bulk card import: its scope, its file's SHA-256 and its counts so far.
+
+    The counts are updated in the transaction of each chunk, so they always match what is committed.
+    """
+
+    __tablename__ = "import_jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    # None for a run from the command line.
+    operator_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("operators.id"), index=True)
+    # The region scope the import acted with ("*" = all); who may see the job follows from it.
+    regions: Mapped[list[str]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int]
+    bytes_processed: Mapped[int]
+    rows_processed: Mapped[int]
+    created: Mapped[int]
+    already_present: Mapped[int]
+    rejected: Mapped[int]
+    error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class ImportRejection(Base):
+    """A rejected row of an import: its line, its card number as given (masked if malformed), why."""
+
+    __tablename__ = "import_rejections"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("import_jobs.id"), primary_key=True)
+    line: Mapped[int] = mapped_column(primary_key=True)
+    card_number: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(200))

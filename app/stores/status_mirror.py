@@ -7,12 +7,15 @@ tag, so the one Lua call per verification stays within one Redis Cluster slot.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
+import uuid
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 
 class MirroredStatus(StrEnum):
@@ -46,6 +49,18 @@ class StatusMirror(Protocol):
         """Mirror a card's status (after the database commit)."""
         ...
 
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
+        """The card's status and whether this device was unbound, in one round trip."""
+        ...
+
+    async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
+        """Mirrored statuses of many cards (for reconciliation), in order."""
+        ...
+
+    async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
+        """Refuse the device's access tokens from now on (for ttl seconds: their longest life)."""
+        ...
+
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
         ...
@@ -64,13 +79,24 @@ return {first and 1 or 0, status or ''}
 """
 
 
+_PRESENT_SHA = hashlib.sha1(_PRESENT_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+Presentation = tuple[str, str, int, "asyncio.Future[tuple[bool, str | None]]"]
+
+
 class RedisStatusMirror:
-    """Nonces and statuses in Redis; one EVALSHA per verification."""
+    """Nonces and statuses in Redis.
+
+    Verifications arriving in the same event-loop turn share one pipeline of EVALSHA calls:
+    each stays atomic for its own card, and a burst of scans costs one round trip and one
+    read timeout instead of one per scan.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
-        self._present = client.register_script(_PRESENT_LUA)
+        self._queue: list[Presentation] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, prefix: str) -> RedisStatusMirror:
@@ -82,13 +108,53 @@ class RedisStatusMirror:
         return f"{self._prefix}{{{card_ref.hex()}}}"
 
     async def present(self, card_ref: bytes, nonce: bytes, ttl: int) -> tuple[bool, str | None]:
-        """See `StatusMirror.present`."""
+        """See `StatusMirror.present`; queued for this event-loop turn's pipeline."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
         card_key = self._card_key(card_ref)
+        self._queue.append((f"{card_key}:n:{nonce.hex()}", f"{card_key}:s", ttl, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._present_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _present_batch(self, batch: list[Presentation]) -> None:
         try:
-            first, status = await self._present(keys=[f"{card_key}:n:{nonce.hex()}", f"{card_key}:s"], args=[ttl])
+            results = await self._evalsha(batch)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return bool(first), status.decode() if status else None
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            return
+        for (*_, future), (first, status) in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result((bool(first), status.decode() if status else None))
+
+    async def _evalsha(self, batch: list[Presentation]) -> list[Any]:
+        """Run the script for every presentation; load it first if the server lost it."""
+        results = await self._pipeline(batch)
+        # A NOSCRIPT reply means that call did nothing, so those (and only those) run again.
+        lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if lost:
+            await self._client.script_load(_PRESENT_LUA)
+            for index, result in zip(lost, await self._pipeline([batch[i] for i in lost]), strict=True):
+                results[index] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def _pipeline(self, batch: list[Presentation]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for nonce_key, status_key, ttl, _ in batch:
+                pipe.evalsha(_PRESENT_SHA, 2, nonce_key, status_key, ttl)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def get_status(self, card_ref: bytes) -> str | None:
         """See `StatusMirror.get_status`."""
@@ -102,6 +168,33 @@ class RedisStatusMirror:
         """See `StatusMirror.set_status`."""
         try:
             await self._client.set(f"{self._card_key(card_ref)}:s", status.value)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
+        """See `StatusMirror.holder_state`; both keys carry the card's hash tag (one slot)."""
+        card_key = self._card_key(card_ref)
+        try:
+            status, revoked = await self._client.mget([f"{card_key}:s", f"{card_key}:d:{device_id.hex}"])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return (status.decode() if isinstance(status, bytes) else status), revoked is not None
+
+    async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
+        """See `StatusMirror.get_statuses`; a pipeline of GETs, since the keys lie in many cluster slots."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for card_ref in card_refs:
+                    pipe.get(f"{self._card_key(card_ref)}:s")
+                values = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [value.decode() if isinstance(value, bytes) else value for value in values]
+
+    async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
+        """See `StatusMirror.revoke_device`."""
+        try:
+            await self._client.set(f"{self._card_key(card_ref)}:d:{device_id.hex}", "1", ex=max(ttl, 1))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -123,11 +216,13 @@ class MemoryStatusMirror:
     def __init__(self) -> None:
         self._nonces: dict[tuple[bytes, bytes], float] = {}
         self._statuses: dict[bytes, str] = {}
+        self._revoked_devices: dict[uuid.UUID, float] = {}
         self._next_purge = 0.0
 
     def _purge(self, now: float) -> None:
         if now >= self._next_purge:
             self._nonces = {key: until for key, until in self._nonces.items() if until > now}
+            self._revoked_devices = {key: until for key, until in self._revoked_devices.items() if until > now}
             self._next_purge = now + 10.0
 
     async def present(self, card_ref: bytes, nonce: bytes, ttl: int) -> tuple[bool, str | None]:
@@ -148,6 +243,19 @@ class MemoryStatusMirror:
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """See `StatusMirror.set_status`."""
         self._statuses[card_ref] = status.value
+
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
+        """See `StatusMirror.holder_state`."""
+        until = self._revoked_devices.get(device_id)
+        return self._statuses.get(card_ref), until is not None and until > time.monotonic()
+
+    async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
+        """See `StatusMirror.get_statuses`."""
+        return [self._statuses.get(card_ref) for card_ref in card_refs]
+
+    async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
+        """See `StatusMirror.revoke_device`."""
+        self._revoked_devices[device_id] = time.monotonic() + ttl
 
     async def ping(self) -> None:
         """Always reachable."""

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import httpx
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection
@@ -14,8 +13,6 @@ from sqlalchemy import Connection
 from app.context import ServiceContext
 from app.db.models import Base
 from app.openapi_export import OPENAPI_PATH, openapi_document
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_openapi_document_is_current() -> None:

@@ -85,8 +85,16 @@ async def test_bundle_over_the_limit_and_medical_bundle_are_refused(client: http
     )
     assert medical.status_code == 400
     assert "one at a time" in medical.json()["detail"]
-    single = await client.post(
+    without_step_up = await client.post(
         "/v1/holder/credentials", json={"purpose": "medical"}, headers=bearer(holder.access_token)
+    )
+    assert without_step_up.status_code == 403
+    assert without_step_up.json()["code"] == "step_up_required"
+    token = await factories.step_up(client, holder)
+    single = await client.post(
+        "/v1/holder/credentials",
+        json={"purpose": "medical", "step_up_token": token},
+        headers=bearer(holder.access_token),
     )
     assert single.status_code == 200
 

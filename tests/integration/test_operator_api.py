@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 
 from app.context import ServiceContext
 from app.db.models import Base, Card, Person
+from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import check_character
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD
 from app.domain.operators.services import Role, create_operator
@@ -166,7 +167,9 @@ async def test_wrong_password_and_unknown_user_get_the_same_answer(
 ) -> None:
     username, password = f"op-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
     async with context.sessions() as session:
-        await create_operator(session, username=username, password=password, role=Role.AUDITOR, regions=[SICHUAN])
+        await create_operator(
+            session, Actor.command("test"), username=username, password=password, role=Role.AUDITOR, regions=[SICHUAN]
+        )
 
     wrong = await client.post("/v1/operator/session", json={"username": username, "password": password + "x"})
     unknown = await client.post(

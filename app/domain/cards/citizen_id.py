@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import date
 
-_FORMAT = re.compile(r"^[1-9]\d{16}[\dX]$")
+_FORMAT = re.compile(r"^[1-9][0-9]{16}[0-9X]$")
 _WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _CHECK = "10X98765432"
 

@@ -1,27 +1,47 @@
-"""Operator API: issuing cards, activation codes, eCard state."""
+"""Operator API: issuing and finding cards, activation codes, the card's life (state, loss, replacement), PIN reset."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+from typing import Annotated
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
 from app.db.models import Card, ECard, ECardState, Person
 from app.dependencies import OPERATOR_SECURITY, provide_operator
+from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
-from app.domain.cards.schemas import ActivationCodeOut, CardIssue, CardOut, ECardStateChange, IssuedCardOut
+from app.domain.cards.lifecycle import (
+    LOSS_BY_OFFICE,
+    cancel_card,
+    replace_card,
+    report_loss,
+    set_ecard_state,
+    undo_loss,
+)
+from app.domain.cards.schemas import (
+    ActivationCodeOut,
+    CardAction,
+    CardIssue,
+    CardOut,
+    CardReplacement,
+    ECardStateChange,
+    IssuedCardOut,
+)
 from app.domain.cards.services import (
     CITIZEN_ID_FIELD,
     NAME_FIELD,
-    change_ecard_state,
     find_card,
+    find_cards,
     issue_card,
     new_activation_code,
 )
+from app.domain.holders.pin import reset_pin
 from app.domain.operators.services import Role, require_region, require_role
 from app.pii import PiiCipher
 from app.problems import problem_responses
@@ -42,6 +62,10 @@ def card_out(pii: PiiCipher, card: Card, ecard: ECard, person: Person) -> CardOu
     )
 
 
+OFFICE_LOSS_UNDO_WINDOW = timedelta(days=3650)
+WRITE_PROBLEMS = problem_responses(401, 403, 404, 409, 413)
+
+
 class CardController(Controller):
     """Cards of the operator's regions. A card of another region answers exactly like a missing one."""
 
@@ -51,7 +75,7 @@ class CardController(Controller):
     dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Issue a card", responses=problem_responses(401, 403, 404, 409, 413))
+    @post("/", status_code=201, summary="Issue a card", responses=WRITE_PROBLEMS)
     async def create(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -70,6 +94,7 @@ class CardController(Controller):
             name=data.name,
             card_number=data.card_number,
             code_ttl=ctx.settings.activation_code_ttl,
+            actor=Actor.operator(operator),
         )
         card, ecard, person = await find_card(session, issued.card.id, operator.regions)
         return IssuedCardOut(
@@ -77,6 +102,20 @@ class CardController(Controller):
             activation_code=issued.activation_code,
             activation_expires_at=issued.activation_expires_at,
         )
+
+    @get("/", summary="Find cards", responses=problem_responses(401, 403))
+    async def search(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_number: Annotated[str | None, QueryParameter(max_length=16)] = None,
+        citizen_id: Annotated[str | None, QueryParameter(max_length=18)] = None,
+    ) -> list[CardOut]:
+        """Cards by card number or by the holder's citizen ID (through its blind index), newest first."""
+        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
+        rows = await find_cards(session, ctx.pii, operator.regions, card_number=card_number, citizen_id=citizen_id)
+        return [card_out(ctx.pii, *row) for row in rows]
 
     @get("/{card_id:uuid}", summary="Read a card", responses=problem_responses(401, 403, 404))
     async def read(
@@ -94,7 +133,7 @@ class CardController(Controller):
         "/{card_id:uuid}/activation-code",
         status_code=201,
         summary="Issue a new activation code",
-        responses=problem_responses(401, 403, 404, 409, 413),
+        responses=WRITE_PROBLEMS,
     )
     async def activation_code(
         self,
@@ -107,17 +146,16 @@ class CardController(Controller):
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, _person = await find_card(session, card_id, operator.regions)
         code, expires_at = await new_activation_code(session, ctx.pii, ecard, ctx.settings.activation_code_ttl)
+        record(
+            session, Actor.operator(operator), "card.activation_code", subject_type="card", subject_id=card.id,
+            region=card.region_code, after={"activation_expires_at": expires_at.isoformat()},
+        )  # fmt: skip
         await session.commit()
         return ActivationCodeOut(
             card_id=card.id, ecard_id=ecard.id, activation_code=code, activation_expires_at=expires_at
         )
 
-    @post(
-        "/{card_id:uuid}/ecard-state",
-        status_code=200,
-        summary="Change the eCard's state",
-        responses=problem_responses(401, 403, 404, 409, 413),
-    )
+    @post("/{card_id:uuid}/ecard-state", status_code=200, summary="Change the eCard's state", responses=WRITE_PROBLEMS)
     async def ecard_state(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -129,5 +167,108 @@ class CardController(Controller):
         """Suspend, resume or revoke the eCard; verification sees the change at once."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        ecard = await change_ecard_state(session, ctx.mirror, ecard, ECardState(data.state))
+        await set_ecard_state(
+            session, ctx.mirror, Actor.operator(operator), card, ecard, ECardState(data.state), data.reason
+        )
         return card_out(ctx.pii, card, ecard, person)
+
+    @post("/{card_id:uuid}/loss", status_code=200, summary="Report the card lost", responses=WRITE_PROBLEMS)
+    async def loss(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[CardAction],
+    ) -> CardOut:
+        """挂失: the card is lost and its eCard suspended at once."""
+        require_role(operator, Role.CARD_OFFICER)
+        card, ecard, person = await find_card(session, card_id, operator.regions)
+        await report_loss(session, ctx.mirror, Actor.operator(operator), card, ecard, LOSS_BY_OFFICE, data.reason)
+        return card_out(ctx.pii, card, ecard, person)
+
+    @post("/{card_id:uuid}/loss/undo", status_code=200, summary="Undo a loss report", responses=WRITE_PROBLEMS)
+    async def undo_loss(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[CardAction],
+    ) -> CardOut:
+        """The card was found: back in use, and the eCard resumes if the loss was what suspended it."""
+        require_role(operator, Role.CARD_OFFICER)
+        card, ecard, person = await find_card(session, card_id, operator.regions)
+        await undo_loss(
+            session,
+            ctx.mirror,
+            Actor.operator(operator),
+            card,
+            ecard,
+            by_holder=False,
+            holder_window=OFFICE_LOSS_UNDO_WINDOW,
+            reason=data.reason,
+        )
+        return card_out(ctx.pii, card, ecard, person)
+
+    @post("/{card_id:uuid}/replacement", status_code=201, summary="Issue a replacement card", responses=WRITE_PROBLEMS)
+    async def replacement(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[CardReplacement],
+    ) -> IssuedCardOut:
+        """A new card for a lost or damaged one: the eCard moves over, devices are unbound, a new code is issued."""
+        require_role(operator, Role.CARD_OFFICER)
+        card, ecard, _person = await find_card(session, card_id, operator.regions)
+        replacement = await replace_card(
+            session,
+            ctx.pii,
+            ctx.mirror,
+            Actor.operator(operator),
+            card,
+            ecard,
+            new_card_number=data.card_number,
+            code_ttl=ctx.settings.activation_code_ttl,
+            session_ttl=ctx.settings.access_token_ttl,
+            reason=data.reason,
+        )
+        new_card, new_ecard, person = await find_card(session, replacement.card.id, operator.regions)
+        return IssuedCardOut(
+            card=card_out(ctx.pii, new_card, new_ecard, person),
+            activation_code=replacement.activation_code,
+            activation_expires_at=replacement.activation_expires_at,
+        )
+
+    @post("/{card_id:uuid}/cancellation", status_code=200, summary="Cancel the card", responses=WRITE_PROBLEMS)
+    async def cancellation(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[CardAction],
+    ) -> CardOut:
+        """Withdraw the card for good; its eCard is revoked and every device unbound."""
+        require_role(operator, Role.CARD_OFFICER)
+        card, ecard, person = await find_card(session, card_id, operator.regions)
+        await cancel_card(
+            session, ctx.mirror, Actor.operator(operator), card, ecard,
+            session_ttl=ctx.settings.access_token_ttl, reason=data.reason,
+        )  # fmt: skip
+        return card_out(ctx.pii, card, ecard, person)
+
+    @post("/{card_id:uuid}/pin-reset", status_code=204, summary="Reset the holder's PIN", responses=WRITE_PROBLEMS)
+    async def pin_reset(
+        self,
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[CardAction],
+    ) -> None:
+        """Clear a forgotten or locked PIN after checking the holder's identity at the counter."""
+        require_role(operator, Role.CARD_OFFICER)
+        _card, ecard, _person = await find_card(session, card_id, operator.regions)
+        await reset_pin(session, Actor.operator(operator), ecard, data.reason)

@@ -14,7 +14,7 @@ from app.schema import WireModel
 class CardIssue(WireModel):
     """A person and the physical card issued to them."""
 
-    region: Annotated[str, msgspec.Meta(pattern=r"^[1-9]\d{5}$", examples=["510000"])]
+    region: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{5}$", examples=["510000"])]
     citizen_id: Annotated[str, msgspec.Meta(min_length=18, max_length=18, examples=["11010519491231002X"])]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     card_number: Annotated[str, msgspec.Meta(min_length=9, max_length=9, examples=["A12345678"])]
@@ -55,3 +55,19 @@ class ECardStateChange(WireModel):
 
     state: Literal["active", "suspended", "revoked"]
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+class CardAction(WireModel):
+    """An action on a card, with the reason for the audit log."""
+
+    reason: Reason
+
+
+class CardReplacement(WireModel):
+    """Issue a replacement card; the eCard moves to it and needs re-activation."""
+
+    card_number: Annotated[str, msgspec.Meta(min_length=9, max_length=9, examples=["A12345679"])]
+    reason: Reason

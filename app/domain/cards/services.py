@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Person, Region
+from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.pii import PiiCipher
 from app.stores.status_mirror import MirroredStatus, StatusMirror
@@ -31,14 +32,6 @@ MIRRORED = {
     ECardState.REVOKED: MirroredStatus.REVOKED,
 }
 
-# Transitions an operator may make; activation (pending → active) is the holder's own step.
-OPERATOR_TRANSITIONS: dict[ECardState, frozenset[ECardState]] = {
-    ECardState.PENDING_ACTIVATION: frozenset({ECardState.REVOKED}),
-    ECardState.ACTIVE: frozenset({ECardState.SUSPENDED, ECardState.REVOKED}),
-    ECardState.SUSPENDED: frozenset({ECardState.ACTIVE, ECardState.REVOKED}),
-    ECardState.REVOKED: frozenset(),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class IssuedCard:
@@ -50,12 +43,24 @@ class IssuedCard:
     activation_expires_at: datetime
 
 
-def normalise_card_number(raw: str) -> str:
-    """Nine upper-case letters or digits."""
+class InvalidCardNumber(ValueError):
+    """The card number is malformed; the message says why (without echoing it)."""
+
+
+def parse_card_number(raw: str) -> str:
+    """Nine upper-case letters or digits; raise InvalidCardNumber otherwise (no HTTP, for bulk imports)."""
     number = raw.strip().upper()
     if not CARD_NUMBER.fullmatch(number):
-        raise problems.bad_request("card number must be 9 letters or digits")
+        raise InvalidCardNumber("card number must be 9 letters or digits")
     return number
+
+
+def normalise_card_number(raw: str) -> str:
+    """Nine upper-case letters or digits; a 400 problem otherwise."""
+    try:
+        return parse_card_number(raw)
+    except InvalidCardNumber as exc:
+        raise problems.bad_request(str(exc)) from None
 
 
 def activation_code_hash(pii: PiiCipher, ecard_id: uuid.UUID, code: str) -> str:
@@ -71,7 +76,7 @@ def _new_activation_code() -> str:
 def normalise_activation_code(raw: str) -> str:
     """Accept the code with or without its dash or spaces."""
     digits = re.sub(r"[\s-]", "", raw)
-    return f"{digits[:4]}-{digits[4:]}" if len(digits) == 8 and digits.isdigit() else ""
+    return f"{digits[:4]}-{digits[4:]}" if len(digits) == 8 and digits.isascii() and digits.isdigit() else ""
 
 
 async def new_activation_code(session: AsyncSession, pii: PiiCipher, ecard: ECard, ttl: int) -> tuple[str, datetime]:
@@ -105,6 +110,7 @@ async def issue_card(
     name: str,
     card_number: str,
     code_ttl: int,
+    actor: Actor | None = None,
 ) -> IssuedCard:
     """Register (or find) the person, issue the physical card and its pending eCard, and an activation code."""
     try:
@@ -151,6 +157,11 @@ async def issue_card(
     session.add(ecard)
     await session.flush()
     code, expires_at = await new_activation_code(session, pii, ecard, code_ttl)
+    if actor is not None:
+        record(
+            session, actor, "card.issued", subject_type="card", subject_id=card.id, region=region,
+            after={"card_state": card.state, "ecard_state": ecard.state},
+        )  # fmt: skip
     await session.commit()
     return IssuedCard(card=card, ecard=ecard, activation_code=code, activation_expires_at=expires_at)
 
@@ -171,31 +182,70 @@ async def find_card(session: AsyncSession, card_id: uuid.UUID, regions: tuple[st
     return row[0], row[1], row[2]
 
 
-async def change_ecard_state(session: AsyncSession, mirror: StatusMirror, ecard: ECard, target: ECardState) -> ECard:
-    """Move an eCard to target if the rules allow; mirror the new status after the commit."""
-    current = ECardState(ecard.state)
-    if target not in OPERATOR_TRANSITIONS[current]:
-        raise problems.conflict(
-            f"an eCard in state {current.value} cannot become {target.value}", current_state=current.value
-        )
-    result = await session.execute(
-        update(ECard)
-        .where(ECard.id == ecard.id, ECard.state == current.value)
-        .values(state=target.value, updated_at=utcnow())
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        await session.rollback()
-        raise problems.conflict("the eCard changed meanwhile; read it again", current_state=current.value)
-    await session.commit()
-    await session.refresh(ecard)
-    await mirror.set_status(ecard.card_ref, MIRRORED[target])
-    return ecard
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What a comparison of the database with the status mirror found (and repaired)."""
+
+    checked: int
+    missing: int
+    different: int
+    repaired: int
+
+
+async def reconcile_status_mirror(
+    session: AsyncSession, mirror: StatusMirror, *, repair: bool, batch: int = 1000
+) -> Reconciliation:
+    """Compare every eCard's state with its mirrored status, in batches; with repair, fix drift.
+
+    The database is the truth: a missing or different mirror entry is set from it. Drift comes
+    from a Redis restart (it keeps nothing on disk) or a crash between commit and mirroring.
+    """
+    checked = missing = different = repaired = 0
+    result = await session.stream(select(ECard.card_ref, ECard.state).execution_options(yield_per=batch))
+    async for rows in result.partitions(batch):
+        expected = [(card_ref, MIRRORED[ECardState(state)]) for card_ref, state in rows]
+        actual = await mirror.get_statuses([card_ref for card_ref, _ in expected])
+        for (card_ref, status), seen in zip(expected, actual, strict=True):
+            checked += 1
+            if seen == status.value:
+                continue
+            if seen is None:
+                missing += 1
+            else:
+                different += 1
+            if repair:
+                await mirror.set_status(card_ref, status)
+                repaired += 1
+    return Reconciliation(checked, missing, different, repaired)
 
 
 async def mirror_all_statuses(session: AsyncSession, mirror: StatusMirror) -> int:
-    """Copy every eCard's status from the database into the mirror; the number copied."""
-    count = 0
-    for card_ref, state in await session.execute(select(ECard.card_ref, ECard.state)):
-        await mirror.set_status(card_ref, MIRRORED[ECardState(state)])
-        count += 1
-    return count
+    """Fill an empty mirror from the database (the in-process store at start-up); the number set."""
+    return (await reconcile_status_mirror(session, mirror, repair=True)).repaired
+
+
+async def find_cards(
+    session: AsyncSession,
+    pii: PiiCipher,
+    regions: tuple[str, ...],
+    *,
+    card_number: str | None,
+    citizen_id: str | None,
+) -> list[tuple[Card, ECard, Person]]:
+    """Cards (with eCard and person) by card number or citizen ID, within regions; newest first."""
+    if not card_number and not citizen_id:
+        raise problems.bad_request("give card_number or citizen_id")
+    query = (
+        select(Card, ECard, Person)
+        .join(Person, Person.id == Card.person_id)
+        .outerjoin(ECard, ECard.card_id == Card.id)
+        .order_by(Card.created_at.desc())
+        .limit(50)
+    )
+    if card_number:
+        query = query.where(Card.card_number == card_number.strip().upper())
+    if citizen_id:
+        query = query.where(Person.citizen_id_index == pii.blind_index(citizen_id, CITIZEN_ID_FIELD))
+    if "*" not in regions:
+        query = query.where(Card.region_code.in_(regions))
+    return [(card, ecard, person) for card, ecard, person in await session.execute(query) if ecard is not None]

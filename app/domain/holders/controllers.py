@@ -1,34 +1,52 @@
-"""Holder API: activation, token refresh, credentials and QR images."""
+"""Holder API: activation, sessions, the card, loss reports, devices, PIN, credentials and QR images."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from litestar import Controller, Response, post
+from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext
-from app.dependencies import HOLDER_SECURITY, provide_holder
-from app.domain.cards.services import normalise_card_number
+from app import problems
+from app.context import ServiceContext, context_of
+from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, provide_holder
+from app.domain.audit.services import Actor
+from app.domain.cards.citizen_id import mask_citizen_id, mask_name
+from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
+from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, normalise_card_number
 from app.domain.holders.credentials import issue_credentials, render_qr
+from app.domain.holders.devices import list_devices, remove_device, rename_device
+from app.domain.holders.pin import MAX_PIN_ATTEMPTS, set_pin, verify_pin
 from app.domain.holders.schemas import (
     ActivationRequest,
     CredentialBundle,
     CredentialOut,
     CredentialRequest,
+    DeviceOut,
+    DeviceRename,
+    HolderCardOut,
+    LossReport,
+    LossUndo,
+    PinChange,
+    PinVerification,
     QrRequest,
     RefreshRequest,
     SessionResponse,
+    StepUp,
 )
-from app.domain.holders.services import IssuedSession, activate, refresh_session
+from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
 from app.problems import problem_responses
-from app.tokens import HolderSession
+from app.tokens import HolderSession, InvalidToken
 from crypto.credential import Purpose
 from crypto.keys import b64url, b64url_decode
 
 QR_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+STEP_UP_TTL = 300
+LOSS_UNDO_WINDOW = timedelta(days=7)
 
 
 def _epoch(seconds: int) -> datetime:
@@ -44,6 +62,16 @@ def _session_response(issued: IssuedSession) -> SessionResponse:
         ecard_id=issued.ecard_id,
         device_id=issued.device_id,
     )
+
+
+def _stepped_up(ctx: ServiceContext, holder: HolderSession, token: str | None) -> bool:
+    if token is None:
+        return False
+    try:
+        ctx.tokens.check_step_up(token, holder)
+    except InvalidToken:
+        return False
+    return True
 
 
 class HolderAuthController(Controller):
@@ -68,7 +96,7 @@ class HolderAuthController(Controller):
         """Check the card number and one-time activation code, bind the device key, open a session.
 
         Every failure about the card or the code gets the same 401 answer, so the endpoint
-        tells a guesser nothing; each wrong code counts against that code's attempts.
+        tells a guesser nothing; each try counts against that code's five.
         """
         issued = await activate(
             session,
@@ -90,8 +118,143 @@ class HolderAuthController(Controller):
         session: NamedDependency[AsyncSession],
         data: JSONBody[RefreshRequest],
     ) -> SessionResponse:
-        """Rotate the refresh token. Presenting an already used one revokes the device's whole session family."""
+        """Rotate the refresh token. Presenting an already used one revokes that sign-in's whole token family."""
         return _session_response(await refresh_session(session, ctx.tokens, ctx.settings, data.refresh_token))
+
+
+class HolderCardController(Controller):
+    """The holder's card, its loss report, devices and PIN."""
+
+    path = "/v1/holder"
+    tags = ["holder"]
+    security = HOLDER_SECURITY
+    dependencies = {"holder": provide_holder}
+    request_max_body_size = 4096
+
+    @get("/card", summary="The holder's card", responses=problem_responses(401, 503))
+    async def card(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+    ) -> HolderCardOut:
+        """Card and eCard state, personal data masked."""
+        card, ecard, person = await own_card(session, holder.session)
+        return HolderCardOut(
+            ecard_id=ecard.id,
+            ecard_state=ecard.state,
+            card_number="*****" + card.card_number[-4:],
+            card_state=card.state,
+            region=card.region_code,
+            holder_name=mask_name(ctx.pii.decrypt(person.name_encrypted, NAME_FIELD)),
+            citizen_id=mask_citizen_id(ctx.pii.decrypt(person.citizen_id_encrypted, CITIZEN_ID_FIELD)),
+            pin_set=ecard.pin_hash is not None,
+            pin_locked=ecard.pin_attempts >= MAX_PIN_ATTEMPTS,
+        )
+
+    @post("/card/loss", status_code=204, summary="Report the card lost", responses=problem_responses(401, 409, 503))
+    async def report_loss(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        data: JSONBody[LossReport],
+    ) -> None:
+        """Suspend the eCard at once: from this moment no gate accepts its credentials."""
+        card, ecard, _person = await own_card(session, holder.session)
+        await report_loss(session, ctx.mirror, Actor.holder(holder.session), card, ecard, LOSS_BY_HOLDER, data.reason)
+
+    @post(
+        "/card/loss/undo",
+        status_code=204,
+        summary="Undo a loss report",
+        responses=problem_responses(401, 403, 409, 503),
+    )
+    async def undo_loss(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        data: JSONBody[LossUndo],
+    ) -> None:
+        """The card was found: within 7 days of the holder's own report, with a PIN step-up if a PIN is set."""
+        card, ecard, _person = await own_card(session, holder.session)
+        if ecard.pin_hash is not None and not _stepped_up(ctx, holder.session, data.step_up_token):
+            raise problems.problem(403, "step_up_required", "undoing a loss report needs a fresh PIN step-up")
+        await undo_loss(
+            session,
+            ctx.mirror,
+            Actor.holder(holder.session),
+            card,
+            ecard,
+            by_holder=True,
+            holder_window=LOSS_UNDO_WINDOW,
+            reason="found by the holder",
+        )
+
+    @get("/devices", summary="List devices", responses=problem_responses(401, 503))
+    async def devices(
+        self, session: NamedDependency[AsyncSession], holder: NamedDependency[AuthenticatedHolder]
+    ) -> list[DeviceOut]:
+        """Devices bound to the card; `current` marks the one asking."""
+        return [
+            DeviceOut(id=d.id, name=d.name, created_at=d.created_at, current=d.id == holder.session.device_id)
+            for d in await list_devices(session, holder.session)
+        ]
+
+    @patch("/devices/{device_id:uuid}", summary="Rename a device", responses=problem_responses(401, 404, 503))
+    async def rename_device(
+        self,
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        device_id: FromPath[uuid.UUID],
+        data: JSONBody[DeviceRename],
+    ) -> DeviceOut:
+        """Give a device a recognisable name."""
+        device = await rename_device(session, holder.session, device_id, data.name)
+        return DeviceOut(
+            id=device.id, name=device.name, created_at=device.created_at, current=device.id == holder.session.device_id
+        )
+
+    @delete("/devices/{device_id:uuid}", summary="Remove a device", responses=problem_responses(401, 404, 503))
+    async def remove_device(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        device_id: FromPath[uuid.UUID],
+    ) -> None:
+        """Unbind a device (a lost phone): its sessions end at once, on every worker."""
+        await remove_device(session, ctx.mirror, holder.session, device_id, ctx.settings.access_token_ttl)
+
+    @put("/pin", status_code=204, summary="Set or change the PIN", responses=problem_responses(401, 403, 503))
+    async def set_pin(
+        self,
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        data: JSONBody[PinChange],
+    ) -> None:
+        """Six digits, not trivial; changing it needs the current one (which counts as a try)."""
+        _card, ecard, _person = await own_card(session, holder.session)
+        await set_pin(session, holder.session, ecard, data.pin, data.current_pin)
+
+    @post(
+        "/pin/verification",
+        status_code=200,
+        summary="Step up with the PIN",
+        responses=problem_responses(401, 403, 409, 503),
+    )
+    async def verify_pin(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        data: JSONBody[PinVerification],
+    ) -> StepUp:
+        """A step-up token valid for 5 minutes on this device; 5 wrong PINs lock it until the office resets it."""
+        _card, ecard, _person = await own_card(session, holder.session)
+        await verify_pin(session, ecard, data.pin)
+        return StepUp(step_up_token=ctx.tokens.issue_step_up(holder.session, STEP_UP_TTL), expires_in=STEP_UP_TTL)
 
 
 class HolderCredentialController(Controller):
@@ -103,17 +266,26 @@ class HolderCredentialController(Controller):
     dependencies = {"holder": provide_holder}
     request_max_body_size = 4096
 
-    @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 409, 503))
+    @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 403, 409, 503))
     async def issue(
         self,
-        ctx: NamedDependency[ServiceContext],
-        holder: NamedDependency[HolderSession],
+        request: Request[Any, Any, Any],
+        holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[CredentialRequest],
     ) -> CredentialBundle:
         """Sign `count` credentials with consecutive windows (one per `refresh_at` step)."""
+        # Every open QR screen calls this: the context comes from the app state rather than a second
+        # dependency, which Litestar would resolve in an anyio task group (~90 µs a request).
+        ctx = context_of(request.app.state)
         purpose = Purpose.from_label(data.purpose)
-        kid, issued = await issue_credentials(
-            holder, ctx.mirror, ctx.directory.keys.signing_keys, ctx.settings, purpose, data.count
+        kid, issued = issue_credentials(
+            holder.session,
+            holder.card_status,
+            ctx.directory.keys.signing_keys,
+            ctx.settings,
+            purpose,
+            data.count,
+            stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
         )
         return CredentialBundle(
             kid=b64url(kid),
@@ -134,12 +306,15 @@ class HolderCredentialController(Controller):
         "/qr",
         status_code=200,
         summary="Render a credential as a QR image",
-        responses=problem_responses(401, 403),
         response_description="PNG or SVG image of the QR code (error level M, 4-module quiet zone)",
+        responses=problem_responses(401, 403),
     )
     async def qr(
-        self, ctx: NamedDependency[ServiceContext], holder: NamedDependency[HolderSession], data: JSONBody[QrRequest]
+        self,
+        ctx: NamedDependency[ServiceContext],
+        holder: NamedDependency[AuthenticatedHolder],
+        data: JSONBody[QrRequest],
     ) -> Response[bytes]:
         """The QR image of one of this card's credentials, for clients that do not draw QR codes themselves."""
-        image = render_qr(holder, ctx.directory.keys.verify_keys, data.credential, data.format, data.scale)
+        image = render_qr(holder.session, ctx.directory.keys.verify_keys, data.credential, data.format, data.scale)
         return Response(image, media_type=QR_MEDIA_TYPES[data.format], headers={"Cache-Control": "no-store"})

@@ -11,7 +11,7 @@ import segno
 
 from app import problems
 from app.settings import Settings
-from app.stores.status_mirror import MirroredStatus, StatusMirror
+from app.stores.status_mirror import MirroredStatus
 from app.tokens import HolderSession
 from crypto.credential import (
     NONCE_LENGTH,
@@ -23,8 +23,8 @@ from crypto.credential import (
 )
 from crypto.keys import SigningKey, VerifyKey
 
-# Money-moving and medical-data purposes come one at a time (the PIN step-up comes with card life).
-SINGLE_ONLY = frozenset({Purpose.MEDICAL})
+# Money-moving and medical-data purposes come one at a time, after the PIN step-up.
+STEP_UP_PURPOSES = frozenset({Purpose.MEDICAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,21 +46,26 @@ def plan_windows(now: int, count: int, lifetime: int, refresh: int) -> list[tupl
     return [(now + i * refresh, now + i * refresh + lifetime, now + (i + 1) * refresh) for i in range(count)]
 
 
-async def issue_credentials(
+def issue_credentials(
     holder: HolderSession,
-    mirror: StatusMirror,
+    card_status: str | None,
     signing_keys: dict[str, SigningKey],
     settings: Settings,
     purpose: Purpose,
     count: int,
+    stepped_up: bool,
 ) -> tuple[bytes, list[IssuedCredential]]:
-    """Sign count credentials for the holder's card; (kid, credentials)."""
+    """Sign count credentials for the holder's card (whose mirrored status is card_status); (kid, credentials)."""
     if count < 1 or count > settings.credential_bundle_max:
         raise problems.bad_request(f"count must be between 1 and {settings.credential_bundle_max}")
-    if purpose in SINGLE_ONLY and count != 1:
-        raise problems.bad_request(f"{purpose.label} credentials are issued one at a time")
-    status = await mirror.get_status(holder.card_ref)
-    if status != MirroredStatus.ACTIVE.value:
+    if purpose in STEP_UP_PURPOSES:
+        if count != 1:
+            raise problems.bad_request(f"{purpose.label} credentials are issued one at a time")
+        if not stepped_up:
+            raise problems.problem(
+                403, "step_up_required", f"{purpose.label} credentials need a fresh PIN step-up (step_up_token)"
+            )
+    if card_status != MirroredStatus.ACTIVE.value:
         raise problems.conflict("the eCard is not active; no credentials can be issued")
     key = signing_keys.get(holder.region)
     if key is None:

@@ -42,10 +42,14 @@ class SessionResponse(WireModel):
 
 
 class CredentialRequest(WireModel):
-    """Ask for credentials for one purpose; up to the bundle limit for consecutive windows (medical: 1)."""
+    """Ask for credentials for one purpose; up to the bundle limit for consecutive windows.
+
+    Medical credentials come one at a time and need `step_up_token` from a PIN verification.
+    """
 
     purpose: PurposeName
     count: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    step_up_token: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
 
 
 class CredentialOut(WireModel):
@@ -72,3 +76,67 @@ class QrRequest(WireModel):
     credential: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LENGTH)]
     format: Literal["png", "svg"] = "svg"
     scale: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4
+
+
+Pin = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+
+
+class PinChange(WireModel):
+    """Set the PIN (6 digits), or change it: then `current_pin` is needed."""
+
+    pin: Pin
+    current_pin: Pin | None = None
+
+
+class PinVerification(WireModel):
+    """Enter the PIN to step up."""
+
+    pin: Pin
+
+
+class StepUp(WireModel):
+    """Proof of a fresh PIN entry on this device, for medical credentials and undoing a loss."""
+
+    step_up_token: str
+    expires_in: int
+
+
+class LossReport(WireModel):
+    """Report the physical card lost (or stolen); the eCard stops working at once."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "reported lost by the holder"
+
+
+class LossUndo(WireModel):
+    """The card was found. Needs a step-up when a PIN is set."""
+
+    step_up_token: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+
+
+class HolderCardOut(WireModel):
+    """The holder's own card, personal data masked."""
+
+    ecard_id: uuid.UUID
+    ecard_state: str
+    card_number: str
+    card_state: str
+    region: str
+    holder_name: str
+    citizen_id: str
+    pin_set: bool
+    pin_locked: bool
+
+
+class DeviceOut(WireModel):
+    """A device bound to the card."""
+
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    current: bool
+
+
+class DeviceRename(WireModel):
+    """A new name for a device."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]

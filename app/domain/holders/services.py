@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
 from app.clock import as_utc, utcnow
-from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, RefreshToken
+from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
 from app.domain.cards.services import activation_code_hash, normalise_activation_code
 from app.pii import PiiCipher
 from app.settings import Settings
@@ -120,6 +120,8 @@ async def activate(
         raise failed
     if ecard.state not in (ECardState.PENDING_ACTIVATION, ECardState.ACTIVE):
         raise problems.conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)
+    if card.state not in (CardState.ISSUED, CardState.ACTIVE):
+        raise problems.conflict(f"the card is {card.state}; ask the card office", current_state=card.state)
     # Consume the code exactly once, even when two devices race with it.
     consumed = await session.execute(
         update(ActivationCode)
@@ -185,3 +187,18 @@ async def refresh_session(
     issued = await _start_session(session, tokens, settings, ecard, device, stored.family_id)
     await session.commit()
     return issued
+
+
+async def own_card(session: AsyncSession, holder: HolderSession) -> tuple[Card, ECard, Person]:
+    """The holder's eCard with its current physical card and person (the card may have been replaced)."""
+    row = (
+        await session.execute(
+            select(Card, ECard, Person)
+            .join(ECard, ECard.card_id == Card.id)
+            .join(Person, Person.id == Card.person_id)
+            .where(ECard.id == holder.ecard_id)
+        )
+    ).first()
+    if row is None:
+        raise problems.unauthorized("the card of this session no longer exists")
+    return row[0], row[1], row[2]

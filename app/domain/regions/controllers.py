@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.context import ServiceContext
 from app.db.models import Region
 from app.dependencies import OPERATOR_SECURITY, provide_operator
+from app.domain.audit.services import Actor
 from app.domain.operators.services import require_region, require_role
 from app.domain.regions.schemas import RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
@@ -41,7 +42,7 @@ class RegionController(Controller):
         """Register a region (admins within their scope); its key is published in the JWKS at once."""
         require_role(operator)
         require_region(operator, data.code)
-        region = await register_region(session, ctx.pii, data.code, data.name.strip())
+        region = await register_region(session, ctx.pii, Actor.operator(operator), data.code, data.name.strip())
         await ctx.directory_changed()
         return _out(region)
 

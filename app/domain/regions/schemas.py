@@ -13,7 +13,7 @@ from app.schema import WireModel
 class RegionCreate(WireModel):
     """A region to register, by GB/T 2260 code."""
 
-    code: Annotated[str, msgspec.Meta(pattern=r"^[1-9]\d{5}$", examples=["510000"])]
+    code: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{5}$", examples=["510000"])]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, examples=["四川省"])]
 
 

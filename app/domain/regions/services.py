@@ -10,10 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import utcnow
 from app.db.models import Region
+from app.domain.audit.services import Actor, record
 from app.domain.issuers.services import create_issuer_key
 from app.pii import PiiCipher
 
-REGION_CODE = re.compile(r"^[1-9]\d{5}$")
+REGION_CODE = re.compile(r"^[1-9][0-9]{5}$")
 
 
 def check_region_code(code: str) -> str:
@@ -23,7 +24,7 @@ def check_region_code(code: str) -> str:
     return code
 
 
-async def register_region(session: AsyncSession, pii: PiiCipher, code: str, name: str) -> Region:
+async def register_region(session: AsyncSession, pii: PiiCipher, actor: Actor, code: str, name: str) -> Region:
     """Create a region and its first issuer key, in one transaction."""
     check_region_code(code)
     if await session.get(Region, code) is not None:
@@ -31,7 +32,11 @@ async def register_region(session: AsyncSession, pii: PiiCipher, code: str, name
     region = Region(code=code, name=name, created_at=utcnow())
     session.add(region)
     await session.flush()
-    await create_issuer_key(session, pii, code)
+    key = await create_issuer_key(session, pii, code)
+    record(
+        session, actor, "region.registered", subject_type="region", subject_id=code, region=code,
+        after={"name": name, "kid": key.kid.hex()},
+    )  # fmt: skip
     await session.commit()
     return region
 

@@ -33,6 +33,8 @@ class Reason(StrEnum):
 
 _STATUS_REASONS = {
     MirroredStatus.SUSPENDED.value: Reason.CARD_SUSPENDED,
+    # Waiting for (re-)activation, e.g. after a replacement card: not usable, like a suspension.
+    MirroredStatus.PENDING_ACTIVATION.value: Reason.CARD_SUSPENDED,
     MirroredStatus.REVOKED.value: Reason.CARD_REVOKED,
 }
 

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.context import ServiceContext
 from app.db.models import Terminal, VerifierOrganisation
 from app.dependencies import OPERATOR_SECURITY, provide_operator
+from app.domain.audit.services import Actor, record
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.disclosure import BusinessType
 from app.domain.verifiers.schemas import (
@@ -80,7 +81,11 @@ class VerifierController(Controller):
         require_role(operator, Role.VERIFIER_MANAGER)
         require_region(operator, data.region)
         organisation = await register_organisation(
-            session, name=data.name, business_type=BusinessType(data.business_type), region=data.region
+            session,
+            Actor.operator(operator),
+            name=data.name,
+            business_type=BusinessType(data.business_type),
+            region=data.region,
         )
         return _organisation_out(organisation)
 
@@ -110,7 +115,7 @@ class VerifierController(Controller):
         require_role(operator, Role.VERIFIER_MANAGER)
         organisation = await get_organisation(session, organisation_id, operator.regions)
         terminal, api_key = await register_terminal(
-            session, organisation, name=data.name, purposes=list(data.allowed_purposes)
+            session, Actor.operator(operator), organisation, name=data.name, purposes=list(data.allowed_purposes)
         )
         await ctx.directory_changed()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)
@@ -130,7 +135,12 @@ class VerifierController(Controller):
     ) -> TerminalOut:
         """A disabled terminal's verifications are refused on every worker."""
         require_role(operator, Role.VERIFIER_MANAGER)
-        terminal, _organisation = await get_terminal(session, terminal_id, operator.regions)
+        terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
+        record(
+            session, Actor.operator(operator), "terminal.enabled" if data.enabled else "terminal.disabled",
+            subject_type="terminal", subject_id=terminal.id, region=organisation.region_code,
+            before={"enabled": terminal.enabled}, after={"enabled": data.enabled},
+        )  # fmt: skip
         terminal.enabled = data.enabled
         await session.commit()
         await ctx.directory_changed()
@@ -151,9 +161,13 @@ class VerifierController(Controller):
     ) -> TerminalWithKey:
         """Issue a new key; the old one stops working at once."""
         require_role(operator, Role.VERIFIER_MANAGER)
-        terminal, _organisation = await get_terminal(session, terminal_id, operator.regions)
+        terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
         api_key, key_hash = new_api_key(terminal.id)
         terminal.api_key_hash = key_hash
+        record(
+            session, Actor.operator(operator), "terminal.api_key_rotated", subject_type="terminal",
+            subject_id=terminal.id, region=organisation.region_code,
+        )  # fmt: skip
         await session.commit()
         await ctx.directory_changed()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)

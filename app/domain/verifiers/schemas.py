@@ -19,7 +19,7 @@ class OrganisationCreate(WireModel):
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     business_type: BusinessTypeName
-    region: Annotated[str, msgspec.Meta(pattern=r"^[1-9]\d{5}$")]
+    region: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{5}$")]
 
 
 class OrganisationOut(WireModel):

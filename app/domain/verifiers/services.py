@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import utcnow
 from app.db.models import Region, Terminal, VerifierOrganisation
+from app.domain.audit.services import Actor, record
 from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret
 from app.domain.verification.disclosure import BusinessType
 from crypto.credential import Purpose
@@ -34,7 +35,7 @@ def check_purposes(labels: list[str]) -> list[str]:
 
 
 async def register_organisation(
-    session: AsyncSession, *, name: str, business_type: BusinessType, region: str
+    session: AsyncSession, actor: Actor, *, name: str, business_type: BusinessType, region: str
 ) -> VerifierOrganisation:
     """Create a verifier organisation in a registered region (commits)."""
     if await session.get(Region, region) is None:
@@ -43,6 +44,12 @@ async def register_organisation(
         name=name.strip(), business_type=business_type.value, region_code=region, created_at=utcnow()
     )
     session.add(organisation)
+    await session.flush()
+    record(
+        session, actor, "verifier_organisation.registered", subject_type="verifier_organisation",
+        subject_id=organisation.id, region=region,
+        after={"name": organisation.name, "business_type": business_type.value},
+    )  # fmt: skip
     await session.commit()
     return organisation
 
@@ -66,7 +73,7 @@ async def list_organisations(session: AsyncSession, regions: tuple[str, ...]) ->
 
 
 async def register_terminal(
-    session: AsyncSession, organisation: VerifierOrganisation, *, name: str, purposes: list[str]
+    session: AsyncSession, actor: Actor, organisation: VerifierOrganisation, *, name: str, purposes: list[str]
 ) -> tuple[Terminal, str]:
     """Create a terminal and return it with its API key, which is not stored and not shown again."""
     terminal_id = uuid.uuid4()
@@ -81,6 +88,10 @@ async def register_terminal(
         created_at=utcnow(),
     )
     session.add(terminal)
+    record(
+        session, actor, "terminal.registered", subject_type="terminal", subject_id=terminal_id,
+        region=organisation.region_code, after={"name": terminal.name, "allowed_purposes": terminal.allowed_purposes},
+    )  # fmt: skip
     await session.commit()
     return terminal, api_key
 

@@ -1,0 +1,1 @@
+"""Bulk issuance of persons and physical cards from CSV files."""

@@ -1,0 +1,737 @@
+"""Bulk issuance of persons and physical cards from a CSV file, for the CLI and the console API alike.
+
+The file (a header row naming region, citizen_id, name, card_number; UTF-8, a BOM tolerated) is
+read as a stream, row by row, and applied in chunks: each chunk's persons, cards, eCards, rejected
+rows and the job's counts go to the database in one transaction, with one executemany per table.
+A crash therefore loses or doubles nothing, and running the same file again completes it: a row
+whose card number is already issued to the same person (matched by the citizen ID's blind index)
+counts as `already_present`.
+
+Imported eCards wait in `pending_activation` with no activation code: the office issues codes one
+at a time, when it hands a card over, through POST /v1/operator/cards/{id}/activation-code. Nothing
+is mirrored to Redis, since a pending eCard is not verifiable anyway.
+
+No citizen ID or name leaves this module in clear: the rejected-row report holds the line, the card
+number (masked when malformed, as the field may hold a misplaced citizen ID) and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterator
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.clock import utcnow
+from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportRejection, Person, Region
+from app.domain.audit.services import Actor, record
+from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
+from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
+from app.domain.operators.services import ALL_REGIONS
+from app.domain.regions.services import REGION_CODE
+from app.pii import PiiCipher
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("region", "citizen_id", "name", "card_number")
+REPORT_COLUMNS = ("line", "card_number", "reason")
+# Rows per transaction: large enough for executemany to pay off, small enough that a crash redoes little
+# and that the IN lists of a chunk's look-ups stay far below SQLite's and asyncpg's parameter limits.
+CHUNK_ROWS = 1000
+# A legitimate row is well under 200 bytes; a longer line is not a card file.
+MAX_LINE_BYTES = 4096
+MAX_NAME_LENGTH = 100
+# Attempts per chunk when a concurrent writer (another import, a single issue) took a card number or
+# person between our look-up and our insert: the retry sees it and classifies the row again.
+CHUNK_ATTEMPTS = 3
+REPORT_BATCH = 5000
+_CARDS_IN_USE = (CardState.ISSUED.value, CardState.ACTIVE.value)
+_NOT_ALPHANUMERIC = re.compile(r"[^0-9A-Za-z]")
+
+
+class ImportSource(StrEnum):
+    """Where an import was started."""
+
+    CLI = "cli"
+    API = "api"
+
+
+class ImportStatus(StrEnum):
+    """Life of an import job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ImportFileError(ValueError):
+    """The file as a whole cannot be imported (header, structure); the message says why, without row data."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportProgress:
+    """Where an import stands: rows done so far by outcome, and bytes of the file consumed."""
+
+    rows: int = 0
+    created: int = 0
+    already_present: int = 0
+    rejected: int = 0
+    bytes_processed: int = 0
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """A finished import: its job, its counts, and how long it took."""
+
+    job_id: uuid.UUID
+    progress: ImportProgress
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        """Throughput over the whole run."""
+        return self.progress.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row that was not imported, as the report shows it."""
+
+    line: int
+    card_number: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRow:
+    """A row that passed every check that needs no database; its personal data already encrypted."""
+
+    line: int
+    region: str
+    card_number: str
+    citizen_id_index: bytes
+    citizen_id_encrypted: bytes
+    name_encrypted: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChunk:
+    """Consecutive rows of the file, checked, and the file position after them."""
+
+    rows: list[PreparedRow]
+    rejections: list[Rejection]
+    bytes_processed: int
+
+    @property
+    def size(self) -> int:
+        """Rows in the chunk, imported or not."""
+        return len(self.rows) + len(self.rejections)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpload:
+    """An uploaded file on disk, with its size and SHA-256."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+
+
+def report_card_number(raw: str) -> str:
+    """A malformed card number as the report shows it: letters and digits only, all but the ends masked.
+
+    The field may hold a misplaced citizen ID or name, and a report opened in a spreadsheet must not
+    carry formulas; the two characters at each end help a clerk find the row.
+    """
+    kept = _NOT_ALPHANUMERIC.sub("", raw)[:32]
+    if len(kept) <= 4:
+        return "*" * len(kept)
+    return kept[:2] + "*" * (len(kept) - 4) + kept[-2:]
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in text)
+
+
+class CsvRecords:
+    """The records of a CSV file with a header row, read as a stream, with their line numbers and the bytes read.
+
+    Lines are decoded one at a time (UTF-8, a leading BOM dropped), so memory stays flat whatever the size.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.bytes_read = 0
+        self._reader = csv.reader(self._lines())
+        self.columns, self.width = self._read_header()
+        self._next_line = self._reader.line_num + 1
+
+    def _lines(self) -> Iterator[str]:
+        number = 0
+        while raw := self._stream.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ImportFileError(f"line {number} is longer than {MAX_LINE_BYTES} bytes: not a card file")
+            self.bytes_read += len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            # Undecodable bytes become U+FFFD and reject their row, not the whole file.
+            yield raw.decode("utf-8", errors="replace")
+
+    def _next_record(self) -> list[str] | None:
+        try:
+            return next(self._reader, None)
+        except csv.Error as exc:
+            raise ImportFileError(f"line {self._reader.line_num}: malformed CSV ({exc})") from None
+
+    def _read_header(self) -> tuple[dict[str, int], int]:
+        header = self._next_record()
+        if header is None:
+            raise ImportFileError(f"the file is empty; it needs a header row: {','.join(CSV_COLUMNS)}")
+        names = [name.strip().lower() for name in header]
+        missing = [column for column in CSV_COLUMNS if column not in names]
+        if missing:
+            raise ImportFileError(
+                f"the header row must name the columns {','.join(CSV_COLUMNS)}; missing: {', '.join(missing)}"
+            )
+        repeated = [column for column in CSV_COLUMNS if names.count(column) > 1]
+        if repeated:
+            raise ImportFileError(f"the header row names {', '.join(repeated)} more than once")
+        return {column: names.index(column) for column in CSV_COLUMNS}, len(names)
+
+    def next(self) -> tuple[int, list[str]] | None:
+        """The next non-blank record and the line it starts on; None at the end of the file."""
+        while (values := self._next_record()) is not None:
+            line, self._next_line = self._next_line, self._reader.line_num + 1
+            if values:
+                return line, values
+        return None
+
+
+class CardFileReader:
+    """The rows of an import file, checked as far as possible without the database.
+
+    Synchronous (file reads, CSV parsing, encryption): the async runner calls it in a worker thread, so
+    an import running inside the service does not hold up its event loop. Duplicates within the file
+    are found here: the reader remembers each card number and citizen ID index it accepted, with its line.
+    """
+
+    def __init__(
+        self, stream: BinaryIO, pii: PiiCipher, *, registered_regions: Collection[str], scope: Collection[str]
+    ) -> None:
+        self._records = CsvRecords(stream)
+        self._columns, self._width = self._records.columns, self._records.width
+        self._pii = pii
+        self._registered = frozenset(registered_regions)
+        self._scope = frozenset(scope)
+        self._card_lines: dict[str, int] = {}
+        self._person_lines: dict[bytes, int] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the file consumed so far."""
+        return self._records.bytes_read
+
+    def read_chunk(self, max_rows: int) -> PreparedChunk | None:
+        """The next max_rows rows, checked; None at the end of the file."""
+        rows: list[PreparedRow] = []
+        rejections: list[Rejection] = []
+        while len(rows) + len(rejections) < max_rows:
+            record = self._records.next()
+            if record is None:
+                break
+            outcome = self._prepare(*record)
+            if isinstance(outcome, PreparedRow):
+                rows.append(outcome)
+            else:
+                rejections.append(outcome)
+        if not rows and not rejections:
+            return None
+        return PreparedChunk(rows, rejections, self.bytes_read)
+
+    def _prepare(self, line: int, values: list[str]) -> PreparedRow | Rejection:
+        raw_card_number = values[self._columns["card_number"]] if len(values) > self._columns["card_number"] else ""
+        if len(values) != self._width:
+            return Rejection(
+                line, report_card_number(raw_card_number), f"expected {self._width} fields, found {len(values)}"
+            )
+        try:
+            card_number = parse_card_number(raw_card_number)
+        except InvalidCardNumber as exc:
+            return Rejection(line, report_card_number(raw_card_number), str(exc))
+        region = values[self._columns["region"]].strip()
+        reason = self._check_region(region)
+        if reason:
+            return Rejection(line, card_number, reason)
+        try:
+            citizen_id = normalise_citizen_id(values[self._columns["citizen_id"]])
+        except InvalidCitizenId as exc:
+            return Rejection(line, card_number, str(exc))
+        name = values[self._columns["name"]].strip()
+        reason = self._check_name(name)
+        if reason:
+            return Rejection(line, card_number, reason)
+        index = self._pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
+        if (earlier := self._card_lines.get(card_number)) is not None:
+            return Rejection(line, card_number, f"card number repeats line {earlier}")
+        if (earlier := self._person_lines.get(index)) is not None:
+            return Rejection(line, card_number, f"the same citizen ID is on line {earlier}; a person holds one card")
+        self._card_lines[card_number] = line
+        self._person_lines[index] = line
+        return PreparedRow(
+            line=line,
+            region=region,
+            card_number=card_number,
+            citizen_id_index=index,
+            citizen_id_encrypted=self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
+            name_encrypted=self._pii.encrypt(name, NAME_FIELD),
+        )
+
+    def _check_region(self, region: str) -> str:
+        if not REGION_CODE.fullmatch(region):
+            return "region must be a 6-digit GB/T 2260 code"
+        if region not in self._registered:
+            return f"region {region} is not registered"
+        if ALL_REGIONS not in self._scope and region not in self._scope:
+            return f"region {region} is outside this import's scope"
+        return ""
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        if "\ufffd" in name:
+            return "name is not valid UTF-8"
+        if not name:
+            return "name must not be empty"
+        if len(name) > MAX_NAME_LENGTH:
+            return f"name must have at most {MAX_NAME_LENGTH} characters"
+        if _has_control_characters(name):
+            return "name holds control characters"
+        return ""
+
+
+def check_header(path: Path) -> None:
+    """Raise ImportFileError unless the file starts with a usable header row (reads only that row)."""
+    with path.open("rb") as stream:
+        CsvRecords(stream)
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, hex, read in blocks."""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _create_private_file(path: Path) -> BinaryIO:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+async def store_upload(chunks: AsyncIterable[bytes], directory: Path) -> StoredUpload:
+    """Write a streamed upload to a private file in directory, hashing and counting it on the way.
+
+    The file holds personal data in clear: readable by the service's user only, and removed on any
+    failure here (the caller removes it once imported).
+    """
+    path = directory / f"{uuid.uuid4().hex}.csv"
+    stream = await asyncio.to_thread(_create_private_file, path)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with stream:
+            async for chunk in chunks:
+                await asyncio.to_thread(stream.write, chunk)
+                digest.update(chunk)
+                size += len(chunk)
+    except BaseException:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise
+    return StoredUpload(path=path, size_bytes=size, sha256=digest.hexdigest())
+
+
+def _audit_region(regions: Collection[str]) -> str | None:
+    """The region an import's audit events are filed under: its one region, else none (seen by '*' only)."""
+    return next(iter(regions)) if len(regions) == 1 and ALL_REGIONS not in regions else None
+
+
+async def create_job(
+    session: AsyncSession,
+    actor: Actor,
+    *,
+    operator_id: uuid.UUID | None,
+    regions: list[str],
+    source: ImportSource,
+    file_sha256: str,
+    size_bytes: int,
+) -> ImportJob:
+    """Record a pending import of a file in the given region scope, and audit it (commits)."""
+    now = utcnow()
+    job = ImportJob(
+        operator_id=operator_id,
+        regions=regions,
+        source=source.value,
+        status=ImportStatus.PENDING.value,
+        file_sha256=file_sha256,
+        size_bytes=size_bytes,
+        bytes_processed=0,
+        rows_processed=0,
+        created=0,
+        already_present=0,
+        rejected=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    await session.flush()
+    record(
+        session, actor, "import.started", subject_type="import_job", subject_id=job.id,
+        region=_audit_region(regions),
+        after={"source": source.value, "regions": regions, "file_sha256": file_sha256, "size_bytes": size_bytes},
+    )  # fmt: skip
+    await session.commit()
+    return job
+
+
+def job_visible(job_regions: Collection[str], operator_regions: Collection[str]) -> bool:
+    """Whether an operator may see a job: its whole scope must lie within theirs ('*' only for '*')."""
+    if ALL_REGIONS in operator_regions:
+        return True
+    return ALL_REGIONS not in job_regions and set(job_regions) <= set(operator_regions)
+
+
+async def find_job(session: AsyncSession, job_id: uuid.UUID, operator_regions: Collection[str]) -> ImportJob | None:
+    """The job, if it exists and the operator may see it."""
+    job = await session.get(ImportJob, job_id)
+    if job is None or not job_visible(job.regions, operator_regions):
+        return None
+    return job
+
+
+async def run_import(
+    sessions: async_sessionmaker[AsyncSession],
+    pii: PiiCipher,
+    job_id: uuid.UUID,
+    path: Path,
+    actor: Actor,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    on_progress: Callable[[ImportProgress], None] | None = None,
+) -> ImportProgress:
+    """Import the file into the job's region scope, chunk by chunk; the job records status and counts.
+
+    The audit log gets the job's end, with its counts, under actor (the cards themselves trace back to
+    the job through its time and the job's `import.started` event).
+
+    Rerunning a file (after a crash, or by mistake) creates nothing twice. A file that cannot be read
+    as a whole (header, malformed CSV) ends the job `failed` with the reason and raises ImportFileError;
+    the chunks before the fault stay imported. Activation codes are not issued here (see the module).
+    """
+    async with sessions() as session:
+        job = await session.get(ImportJob, job_id)
+        if job is None:
+            raise LookupError(f"no import job {job_id}")
+        scope = tuple(job.regions)
+        regions = set(await session.scalars(select(Region.code)))
+        job.status = ImportStatus.RUNNING.value
+        job.updated_at = utcnow()
+        await session.commit()
+        progress = ImportProgress(size_bytes=job.size_bytes)
+    logger.info("import job %s started (scope %s)", job_id, ",".join(scope))
+    try:
+        with await asyncio.to_thread(path.open, "rb") as stream:
+            reader = await asyncio.to_thread(CardFileReader, stream, pii, registered_regions=regions, scope=scope)
+            while (chunk := await asyncio.to_thread(reader.read_chunk, chunk_rows)) is not None:
+                progress = await _apply_chunk_with_retries(sessions, job_id, chunk, progress)
+                if on_progress is not None:
+                    on_progress(progress)
+            progress = replace(progress, bytes_processed=reader.bytes_read)
+    except BaseException as exc:
+        if isinstance(exc, ImportFileError):
+            error = str(exc)
+        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            error = "the import was interrupted; import the same file again to complete it"
+        else:
+            error = "the import stopped on an internal error; import the same file again to complete it"
+        await _finish(sessions, actor, job_id, scope, ImportStatus.FAILED, progress, error)
+        raise
+    await _finish(sessions, actor, job_id, scope, ImportStatus.SUCCEEDED, progress, None)
+    logger.info(
+        "import job %s finished: %d rows, %d created, %d already present, %d rejected",
+        job_id, progress.rows, progress.created, progress.already_present, progress.rejected,
+    )  # fmt: skip
+    return progress
+
+
+async def import_file(
+    sessions: async_sessionmaker[AsyncSession],
+    pii: PiiCipher,
+    path: Path,
+    actor: Actor,
+    *,
+    regions: list[str],
+    chunk_rows: int = CHUNK_ROWS,
+    on_progress: Callable[[ImportProgress], None] | None = None,
+) -> ImportResult:
+    """Import a file on this machine as a job of the command line, in the given region scope."""
+    size = (await asyncio.to_thread(path.stat)).st_size
+    digest = await asyncio.to_thread(file_sha256, path)
+    async with sessions() as session:
+        job = await create_job(
+            session, actor, operator_id=None, regions=regions, source=ImportSource.CLI, file_sha256=digest,
+            size_bytes=size,
+        )  # fmt: skip
+    started = time.perf_counter()
+    progress = await run_import(sessions, pii, job.id, path, actor, chunk_rows=chunk_rows, on_progress=on_progress)
+    return ImportResult(job_id=job.id, progress=progress, seconds=time.perf_counter() - started)
+
+
+async def _finish(
+    sessions: async_sessionmaker[AsyncSession],
+    actor: Actor,
+    job_id: uuid.UUID,
+    scope: Collection[str],
+    status: ImportStatus,
+    progress: ImportProgress,
+    error: str | None,
+) -> None:
+    now = utcnow()
+    values: dict[str, object] = {"status": status.value, "error": error, "finished_at": now, "updated_at": now}
+    if status is ImportStatus.SUCCEEDED:
+        values["bytes_processed"] = progress.bytes_processed
+    counts = {
+        "rows": progress.rows,
+        "created": progress.created,
+        "already_present": progress.already_present,
+        "rejected": progress.rejected,
+    }
+    try:
+        async with sessions() as session:
+            await session.execute(update(ImportJob).where(ImportJob.id == job_id).values(**values))
+            record(
+                session, actor, "import.finished", subject_type="import_job", subject_id=job_id,
+                region=_audit_region(scope), reason=error, after={"status": status.value, **counts},
+            )  # fmt: skip
+            await session.commit()
+    except Exception:
+        # The database may be what failed; the job then stays `running`, and a rerun completes the file.
+        logger.exception("could not record the end of import job %s", job_id)
+
+
+async def _apply_chunk_with_retries(
+    sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, chunk: PreparedChunk, before: ImportProgress
+) -> ImportProgress:
+    for attempt in range(1, CHUNK_ATTEMPTS + 1):
+        async with sessions() as session:
+            try:
+                return await _apply_chunk(session, job_id, chunk, before)
+            except IntegrityError:
+                await session.rollback()
+                if attempt == CHUNK_ATTEMPTS:
+                    raise
+                logger.warning("import job %s: a concurrent writer took a row of this chunk; retrying", job_id)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _apply_chunk(
+    session: AsyncSession, job_id: uuid.UUID, chunk: PreparedChunk, before: ImportProgress
+) -> ImportProgress:
+    """Classify the chunk's rows against the database and write them, with the job's counts, in one transaction."""
+    rows = chunk.rows
+    issued: dict[str, tuple[bytes, str]] = {}
+    persons: dict[bytes, uuid.UUID] = {}
+    holding: set[uuid.UUID] = set()
+    if rows:
+        found = await session.execute(
+            select(Card.card_number, Person.citizen_id_index, Card.region_code)
+            .join(Person, Person.id == Card.person_id)
+            .where(Card.card_number.in_([row.card_number for row in rows]))
+        )
+        issued = {number: (bytes(index), region) for number, index, region in found}
+        known = await session.execute(
+            select(Person.citizen_id_index, Person.id).where(
+                Person.citizen_id_index.in_([row.citizen_id_index for row in rows])
+            )
+        )
+        persons = {bytes(index): person_id for index, person_id in known}
+        if persons:
+            holding = set(
+                await session.scalars(
+                    select(Card.person_id).where(
+                        Card.person_id.in_(list(persons.values())), Card.state.in_(_CARDS_IN_USE)
+                    )
+                )
+            )
+
+    now = utcnow()
+    new_persons: list[dict[str, object]] = []
+    new_cards: list[dict[str, object]] = []
+    new_ecards: list[dict[str, object]] = []
+    rejections = list(chunk.rejections)
+    already_present = 0
+    for row in rows:
+        if (existing := issued.get(row.card_number)) is not None:
+            owner, region = existing
+            if owner != row.citizen_id_index:
+                rejections.append(
+                    Rejection(row.line, row.card_number, "card number is already issued to another person")
+                )
+            elif region != row.region:
+                rejections.append(
+                    Rejection(row.line, row.card_number, "card number is already issued in another region")
+                )
+            else:
+                already_present += 1
+            continue
+        person_id = persons.get(row.citizen_id_index)
+        if person_id is None:
+            person_id = uuid.uuid4()
+            new_persons.append(
+                {
+                    "id": person_id,
+                    "region_code": row.region,
+                    "citizen_id_index": row.citizen_id_index,
+                    "citizen_id_encrypted": row.citizen_id_encrypted,
+                    "name_encrypted": row.name_encrypted,
+                    "created_at": now,
+                }
+            )
+        elif person_id in holding:
+            rejections.append(Rejection(row.line, row.card_number, "this person already holds a card in use"))
+            continue
+        card_id = uuid.uuid4()
+        new_cards.append(
+            {
+                "id": card_id,
+                "person_id": person_id,
+                "region_code": row.region,
+                "card_number": row.card_number,
+                "state": CardState.ISSUED.value,
+                "created_at": now,
+            }
+        )
+        new_ecards.append(
+            {
+                "id": uuid.uuid4(),
+                "card_id": card_id,
+                "region_code": row.region,
+                "card_ref": os.urandom(16),
+                "state": ECardState.PENDING_ACTIVATION.value,
+                "updated_at": now,
+            }
+        )
+
+    if new_persons:
+        await session.execute(insert(Person), new_persons)
+    if new_cards:
+        await session.execute(insert(Card), new_cards)
+        await session.execute(insert(ECard), new_ecards)
+    if rejections:
+        await session.execute(
+            insert(ImportRejection),
+            [
+                {
+                    "job_id": job_id,
+                    "line": rejection.line,
+                    "card_number": rejection.card_number,
+                    "reason": rejection.reason,
+                }
+                for rejection in rejections
+            ],
+        )
+    after = replace(
+        before,
+        rows=before.rows + chunk.size,
+        created=before.created + len(new_cards),
+        already_present=before.already_present + already_present,
+        rejected=before.rejected + len(rejections),
+        bytes_processed=chunk.bytes_processed,
+    )
+    await session.execute(
+        update(ImportJob)
+        .where(ImportJob.id == job_id)
+        .values(
+            rows_processed=after.rows,
+            created=after.created,
+            already_present=after.already_present,
+            rejected=after.rejected,
+            bytes_processed=after.bytes_processed,
+            updated_at=now,
+        )
+    )
+    await session.commit()
+    return after
+
+
+async def rejection_report(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> AsyncIterator[str]:
+    """The job's rejected rows as CSV text (line, card_number, reason), in line order, a batch at a time."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(REPORT_COLUMNS)
+    last_line = 0
+    while True:
+        async with sessions() as session:
+            batch = (
+                await session.execute(
+                    select(ImportRejection.line, ImportRejection.card_number, ImportRejection.reason)
+                    .where(ImportRejection.job_id == job_id, ImportRejection.line > last_line)
+                    .order_by(ImportRejection.line)
+                    .limit(REPORT_BATCH)
+                )
+            ).all()
+        writer.writerows(batch)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        if len(batch) < REPORT_BATCH:
+            return
+        last_line = batch[-1][0]
+
+
+async def write_rejection_report(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, path: Path) -> None:
+    """Write the job's rejected-row report to a CSV file."""
+    with path.open("w", encoding="utf-8", newline="") as stream:
+        async for text in rejection_report(sessions, job_id):
+            stream.write(text)
+
+
+_background_imports: set[asyncio.Task[None]] = set()
+
+
+def start_import(
+    sessions: async_sessionmaker[AsyncSession], pii: PiiCipher, job_id: uuid.UUID, path: Path, actor: Actor
+) -> None:
+    """Run an import as a background task of this process; the uploaded file is removed when it ends.
+
+    A job whose process dies stays `running`; uploading the same file again completes it.
+    """
+
+    async def work() -> None:
+        try:
+            await run_import(sessions, pii, job_id, path, actor)
+        except ImportFileError:
+            pass  # recorded in the job
+        except Exception:
+            logger.exception("import job %s failed", job_id)
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    task = asyncio.create_task(work(), name=f"import-{job_id}")
+    # The loop keeps only weak references to tasks: hold this one until it is done.
+    _background_imports.add(task)
+    task.add_done_callback(_background_imports.discard)
