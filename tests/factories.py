@@ -15,6 +15,21 @@ from app.domain.cards.citizen_id import check_character
 REGIONS = {"510000": "四川省", "500000": "重庆市", "440000": "广东省"}
 
 
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The RFC 9457 body of an error response, after checking its status, media type and fields."""
+    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers["content-type"]
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert body["type"].endswith("/" + body["code"])
+    return body
+
+
 def bearer(token: str) -> dict[str, str]:
     """An Authorization header."""
     return {"Authorization": f"Bearer {token}"}

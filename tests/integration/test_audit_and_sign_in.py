@@ -37,25 +37,14 @@ from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, create_operator
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Holder, bearer
+from tests.factories import Holder, bearer, problem
 
-PROBLEM_JSON = "application/problem+json"
 SICHUAN, CHONGQING = "510000", "500000"
 MAX_FAILED_SIGN_INS = 5
 MAX_PIN_TRIES = 5
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The RFC 9457 body of an error response, after checking its status and media type."""
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
-    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers["content-type"]
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    return body
 
 
 def who(token: str) -> tuple[str, str]:

@@ -34,25 +34,13 @@ from app.domain.operators.services import Role
 from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Gate, Holder, bearer
+from tests.factories import Gate, Holder, bearer, problem
 
-PROBLEM_JSON = "application/problem+json"
 SICHUAN, CHONGQING = "510000", "500000"
 MIRROR_LETTER = {"pending_activation": "P", "active": "A", "suspended": "S", "revoked": "R"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The RFC 9457 body of an error response, after checking its status and media type."""
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
-    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers["content-type"]
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    assert body["type"].endswith("/" + body["code"])
-    return body
 
 
 def action_request(action: str) -> tuple[str, dict[str, Any]]:

@@ -34,25 +34,13 @@ from crypto.credential import Purpose, open_credential
 from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Holder, bearer
+from tests.factories import Holder, bearer, problem
 
-PROBLEM_JSON = "application/problem+json"
 SICHUAN = "510000"
 MAX_PIN_TRIES = 5
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The RFC 9457 body of an error response, after checking its status and media type."""
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
-    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers["content-type"]
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    assert body["type"].endswith("/" + body["code"])
-    return body
 
 
 def random_pin() -> str:

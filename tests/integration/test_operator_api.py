@@ -28,26 +28,13 @@ from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD
 from app.domain.operators.services import Role, create_operator
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Gate, Holder, bearer
+from tests.factories import Gate, Holder, bearer, problem
 
-PROBLEM_JSON = "application/problem+json"
 SICHUAN, CHONGQING = "510000", "500000"
 MAX_BODY = 4096
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The RFC 9457 body of an error response, after checking its status, media type and fields."""
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
-    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers["content-type"]
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert body["type"].endswith("/" + body["code"])
-    return body
 
 
 def card_body(region: str = SICHUAN, **overrides: Any) -> dict[str, Any]:

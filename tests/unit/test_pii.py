@@ -76,7 +76,9 @@ def test_invalid_citizen_ids_say_why_without_echoing(number: str, why: str) -> N
     assert number not in str(info.value)
 
 
-@given(st.from_regex(r"[1-9][0-9]{5}(19[5-9][0-9]|200[0-9])(0[1-9]|1[0-2])(0[1-9]|1[0-9]|2[0-8])[0-9]{3}", fullmatch=True))
+@given(
+    st.from_regex(r"[1-9][0-9]{5}(19[5-9][0-9]|200[0-9])(0[1-9]|1[0-2])(0[1-9]|1[0-9]|2[0-8])[0-9]{3}", fullmatch=True)
+)
 def test_any_number_with_its_check_character_is_valid(first17: str) -> None:
     number = first17 + check_character(first17)
     assert normalise_citizen_id(number) == number
