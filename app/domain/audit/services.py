@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.clock import utcnow
 from app.db.models import AuditEvent
+from app.scope import within
 from app.tokens import HolderSession, OperatorSession
 
 
@@ -82,8 +83,7 @@ async def list_events(
 ) -> list[AuditEvent]:
     """Events in the regions ('*' = all, events without a region only for '*'), newest first."""
     query = select(AuditEvent).order_by(AuditEvent.occurred_at.desc(), AuditEvent.id).limit(limit)
-    if "*" not in regions:
-        query = query.where(AuditEvent.region_code.in_(regions))
+    query = within(query, AuditEvent.region_code, regions)
     if subject_id is not None:
         query = query.where(AuditEvent.subject_id == subject_id)
     if action is not None:

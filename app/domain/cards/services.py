@@ -18,6 +18,7 @@ from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Pe
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.pii import PiiCipher
+from app.scope import covers, within
 from app.stores.status_mirror import MirroredStatus, StatusMirror
 
 CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")
@@ -176,7 +177,7 @@ async def find_card(session: AsyncSession, card_id: uuid.UUID, regions: tuple[st
             .where(Card.id == card_id)
         )
     ).first()
-    if row is None or ("*" not in regions and row[0].region_code not in regions):
+    if row is None or not covers(regions, row[0].region_code):
         # The same answer whether the card is missing or outside the operator's regions.
         raise problems.not_found("no such card")
     return row[0], row[1], row[2]
@@ -246,6 +247,5 @@ async def find_cards(
         query = query.where(Card.card_number == card_number.strip().upper())
     if citizen_id:
         query = query.where(Person.citizen_id_index == pii.blind_index(citizen_id, CITIZEN_ID_FIELD))
-    if "*" not in regions:
-        query = query.where(Card.region_code.in_(regions))
+    query = within(query, Card.region_code, regions)
     return [(card, ecard, person) for card, ecard, person in await session.execute(query) if ecard is not None]

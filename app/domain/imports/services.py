@@ -42,9 +42,9 @@ from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportR
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
-from app.domain.operators.services import ALL_REGIONS
 from app.domain.regions.services import REGION_CODE
 from app.pii import PiiCipher
+from app.scope import ALL_REGIONS
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from app.clock import utcnow
 from app.db.models import Operator
 from app.domain.audit.services import Actor, record
 from app.domain.regions.services import check_region_code
+from app.scope import ALL_REGIONS, covers
 from app.secrets import DUMMY_HASH, hash_secret, verify_secret
 from app.tokens import OperatorSession
 
-ALL_REGIONS = "*"
 MIN_PASSWORD_LENGTH = 12
 MAX_FAILED_SIGN_INS = 5
 SIGN_IN_LOCK = timedelta(minutes=15)
@@ -121,5 +121,5 @@ def require_role(operator: OperatorSession, *roles: Role) -> None:
 
 def require_region(operator: OperatorSession, region: str) -> None:
     """403 unless region lies in the operator's scope."""
-    if ALL_REGIONS not in operator.regions and region not in operator.regions:
+    if not covers(operator.regions, region):
         raise problems.forbidden(f"region {region} is outside this operator's scope")

@@ -14,6 +14,7 @@ from app.db.models import Region, Terminal, VerifierOrganisation
 from app.domain.audit.services import Actor, record
 from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret
 from app.domain.verification.disclosure import BusinessType
+from app.scope import covers, within
 from crypto.credential import Purpose
 
 
@@ -59,7 +60,7 @@ async def get_organisation(
 ) -> VerifierOrganisation:
     """The organisation if it lies in regions ('*' = all); otherwise 404."""
     organisation = await session.get(VerifierOrganisation, organisation_id)
-    if organisation is None or ("*" not in regions and organisation.region_code not in regions):
+    if organisation is None or not covers(regions, organisation.region_code):
         raise problems.not_found("no such verifier organisation")
     return organisation
 
@@ -67,8 +68,7 @@ async def get_organisation(
 async def list_organisations(session: AsyncSession, regions: tuple[str, ...]) -> list[VerifierOrganisation]:
     """Organisations in the regions ('*' = all), by name."""
     query = select(VerifierOrganisation).order_by(VerifierOrganisation.name)
-    if "*" not in regions:
-        query = query.where(VerifierOrganisation.region_code.in_(regions))
+    query = within(query, VerifierOrganisation.region_code, regions)
     return list((await session.scalars(query)).all())
 
 
@@ -107,6 +107,6 @@ async def get_terminal(
             .where(Terminal.id == terminal_id)
         )
     ).first()
-    if row is None or ("*" not in regions and row[1].region_code not in regions):
+    if row is None or not covers(regions, row[1].region_code):
         raise problems.not_found("no such terminal")
     return row[0], row[1]
