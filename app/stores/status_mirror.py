@@ -41,10 +41,6 @@ class StatusMirror(Protocol):
         """
         ...
 
-    async def get_status(self, card_ref: bytes) -> str | None:
-        """The mirrored status of one card."""
-        ...
-
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """Mirror a card's status (after the database commit)."""
         ...
@@ -156,14 +152,6 @@ class RedisStatusMirror:
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def get_status(self, card_ref: bytes) -> str | None:
-        """See `StatusMirror.get_status`."""
-        try:
-            status = await self._client.get(f"{self._card_key(card_ref)}:s")
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return status.decode() if isinstance(status, bytes) else status
-
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """See `StatusMirror.set_status`."""
         try:
@@ -235,10 +223,6 @@ class MemoryStatusMirror:
         if first:
             self._nonces[key] = now + ttl
         return first, self._statuses.get(card_ref)
-
-    async def get_status(self, card_ref: bytes) -> str | None:
-        """See `StatusMirror.get_status`."""
-        return self._statuses.get(card_ref)
 
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """See `StatusMirror.set_status`."""

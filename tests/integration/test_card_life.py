@@ -102,7 +102,7 @@ async def mirrored(context: ServiceContext, ecard_id: str) -> str | None:
     async with context.sessions() as session:
         card_ref = await session.scalar(select(ECard.card_ref).where(ECard.id == uuid.UUID(ecard_id)))
     assert card_ref is not None
-    return await context.mirror.get_status(card_ref)
+    return (await context.mirror.get_statuses([card_ref]))[0]
 
 
 async def get_credentials(client: httpx.AsyncClient, access_token: str, purpose: str = "transit") -> httpx.Response:
@@ -882,13 +882,13 @@ async def test_every_status_change_reaches_verify_at_once(
         [first] = await factories.credentials(client, holder)
         [second] = await factories.credentials(client, holder)
         await run(stop)
-        assert await context.mirror.get_status(card_ref) == "S", stop
+        assert (await context.mirror.get_statuses([card_ref]))[0] == "S", stop
         assert (await factories.verify(client, gate, first))["reason"] == "card_suspended", stop
         await run(restart)
-        assert await context.mirror.get_status(card_ref) == "A", restart
+        assert (await context.mirror.get_statuses([card_ref]))[0] == "A", restart
         assert (await factories.verify(client, gate, second))["result"] == "accepted", restart
 
     [last] = await factories.credentials(client, holder)
     await run("revoke")
-    assert await context.mirror.get_status(card_ref) == "R"
+    assert (await context.mirror.get_statuses([card_ref]))[0] == "R"
     assert (await factories.verify(client, gate, last))["reason"] == "card_revoked"
