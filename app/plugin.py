@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,7 +35,8 @@ from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
 from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
-from app.domain.imports.controllers import ImportController
+from app.domain.imports.controllers import UPLOAD_DIR, ImportController
+from app.domain.imports.services import remove_stale_uploads
 from app.domain.issuers.controllers import issuer_jwks
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 LOCK_DIR = PROJECT_ROOT / "var"
+STALE_UPLOAD_AGE = timedelta(hours=6)
 
 
 class SingleWorkerError(RuntimeError):
@@ -122,6 +126,9 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             lock = _lock_single_worker(memory_store_lock_path(self.settings.database_url))
         context = ServiceContext.build(self.settings)
         try:
+            removed = await asyncio.to_thread(remove_stale_uploads, UPLOAD_DIR, STALE_UPLOAD_AGE)
+            if removed:
+                logger.warning("removed %d import upload(s) left behind by a crashed worker", removed)
             await context.start()
             if not self.settings.redis_url:
                 async with context.sessions() as session:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -16,6 +19,7 @@ from app.domain.imports.services import (
     ImportFileError,
     PreparedRow,
     job_visible,
+    remove_stale_uploads,
     report_card_number,
 )
 from app.pii import PiiCipher
@@ -115,3 +119,15 @@ def test_a_job_is_visible_to_operators_whose_regions_cover_it(
     job: list[str], operator: list[str], visible: bool
 ) -> None:
     assert job_visible(job, operator) is visible
+
+
+def test_stale_uploads_are_removed_and_fresh_ones_kept(tmp_path: Path) -> None:
+    stale, fresh, other = tmp_path / "old.csv", tmp_path / "new.csv", tmp_path / "keep.txt"
+    for path in (stale, fresh, other):
+        path.write_text("region,citizen_id,name,card_number\n")
+    seven_hours_ago = time.time() - 7 * 3600
+    os.utime(stale, (seven_hours_ago, seven_hours_ago))
+    os.utime(other, (seven_hours_ago, seven_hours_ago))
+    assert remove_stale_uploads(tmp_path, timedelta(hours=6)) == 1
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert remove_stale_uploads(tmp_path / "missing", timedelta(hours=6)) == 0
