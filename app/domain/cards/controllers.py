@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from typing import Annotated
 
 from litestar import Controller, get, post
@@ -62,7 +61,6 @@ def card_out(pii: PiiCipher, card: Card, ecard: ECard, person: Person) -> CardOu
     )
 
 
-OFFICE_LOSS_UNDO_WINDOW = timedelta(days=3650)
 WRITE_PROBLEMS = problem_responses(401, 403, 404, 409, 413)
 
 
@@ -205,8 +203,7 @@ class CardController(Controller):
             Actor.operator(operator),
             card,
             ecard,
-            by_holder=False,
-            holder_window=OFFICE_LOSS_UNDO_WINDOW,
+            holder_window=None,
             reason=data.reason,
         )
         return card_out(ctx.pii, card, ecard, person)

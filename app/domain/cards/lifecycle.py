@@ -180,18 +180,17 @@ async def undo_loss(
     card: Card,
     ecard: ECard,
     *,
-    by_holder: bool,
-    holder_window: timedelta,
+    holder_window: timedelta | None,
     reason: str,
 ) -> None:
     """The card was found: back to use, and the eCard resumes if the loss was what suspended it.
 
-    From the app, only the holder's own report may be undone, and only within the window;
-    a report made at the office is undone at the office.
+    `holder_window` is set when the holder undoes it from the app: then only the holder's own
+    report may be undone, and only within the window. The office (None) may undo any report.
     """
     if card.state != CardState.LOST:
         raise _conflict("the card is not reported lost", card.state)
-    if by_holder:
+    if holder_window is not None:
         if card.loss_reported_by != LOSS_BY_HOLDER:
             raise problems.forbidden("the loss was reported at the card office; undo it there")
         if card.lost_at is None or utcnow() - as_utc(card.lost_at) > holder_window:

@@ -187,7 +187,6 @@ class HolderCardController(Controller):
             Actor.holder(holder.session),
             card,
             ecard,
-            by_holder=True,
             holder_window=LOSS_UNDO_WINDOW,
             reason="found by the holder",
         )
