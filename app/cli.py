@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -225,11 +226,64 @@ def status_reconcile(repair: bool) -> None:
 
     async def work(context: ServiceContext) -> str:
         async with context.sessions() as session:
-            found = await reconcile_status_mirror(session, context.mirror, repair=repair)
+            found = await reconcile_status_mirror(session, context.mirror, context.pii, repair=repair)
         return (
             f"{found.checked} eCards checked: {found.missing} missing from the mirror, "
-            f"{found.different} different, {found.repaired} repaired"
+            f"{found.different} different, {found.profiles_missing} without their profile, {found.repaired} repaired"
         )
+
+    click.echo(_run(work))
+
+
+@ecard_group.group(name="events")
+def events_group() -> None:
+    """The verification event stream (Redis) and its drain into the database."""
+
+
+@events_group.command(name="drain")
+@click.option("--once", is_flag=True, help="Stop when the stream is empty instead of waiting for more.")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True, help="Events per commit.")
+@click.option(
+    "--claim-idle",
+    type=click.IntRange(0, None),
+    default=30_000,
+    show_default=True,
+    help="Take over events another drain received but did not acknowledge for this many ms (it died).",
+)
+def events_drain(once: bool, batch: int, claim_idle: int) -> None:
+    """Move verification events from the stream into the database, exactly once each.
+
+    Run one or more (each is a consumer of the same group) beside the web workers. SIGTERM or
+    Ctrl-C stops it between batches; an event is acknowledged only after its commit.
+    """
+
+    async def work(context: ServiceContext) -> str:
+        if not context.settings.redis_url:
+            raise click.ClickException("the event stream lives in Redis: set REDIS_URL")
+        drain = context.event_drain(batch=batch, claim_idle_ms=claim_idle, block_ms=0 if once else 1000)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if not once:
+            await drain.run(stop)
+            return "stopped"
+        moved = 0
+        while not stop.is_set() and (count := await drain.run_once()):
+            moved += count
+        backlog = await context.events.backlog()
+        return f"{moved} events stored; {backlog.length} left in the stream ({backlog.pending} pending)"
+
+    click.echo(_run(work))
+
+
+@events_group.command(name="backlog")
+def events_backlog() -> None:
+    """How many events wait in the stream, and how many of those a drain holds unacknowledged."""
+
+    async def work(context: ServiceContext) -> str:
+        backlog = await context.events.backlog()
+        return f"{backlog.length} events in the stream, {backlog.pending} pending"
 
     click.echo(_run(work))
 

@@ -13,10 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.domain.verification.directory import VerifierDirectory
+from app.domain.verification.events import EventDrain, consumer_name
+from app.domain.verification.offline import OfflineKits
 from app.domain.verification.service import CredentialVerifier
 from app.keyring import Keyring, load_keyring
 from app.pii import PiiCipher
 from app.settings import Settings
+from app.stores.event_stream import EventStream, RedisEventStream
 from app.stores.invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
 from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, StatusMirror
 from app.tokens import SessionTokens
@@ -41,7 +44,11 @@ class ServiceContext:
     bus: InvalidationBus
     directory: VerifierDirectory
     verifier: CredentialVerifier
+    events: EventStream
+    offline_kits: OfflineKits
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _drain_task: asyncio.Task[None] | None = None
+    _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> ServiceContext:
@@ -52,16 +59,19 @@ class ServiceContext:
         sessions = create_session_factory(engine)
         mirror: StatusMirror
         bus: InvalidationBus
+        events: EventStream
         if settings.redis_url:
-            mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix)
+            redis_mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix)
+            mirror, events = redis_mirror, RedisEventStream(redis_mirror.client, settings.redis_prefix)
             bus_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0)
             bus = RedisInvalidationBus(bus_client, f"{settings.redis_prefix}invalidate")
         else:
-            mirror = MemoryStatusMirror()
+            memory_mirror = MemoryStatusMirror()
+            mirror, events = memory_mirror, memory_mirror.events
             bus = LocalInvalidationBus()
         directory = VerifierDirectory(sessions, pii)
         pseudonym_key = pii.blind_index("card-pseudonym", "verification.pseudonym_key")
-        verifier = CredentialVerifier(directory, mirror, pseudonym_key, settings.clock_skew)
+        verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings)
         return cls(
             settings,
             keyring,
@@ -73,6 +83,8 @@ class ServiceContext:
             bus=bus,
             directory=directory,
             verifier=verifier,
+            events=events,
+            offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
         )
 
     async def start(self) -> None:
@@ -80,6 +92,12 @@ class ServiceContext:
         await self.directory.reload()
         self._tasks.append(asyncio.create_task(self.bus.run(self._on_invalidation)))
         self._tasks.append(asyncio.create_task(self._refresh_periodically()))
+        if self.settings.drains_events:
+            self._drain_task = asyncio.create_task(self.event_drain().run(self._stop_draining))
+
+    def event_drain(self, **options: int) -> EventDrain:
+        """A drain of the verification event stream into this context's database."""
+        return EventDrain(self.events, self.sessions, consumer_name(), **options)
 
     async def _on_invalidation(self, topic: str) -> None:
         try:
@@ -97,14 +115,33 @@ class ServiceContext:
         await self.directory.reload()
         await self.bus.publish(DIRECTORY_TOPIC)
 
+    async def _drain_remaining_events(self) -> None:
+        """At shutdown, store what the stream still holds (in memory it would be lost)."""
+        drain = self.event_drain(block_ms=0, claim_idle_ms=0)
+        try:
+            while await drain.run_once():
+                pass
+        except Exception:
+            logger.exception("storing the last verification events at shutdown failed")
+
     async def close(self) -> None:
         """Stop background work and release connections."""
+        if self._drain_task is not None:
+            # Let the drain finish its batch: cancelling it inside a database call can hang the driver.
+            self._stop_draining.set()
+            try:
+                await asyncio.wait_for(self._drain_task, 10.0)
+            except TimeoutError:
+                logger.error("the event drain did not stop within 10 s")
+            self._drain_task = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.settings.drains_events:
+            await self._drain_remaining_events()
         await self.mirror.close()
         await self.bus.close()
         await self.engine.dispose()

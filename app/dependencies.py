@@ -16,7 +16,7 @@ from app.tokens import HolderSession, InvalidToken, OperatorSession
 
 HOLDER_SECURITY: list[dict[str, list[str]]] = [{"holderToken": []}]
 OPERATOR_SECURITY: list[dict[str, list[str]]] = [{"operatorToken": []}]
-TERMINAL_SECURITY: list[dict[str, list[str]]] = [{"terminalApiKey": []}]
+TERMINAL_SECURITY: list[dict[str, list[str]]] = [{"terminalApiKey": []}, {"terminalSignature": []}]
 
 
 def _bearer(request: Request[Any, Any, Any]) -> str:

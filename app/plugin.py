@@ -34,13 +34,14 @@ from app.dependencies import DEPENDENCIES
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
+from app.domain.entitlements.controllers import EntitlementController
 from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
 from app.domain.imports.controllers import UPLOAD_DIR, ImportController
 from app.domain.imports.services import remove_stale_uploads
-from app.domain.issuers.controllers import issuer_jwks
+from app.domain.issuers.controllers import issuer_jwks, offline_kit
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
-from app.domain.verification.controllers import verify
+from app.domain.verification.controllers import verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
@@ -132,7 +133,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             await context.start()
             if not self.settings.redis_url:
                 async with context.sessions() as session:
-                    await mirror_all_statuses(session, context.mirror)
+                    await mirror_all_statuses(session, context.mirror, context.pii)
             app.state[STATE_KEY] = context
             yield
         finally:
@@ -145,7 +146,9 @@ class EcardPlugin(InitPlugin, CLIPlugin):
         app_config.route_handlers.extend(
             [
                 verify,
+                verify_batch,
                 issuer_jwks,
+                offline_kit,
                 health,
                 HolderAuthController,
                 HolderCardController,
@@ -153,6 +156,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 OperatorSessionController,
                 RegionController,
                 CardController,
+                EntitlementController,
                 ImportController,
                 VerifierController,
                 AuditController,
@@ -187,6 +191,17 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                     "holderToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
                     "operatorToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
                     "terminalApiKey": SecurityScheme(type="apiKey", name="X-Api-Key", security_scheme_in="header"),
+                    "terminalSignature": SecurityScheme(
+                        type="apiKey",
+                        name="X-Signature",
+                        security_scheme_in="header",
+                        description=(
+                            "For terminals that registered an Ed25519 key: X-Terminal-Id, X-Signature-Timestamp "
+                            "(unix seconds, within 30 s of the server) and X-Signature, the unpadded base64url "
+                            "Ed25519 signature of 'ecard-terminal-v1\\n<METHOD>\\n<path>\\n<timestamp>\\n' "
+                            "followed by the raw request body."
+                        ),
+                    ),
                 }
             ),
         )

@@ -112,6 +112,7 @@ _DESCRIPTIONS = {
     404: "No such resource (or one outside the caller's regions)",
     409: "Conflicts with the current state; `current_state` says what it is where relevant",
     413: "Request body too large",
+    429: "Over the caller's rate: nothing was consumed; `Retry-After` says when to try again",
     503: "A dependency is unreachable; nothing was accepted or changed",
 }
 

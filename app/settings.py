@@ -29,6 +29,17 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -52,6 +63,24 @@ class Settings:
     # A full reload of the verifier caches, in case an invalidation message was missed.
     cache_refresh_interval: float = 30.0
     workers: int = 1
+    # The terminal that used a credential gets the same answer again within this many seconds.
+    verify_retry_window: int = 10
+    # A used nonce is remembered this long past its credential's expiry, so a gate's batch of
+    # offline scans uploaded a little later still meets the online use (older: the event log).
+    nonce_memory: int = 300
+    # How old a queued offline scan may be when its gate uploads it.
+    offline_scan_window: int = 24 * 3600
+    # Whether this process drains the verification event stream into the database. Default: yes
+    # for the embedded setup (no REDIS_URL), no with Redis, where `ecard events drain` does it.
+    drain_events: bool | None = None
+    # Offline kit: a signed status list is good for status_list_lifetime; gates refetch after ttl.
+    status_list_ttl: int = 300
+    status_list_lifetime: int = 3600
+
+    @property
+    def drains_events(self) -> bool:
+        """Whether this process runs the event drain (see `drain_events`)."""
+        return self.drain_events if self.drain_events is not None else not self.redis_url
 
     @property
     def production(self) -> bool:
@@ -79,6 +108,12 @@ class Settings:
             refresh_token_ttl=_env_int("ECARD_REFRESH_TOKEN_TTL", defaults.refresh_token_ttl),
             activation_code_ttl=_env_int("ECARD_ACTIVATION_CODE_TTL", defaults.activation_code_ttl),
             workers=_env_int("WEB_CONCURRENCY", defaults.workers),
+            verify_retry_window=_env_int("ECARD_VERIFY_RETRY_WINDOW", defaults.verify_retry_window),
+            nonce_memory=_env_int("ECARD_NONCE_MEMORY", defaults.nonce_memory),
+            offline_scan_window=_env_int("ECARD_OFFLINE_SCAN_WINDOW", defaults.offline_scan_window),
+            drain_events=_env_bool("ECARD_DRAIN_EVENTS"),
+            status_list_ttl=_env_int("ECARD_STATUS_LIST_TTL", defaults.status_list_ttl),
+            status_list_lifetime=_env_int("ECARD_STATUS_LIST_LIFETIME", defaults.status_list_lifetime),
         )
 
 

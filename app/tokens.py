@@ -34,6 +34,8 @@ class HolderSession:
     device_id: uuid.UUID
     card_ref: bytes
     region: str
+    # The card's index in its region's status list, carried into every credential.
+    status_index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class SessionTokens:
             "dev": str(session.device_id),
             "crf": b64url(session.card_ref),
             "reg": session.region,
+            "six": session.status_index,
         }
         return self._encode(claims, HOLDER_AUDIENCE, ttl)
 
@@ -111,6 +114,7 @@ class SessionTokens:
                 device_id=uuid.UUID(claims["dev"]),
                 card_ref=b64url_decode(claims["crf"]),
                 region=str(claims["reg"]),
+                status_index=int(claims["six"]),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise InvalidToken(f"token claims are incomplete: {exc}") from None

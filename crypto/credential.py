@@ -8,16 +8,26 @@ characters, so ≤ 144 bytes before Base45 with the 4-character prefix):
     claims = {
         1: "510000",                    iss: issuing region (GB/T 2260 code)
         4: exp, 5: nbf,                 validity window, seconds since the epoch
-        7: nonce (12 bytes),            cti: makes the credential single-use
-        -65537: [card_ref (16 bytes), purpose]   private use: opaque card reference and purpose
+        7: nonce (7 bytes),             cti: makes the credential single-use
+        -65537: [card_ref (16 bytes), purpose, status_index]
+                                        private use: opaque card reference, purpose, and the
+                                        card's index in its region's status list (0 ≤ i < 2**32)
     }
+
+The largest credential (every value at its longest, status_index 2**32 - 1) is exactly 144
+bytes. The nonce has 7 bytes (56 bits): it only needs to be unique among one card's
+credentials alive at the same time, since the nonce store keys it by card and keeps it for
+the credential's lifetime. A card has a bundle's worth (tens) of those, so a collision is
+vanishingly rare, and it would cost one refused scan, never an accepted forgery.
+
+The status index lets a gate that works offline look the card up in the region's signed
+Token Status List (crypto/status_list.py, crypto/offline.py).
 
 No personal data: the card reference is random and meaningful only to the issuer.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -25,17 +35,15 @@ from enum import IntEnum, StrEnum
 import cbor2
 
 from crypto.base45 import b45decode, b45encode
-from crypto.keys import KID_LENGTH, SigningKey, VerifyKey
+from crypto.cose import CoseError, decode_sign1, loads_exact, sig_structure, sign1
+from crypto.keys import SigningKey, VerifyKey
 
 PREFIX = "EC1:"
 MAX_TEXT_LENGTH = 512
 CARD_REF_LENGTH = 16
-NONCE_LENGTH = 12
+NONCE_LENGTH = 7
+STATUS_INDEX_LIMIT = 2**32
 
-COSE_SIGN1_TAG = 18
-HEADER_ALG = 1
-HEADER_KID = 4
-ALG_EDDSA = -8
 CLAIM_ISS = 1
 CLAIM_EXP = 4
 CLAIM_NBF = 5
@@ -93,6 +101,7 @@ class Claims:
     nonce: bytes
     region: str
     purpose: Purpose
+    status_index: int
     not_before: int
     expires_at: int
 
@@ -105,14 +114,6 @@ class VerifiedCredential:
     key: VerifyKey
 
 
-def _protected_header(kid: bytes) -> bytes:
-    return cbor2.dumps({HEADER_ALG: ALG_EDDSA, HEADER_KID: kid})
-
-
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
 def encode_claims(claims: Claims) -> bytes:
     """CBOR-encode claims as the CWT payload."""
     return cbor2.dumps(
@@ -121,38 +122,14 @@ def encode_claims(claims: Claims) -> bytes:
             CLAIM_EXP: claims.expires_at,
             CLAIM_NBF: claims.not_before,
             CLAIM_CTI: claims.nonce,
-            CLAIM_CARD: [claims.card_ref, int(claims.purpose)],
+            CLAIM_CARD: [claims.card_ref, int(claims.purpose), claims.status_index],
         }
     )
 
 
-def sign_cose(key: SigningKey, payload: bytes) -> bytes:
-    """A tagged COSE_Sign1 over payload, kid in the protected header."""
-    protected = _protected_header(key.kid)
-    signature = key.sign(_sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
-
-
 def issue_credential(key: SigningKey, claims: Claims) -> str:
     """Sign claims and return the credential text to put in a QR code."""
-    return PREFIX + b45encode(sign_cose(key, encode_claims(claims)))
-
-
-def _loads_exact(data: bytes) -> object:
-    """Decode one CBOR item and refuse trailing bytes.
-
-    The input is not authenticated yet, and cbor2's decoders for semantic tags (dates,
-    decimals, regexes…) raise TypeError, OverflowError or decimal errors on hostile values:
-    every failure becomes a ValueError, so it ends as `malformed`, never as a crash.
-    """
-    stream = io.BytesIO(data)
-    try:
-        item = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    if stream.tell() != len(data):
-        raise ValueError("trailing bytes after the CBOR item")
-    return item
+    return PREFIX + b45encode(sign1(key, encode_claims(claims)))
 
 
 def _malformed(detail: str) -> CredentialRejected:
@@ -166,39 +143,20 @@ def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
     if not text.startswith(PREFIX):
         raise _malformed(f"credential text must start with {PREFIX!r}")
     try:
-        raw = b45decode(text[len(PREFIX) :])
-        message = _loads_exact(raw)
+        message = loads_exact(b45decode(text[len(PREFIX) :]))
     except ValueError as exc:  # Base45Error and every CBOR failure are ValueErrors
         raise _malformed(f"credential is not Base45-encoded CBOR: {exc}") from None
-    if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
-        raise _malformed("credential is not a tagged COSE_Sign1")
-    parts = message.value
-    if not isinstance(parts, list) or len(parts) != 4:
-        raise _malformed("COSE_Sign1 must be an array of four items")
-    protected, unprotected, payload, signature = parts
-    if not (
-        isinstance(protected, bytes)
-        and isinstance(unprotected, dict)
-        and isinstance(payload, bytes)
-        and isinstance(signature, bytes)
-    ):
-        raise _malformed("COSE_Sign1 items have the wrong types")
     try:
-        header = _loads_exact(protected)
-    except ValueError:
-        raise _malformed("protected header is not CBOR") from None
-    if not isinstance(header, dict) or header.get(HEADER_ALG) != ALG_EDDSA:
-        raise _malformed("protected header must name alg EdDSA (-8)")
-    kid = header.get(HEADER_KID)
-    if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
-        raise _malformed("protected header must carry an 8-byte kid")
-    return protected, payload, signature, kid
+        parts = decode_sign1(message)
+    except CoseError as exc:
+        raise _malformed(f"credential: {exc}") from None
+    return parts.protected, parts.payload, parts.signature, parts.kid
 
 
 def decode_claims(payload: bytes) -> Claims:
     """Decode and type-check the CWT claims; raise a `malformed` rejection otherwise."""
     try:
-        claims = _loads_exact(payload)
+        claims = loads_exact(payload)
     except ValueError:
         raise _malformed("payload is not CBOR") from None
     # Exact int keys only: True and 1.0 compare equal to 1 and must not pass for it.
@@ -214,20 +172,22 @@ def decode_claims(payload: bytes) -> Claims:
     if type(exp) is not int or type(nbf) is not int or not 0 <= nbf <= exp < 2**32:
         raise _malformed("nbf and exp must be integers with nbf <= exp")
     if not (isinstance(nonce, bytes) and len(nonce) == NONCE_LENGTH):
-        raise _malformed("cti must be a 12-byte nonce")
-    if not (isinstance(card, list) and len(card) == 2):
-        raise _malformed("card claim must be [card_ref, purpose]")
-    card_ref, purpose = card
+        raise _malformed(f"cti must be a {NONCE_LENGTH}-byte nonce")
+    if not (isinstance(card, list) and len(card) == 3):
+        raise _malformed("card claim must be [card_ref, purpose, status_index]")
+    card_ref, purpose, status_index = card
     if not (isinstance(card_ref, bytes) and len(card_ref) == CARD_REF_LENGTH):
         raise _malformed("card reference must be 16 bytes")
     if type(purpose) is not int or purpose not in _PURPOSE_VALUES:
         raise _malformed("unknown purpose")
-    purpose_value = Purpose(purpose)
+    if type(status_index) is not int or not 0 <= status_index < STATUS_INDEX_LIMIT:
+        raise _malformed("status index must be an integer in [0, 2**32)")
     return Claims(
         card_ref=card_ref,
         nonce=nonce,
         region=region,
-        purpose=purpose_value,
+        purpose=Purpose(purpose),
+        status_index=status_index,
         not_before=nbf,
         expires_at=exp,
     )
@@ -239,7 +199,7 @@ def open_credential(text: str, keys: Mapping[bytes, VerifyKey]) -> VerifiedCrede
     key = keys.get(kid)
     if key is None:
         raise CredentialRejected(Rejection.UNKNOWN_KEY, "no published key has this kid")
-    if not key.verify(signature, _sig_structure(protected, payload)):
+    if not key.verify(signature, sig_structure(protected, payload)):
         raise CredentialRejected(Rejection.BAD_SIGNATURE, "signature does not verify")
     claims = decode_claims(payload)
     if claims.region != key.region:

@@ -121,10 +121,16 @@ async def new_gate(client: httpx.AsyncClient, token: str, region: str, business_
         headers=bearer(token),
     )
     assert response.status_code == 201, response.text
-    organisation_id = response.json()["id"]
+    return await new_terminal(client, token, response.json()["id"], purposes)
+
+
+async def new_terminal(
+    client: httpx.AsyncClient, token: str, organisation_id: str, purposes: list[str], **settings: object
+) -> Gate:
+    """Another terminal of an organisation (settings: rate_per_minute, rate_burst)."""
     response = await client.post(
         f"/v1/operator/verifier-organisations/{organisation_id}/terminals",
-        json={"name": f"gate-{secrets.token_hex(3)}", "allowed_purposes": purposes},
+        json={"name": f"gate-{secrets.token_hex(3)}", "allowed_purposes": purposes, **settings},
         headers=bearer(token),
     )
     assert response.status_code == 201, response.text

@@ -9,8 +9,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import true
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -104,6 +107,8 @@ class Region(Base):
     code: Mapped[str] = mapped_column(String(6), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime]
+    # The next free index in the region's status list (offline verification): one per eCard, never reused.
+    next_status_index: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class IssuerKey(Base):
@@ -170,11 +175,14 @@ class ECard(Base):
     """The electronic card of a physical card; `card_ref` is the opaque id inside credentials."""
 
     __tablename__ = "ecards"
+    __table_args__ = (UniqueConstraint("region_code", "status_index"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     card_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cards.id"), unique=True)
     region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
     card_ref: Mapped[bytes] = mapped_column(LargeBinary(16), unique=True)
+    # Position in the region's signed status list; credentials carry it for offline gates.
+    status_index: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(24))
     activated_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
@@ -238,10 +246,17 @@ class VerifierOrganisation(Base):
     business_type: Mapped[str] = mapped_column(String(32))
     region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
     created_at: Mapped[datetime]
+    # A disabled organisation's terminals are all refused, whatever their own setting.
+    enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class Terminal(Base):
-    """A gate, turnstile or desk; authenticates with an API key of which only the hash is kept."""
+    """A gate, turnstile or desk.
+
+    It authenticates with an API key of which only the hash is kept (after a rotation the
+    previous key keeps working until `previous_key_expires_at`), or, once it registered an
+    Ed25519 public key, only with requests signed by that key.
+    """
 
     __tablename__ = "terminals"
     __table_args__ = (UniqueConstraint("organisation_id", "name"),)
@@ -251,8 +266,14 @@ class Terminal(Base):
     name: Mapped[str] = mapped_column(String(100))
     allowed_purposes: Mapped[list[str]] = mapped_column(JSON)
     api_key_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    previous_key_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    previous_key_expires_at: Mapped[datetime | None]
+    signing_public_key: Mapped[bytes | None] = mapped_column(LargeBinary(32))
     enabled: Mapped[bool]
     created_at: Mapped[datetime]
+    # Verifications allowed per minute on average, and how many may come at once.
+    rate_per_minute: Mapped[int] = mapped_column(Integer, default=120, server_default="120")
+    rate_burst: Mapped[int] = mapped_column(Integer, default=30, server_default="30")
 
 
 class ImportJob(Base):
@@ -292,3 +313,47 @@ class ImportRejection(Base):
     line: Mapped[int] = mapped_column(primary_key=True)
     card_number: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(200))
+
+
+class VerificationEvent(Base):
+    """One answered verification, accepted or rejected, drained from the event stream.
+
+    Inserted once by `id` (the verification id the terminal got), however often the stream
+    delivers it. No personal data: the card appears only as its opaque reference.
+    """
+
+    __tablename__ = "verification_events"
+    __table_args__ = (
+        Index("ix_verification_events_card_ref_occurred_at", "card_ref", "occurred_at"),
+        Index("ix_verification_events_terminal_id_occurred_at", "terminal_id", "occurred_at"),
+        Index("ix_verification_events_card_ref_nonce", "card_ref", "nonce"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    occurred_at: Mapped[datetime]
+    # When the gate scanned the code, for scans uploaded later in a batch.
+    scanned_at: Mapped[datetime | None]
+    terminal_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    organisation_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    card_ref: Mapped[bytes | None] = mapped_column(LargeBinary(16))
+    nonce: Mapped[bytes | None] = mapped_column(LargeBinary(16))
+    card_region: Mapped[str | None] = mapped_column(String(6))
+    purpose: Mapped[str | None] = mapped_column(String(16))
+    result: Mapped[str] = mapped_column(String(32))
+    # "online" (one scan) or "batch" (queued by the gate while it was offline).
+    channel: Mapped[str] = mapped_column(String(8))
+
+
+class Entitlement(Base):
+    """Something an eCard entitles its holder to beyond identity, e.g. a park annual pass."""
+
+    __tablename__ = "entitlements"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    ecard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ecards.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"))
+    valid_from: Mapped[datetime]
+    valid_until: Mapped[datetime]
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]

@@ -1,21 +1,30 @@
-"""Single-use nonces and the card-status mirror that `/v1/verify` consults in one round trip.
+"""The fast store `/v1/verify` decides a scan with, in one round trip: rate, nonce, status, event.
+
+Per scan, atomically: the terminal's rate limit (GCRA), the credential's single use (with an
+idempotent retry window for the terminal that used it first), the card's mirrored status, an
+optional card record for disclosure, and the verification event appended to a stream.
 
 Two implementations behind one interface: Redis (production, any number of workers) and
-process memory (the embedded default, one worker only). Redis keys of one card share a hash
-tag, so the one Lua call per verification stays within one Redis Cluster slot.
+process memory (the embedded default, one worker only). Keys of one card share a hash tag; the
+rate key and the event stream do not, so the script needs a single Redis node (or Sentinel):
+on a Redis Cluster the rate check and the event append must move out of the card's script.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
+
+from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream
 
 
 class MirroredStatus(StrEnum):
@@ -31,18 +40,114 @@ class StoreUnavailable(Exception):
     """The store cannot be reached; the verify path must fail closed."""
 
 
+class ScanResult(StrEnum):
+    """What the store can decide about a scan (the rest is decided before it is asked)."""
+
+    ACCEPTED = "accepted"
+    REPLAYED = "replayed"
+    CARD_SUSPENDED = "card_suspended"
+    CARD_REVOKED = "card_revoked"
+    # The card is not in the mirror (never activated, or the mirror lost it): fail closed.
+    CARD_UNKNOWN = "card_unknown"
+
+
+# Mirrored status → result; a card waiting for (re-)activation is not usable, like a suspended one.
+_STATUS_RESULTS = {
+    MirroredStatus.ACTIVE.value: ScanResult.ACCEPTED,
+    MirroredStatus.SUSPENDED.value: ScanResult.CARD_SUSPENDED,
+    MirroredStatus.PENDING_ACTIVATION.value: ScanResult.CARD_SUSPENDED,
+    MirroredStatus.REVOKED.value: ScanResult.CARD_REVOKED,
+}
+
+
+class CardRecord(StrEnum):
+    """Extra per-card values a disclosure policy may need, kept beside the status."""
+
+    NONE = ""
+    PROFILE = "p"  # AES-GCM ciphertext of the holder's disclosable profile (hospitals)
+    ENTITLEMENTS = "e"  # JSON of the card's current entitlements (parks)
+
+    @property
+    def required(self) -> bool:
+        """Whether an accepted scan needs the record: a card without a profile fails closed."""
+        return self is CardRecord.PROFILE
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A terminal's limit: per_minute on average, burst at once (GCRA, exact at the boundary)."""
+
+    per_minute: int
+    burst: int
+
+    @property
+    def interval_ms(self) -> float:
+        """Time one verification uses up."""
+        return 60_000 / self.per_minute
+
+    @property
+    def tolerance_ms(self) -> float:
+        """How far ahead of its schedule a terminal may run: burst - 1 intervals."""
+        return self.interval_ms * (self.burst - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """One verification for the store: who asks, the event to record, and the credential's card.
+
+    `decided` carries a result reached before the store (bad signature, wrong purpose…): then
+    only the rate limit and the event apply. Otherwise the nonce and the card are consulted.
+    """
+
+    terminal: str
+    verification_id: str
+    rate: RateLimit
+    now_ms: int
+    event: bytes
+    decided: str = ""
+    card_ref: bytes = b""
+    nonce: bytes = b""
+    nonce_ttl: int = 0
+    retry_window_ms: int = 0
+    record: CardRecord = CardRecord.NONE
+    # Appended to the rate key: scans of one terminal on another budget (batch uploads).
+    rate_scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScanAnswer:
+    """The store's decision.
+
+    kind "limited": the terminal is over its rate (nothing consumed or recorded; retry after
+    retry_after_ms). "retry": the same terminal showed the same credential again within its
+    window: the first answer's result and verification id. "new": a fresh decision.
+    """
+
+    kind: Literal["new", "retry", "limited"]
+    result: str = ""
+    verification_id: str = ""
+    first_used_ms: int = 0
+    record: bytes | None = None
+    retry_after_ms: int = 0
+
+
 class StatusMirror(Protocol):
     """What the verify and issuance paths need from the fast store."""
 
-    async def present(self, card_ref: bytes, nonce: bytes, ttl: int) -> tuple[bool, str | None]:
-        """Consume nonce for card_ref (kept ttl seconds) and read the card's status, atomically.
-
-        Returns (first_use, status letter or None when the card is not mirrored).
-        """
+    async def scan(self, scan: Scan) -> ScanAnswer:
+        """Decide scan atomically: rate limit, single use, card status, event; see `Scan`."""
         ...
 
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """Mirror a card's status (after the database commit)."""
+        ...
+
+    async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
+        """Mirror (or, with None, drop) one of a card's extra records."""
+        ...
+
+    async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
+        """One of a card's extra records, if mirrored."""
         ...
 
     async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
@@ -51,6 +156,10 @@ class StatusMirror(Protocol):
 
     async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
         """Mirrored statuses of many cards (for reconciliation), in order."""
+        ...
+
+    async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
+        """For each card, whether the record is absent from the mirror (for reconciliation)."""
         ...
 
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
@@ -66,32 +175,82 @@ class StatusMirror(Protocol):
         ...
 
 
-# KEYS[1] nonce key, KEYS[2] status key; ARGV[1] nonce lifetime in seconds.
-# A Lua nil would end the returned array, so a missing status comes back as "".
-_PRESENT_LUA = """
-local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
-local status = redis.call('GET', KEYS[2])
-return {first and 1 or 0, status or ''}
-"""
+# KEYS[1] the terminal's rate key, KEYS[2] the event stream; with a card also KEYS[3] nonce,
+# KEYS[4] status and (optionally) KEYS[5] the record to disclose.
+# ARGV[1] now (ms), ARGV[2] rate interval (ms), ARGV[3] burst tolerance (ms), ARGV[4] event,
+# ARGV[5] result decided before the store ("" = consult the card), ARGV[6] nonce lifetime (s),
+# ARGV[7] terminal, ARGV[8] verification id, ARGV[9] retry window (ms), ARGV[10] "1" when the
+# record is required (a missing one then fails closed as card_unknown).
+# The nonce's value remembers the first use: "terminal|verification id|ms|result".
+# A Lua nil would end the returned array, so absent values come back as "".
+_SCAN_LUA = """
+local results_by_status = STATUS_RESULTS
+local now = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local over = tat - now - tonumber(ARGV[3])
+if over > 0 then return {'limited', '', '', '0', '', tostring(math.ceil(over))} end
+local next_tat = tat + tonumber(ARGV[2])
+redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1)
+local result = ARGV[5]
+local first = ARGV[1]
+local record = ''
+if result == '' then
+  local previous = redis.call('GET', KEYS[3])
+  if previous then
+    local terminal, id, at, outcome = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    if terminal == ARGV[7] and now - tonumber(at) <= tonumber(ARGV[9]) then
+      if outcome == 'accepted' and KEYS[5] then record = redis.call('GET', KEYS[5]) or '' end
+      return {'retry', outcome, id, at, record, '0'}
+    end
+    result = 'replayed'
+    first = at
+  else
+    result = results_by_status[redis.call('GET', KEYS[4]) or ''] or 'card_unknown'
+    if result == 'accepted' and KEYS[5] then
+      record = redis.call('GET', KEYS[5]) or ''
+      if record == '' and ARGV[10] == '1' then result = 'card_unknown' end
+    end
+    redis.call('SET', KEYS[3], ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[1] .. '|' .. result, 'EX', ARGV[6])
+  end
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[4], 'r', result)
+return {'new', result, ARGV[8], first, record, '0'}
+""".replace(
+    "STATUS_RESULTS",
+    "{" + ", ".join(f"{status}='{result.value}'" for status, result in _STATUS_RESULTS.items()) + "}",
+)
+
+_SCAN_SHA = hashlib.sha1(_SCAN_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+_Queued = tuple[Scan, "asyncio.Future[ScanAnswer]"]
 
 
-_PRESENT_SHA = hashlib.sha1(_PRESENT_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
-
-Presentation = tuple[str, str, int, "asyncio.Future[tuple[bool, str | None]]"]
+def _answer(reply: list[bytes]) -> ScanAnswer:
+    kind, result, verification_id, first, record, retry_after = reply
+    return ScanAnswer(
+        kind=kind.decode(),  # type: ignore[arg-type]
+        result=result.decode(),
+        verification_id=verification_id.decode(),
+        first_used_ms=int(first),
+        record=record or None,
+        retry_after_ms=int(retry_after),
+    )
 
 
 class RedisStatusMirror:
-    """Nonces and statuses in Redis.
+    """Nonces, statuses, rate counters and the event stream in Redis.
 
-    Verifications arriving in the same event-loop turn share one pipeline of EVALSHA calls:
-    each stays atomic for its own card, and a burst of scans costs one round trip and one
-    read timeout instead of one per scan.
+    Scans arriving in the same event-loop turn share one pipeline of EVALSHA calls: each stays
+    atomic on its own, and a burst of scans costs one round trip and one read timeout instead
+    of one per scan.
     """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
-        self._queue: list[Presentation] = []
+        self._stream = prefix + EVENT_STREAM_KEY
+        self._queue: list[_Queued] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -100,44 +259,48 @@ class RedisStatusMirror:
         client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         return cls(client, prefix)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection pool, shared with the event stream."""
+        return self._client
+
     def _card_key(self, card_ref: bytes) -> str:
         return f"{self._prefix}{{{card_ref.hex()}}}"
 
-    async def present(self, card_ref: bytes, nonce: bytes, ttl: int) -> tuple[bool, str | None]:
-        """See `StatusMirror.present`; queued for this event-loop turn's pipeline."""
+    async def scan(self, scan: Scan) -> ScanAnswer:
+        """See `StatusMirror.scan`; queued for this event-loop turn's pipeline."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
-        card_key = self._card_key(card_ref)
-        self._queue.append((f"{card_key}:n:{nonce.hex()}", f"{card_key}:s", ttl, future))
+        future: asyncio.Future[ScanAnswer] = loop.create_future()
+        self._queue.append((scan, future))
         if len(self._queue) == 1:
             loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._present_batch(batch))
+        task = asyncio.ensure_future(self._scan_batch(batch))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _present_batch(self, batch: list[Presentation]) -> None:
+    async def _scan_batch(self, batch: list[_Queued]) -> None:
         try:
             results = await self._evalsha(batch)
         except (RedisError, OSError) as exc:
-            for *_, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable(str(exc)))
             return
-        for (*_, future), (first, status) in zip(batch, results, strict=True):
+        for (_, future), reply in zip(batch, results, strict=True):
             if not future.done():
-                future.set_result((bool(first), status.decode() if status else None))
+                future.set_result(_answer(reply))
 
-    async def _evalsha(self, batch: list[Presentation]) -> list[Any]:
-        """Run the script for every presentation; load it first if the server lost it."""
+    async def _evalsha(self, batch: list[_Queued]) -> list[Any]:
+        """Run the script for every scan; load it first if the server lost it."""
         results = await self._pipeline(batch)
         # A NOSCRIPT reply means that call did nothing, so those (and only those) run again.
         lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
         if lost:
-            await self._client.script_load(_PRESENT_LUA)
+            await self._client.script_load(_SCAN_LUA)
             for index, result in zip(lost, await self._pipeline([batch[i] for i in lost]), strict=True):
                 results[index] = result
         for result in results:
@@ -145,10 +308,24 @@ class RedisStatusMirror:
                 raise result
         return results
 
-    async def _pipeline(self, batch: list[Presentation]) -> list[Any]:
+    def _scan_call(self, scan: Scan) -> tuple[Any, ...]:
+        keys: tuple[str, ...] = (f"{self._prefix}rate:{scan.terminal}{scan.rate_scope}", self._stream)
+        if not scan.decided:
+            card_key = self._card_key(scan.card_ref)
+            keys += (f"{card_key}:n:{scan.nonce.hex()}", f"{card_key}:s")
+            if scan.record:
+                keys += (f"{card_key}:{scan.record.value}",)
+        args = (
+            scan.now_ms, scan.rate.interval_ms, scan.rate.tolerance_ms, scan.event, scan.decided,
+            scan.nonce_ttl, scan.terminal, scan.verification_id, scan.retry_window_ms,
+            "1" if scan.record.required else "0",
+        )  # fmt: skip
+        return (len(keys), *keys, *args)
+
+    async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
-            for nonce_key, status_key, ttl, _ in batch:
-                pipe.evalsha(_PRESENT_SHA, 2, nonce_key, status_key, ttl)
+            for scan, _ in batch:
+                pipe.evalsha(_SCAN_SHA, *self._scan_call(scan))
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
@@ -158,6 +335,25 @@ class RedisStatusMirror:
             await self._client.set(f"{self._card_key(card_ref)}:s", status.value)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
+        """See `StatusMirror.set_record`."""
+        key = f"{self._card_key(card_ref)}:{record.value}"
+        try:
+            if value is None:
+                await self._client.delete(key)
+            else:
+                await self._client.set(key, value)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
+        """See `StatusMirror.get_record`."""
+        try:
+            value = await self._client.get(f"{self._card_key(card_ref)}:{record.value}")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return value if isinstance(value, bytes) else None
 
     async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
         """See `StatusMirror.holder_state`; both keys carry the card's hash tag (one slot)."""
@@ -179,6 +375,17 @@ class RedisStatusMirror:
             raise StoreUnavailable(str(exc)) from exc
         return [value.decode() if isinstance(value, bytes) else value for value in values]
 
+    async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
+        """See `StatusMirror.missing_records`."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for card_ref in card_refs:
+                    pipe.exists(f"{self._card_key(card_ref)}:{record.value}")
+                values = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [not value for value in values]
+
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
         """See `StatusMirror.revoke_device`."""
         try:
@@ -198,35 +405,83 @@ class RedisStatusMirror:
         await self._client.aclose()
 
 
-class MemoryStatusMirror:
-    """Nonces and statuses in this process: correct only while the service runs one worker."""
+@dataclass(slots=True)
+class _FirstUse:
+    terminal: str
+    verification_id: str
+    at_ms: int
+    result: str
+    until: float
 
-    def __init__(self) -> None:
-        self._nonces: dict[tuple[bytes, bytes], float] = {}
+
+class MemoryStatusMirror:
+    """The same decisions in this process: correct only while the service runs one worker."""
+
+    def __init__(self, events: MemoryEventStream | None = None) -> None:
+        self.events = events or MemoryEventStream()
+        self._nonces: dict[tuple[bytes, bytes], _FirstUse] = {}
         self._statuses: dict[bytes, str] = {}
+        self._records: dict[tuple[bytes, CardRecord], bytes] = {}
+        self._rates: dict[str, float] = {}
         self._revoked_devices: dict[uuid.UUID, float] = {}
         self._next_purge = 0.0
 
     def _purge(self, now: float) -> None:
         if now >= self._next_purge:
-            self._nonces = {key: until for key, until in self._nonces.items() if until > now}
+            self._nonces = {key: use for key, use in self._nonces.items() if use.until > now}
             self._revoked_devices = {key: until for key, until in self._revoked_devices.items() if until > now}
             self._next_purge = now + 10.0
 
-    async def present(self, card_ref: bytes, nonce: bytes, ttl: int) -> tuple[bool, str | None]:
-        """See `StatusMirror.present`; atomic because nothing here awaits."""
-        now = time.monotonic()
-        self._purge(now)
-        key = (card_ref, nonce)
-        until = self._nonces.get(key)
-        first = until is None or until <= now
-        if first:
-            self._nonces[key] = now + ttl
-        return first, self._statuses.get(card_ref)
+    async def scan(self, scan: Scan) -> ScanAnswer:
+        """See `StatusMirror.scan`; atomic because nothing here awaits (the Lua script, in Python)."""
+        now = scan.now_ms
+        rate_key = scan.terminal + scan.rate_scope
+        tat = max(self._rates.get(rate_key, 0.0), now)
+        over = tat - now - scan.rate.tolerance_ms
+        if over > 0:
+            return ScanAnswer("limited", retry_after_ms=math.ceil(over))
+        self._rates[rate_key] = tat + scan.rate.interval_ms
+        result, first = scan.decided, now
+        if not result:
+            clock = time.monotonic()
+            self._purge(clock)
+            key = (scan.card_ref, scan.nonce)
+            previous = self._nonces.get(key)
+            if previous is not None and previous.until > clock:
+                if previous.terminal == scan.terminal and now - previous.at_ms <= scan.retry_window_ms:
+                    return ScanAnswer(
+                        "retry", previous.result, previous.verification_id, previous.at_ms,
+                        self._record_for(scan, previous.result),
+                    )  # fmt: skip
+                result, first = ScanResult.REPLAYED.value, previous.at_ms
+            else:
+                status = self._statuses.get(scan.card_ref, "")
+                result = _STATUS_RESULTS.get(status, ScanResult.CARD_UNKNOWN).value
+                if result == ScanResult.ACCEPTED and scan.record.required and self._record_for(scan, result) is None:
+                    result = ScanResult.CARD_UNKNOWN.value
+                self._nonces[key] = _FirstUse(scan.terminal, scan.verification_id, now, result, clock + scan.nonce_ttl)
+        self.events.append(scan.event, result)
+        return ScanAnswer("new", result, scan.verification_id, first, self._record_for(scan, result))
+
+    def _record_for(self, scan: Scan, result: str) -> bytes | None:
+        if result != ScanResult.ACCEPTED or not scan.record:
+            return None
+        return self._records.get((scan.card_ref, scan.record))
 
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """See `StatusMirror.set_status`."""
         self._statuses[card_ref] = status.value
+
+    async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
+        """See `StatusMirror.set_record`."""
+        if value is None:
+            self._records.pop((card_ref, record), None)
+        else:
+            self._records[(card_ref, record)] = value
+
+    async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
+        """See `StatusMirror.get_record`."""
+        return self._records.get((card_ref, record))
 
     async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
         """See `StatusMirror.holder_state`."""
@@ -236,6 +491,10 @@ class MemoryStatusMirror:
     async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
         """See `StatusMirror.get_statuses`."""
         return [self._statuses.get(card_ref) for card_ref in card_refs]
+
+    async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
+        """See `StatusMirror.missing_records`."""
+        return [(card_ref, record) not in self._records for card_ref in card_refs]
 
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
         """See `StatusMirror.revoke_device`."""

@@ -20,19 +20,22 @@ from tests.factories import Gate, Holder, bearer
 
 
 async def test_activated_card_verifies_once_then_replayed(
-    client: httpx.AsyncClient, holder: Holder, gate: Gate
+    client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate
 ) -> None:
+    other_gate = await factories.new_terminal(client, admin_token, gate.organisation_id, ["transit"])
     [credential] = await factories.credentials(client, holder)
     first = await factories.verify(client, gate, credential)
     assert first["result"] == "accepted"
     assert first["purpose"] == "transit"
     assert first["verification_id"].startswith("vf_")
-    second = await factories.verify(client, gate, credential)
+    assert "repeated" not in first  # only a repeated answer says so
+    second = await factories.verify(client, other_gate, credential)
     assert second == {
         "result": "rejected",
         "verification_id": second["verification_id"],
         "reason": "replayed",
         "purpose": "transit",
+        "first_used_at": second["first_used_at"],
     }
     assert second["verification_id"] != first["verification_id"]
 

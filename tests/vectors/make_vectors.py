@@ -22,13 +22,13 @@ if str(ROOT) not in sys.path:
 import cbor2  # noqa: E402
 
 from crypto.base45 import b45encode  # noqa: E402
+from crypto.cose import sign1  # noqa: E402
 from crypto.credential import (  # noqa: E402
     PREFIX,
     Claims,
     Purpose,
     encode_claims,
     issue_credential,
-    sign_cose,
 )
 from crypto.jwk import jwks  # noqa: E402
 from crypto.keys import SigningKey  # noqa: E402
@@ -45,7 +45,8 @@ CHONGQING = "500000"
 NOW = 1_750_000_000
 LEEWAY = 10
 CARD_REF = bytes.fromhex("5ec0ca7d00112233445566778899aabb")
-NONCE = bytes.fromhex("000102030405060708090a0b")
+NONCE = bytes.fromhex("00010203040506")
+STATUS_INDEX = 1_000_000
 
 
 def claims(**overrides: Any) -> Claims:
@@ -54,6 +55,7 @@ def claims(**overrides: Any) -> Claims:
         "nonce": NONCE,
         "region": SICHUAN,
         "purpose": Purpose.TRANSIT,
+        "status_index": STATUS_INDEX,
         "not_before": NOW - 30,
         "expires_at": NOW + 30,
     }
@@ -97,6 +99,7 @@ def expected_claims(value: Claims) -> dict[str, Any]:
         "card_ref": value.card_ref.hex(),
         "purpose": int(value.purpose),
         "purpose_label": value.purpose.label,
+        "status_index": value.status_index,
         "payload_hex": encode_claims(value).hex(),
     }
 
@@ -109,7 +112,7 @@ def valid_case(name: str, description: str, key: SigningKey, value: Claims) -> d
         "credential": credential,
         "expected": "valid",
         "kid_hex": key.kid.hex(),
-        "cose_hex": sign_cose(key, encode_claims(value)).hex(),
+        "cose_hex": sign1(key, encode_claims(value)).hex(),
         "claims": expected_claims(value),
     }
 
@@ -125,7 +128,11 @@ def cases() -> list[dict[str, Any]]:
     signature = cbor2.loads(good_cose).value[3]
     flipped = bytes([signature[0] ^ 0x01]) + signature[1:]
     bad_purpose = cbor2.loads(good_payload)
-    bad_purpose[-65537] = [CARD_REF, 9]
+    bad_purpose[-65537] = [CARD_REF, 9, STATUS_INDEX]
+    old_card_claim = cbor2.loads(good_payload)
+    old_card_claim[-65537] = [CARD_REF, 1]
+    bad_status_index = cbor2.loads(good_payload)
+    bad_status_index[-65537] = [CARD_REF, 1, 2**32]
 
     return [
         valid_case("valid", "transit credential inside its window", ISSUER_SICHUAN, good),
@@ -133,13 +140,26 @@ def cases() -> list[dict[str, Any]]:
             "valid-other-issuer",
             "medical credential of another region, signed by that region's key",
             ISSUER_CHONGQING,
-            claims(region=CHONGQING, purpose=Purpose.MEDICAL),
+            claims(region=CHONGQING, purpose=Purpose.MEDICAL, status_index=0),
         ),
         valid_case(
             "valid-expiry-edge",
             "now == exp + leeway: still valid",
             ISSUER_SICHUAN,
             claims(not_before=NOW - LEEWAY - 60, expires_at=NOW - LEEWAY, purpose=Purpose.LIBRARY),
+        ),
+        valid_case(
+            "valid-largest",
+            "every value at its longest (status index 2**32 - 1): 144 bytes, 220 characters",
+            ISSUER_SICHUAN,
+            claims(
+                card_ref=b"\xff" * 16,
+                nonce=b"\xff" * 7,
+                purpose=Purpose.GENERAL,
+                status_index=2**32 - 1,
+                not_before=NOW - LEEWAY,
+                expires_at=2**32 - 1,
+            ),
         ),
         valid_case(
             "valid-not-before-edge",
@@ -187,6 +207,18 @@ def cases() -> list[dict[str, Any]]:
             "malformed-unknown-purpose",
             "correctly signed claims with purpose 9, which is not defined",
             text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(bad_purpose))),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-two-item-card-claim",
+            "correctly signed claims with [card_ref, purpose]: the layout before the status index",
+            text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(old_card_claim))),
+            "malformed",
+        ),
+        rejected_case(
+            "malformed-status-index-out-of-range",
+            "correctly signed claims with status index 2**32",
+            text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(bad_status_index))),
             "malformed",
         ),
         rejected_case(
@@ -240,8 +272,11 @@ def build() -> dict[str, Any]:
             "1": "iss: issuing region, 6-digit GB/T 2260 code; must equal the key's `region`",
             "4": "exp",
             "5": "nbf",
-            "7": "cti: 12-byte nonce",
-            "-65537": "[card_ref (16 bytes), purpose (1 transit, 2 medical, 3 park, 4 library, 5 general)]",
+            "7": "cti: 7-byte nonce",
+            "-65537": (
+                "[card_ref (16 bytes), purpose (1 transit, 2 medical, 3 park, 4 library, 5 general), "
+                "status_index (unsigned integer below 2**32: the card's index in its region's status list)]"
+            ),
         },
         "now": NOW,
         "leeway": LEEWAY,

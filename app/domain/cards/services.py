@@ -13,13 +13,20 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import utcnow
-from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Person, Region
+from app.clock import as_utc, utcnow
+from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Entitlement, Person, Region
 from app.domain.audit.services import Actor, record
-from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
+from app.domain.cards.citizen_id import InvalidCitizenId, mask_citizen_id, normalise_citizen_id
+from app.domain.regions.services import allocate_status_indexes
+from app.domain.verification.disclosure import (
+    PARK_ANNUAL_PASS,
+    Profile,
+    entitlements_record,
+    seal_profile,
+)
 from app.pii import PiiCipher
 from app.scope import covers, within
-from app.stores.status_mirror import MirroredStatus, StatusMirror
+from app.stores.status_mirror import CardRecord, MirroredStatus, StatusMirror
 
 CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")
 CITIZEN_ID_FIELD = "persons.citizen_id"
@@ -152,6 +159,7 @@ async def issue_card(
         card_id=card.id,
         region_code=region,
         card_ref=os.urandom(16),
+        status_index=await allocate_status_indexes(session, region, 1),
         state=ECardState.PENDING_ACTIVATION,
         updated_at=now,
     )
@@ -191,38 +199,78 @@ class Reconciliation:
     missing: int
     different: int
     repaired: int
+    # Cards whose disclosure profile (hospitals) was missing from the mirror.
+    profiles_missing: int = 0
+
+
+def profile_record(pii: PiiCipher, card_ref: bytes, person: Person) -> bytes:
+    """The card's sealed disclosure profile: name, masked citizen ID, insured region."""
+    citizen_id = pii.decrypt(person.citizen_id_encrypted, CITIZEN_ID_FIELD)
+    name = pii.decrypt(person.name_encrypted, NAME_FIELD)
+    return seal_profile(pii, card_ref, Profile(name, mask_citizen_id(citizen_id), person.region_code))
+
+
+async def mirror_entitlements(session: AsyncSession, mirror: StatusMirror, ecard: ECard) -> None:
+    """Mirror the eCard's current entitlements (after the database commit)."""
+    await mirror.set_record(ecard.card_ref, CardRecord.ENTITLEMENTS, await _entitlements_record(session, ecard.id))
+
+
+async def _entitlements_record(session: AsyncSession, ecard_id: uuid.UUID) -> bytes | None:
+    rows = await session.execute(
+        select(Entitlement.region_code, Entitlement.valid_until).where(
+            Entitlement.ecard_id == ecard_id,
+            Entitlement.kind == PARK_ANNUAL_PASS,
+            Entitlement.revoked_at.is_(None),
+            Entitlement.valid_until >= utcnow(),
+        )
+    )
+    return entitlements_record([(region, as_utc(until).date()) for region, until in rows])
 
 
 async def reconcile_status_mirror(
-    session: AsyncSession, mirror: StatusMirror, *, repair: bool, batch: int = 1000
+    session: AsyncSession, mirror: StatusMirror, pii: PiiCipher, *, repair: bool, batch: int = 1000
 ) -> Reconciliation:
-    """Compare every eCard's state with its mirrored status, in batches; with repair, fix drift.
+    """Compare every eCard's state and profile with the mirror, in batches; with repair, fix drift.
 
-    The database is the truth: a missing or different mirror entry is set from it. Drift comes
-    from a Redis restart (it keeps nothing on disk) or a crash between commit and mirroring.
+    The database is the truth: a missing or different mirror entry is set from it (with the
+    card's entitlements). Drift comes from a Redis restart (it keeps nothing on disk) or a
+    crash between commit and mirroring.
     """
-    checked = missing = different = repaired = 0
-    result = await session.stream(select(ECard.card_ref, ECard.state).execution_options(yield_per=batch))
+    checked = missing = different = repaired = profiles_missing = 0
+    result = await session.stream(
+        select(ECard, Person)
+        .join(Card, Card.id == ECard.card_id)
+        .join(Person, Person.id == Card.person_id)
+        .execution_options(yield_per=batch)
+    )
     async for rows in result.partitions(batch):
-        expected = [(card_ref, MIRRORED[ECardState(state)]) for card_ref, state in rows]
-        actual = await mirror.get_statuses([card_ref for card_ref, _ in expected])
-        for (card_ref, status), seen in zip(expected, actual, strict=True):
+        cards = [(ecard, person, MIRRORED[ECardState(ecard.state)]) for ecard, person in rows]
+        refs = [ecard.card_ref for ecard, _, _ in cards]
+        actual = await mirror.get_statuses(refs)
+        no_profile = await mirror.missing_records(refs, CardRecord.PROFILE)
+        for (ecard, person, status), seen, absent in zip(cards, actual, no_profile, strict=True):
             checked += 1
-            if seen == status.value:
+            profiles_missing += absent
+            if seen == status.value and not absent:
                 continue
             if seen is None:
                 missing += 1
-            else:
+            elif seen != status.value:
                 different += 1
             if repair:
-                await mirror.set_status(card_ref, status)
+                # Records first: a card must never be active in the mirror without its profile.
+                await mirror.set_record(ecard.card_ref, CardRecord.PROFILE, profile_record(pii, ecard.card_ref, person))
+                await mirror.set_record(
+                    ecard.card_ref, CardRecord.ENTITLEMENTS, await _entitlements_record(session, ecard.id)
+                )
+                await mirror.set_status(ecard.card_ref, status)
                 repaired += 1
-    return Reconciliation(checked, missing, different, repaired)
+    return Reconciliation(checked, missing, different, repaired, profiles_missing)
 
 
-async def mirror_all_statuses(session: AsyncSession, mirror: StatusMirror) -> int:
+async def mirror_all_statuses(session: AsyncSession, mirror: StatusMirror, pii: PiiCipher) -> int:
     """Fill an empty mirror from the database (the in-process store at start-up); the number set."""
-    return (await reconcile_status_mirror(session, mirror, repair=True)).repaired
+    return (await reconcile_status_mirror(session, mirror, pii, repair=True)).repaired
 
 
 async def find_cards(

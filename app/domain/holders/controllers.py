@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
+from app.clock import as_utc
 from app.context import ServiceContext, context_of
 from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, provide_holder
 from app.domain.audit.services import Actor
@@ -37,8 +38,10 @@ from app.domain.holders.schemas import (
     RefreshRequest,
     SessionResponse,
     StepUp,
+    UsageOut,
 )
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
+from app.domain.verification.events import card_usage
 from app.problems import problem_responses
 from app.tokens import HolderSession, InvalidToken
 from crypto.credential import Purpose
@@ -190,6 +193,35 @@ class HolderCardController(Controller):
             holder_window=LOSS_UNDO_WINDOW,
             reason="found by the holder",
         )
+
+    @get("/usage", summary="Where the card was used", responses=problem_responses(401, 503))
+    async def usage(
+        self,
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=200)] = 50,
+        before: Annotated[datetime | None, QueryParameter(name="before", required=False)] = None,
+    ) -> list[UsageOut]:
+        """The card's verifications, newest first: when, which organisation, purpose and result.
+
+        Page back with `before` = the last entry's `occurred_at`. Entries appear a few seconds
+        after the scan (they are drained from the event stream).
+        """
+        entries = await card_usage(
+            session, holder.session.card_ref, limit=limit, before=as_utc(before) if before else None
+        )
+        return [
+            UsageOut(
+                verification_id=entry.verification_id,
+                occurred_at=entry.occurred_at,
+                organisation=entry.organisation,
+                business_type=entry.business_type,
+                purpose=entry.purpose,
+                result=entry.result,
+                scanned_at=entry.scanned_at,
+            )
+            for entry in entries
+        ]
 
     @get("/devices", summary="List devices", responses=problem_responses(401, 503))
     async def devices(

@@ -80,6 +80,7 @@ def issue_credentials(
             nonce=os.urandom(NONCE_LENGTH),
             region=holder.region,
             purpose=purpose,
+            status_index=holder.status_index,
             not_before=not_before,
             expires_at=expires_at,
         )

@@ -140,3 +140,16 @@ class DeviceRename(WireModel):
     """A new name for a device."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class UsageOut(WireModel):
+    """One use of the card: when, where (organisation and kind), for what, and the answer."""
+
+    verification_id: str
+    occurred_at: datetime
+    organisation: str
+    business_type: str
+    purpose: str | None
+    result: str
+    # For scans a gate uploaded later: when it scanned the code.
+    scanned_at: datetime | None = None

@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import as_utc, utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
-from app.domain.cards.services import activation_code_hash, normalise_activation_code
+from app.domain.cards.services import activation_code_hash, normalise_activation_code, profile_record
 from app.pii import PiiCipher
 from app.settings import Settings
-from app.stores.status_mirror import MirroredStatus, StatusMirror
+from app.stores.status_mirror import CardRecord, MirroredStatus, StatusMirror
 from app.tokens import HolderSession, SessionTokens
 from crypto.keys import b64url
 
@@ -61,7 +61,13 @@ async def _start_session(
         )
     )
     access = tokens.issue_holder(
-        HolderSession(ecard_id=ecard.id, device_id=device.id, card_ref=ecard.card_ref, region=ecard.region_code),
+        HolderSession(
+            ecard_id=ecard.id,
+            device_id=device.id,
+            card_ref=ecard.card_ref,
+            region=ecard.region_code,
+            status_index=ecard.status_index,
+        ),
         settings.access_token_ttl,
     )
     return IssuedSession(access, refresh, settings.access_token_ttl, ecard.id, device.id)
@@ -141,6 +147,9 @@ async def activate(
     await session.flush()
     issued = await _start_session(session, tokens, settings, ecard, device, uuid.uuid4())
     await session.commit()
+    # The profile first: an active card must never lack the record hospitals are answered from.
+    person = await session.get_one(Person, card.person_id)
+    await mirror.set_record(ecard.card_ref, CardRecord.PROFILE, profile_record(pii, ecard.card_ref, person))
     await mirror.set_status(ecard.card_ref, MirroredStatus.ACTIVE)
     return issued
 

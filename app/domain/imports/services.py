@@ -44,7 +44,7 @@ from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportR
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
-from app.domain.regions.services import REGION_CODE
+from app.domain.regions.services import REGION_CODE, allocate_status_indexes
 from app.pii import PiiCipher
 from app.scope import ALL_REGIONS
 
@@ -640,6 +640,11 @@ async def _apply_chunk(
 
     if new_persons:
         await session.execute(insert(Person), new_persons)
+    for region in sorted({str(ecard["region_code"]) for ecard in new_ecards}):
+        in_region = [ecard for ecard in new_ecards if ecard["region_code"] == region]
+        first = await allocate_status_indexes(session, region, len(in_region))
+        for offset, ecard in enumerate(in_region):
+            ecard["status_index"] = first + offset
     if new_cards:
         await session.execute(insert(Card), new_cards)
         await session.execute(insert(ECard), new_ecards)

@@ -1,13 +1,18 @@
-"""`GET /.well-known/jwks.json`: every issuer key, for verifiers online and offline."""
+"""`GET /.well-known/jwks.json` (every issuer key) and `GET /v1/offline-kits/{region}` for offline gates."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from litestar import Request, get
+from litestar import Request, Response, get
 from litestar.datastructures import CacheControlHeader
+from litestar.di import NamedDependency
+from litestar.params import PathParameter
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import context_of
+from app.context import ServiceContext, context_of
+from app.problems import problem_responses
+from app.schema import WireModel
 from crypto.jwk import jwks
 
 
@@ -20,3 +25,39 @@ from crypto.jwk import jwks
 async def issuer_jwks(request: Request[Any, Any, Any]) -> dict[str, list[dict[str, str]]]:
     """Ed25519 OKP keys (RFC 8037) with `kid` and the `region` each signs for."""
     return jwks(context_of(request.app.state).directory.keys.verify_keys.values())
+
+
+class OfflineKitOut(WireModel):
+    """A region's keys and signed status list (IETF Token Status List, CWT, base64url), for offline gates.
+
+    Check a credential with `python -m crypto.offline --kit kit.json CREDENTIAL`, or any COSE
+    library: the status list token is a COSE_Sign1 by a key in `jwks`; the card's status is at
+    the index the credential carries (2 bits: 0 valid, 1 revoked, 2 suspended, 3 not yet usable).
+    """
+
+    region: str
+    jwks: dict[str, list[dict[str, str]]]
+    status_list: str
+
+
+@get(
+    "/v1/offline-kits/{region:str}",
+    tags=["keys"],
+    summary="Offline kit of a region",
+    responses=problem_responses(404),
+)
+async def offline_kit(
+    ctx: NamedDependency[ServiceContext],
+    session: NamedDependency[AsyncSession],
+    region: Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{5}$")],
+) -> Response[OfflineKitOut]:
+    """The region's public keys and signed status list; refetch after the list's `ttl` (Cache-Control).
+
+    Single use cannot be checked offline across gates: a gate keeps its own record of the
+    nonces it saw and uploads its scans with `POST /v1/verify/batch` when it is back online.
+    """
+    document = await ctx.offline_kits.kit(session, ctx.directory.keys, region)
+    return Response(
+        OfflineKitOut(region=document["region"], jwks=document["jwks"], status_list=document["status_list"]),
+        headers={"Cache-Control": f"public, max-age={ctx.settings.status_list_ttl}"},
+    )

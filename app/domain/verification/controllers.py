@@ -1,19 +1,83 @@
-"""`POST /v1/verify`: the hot path. No database, no DI beyond the body, one store round trip."""
+"""`POST /v1/verify` (the hot path: no database, one store round trip) and `POST /v1/verify/batch`."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from litestar import Request, post
+from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, JSONBody
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.context import context_of
+from app.context import ServiceContext, context_of
 from app.dependencies import TERMINAL_SECURITY
-from app.domain.verification.schemas import VerifyRequest, VerifyResponse
+from app.domain.verification.directory import TerminalEntry
+from app.domain.verification.schemas import (
+    BatchItemResult,
+    BatchVerifyRequest,
+    BatchVerifyResponse,
+    VerifyRequest,
+    VerifyResponse,
+)
+from app.domain.verification.service import MAX_BATCH, BatchScan, Outcome, RateLimited
 from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
+MAX_BATCH_BODY_BYTES = MAX_BATCH * 700
+
+_UNAVAILABLE = "card status store is unreachable; the credential was not accepted"
+
+
+async def _terminal(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
+    """The terminal making the request, by API key or by its request signature; 401 otherwise."""
+    directory = context_of(request.app.state).directory
+    if api_key is not None:
+        terminal = directory.authenticate(api_key)
+        if terminal is None:
+            raise problems.unauthorized(
+                "unknown, disabled or malformed terminal API key (X-Api-Key), or the terminal signs its requests"
+            )
+        return terminal
+    headers = request.headers
+    terminal_id = headers.get("x-terminal-id")
+    signature = headers.get("x-signature")
+    timestamp = headers.get("x-signature-timestamp")
+    if not (terminal_id and signature and timestamp):
+        raise problems.unauthorized("send X-Api-Key, or X-Terminal-Id, X-Signature-Timestamp and X-Signature")
+    body = await request.body()
+    terminal = directory.authenticate_signed(terminal_id, timestamp, signature, request.method, request.url.path, body)
+    if terminal is None:
+        raise problems.unauthorized("request signature does not verify, is too old, or the terminal is disabled")
+    return terminal
+
+
+def _rate_limited(exc: RateLimited) -> Exception:
+    error = problems.problem(
+        429, "rate_limited", "this terminal is over its verification rate; nothing was consumed",
+        retry_after_ms=exc.retry_after_ms,
+    )  # fmt: skip
+    error.headers = {"Retry-After": str(max(1, -(-exc.retry_after_ms // 1000)))}
+    return error
+
+
+def _response(outcome: Outcome) -> VerifyResponse:
+    if outcome.accepted:
+        return VerifyResponse(
+            result="accepted",
+            verification_id=outcome.verification_id,
+            purpose=outcome.purpose,
+            claims=outcome.claims,
+            repeated=outcome.repeated,
+        )
+    return VerifyResponse(
+        result="rejected",
+        verification_id=outcome.verification_id,
+        reason=outcome.reason.value if outcome.reason else None,
+        purpose=outcome.purpose,
+        first_used_at=outcome.first_used_at,
+        repeated=outcome.repeated,
+    )
 
 
 @post(
@@ -23,7 +87,7 @@ MAX_BODY_BYTES = 2048
     request_max_body_size=MAX_BODY_BYTES,
     tags=["verification"],
     summary="Verify a scanned credential",
-    responses=problems.problem_responses(401, 413, 503),
+    responses=problems.problem_responses(401, 413, 429, 503),
 )
 async def verify(
     request: Request[Any, Any, Any],
@@ -33,27 +97,68 @@ async def verify(
     """Accept or reject a scanned credential, once.
 
     A rejection is a normal answer (200) with a stable reason code; 4xx answers mean the
-    request itself was wrong (bad body, unknown terminal). 503 means the status store is
-    unreachable: nothing was accepted.
+    request itself was wrong (bad body, unknown terminal). The terminal that got an answer
+    gets the same one (same `verification_id`, `repeated: true`) if it sends the same
+    credential again within a few seconds, e.g. after a lost reply; any other terminal gets
+    `replayed`. 429 means the terminal is over its rate and nothing was consumed; 503 that the
+    status store is unreachable: nothing was accepted.
     """
-    context = context_of(request.app.state)
-    terminal = context.directory.authenticate(api_key)
-    if terminal is None:
-        raise problems.unauthorized("unknown, disabled or malformed terminal API key (X-Api-Key)")
+    terminal = await _terminal(request, api_key)
     try:
-        outcome = await context.verifier.verify(terminal, data.credential)
+        outcome = await context_of(request.app.state).verifier.verify(terminal, data.credential)
+    except RateLimited as exc:
+        raise _rate_limited(exc) from None
     except StoreUnavailable:
-        raise problems.unavailable("card status store is unreachable; the credential was not accepted") from None
-    if outcome.accepted:
-        return VerifyResponse(
-            result="accepted",
-            verification_id=outcome.verification_id,
-            purpose=outcome.purpose,
-            claims=outcome.claims,
+        raise problems.unavailable(_UNAVAILABLE) from None
+    return _response(outcome)
+
+
+@post(
+    "/v1/verify/batch",
+    status_code=200,
+    security=TERMINAL_SECURITY,
+    request_max_body_size=MAX_BATCH_BODY_BYTES,
+    tags=["verification"],
+    summary="Upload scans a gate made while offline",
+    responses=problems.problem_responses(401, 413, 503),
+)
+async def verify_batch(
+    request: Request[Any, Any, Any],
+    ctx: NamedDependency[ServiceContext],
+    session: NamedDependency[AsyncSession],
+    data: JSONBody[BatchVerifyRequest],
+    api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+) -> BatchVerifyResponse:
+    """Decide each queued scan at its scan time, in order; report double use across gates.
+
+    Each item gets its own answer, as `/v1/verify` would have given it at `scanned_at`, except
+    that a credential used before (online, or in another gate's upload) is `replayed` with the
+    time of its first use: the gate let a copy through and the office should know. Uploading
+    the same batch again gives the same answers and verification ids. Items over the upload
+    budget come back as `rate_limited` with nothing consumed: send those again later.
+    """
+    terminal = await _terminal(request, api_key)
+    scans = [BatchScan(item.credential, int(item.scanned_at.timestamp() * 1000)) for item in data.scans]
+    try:
+        outcomes = await ctx.verifier.verify_batch(session, terminal, scans)
+    except StoreUnavailable:
+        raise problems.unavailable(_UNAVAILABLE) from None
+    results = []
+    for outcome in outcomes:
+        if isinstance(outcome, RateLimited):
+            results.append(BatchItemResult(result="rate_limited", retry_after_ms=outcome.retry_after_ms))
+            continue
+        answer = _response(outcome)
+        results.append(
+            BatchItemResult(
+                result=answer.result,
+                verification_id=answer.verification_id,
+                reason=answer.reason,
+                purpose=answer.purpose,
+                claims=answer.claims,
+                first_used_at=answer.first_used_at,
+                repeated=answer.repeated,
+            )
         )
-    return VerifyResponse(
-        result="rejected",
-        verification_id=outcome.verification_id,
-        reason=outcome.reason.value if outcome.reason else None,
-        purpose=outcome.purpose,
-    )
+    double_uses = sum(1 for item in results if item.reason == "replayed")
+    return BatchVerifyResponse(results=results, double_uses=double_uses)

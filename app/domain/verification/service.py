@@ -1,16 +1,27 @@
-"""verify_credential for terminals: the whole decision, one Redis round trip, no database."""
+"""verify_credential for terminals: the whole decision, one store round trip, no database.
+
+Scans uploaded in a batch by a gate that was offline take the same path with their scan time,
+plus one database look-up for credentials the store no longer remembers (`verify_batch`).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import VerificationEvent
 from app.domain.verification.directory import TerminalEntry, VerifierDirectory
-from app.domain.verification.disclosure import disclose
-from app.stores.status_mirror import MirroredStatus, StatusMirror
-from crypto.credential import CredentialRejected, verify_credential
+from app.domain.verification.disclosure import Disclosing, disclose, policy_for
+from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event
+from app.pii import PiiCipher
+from app.settings import Settings
+from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror
+from crypto.credential import Claims, CredentialRejected, Rejection, open_credential
 from crypto.keys import b64url
 
 
@@ -29,29 +40,41 @@ class Reason(StrEnum):
     CARD_UNKNOWN = "card_unknown"
     PURPOSE_NOT_ALLOWED = "purpose_not_allowed"
     REGION_NOT_ACCEPTED = "region_not_accepted"
-
-
-_STATUS_REASONS = {
-    MirroredStatus.SUSPENDED.value: Reason.CARD_SUSPENDED,
-    # Waiting for (re-)activation, e.g. after a replacement card: not usable, like a suspension.
-    MirroredStatus.PENDING_ACTIVATION.value: Reason.CARD_SUSPENDED,
-    MirroredStatus.REVOKED.value: Reason.CARD_REVOKED,
-}
+    # Batch only: the scan time is in the future or older than the offline window.
+    SCAN_TIME_INVALID = "scan_time_invalid"
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The answer to one scan."""
+    """The answer to one scan.
+
+    `first_used_at` is set for a replay (when the credential was used first); `repeated` when
+    this is the same terminal asking again within its retry window (same verification id).
+    """
 
     verification_id: str
     accepted: bool
     reason: Reason | None = None
     purpose: str | None = None
-    claims: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, str | None] = field(default_factory=dict)
+    first_used_at: datetime | None = None
+    repeated: bool = False
+
+
+class RateLimited(Exception):
+    """The terminal is over its rate; nothing was consumed or recorded."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"rate limit exceeded; retry after {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
 
 
 def _new_verification_id() -> str:
     return "vf_" + b64url(os.urandom(12))
+
+
+def _moment(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def region_accepted(terminal_region: str, card_region: str) -> bool:
@@ -59,40 +82,180 @@ def region_accepted(terminal_region: str, card_region: str) -> bool:
     return terminal_region[:2] == card_region[:2]
 
 
+# A batch upload may replay its own scans at any time and get the same answers.
+_BATCH_RETRY_WINDOW_MS = 10**12
+MAX_BATCH = 500
+BATCH_RATE = RateLimit(per_minute=6000, burst=MAX_BATCH)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchScan:
+    """One scan a gate queued while offline."""
+
+    credential: str
+    scanned_at_ms: int
+
+
 class CredentialVerifier:
     """Decides scans for terminals."""
 
     def __init__(
-        self, directory: VerifierDirectory, mirror: StatusMirror, pseudonym_key: bytes, clock_skew: int
+        self,
+        directory: VerifierDirectory,
+        mirror: StatusMirror,
+        pii: PiiCipher,
+        pseudonym_key: bytes,
+        settings: Settings,
     ) -> None:
         self._directory = directory
         self._mirror = mirror
+        self._pii = pii
         self._pseudonym_key = pseudonym_key
-        self._skew = clock_skew
+        self._skew = settings.clock_skew
+        self._retry_window_ms = settings.verify_retry_window * 1000
+        self._nonce_memory = settings.nonce_memory
+        self._offline_window_ms = settings.offline_scan_window * 1000
+
+    def _check(self, terminal: TerminalEntry, text: str, at: int) -> tuple[Claims | None, str]:
+        """The credential's claims (when its signature holds) and a rejection decided without the store."""
+        try:
+            claims = open_credential(text, self._directory.keys.verify_keys).claims
+        except CredentialRejected as exc:
+            return None, exc.reason.value
+        if at > claims.expires_at + self._skew:
+            return claims, Rejection.EXPIRED.value
+        if at + self._skew < claims.not_before:
+            return claims, Rejection.NOT_YET_VALID.value
+        if claims.purpose not in terminal.purposes:
+            return claims, Reason.PURPOSE_NOT_ALLOWED.value
+        if not region_accepted(terminal.region, claims.region):
+            return claims, Reason.REGION_NOT_ACCEPTED.value
+        return claims, ""
+
+    def _scan(
+        self,
+        terminal: TerminalEntry,
+        verification_id: str,
+        now_ms: int,
+        claims: Claims | None,
+        decided: str,
+        *,
+        channel: str = ONLINE,
+        scanned_ms: int | None = None,
+    ) -> Scan:
+        event = EventRecord(
+            verification_id=verification_id,
+            terminal_id=terminal.terminal_id.bytes,
+            organisation_id=terminal.organisation_id.bytes,
+            at_ms=now_ms,
+            channel=channel,
+            card_ref=claims.card_ref if claims else None,
+            nonce=claims.nonce if claims else None,
+            card_region=claims.region if claims else None,
+            purpose=claims.purpose.label if claims else None,
+            scanned_ms=scanned_ms,
+        )
+        # Uploads of offline scans have a budget of their own, so they do not starve live scans.
+        rate, rate_scope = (BATCH_RATE, ":batch") if channel == BATCH else (terminal.rate, "")
+        if decided or claims is None:
+            return Scan(
+                terminal.key, verification_id, rate, now_ms, encode_event(event), decided, rate_scope=rate_scope
+            )
+        # Remember the nonce while the credential could be accepted, and a while longer for batches.
+        nonce_ttl = max(1, claims.expires_at + self._skew - now_ms // 1000 + 1) + self._nonce_memory
+        return Scan(
+            terminal.key,
+            verification_id,
+            rate,
+            now_ms,
+            encode_event(event),
+            rate_scope=rate_scope,
+            card_ref=claims.card_ref,
+            nonce=claims.nonce,
+            nonce_ttl=nonce_ttl,
+            retry_window_ms=_BATCH_RETRY_WINDOW_MS if channel == BATCH else self._retry_window_ms,
+            record=policy_for(terminal).record,
+        )
+
+    async def _decide(self, terminal: TerminalEntry, claims: Claims | None, scan: Scan) -> Outcome:
+        answer = await self._mirror.scan(scan)
+        if answer.kind == "limited":
+            raise RateLimited(answer.retry_after_ms)
+        purpose = claims.purpose.label if claims else None
+        repeated = answer.kind == "retry"
+        if answer.result == ScanResult.ACCEPTED:
+            assert claims is not None
+            source = Disclosing(claims, terminal, answer.record, self._pseudonym_key, self._pii, date.today())
+            return Outcome(answer.verification_id, True, None, purpose, disclose(source), repeated=repeated)
+        first_used = _moment(answer.first_used_ms) if answer.result == ScanResult.REPLAYED else None
+        return Outcome(
+            answer.verification_id, False, Reason(answer.result), purpose, first_used_at=first_used, repeated=repeated
+        )
 
     async def verify(self, terminal: TerminalEntry, text: str) -> Outcome:
-        """Check the credential, consume its nonce, read its card's status, disclose by policy.
+        """Check the credential, consume its nonce, read its card's status, record the event, disclose by policy.
 
-        Raises `StoreUnavailable` when the status mirror cannot be reached: never accept then.
+        Raises `RateLimited` when the terminal is over its rate, and `StoreUnavailable` when the
+        store cannot be reached: never accept then.
         """
+        now_ms = time.time_ns() // 1_000_000
         verification_id = _new_verification_id()
-        now = int(time.time())
-        try:
-            verified = verify_credential(text, self._directory.keys.verify_keys, now, self._skew)
-        except CredentialRejected as exc:
-            return Outcome(verification_id, False, Reason(exc.reason.value))
-        claims = verified.claims
+        claims, decided = self._check(terminal, text, now_ms // 1000)
+        return await self._decide(terminal, claims, self._scan(terminal, verification_id, now_ms, claims, decided))
+
+    async def verify_batch(
+        self, session: AsyncSession, terminal: TerminalEntry, scans: list[BatchScan]
+    ) -> list[Outcome | RateLimited]:
+        """Decide scans a gate queued while offline, each at its own scan time.
+
+        A credential used elsewhere — online, or in another gate's batch — is `replayed`, with
+        the time of its first use: the store remembers recent uses, the event log older ones.
+        The same gate uploading the same scans again gets the same answers.
+        """
+        now_ms = time.time_ns() // 1_000_000
+        checked: list[tuple[Claims | None, str, BatchScan]] = []
+        for scan in scans:
+            if not now_ms - self._offline_window_ms <= scan.scanned_at_ms <= now_ms + self._skew * 1000:
+                checked.append((None, Reason.SCAN_TIME_INVALID.value, scan))
+                continue
+            claims, decided = self._check(terminal, scan.credential, scan.scanned_at_ms // 1000)
+            checked.append((claims, decided, scan))
+        earlier = await earlier_uses(
+            session, [(claims.card_ref, claims.nonce) for claims, decided, _ in checked if claims and not decided]
+        )
+        outcomes: list[Outcome | RateLimited] = []
+        for claims, decided, scan in checked:
+            verification_id = _new_verification_id()
+            first = earlier.get((claims.card_ref, claims.nonce)) if claims and not decided else None
+            if claims is not None and first is not None:
+                if first.terminal_id == terminal.terminal_id:
+                    # This gate's own scan, uploaded again after the store forgot it.
+                    outcomes.append(await self._recorded(terminal, claims, first))
+                    continue
+                decided = Reason.REPLAYED.value
+            store_scan = self._scan(
+                terminal, verification_id, now_ms, claims, decided, channel=BATCH, scanned_ms=scan.scanned_at_ms
+            )
+            try:
+                outcome = await self._decide(terminal, claims, store_scan)
+            except RateLimited as exc:
+                outcomes.append(exc)
+                continue
+            if first is not None:
+                outcome = Outcome(
+                    outcome.verification_id, False, Reason.REPLAYED, outcome.purpose,
+                    first_used_at=first.scanned_at or first.occurred_at,
+                )  # fmt: skip
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _recorded(self, terminal: TerminalEntry, claims: Claims, event: VerificationEvent) -> Outcome:
+        """The answer a verification recorded earlier gave, again (same id)."""
         purpose = claims.purpose.label
-        if claims.purpose not in terminal.purposes:
-            return Outcome(verification_id, False, Reason.PURPOSE_NOT_ALLOWED, purpose)
-        if not region_accepted(terminal.region, claims.region):
-            return Outcome(verification_id, False, Reason.REGION_NOT_ACCEPTED, purpose)
-        # Keep the nonce at least as long as the credential could still be accepted.
-        ttl = max(1, claims.expires_at + self._skew - now + 1)
-        first_use, status = await self._mirror.present(claims.card_ref, claims.nonce, ttl)
-        if not first_use:
-            return Outcome(verification_id, False, Reason.REPLAYED, purpose)
-        if status != MirroredStatus.ACTIVE.value:
-            reason = _STATUS_REASONS.get(status or "", Reason.CARD_UNKNOWN)
-            return Outcome(verification_id, False, reason, purpose)
-        return Outcome(verification_id, True, None, purpose, disclose(claims, terminal, self._pseudonym_key))
+        if event.result != ScanResult.ACCEPTED:
+            return Outcome(event.id, False, Reason(event.result), purpose, repeated=True)
+        # The disclosure depends on the card and the terminal only, so it is computed again.
+        policy = policy_for(terminal)
+        record = await self._mirror.get_record(claims.card_ref, policy.record) if policy.record else None
+        source = Disclosing(claims, terminal, record, self._pseudonym_key, self._pii, date.today())
+        return Outcome(event.id, True, None, purpose, disclose(source), repeated=True)

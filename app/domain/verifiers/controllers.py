@@ -3,36 +3,50 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
+from typing import Annotated
 
-from litestar import Controller, get, patch, post
+from litestar import Controller, get, patch, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import problems
+from app.clock import as_utc, utcnow
 from app.context import ServiceContext
 from app.db.models import Terminal, VerifierOrganisation
 from app.dependencies import OPERATOR_SECURITY, provide_operator
-from app.domain.audit.services import Actor, record
+from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.disclosure import BusinessType
+from app.domain.verification.events import terminal_counts
 from app.domain.verifiers.schemas import (
     OrganisationCreate,
     OrganisationOut,
+    OrganisationUpdate,
+    SigningKeyIn,
+    TerminalCounts,
     TerminalCreate,
     TerminalOut,
     TerminalUpdate,
     TerminalWithKey,
+    VerificationCounts,
 )
 from app.domain.verifiers.services import (
+    MAX_KEY_OVERLAP,
     get_organisation,
     get_terminal,
     list_organisations,
-    new_api_key,
     register_organisation,
     register_terminal,
+    rotate_api_key,
+    set_organisation_enabled,
+    set_signing_key,
+    update_terminal,
 )
 from app.problems import problem_responses
 from app.tokens import OperatorSession
+from crypto.keys import b64url_decode
 
 
 def _organisation_out(organisation: VerifierOrganisation) -> OrganisationOut:
@@ -42,6 +56,7 @@ def _organisation_out(organisation: VerifierOrganisation) -> OrganisationOut:
         business_type=organisation.business_type,
         region=organisation.region_code,
         created_at=organisation.created_at,
+        enabled=organisation.enabled,
     )
 
 
@@ -53,6 +68,14 @@ def _terminal_out(terminal: Terminal) -> TerminalOut:
         allowed_purposes=list(terminal.allowed_purposes),
         enabled=terminal.enabled,
         created_at=terminal.created_at,
+        rate_per_minute=terminal.rate_per_minute,
+        rate_burst=terminal.rate_burst,
+        signs_requests=terminal.signing_public_key is not None,
+        previous_key_expires_at=(
+            terminal.previous_key_expires_at
+            if terminal.previous_key_hash is not None and terminal.previous_key_expires_at is not None
+            else None
+        ),
     )
 
 
@@ -115,14 +138,80 @@ class VerifierController(Controller):
         require_role(operator, Role.VERIFIER_MANAGER)
         organisation = await get_organisation(session, organisation_id, operator.regions)
         terminal, api_key = await register_terminal(
-            session, Actor.operator(operator), organisation, name=data.name, purposes=list(data.allowed_purposes)
+            session,
+            Actor.operator(operator),
+            organisation,
+            name=data.name,
+            purposes=list(data.allowed_purposes),
+            rate=(data.rate_per_minute, data.rate_burst),
         )
         await ctx.directory_changed()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)
 
     @patch(
+        "/verifier-organisations/{organisation_id:uuid}",
+        summary="Enable or disable a verifier organisation",
+        responses=problem_responses(401, 403, 404, 413),
+    )
+    async def update_organisation(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        organisation_id: FromPath[uuid.UUID],
+        data: JSONBody[OrganisationUpdate],
+    ) -> OrganisationOut:
+        """A disabled organisation's terminals are refused on every worker within a second."""
+        require_role(operator, Role.VERIFIER_MANAGER)
+        organisation = await get_organisation(session, organisation_id, operator.regions)
+        await set_organisation_enabled(session, Actor.operator(operator), organisation, data.enabled)
+        await ctx.directory_changed()
+        return _organisation_out(organisation)
+
+    @get(
+        "/verifier-organisations/{organisation_id:uuid}/verification-counts",
+        summary="Verification counts per terminal",
+        responses=problem_responses(401, 403, 404),
+    )
+    async def verification_counts(
+        self,
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        organisation_id: FromPath[uuid.UUID],
+        since: Annotated[datetime | None, QueryParameter(name="since", required=False)] = None,
+        until: Annotated[datetime | None, QueryParameter(name="until", required=False)] = None,
+    ) -> VerificationCounts:
+        """Accepted and rejected verifications of each terminal, by result, in [since, until).
+
+        Default: the last 24 hours. Counts come from the drained event log, a few seconds behind
+        the gates.
+        """
+        require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
+        organisation = await get_organisation(session, organisation_id, operator.regions)
+        until = as_utc(until) if until else utcnow()
+        since = as_utc(since) if since else until - timedelta(days=1)
+        if since >= until:
+            raise problems.bad_request("since must be before until")
+        counts = await terminal_counts(session, organisation.id, since, until)
+        return VerificationCounts(
+            organisation_id=organisation.id,
+            since=since,
+            until=until,
+            terminals=[
+                TerminalCounts(
+                    terminal_id=count.terminal_id,
+                    name=count.name,
+                    accepted=count.accepted,
+                    rejected=count.rejected,
+                    by_result=count.by_result,
+                )
+                for count in counts
+            ],
+        )
+
+    @patch(
         "/terminals/{terminal_id:uuid}",
-        summary="Enable or disable a terminal",
+        summary="Change a terminal",
         responses=problem_responses(401, 403, 404, 409, 413),
     )
     async def update_terminal(
@@ -133,16 +222,39 @@ class VerifierController(Controller):
         terminal_id: FromPath[uuid.UUID],
         data: JSONBody[TerminalUpdate],
     ) -> TerminalOut:
-        """A disabled terminal's verifications are refused on every worker."""
+        """Enable or disable it (refused on every worker within a second), change its purposes or rate."""
         require_role(operator, Role.VERIFIER_MANAGER)
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        record(
-            session, Actor.operator(operator), "terminal.enabled" if data.enabled else "terminal.disabled",
-            subject_type="terminal", subject_id=terminal.id, region=organisation.region_code,
-            before={"enabled": terminal.enabled}, after={"enabled": data.enabled},
-        )  # fmt: skip
-        terminal.enabled = data.enabled
-        await session.commit()
+        await update_terminal(
+            session,
+            Actor.operator(operator),
+            terminal,
+            organisation,
+            enabled=data.enabled,
+            purposes=list(data.allowed_purposes) if data.allowed_purposes is not None else None,
+            rate_per_minute=data.rate_per_minute,
+            rate_burst=data.rate_burst,
+        )
+        await ctx.directory_changed()
+        return _terminal_out(terminal)
+
+    @put(
+        "/terminals/{terminal_id:uuid}/signing-key",
+        summary="Register a terminal's request-signing key",
+        responses=problem_responses(401, 403, 404, 413),
+    )
+    async def register_signing_key(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        terminal_id: FromPath[uuid.UUID],
+        data: JSONBody[SigningKeyIn],
+    ) -> TerminalOut:
+        """From now on the terminal must sign its requests with this Ed25519 key; its API keys stop working."""
+        require_role(operator, Role.VERIFIER_MANAGER)
+        terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
+        await set_signing_key(session, Actor.operator(operator), terminal, organisation, b64url_decode(data.public_key))
         await ctx.directory_changed()
         return _terminal_out(terminal)
 
@@ -158,16 +270,16 @@ class VerifierController(Controller):
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         terminal_id: FromPath[uuid.UUID],
+        overlap_seconds: Annotated[int, QueryParameter(name="overlap_seconds", ge=0, le=MAX_KEY_OVERLAP)] = 0,
     ) -> TerminalWithKey:
-        """Issue a new key; the old one stops working at once."""
+        """Issue a new key, shown this once. The old key keeps working for `overlap_seconds`.
+
+        0 (the default, for a leaked key) ends it at once; a routine rotation gives the
+        terminal's operator time to install the new key, e.g. 86400 for a day. A terminal that
+        signs its requests has no API key: this also returns it to API-key authentication.
+        """
         require_role(operator, Role.VERIFIER_MANAGER)
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        api_key, key_hash = new_api_key(terminal.id)
-        terminal.api_key_hash = key_hash
-        record(
-            session, Actor.operator(operator), "terminal.api_key_rotated", subject_type="terminal",
-            subject_id=terminal.id, region=organisation.region_code,
-        )  # fmt: skip
-        await session.commit()
+        api_key = await rotate_api_key(session, Actor.operator(operator), terminal, organisation, overlap_seconds)
         await ctx.directory_changed()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)

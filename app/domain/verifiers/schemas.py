@@ -30,19 +30,62 @@ class OrganisationOut(WireModel):
     business_type: str
     region: str
     created_at: datetime
+    enabled: bool
+
+
+class OrganisationUpdate(WireModel):
+    """Enable or disable an organisation: a disabled one's terminals are all refused."""
+
+    enabled: bool
+
+
+RatePerMinute = Annotated[int, msgspec.Meta(ge=1, le=60_000)]
+RateBurst = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
+Purposes = Annotated[list[PurposeName], msgspec.Meta(min_length=1, max_length=5)]
 
 
 class TerminalCreate(WireModel):
     """A terminal of an organisation and the purposes it may accept."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-    allowed_purposes: Annotated[list[PurposeName], msgspec.Meta(min_length=1, max_length=5)]
+    allowed_purposes: Purposes
+    # Verifications per minute on average, and how many may arrive at once (a gate's rush).
+    rate_per_minute: RatePerMinute = 120
+    rate_burst: RateBurst = 30
 
 
 class TerminalUpdate(WireModel):
-    """Enable or disable a terminal."""
+    """Change a terminal: enable or disable it, its purposes or its rate. Omitted fields stay."""
 
-    enabled: bool
+    enabled: bool | None = None
+    allowed_purposes: Purposes | None = None
+    rate_per_minute: RatePerMinute | None = None
+    rate_burst: RateBurst | None = None
+
+
+class SigningKeyIn(WireModel):
+    """A terminal's Ed25519 public key (32 bytes, unpadded base64url): from now on it must sign its requests."""
+
+    public_key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43}$")]
+
+
+class TerminalCounts(WireModel):
+    """A terminal's verifications in the period, by result."""
+
+    terminal_id: uuid.UUID
+    name: str
+    accepted: int
+    rejected: int
+    by_result: dict[str, int]
+
+
+class VerificationCounts(WireModel):
+    """Per-terminal verification counts of an organisation in [since, until)."""
+
+    organisation_id: uuid.UUID
+    since: datetime
+    until: datetime
+    terminals: list[TerminalCounts]
 
 
 class TerminalOut(WireModel):
@@ -54,6 +97,12 @@ class TerminalOut(WireModel):
     allowed_purposes: list[str]
     enabled: bool
     created_at: datetime
+    rate_per_minute: int
+    rate_burst: int
+    # True once the terminal registered a key: it must sign its requests, API keys are refused.
+    signs_requests: bool
+    # Until when the key replaced by the last rotation still works, if it does.
+    previous_key_expires_at: datetime | None
 
 
 class TerminalWithKey(WireModel):

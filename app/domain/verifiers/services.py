@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,6 +17,7 @@ from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secre
 from app.domain.verification.disclosure import BusinessType
 from app.scope import covers, within
 from crypto.credential import Purpose
+from crypto.keys import VerifyKey, kid_for
 
 
 def new_api_key(terminal_id: uuid.UUID) -> tuple[str, bytes]:
@@ -73,7 +75,13 @@ async def list_organisations(session: AsyncSession, regions: tuple[str, ...]) ->
 
 
 async def register_terminal(
-    session: AsyncSession, actor: Actor, organisation: VerifierOrganisation, *, name: str, purposes: list[str]
+    session: AsyncSession,
+    actor: Actor,
+    organisation: VerifierOrganisation,
+    *,
+    name: str,
+    purposes: list[str],
+    rate: tuple[int, int] = (120, 30),
 ) -> tuple[Terminal, str]:
     """Create a terminal and return it with its API key, which is not stored and not shown again."""
     terminal_id = uuid.uuid4()
@@ -86,11 +94,14 @@ async def register_terminal(
         api_key_hash=key_hash,
         enabled=True,
         created_at=utcnow(),
+        rate_per_minute=rate[0],
+        rate_burst=rate[1],
     )
     session.add(terminal)
     record(
         session, actor, "terminal.registered", subject_type="terminal", subject_id=terminal_id,
-        region=organisation.region_code, after={"name": terminal.name, "allowed_purposes": terminal.allowed_purposes},
+        region=organisation.region_code,
+        after={"name": terminal.name, "allowed_purposes": terminal.allowed_purposes, "rate": list(rate)},
     )  # fmt: skip
     await session.commit()
     return terminal, api_key
@@ -110,3 +121,96 @@ async def get_terminal(
     if row is None or not covers(regions, row[1].region_code):
         raise problems.not_found("no such terminal")
     return row[0], row[1]
+
+
+async def set_organisation_enabled(
+    session: AsyncSession, actor: Actor, organisation: VerifierOrganisation, enabled: bool
+) -> None:
+    """Enable or disable an organisation (commits); the caller tells the workers."""
+    record(
+        session, actor, "verifier_organisation.enabled" if enabled else "verifier_organisation.disabled",
+        subject_type="verifier_organisation", subject_id=organisation.id, region=organisation.region_code,
+        before={"enabled": organisation.enabled}, after={"enabled": enabled},
+    )  # fmt: skip
+    organisation.enabled = enabled
+    await session.commit()
+
+
+async def update_terminal(
+    session: AsyncSession,
+    actor: Actor,
+    terminal: Terminal,
+    organisation: VerifierOrganisation,
+    *,
+    enabled: bool | None,
+    purposes: list[str] | None,
+    rate_per_minute: int | None,
+    rate_burst: int | None,
+) -> None:
+    """Change what was given (commits); the audit event records before and after."""
+    changes: dict[str, object] = {}
+    if enabled is not None:
+        changes["enabled"] = enabled
+    if purposes is not None:
+        changes["allowed_purposes"] = check_purposes(purposes)
+    if rate_per_minute is not None:
+        changes["rate_per_minute"] = rate_per_minute
+    if rate_burst is not None:
+        changes["rate_burst"] = rate_burst
+    if not changes:
+        raise problems.bad_request("nothing to change: give enabled, allowed_purposes, rate_per_minute or rate_burst")
+    if set(changes) == {"enabled"}:
+        action = "terminal.enabled" if enabled else "terminal.disabled"
+    else:
+        action = "terminal.updated"
+    record(
+        session, actor, action, subject_type="terminal", subject_id=terminal.id, region=organisation.region_code,
+        before={name: getattr(terminal, name) for name in changes}, after=changes,
+    )  # fmt: skip
+    for name, value in changes.items():
+        setattr(terminal, name, value)
+    await session.commit()
+
+
+# A rotated-out key works at most this long (a week): long enough to reach every gate of a line.
+MAX_KEY_OVERLAP = 7 * 24 * 3600
+
+
+async def rotate_api_key(
+    session: AsyncSession, actor: Actor, terminal: Terminal, organisation: VerifierOrganisation, overlap_seconds: int
+) -> str:
+    """A new API key (returned, not stored); the old one works overlap_seconds more. Commits."""
+    api_key, key_hash = new_api_key(terminal.id)
+    now = utcnow()
+    if overlap_seconds and terminal.signing_public_key is None:
+        terminal.previous_key_hash = terminal.api_key_hash
+        terminal.previous_key_expires_at = now + timedelta(seconds=overlap_seconds)
+    else:
+        terminal.previous_key_hash = None
+        terminal.previous_key_expires_at = None
+    terminal.api_key_hash = key_hash
+    terminal.signing_public_key = None
+    record(
+        session, actor, "terminal.api_key_rotated", subject_type="terminal", subject_id=terminal.id,
+        region=organisation.region_code, after={"overlap_seconds": overlap_seconds},
+    )  # fmt: skip
+    await session.commit()
+    return api_key
+
+
+async def set_signing_key(
+    session: AsyncSession, actor: Actor, terminal: Terminal, organisation: VerifierOrganisation, public_key: bytes
+) -> None:
+    """Register the terminal's Ed25519 key; its API keys stop working (commits)."""
+    try:
+        VerifyKey(public_key, organisation.region_code)
+    except ValueError:
+        raise problems.bad_request("public_key must be a 32-byte Ed25519 public key") from None
+    terminal.signing_public_key = public_key
+    terminal.previous_key_hash = None
+    terminal.previous_key_expires_at = None
+    record(
+        session, actor, "terminal.signing_key_registered", subject_type="terminal", subject_id=terminal.id,
+        region=organisation.region_code, after={"key_id": kid_for(public_key).hex()},
+    )  # fmt: skip
+    await session.commit()

@@ -18,6 +18,7 @@ from pycose.messages import CoseMessage, Sign1Message
 
 from crypto.base45 import b45decode, b45encode
 from crypto.credential import (
+    NONCE_LENGTH,
     PREFIX,
     Claims,
     CredentialRejected,
@@ -37,9 +38,10 @@ KEYS = {KEY.kid: KEY.verify_key(REGION)}
 
 CLAIMS = Claims(
     card_ref=bytes.fromhex("00112233445566778899aabbccddeeff"),
-    nonce=bytes.fromhex("0102030405060708090a0b0c"),
+    nonce=bytes.fromhex("01020304050607"),
     region=REGION,
     purpose=Purpose.PARK,
+    status_index=1_234_567,
     not_before=NOW - 30,
     expires_at=NOW + 30,
 )
@@ -64,7 +66,7 @@ def expected_claims_map(claims: Claims) -> dict[int, object]:
         4: claims.expires_at,
         5: claims.not_before,
         7: claims.nonce,
-        -65537: [claims.card_ref, int(claims.purpose)],
+        -65537: [claims.card_ref, int(claims.purpose), claims.status_index],
     }
 
 
@@ -114,15 +116,16 @@ def test_pycose_rejects_an_issued_credential_with_a_flipped_signature_byte() -> 
 @settings(max_examples=30, deadline=None)
 @given(
     card_ref=st.binary(min_size=16, max_size=16),
-    nonce=st.binary(min_size=12, max_size=12),
+    nonce=st.binary(min_size=NONCE_LENGTH, max_size=NONCE_LENGTH),
     region=st.text(alphabet="0123456789", min_size=6, max_size=6),
     purpose=st.sampled_from(Purpose),
+    status_index=st.integers(0, 2**32 - 1),
     window=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)).map(sorted),
 )
 def test_pycose_verifies_any_issued_credential(
-    card_ref: bytes, nonce: bytes, region: str, purpose: Purpose, window: list[int]
+    card_ref: bytes, nonce: bytes, region: str, purpose: Purpose, status_index: int, window: list[int]
 ) -> None:
-    claims = Claims(card_ref, nonce, region, purpose, not_before=window[0], expires_at=window[1])
+    claims = Claims(card_ref, nonce, region, purpose, status_index, not_before=window[0], expires_at=window[1])
     message = CoseMessage.decode(cose_bytes(issue_credential(KEY, claims)))
     message.key = pycose_public_key()
     assert message.verify_signature() is True

@@ -45,7 +45,8 @@ LEEWAY = 5
 KEYS: dict[bytes, VerifyKey] = {KEY.kid: KEY.verify_key(REGION)}
 
 CARD_REF = bytes.fromhex("00112233445566778899aabbccddeeff")
-NONCE = bytes.fromhex("0102030405060708090a0b0c")
+NONCE = bytes.fromhex("01020304050607")
+STATUS_INDEX = 4_321
 
 # QR version 8 at level M holds 221 alphanumeric characters: 4 for the prefix, 217 of Base45,
 # i.e. 144 bytes of COSE.
@@ -62,6 +63,7 @@ def make_claims(**overrides: Any) -> Claims:
         "nonce": NONCE,
         "region": REGION,
         "purpose": Purpose.TRANSIT,
+        "status_index": STATUS_INDEX,
         "not_before": NOW - 30,
         "expires_at": NOW + 30,
     }
@@ -77,7 +79,7 @@ def claims_map(**overrides: Any) -> dict[int, Any]:
         4: NOW + 30,
         5: NOW - 30,
         7: NONCE,
-        -65537: [CARD_REF, int(Purpose.TRANSIT)],
+        -65537: [CARD_REF, int(Purpose.TRANSIT), STATUS_INDEX],
     }
     for name, value in overrides.items():
         if value is _DELETE:
@@ -145,11 +147,12 @@ def valid_text() -> str:
 
 
 claims_strategy = st.builds(
-    lambda card_ref, nonce, region, purpose, window: Claims(
+    lambda card_ref, nonce, region, purpose, status_index, window: Claims(
         card_ref=card_ref,
         nonce=nonce,
         region=region,
         purpose=purpose,
+        status_index=status_index,
         not_before=window[0],
         expires_at=window[1],
     ),
@@ -157,6 +160,7 @@ claims_strategy = st.builds(
     nonce=st.binary(min_size=NONCE_LENGTH, max_size=NONCE_LENGTH),
     region=st.text(alphabet="0123456789", min_size=6, max_size=6),
     purpose=st.sampled_from(Purpose),
+    status_index=st.integers(0, 2**32 - 1),
     window=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)).map(sorted),
 )
 
@@ -237,6 +241,7 @@ LARGEST_CLAIMS = make_claims(
     nonce=b"\xff" * NONCE_LENGTH,
     region="999999",
     purpose=Purpose.GENERAL,
+    status_index=2**32 - 1,
     not_before=2**32 - 1,
     expires_at=2**32 - 1,
 )
@@ -250,9 +255,12 @@ def test_any_credential_fits_144_cose_bytes_and_221_characters(claims: Claims) -
 
 
 def test_the_largest_credential_is_exactly_144_bytes() -> None:
+    # The status index (up to 5 CBOR bytes) is paid for by the nonce's 5 bytes (12 → 7).
+    assert LARGEST_CLAIMS.status_index == 2**32 - 1
+    assert NONCE_LENGTH == 7
     text = issue_credential(KEY, LARGEST_CLAIMS)
     assert len(cose_bytes(text)) == MAX_COSE_BYTES
-    assert len(text) == len(PREFIX) + 3 * MAX_COSE_BYTES // 2
+    assert len(text) == len(PREFIX) + 3 * MAX_COSE_BYTES // 2 == 220
 
 
 @pytest.mark.parametrize("claims", [make_claims(), LARGEST_CLAIMS], ids=["typical", "largest"])
@@ -545,11 +553,12 @@ def test_payload_that_is_not_a_map_is_malformed(claims: Any) -> None:
         ({"card": _DELETE}, "card claim"),
         ({"card": CARD_REF}, "card claim"),
         ({"card": [CARD_REF]}, "card claim"),
-        ({"card": [CARD_REF, 1, 1]}, "card claim"),
+        ({"card": [CARD_REF, 1]}, "card claim"),  # the format before the status index
+        ({"card": [CARD_REF, 1, STATUS_INDEX, 0]}, "card claim"),
         ({"card": {CARD_REF: 1}}, "card claim"),
-        ({"card": [CARD_REF[:-1], 1]}, "card reference"),
-        ({"card": [CARD_REF + b"\x00", 1]}, "card reference"),
-        ({"card": [CARD_REF.hex(), 1]}, "card reference"),
+        ({"card": [CARD_REF[:-1], 1, STATUS_INDEX]}, "card reference"),
+        ({"card": [CARD_REF + b"\x00", 1, STATUS_INDEX]}, "card reference"),
+        ({"card": [CARD_REF.hex(), 1, STATUS_INDEX]}, "card reference"),
     ],
     ids=lambda value: repr(value)[:40] if isinstance(value, dict) else None,
 )
@@ -561,9 +570,26 @@ def test_claims_of_the_wrong_type_or_shape_are_malformed(overrides: dict[str, An
 
 @pytest.mark.parametrize("purpose", [0, 6, -1, 2**32, "transit", None, b"\x01", 1.5, [1]])
 def test_unknown_purpose_is_malformed(purpose: Any) -> None:
-    exc = rejection(_signed_claims(claims_map(card=[CARD_REF, purpose])))
+    exc = rejection(_signed_claims(claims_map(card=[CARD_REF, purpose, STATUS_INDEX])))
     assert exc.reason is Rejection.MALFORMED
     assert "unknown purpose" in exc.detail
+
+
+@pytest.mark.parametrize(
+    "status_index",
+    [-1, -(2**32), 2**32, 2**64 - 1, "4321", None, b"\x10\xe1", 4321.0, [4321], {"i": 4321}],
+)
+def test_status_index_of_the_wrong_type_or_out_of_range_is_malformed(status_index: Any) -> None:
+    exc = rejection(_signed_claims(claims_map(card=[CARD_REF, int(Purpose.TRANSIT), status_index])))
+    assert exc.reason is Rejection.MALFORMED
+    assert "status index" in exc.detail
+
+
+@pytest.mark.parametrize("status_index", [0, 1, 23, 24, 255, 256, 65_535, 65_536, 2**32 - 1])
+def test_status_index_at_every_cbor_integer_width_round_trips(status_index: int) -> None:
+    claims = make_claims(status_index=status_index)
+    assert cbor2.loads(encode_claims(claims))[-65537] == [CARD_REF, int(Purpose.TRANSIT), status_index]
+    assert verify_credential(issue_credential(KEY, claims), KEYS, NOW, LEEWAY).claims.status_index == status_index
 
 
 def test_extra_claims_are_ignored() -> None:
@@ -812,8 +838,10 @@ def test_cbor_tag_decoder_errors_in_unauthenticated_input_are_malformed(text: st
 @pytest.mark.parametrize(
     "claims",
     [
-        pytest.param(claims_map(card=[CARD_REF, True]), id="purpose-true"),
-        pytest.param(claims_map(card=[CARD_REF, 1.0]), id="purpose-float"),
+        pytest.param(claims_map(card=[CARD_REF, True, STATUS_INDEX]), id="purpose-true"),
+        pytest.param(claims_map(card=[CARD_REF, 1.0, STATUS_INDEX]), id="purpose-float"),
+        pytest.param(claims_map(card=[CARD_REF, 1, True]), id="status-index-true"),
+        pytest.param(claims_map(card=[CARD_REF, 1, 1.0]), id="status-index-float"),
         pytest.param({True if k == 1 else k: v for k, v in claims_map().items()}, id="iss-key-true"),
         pytest.param(claims_map(iss="\uff15\uff11\uff10\uff10\uff10\uff10"), id="iss-fullwidth-digits"),
     ],

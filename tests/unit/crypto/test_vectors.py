@@ -59,6 +59,7 @@ def test_valid_vector_verifies_with_the_expected_claims(case: dict[str, Any]) ->
     assert result.claims.card_ref.hex() == expected["card_ref"]
     assert result.claims.purpose is Purpose(expected["purpose"])
     assert result.claims.purpose.label == expected["purpose_label"]
+    assert result.claims.status_index == expected["status_index"]
     assert result.key.kid.hex() == case["kid_hex"]
 
 
@@ -75,6 +76,13 @@ def test_valid_vector_verifies_with_pycose_and_the_jwks_alone(case: dict[str, An
     message = CoseMessage.decode(bytes.fromhex(case["cose_hex"]))
     message.key = OKPKey(crv=Ed25519, x=b64url_decode(jwk["x"]))
     assert message.verify_signature() is True
+
+
+def test_largest_valid_vector_is_144_bytes_and_220_characters() -> None:
+    case = next(case for case in VALID_CASES if case["name"] == "valid-largest")
+    assert case["claims"]["status_index"] == 2**32 - 1
+    assert len(bytes.fromhex(case["cose_hex"])) == 144
+    assert len(case["credential"]) == 220
 
 
 REJECTED_CASES = [case for case in CASES if case["expected"] != "valid"]

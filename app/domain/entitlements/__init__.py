@@ -1,0 +1,1 @@
+"""Entitlements a card carries beyond identity, such as a park annual pass."""

@@ -1,0 +1,91 @@
+"""Operator API: a card's entitlements (park annual passes)."""
+
+from __future__ import annotations
+
+import uuid
+
+from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.context import ServiceContext
+from app.db.models import Entitlement
+from app.dependencies import OPERATOR_SECURITY, provide_operator
+from app.domain.audit.services import Actor
+from app.domain.cards.services import find_card
+from app.domain.entitlements.schemas import EntitlementGrant, EntitlementOut
+from app.domain.entitlements.services import grant_entitlement, list_entitlements, revoke_entitlement
+from app.domain.operators.services import Role, require_role
+from app.problems import problem_responses
+from app.tokens import OperatorSession
+
+
+def _out(entitlement: Entitlement) -> EntitlementOut:
+    return EntitlementOut(
+        id=entitlement.id,
+        kind=entitlement.kind,
+        region=entitlement.region_code,
+        valid_from=entitlement.valid_from,
+        valid_until=entitlement.valid_until,
+        revoked_at=entitlement.revoked_at,
+    )
+
+
+class EntitlementController(Controller):
+    """Entitlements of a card: what a park gate learns when the card is scanned."""
+
+    path = "/v1/operator/cards/{card_id:uuid}/entitlements"
+    tags = ["operator"]
+    security = OPERATOR_SECURITY
+    dependencies = {"operator": provide_operator}
+    request_max_body_size = 4096
+
+    @post("/", status_code=201, summary="Grant an entitlement", responses=problem_responses(401, 403, 404, 413, 503))
+    async def grant(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        data: JSONBody[EntitlementGrant],
+    ) -> EntitlementOut:
+        """E.g. a park annual pass valid in a province through a date; park gates see it at once."""
+        require_role(operator, Role.CARD_OFFICER)
+        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        entitlement = await grant_entitlement(
+            session, ctx.mirror, Actor.operator(operator), ecard,
+            kind=data.kind, region=data.region, valid_until=data.valid_until,
+        )  # fmt: skip
+        return _out(entitlement)
+
+    @get("/", summary="List a card's entitlements", responses=problem_responses(401, 403, 404))
+    async def list_all(
+        self,
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+    ) -> list[EntitlementOut]:
+        """Newest first, revoked and expired ones included."""
+        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
+        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        return [_out(entitlement) for entitlement in await list_entitlements(session, ecard)]
+
+    @delete(
+        "/{entitlement_id:uuid}",
+        status_code=200,
+        summary="Revoke an entitlement",
+        responses=problem_responses(401, 403, 404, 409, 503),
+    )
+    async def revoke(
+        self,
+        ctx: NamedDependency[ServiceContext],
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        card_id: FromPath[uuid.UUID],
+        entitlement_id: FromPath[uuid.UUID],
+    ) -> EntitlementOut:
+        """Ends it now; park gates stop seeing it at once."""
+        require_role(operator, Role.CARD_OFFICER)
+        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        return _out(await revoke_entitlement(session, ctx.mirror, Actor.operator(operator), ecard, entitlement_id))

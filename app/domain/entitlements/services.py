@@ -1,0 +1,81 @@
+"""Granting and revoking entitlements; each change is mirrored for the verify path after its commit."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, time
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.clock import utcnow
+from app.db.models import ECard, Entitlement, Region
+from app.domain.audit.services import Actor, record
+from app.domain.cards.services import mirror_entitlements
+from app.stores.status_mirror import StatusMirror
+
+
+def _end_of(day: date) -> datetime:
+    return datetime.combine(day, time(23, 59, 59), UTC)
+
+
+async def grant_entitlement(
+    session: AsyncSession,
+    mirror: StatusMirror,
+    actor: Actor,
+    ecard: ECard,
+    *,
+    kind: str,
+    region: str,
+    valid_until: date,
+) -> Entitlement:
+    """Grant kind in region until the end of valid_until (UTC); commits, then mirrors."""
+    now = utcnow()
+    if _end_of(valid_until) <= now:
+        raise problems.bad_request("valid_until must not be in the past")
+    if await session.get(Region, region) is None:
+        raise problems.not_found(f"region {region} is not registered")
+    entitlement = Entitlement(
+        ecard_id=ecard.id,
+        kind=kind,
+        region_code=region,
+        valid_from=now,
+        valid_until=_end_of(valid_until),
+        created_at=now,
+    )
+    session.add(entitlement)
+    await session.flush()
+    record(
+        session, actor, "entitlement.granted", subject_type="entitlement", subject_id=entitlement.id,
+        region=ecard.region_code, after={"ecard_id": str(ecard.id), "kind": kind, "region": region,
+                                         "valid_until": valid_until.isoformat()},
+    )  # fmt: skip
+    await session.commit()
+    await mirror_entitlements(session, mirror, ecard)
+    return entitlement
+
+
+async def list_entitlements(session: AsyncSession, ecard: ECard) -> list[Entitlement]:
+    """The card's entitlements, newest first, revoked and expired ones included."""
+    query = select(Entitlement).where(Entitlement.ecard_id == ecard.id).order_by(Entitlement.created_at.desc())
+    return list((await session.scalars(query)).all())
+
+
+async def revoke_entitlement(
+    session: AsyncSession, mirror: StatusMirror, actor: Actor, ecard: ECard, entitlement_id: uuid.UUID
+) -> Entitlement:
+    """End an entitlement now (commits, then mirrors); 404 if it is not this card's."""
+    entitlement = await session.get(Entitlement, entitlement_id)
+    if entitlement is None or entitlement.ecard_id != ecard.id:
+        raise problems.not_found("no such entitlement")
+    if entitlement.revoked_at is not None:
+        raise problems.conflict("the entitlement is already revoked")
+    entitlement.revoked_at = utcnow()
+    record(
+        session, actor, "entitlement.revoked", subject_type="entitlement", subject_id=entitlement.id,
+        region=ecard.region_code, after={"ecard_id": str(ecard.id), "kind": entitlement.kind},
+    )  # fmt: skip
+    await session.commit()
+    await mirror_entitlements(session, mirror, ecard)
+    return entitlement

@@ -1,0 +1,106 @@
+"""COSE_Sign1 (RFC 9052) with EdDSA, as both signed objects here use it.
+
+The QR credential and the status list token are each a tagged COSE_Sign1 (tag 18) whose
+protected header names alg EdDSA (-8) and the signer's 8-byte kid, with an empty unprotected
+header and an attached payload. This module signs such messages and checks their structure;
+what the payload means, and which error a caller reports, is left to the two callers.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from crypto.keys import KID_LENGTH, SigningKey, VerifyKey
+
+COSE_SIGN1_TAG = 18
+HEADER_ALG = 1
+HEADER_KID = 4
+HEADER_TYP = 16  # RFC 9596
+ALG_EDDSA = -8
+
+
+class CoseError(ValueError):
+    """The bytes are not a COSE_Sign1 of this profile; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sign1:
+    """The parts of a structurally sound COSE_Sign1, its signature not yet checked."""
+
+    protected: bytes
+    header: dict[Any, Any]
+    payload: bytes
+    signature: bytes
+    kid: bytes
+
+    def verifies_with(self, key: VerifyKey) -> bool:
+        """True when the signature is the key's signature over the protected header and payload."""
+        return key.verify(self.signature, sig_structure(self.protected, self.payload))
+
+
+def loads_exact(data: bytes) -> object:
+    """Decode one CBOR item and refuse trailing bytes.
+
+    The input is not authenticated yet, and cbor2's decoders for semantic tags (dates,
+    decimals, regexes…) raise TypeError, OverflowError or decimal errors on hostile values:
+    every failure becomes a ValueError, so callers can report it as malformed, never crash.
+    """
+    stream = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(stream).decode()
+    except Exception as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if stream.tell() != len(data):
+        raise ValueError("trailing bytes after the CBOR item")
+    return item
+
+
+def sig_structure(protected: bytes, payload: bytes) -> bytes:
+    """RFC 9052 Sig_structure for COSE_Sign1, with empty external_aad."""
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def protected_header(kid: bytes, typ: str | None = None) -> bytes:
+    """{1: -8, 4: kid}, and {16: typ} after them when a type is given."""
+    header: dict[int, object] = {HEADER_ALG: ALG_EDDSA, HEADER_KID: kid}
+    if typ is not None:
+        header[HEADER_TYP] = typ
+    return cbor2.dumps(header)
+
+
+def sign1(key: SigningKey, payload: bytes, typ: str | None = None) -> bytes:
+    """A tagged COSE_Sign1 over payload: alg, kid (and typ) protected, unprotected header empty."""
+    protected = protected_header(key.kid, typ)
+    signature = key.sign(sig_structure(protected, payload))
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+def decode_sign1(message: object) -> Sign1:
+    """Check that a decoded CBOR item is a tagged COSE_Sign1 with EdDSA and a kid; raise CoseError."""
+    if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
+        raise CoseError("not a tagged COSE_Sign1 (CBOR tag 18)")
+    parts = message.value
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise CoseError("COSE_Sign1 must be an array of four items")
+    protected, unprotected, payload, signature = parts
+    if not (
+        isinstance(protected, bytes)
+        and isinstance(unprotected, dict)
+        and isinstance(payload, bytes)
+        and isinstance(signature, bytes)
+    ):
+        raise CoseError("COSE_Sign1 items have the wrong types")
+    try:
+        header = loads_exact(protected)
+    except ValueError:
+        raise CoseError("protected header is not CBOR") from None
+    if not isinstance(header, dict) or header.get(HEADER_ALG) != ALG_EDDSA:
+        raise CoseError("protected header must name alg EdDSA (-8)")
+    kid = header.get(HEADER_KID)
+    if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
+        raise CoseError("protected header must carry an 8-byte kid")
+    return Sign1(protected=protected, header=header, payload=payload, signature=signature, kid=kid)
