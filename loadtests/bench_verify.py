@@ -48,6 +48,8 @@ HOST = "127.0.0.1"
 REGION = "510000"
 REGION_NAME = "四川省"
 PURPOSE = "transit"
+# Terminals the load is spread over (each allows 1,000 verifications/s: far above one real gate).
+GATES = 16
 ECARD_FACTORY = "app.asgi:create_app"
 NOOP_FACTORY = "loadtests.noop_app:create_app"
 VERIFY_PATH = "/v1/verify"
@@ -386,10 +388,11 @@ async def drive_httpx(
 class Target:
     """One server endpoint and the client that drives it."""
 
-    def __init__(self, name: str, server: ServerProcess, path: str, headers: dict[str, str], client: str) -> None:
+    def __init__(self, name: str, server: ServerProcess, path: str, headers: list[dict[str, str]], client: str) -> None:
         self.name = name
         self.server = server
         self.path = path
+        # One header set per gate; requests take them in turn (the httpx client uses the first).
         self.headers = headers
         self.client = client
         self.host = f"{HOST}:{server.port}"
@@ -399,8 +402,12 @@ class Target:
     ) -> Supply:
         """These request bodies, encoded for the client, ready to be handed out."""
         if self.client == "raw":
-            headers = list(self.headers.items())
-            return Supply([encode_post(self.host, self.path, headers, body) for body in bodies], valid_until, repeat)
+            gates = [list(headers.items()) for headers in self.headers]
+            return Supply(
+                [encode_post(self.host, self.path, gates[i % len(gates)], body) for i, body in enumerate(bodies)],
+                valid_until,
+                repeat,
+            )
         return Supply(bodies, valid_until, repeat)
 
     async def run(self, supply: Supply, connections: int, duration: float, keep_answers: bool = False) -> Measurement:
@@ -408,7 +415,7 @@ class Target:
         port, cpu = self.server.port, self.server.cpu_seconds
         if self.client == "raw":
             return await drive_raw(port, supply, connections, duration, keep_answers, cpu)
-        return await drive_httpx(port, self.path, self.headers, supply, connections, duration, keep_answers, cpu)
+        return await drive_httpx(port, self.path, self.headers[0], supply, connections, duration, keep_answers, cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,14 +708,23 @@ async def prepare_ecard(
         ),
         201,
     )
-    terminal = _expect(
-        await client.post(
-            f"/v1/operator/verifier-organisations/{organisation['id']}/terminals",
-            json={"name": "bench-gate", "allowed_purposes": [PURPOSE]},
-            headers=auth,
-        ),
-        201,
-    )
+    # Like a metro line: many gates, each well within its own rate limit at the bench's load.
+    api_keys = []
+    for number in range(GATES):
+        terminal = _expect(
+            await client.post(
+                f"/v1/operator/verifier-organisations/{organisation['id']}/terminals",
+                json={
+                    "name": f"bench-gate-{number}-{secrets.token_hex(3)}",
+                    "allowed_purposes": [PURPOSE],
+                    "rate_per_minute": 60_000,
+                    "rate_burst": 1_000,
+                },
+                headers=auth,
+            ),
+            201,
+        )
+        api_keys.append(str(terminal["api_key"]))
     result: list[Holder] = []
     for _ in range(holders):
         number = "B" + "".join(secrets.choice(_CARD_ALPHABET) for _ in range(8))
@@ -732,7 +748,7 @@ async def prepare_ecard(
             201,
         )
         result.append(Holder(issued["card"]["card_number"], session["access_token"], session["refresh_token"]))
-    return str(terminal["api_key"]), result
+    return api_keys, result
 
 
 async def refresh_holders(client: httpx.AsyncClient, holders: list[Holder]) -> None:
@@ -828,13 +844,14 @@ def classify_verify(measured: Measurement) -> Counter[str]:
     return outcomes
 
 
-async def sanity_check(client: httpx.AsyncClient, api_key: str, holder: Holder, passes: int) -> str:
-    """A fresh credential is accepted once, then `replayed`, `passes` times on new connections.
+async def sanity_check(client: httpx.AsyncClient, api_keys: list[str], holder: Holder, passes: int) -> str:
+    """A fresh credential is accepted once at one gate, then `replayed` at another, `passes` times on new connections.
 
     New connections may land on other workers; a 401 means one has not reloaded its terminal
     cache yet, so wait a little (bounded) and try again. Returns a credential text (used up).
     """
-    verify_headers = {"X-Api-Key": api_key, "Connection": "close"}
+    verify_headers = {"X-Api-Key": api_keys[0], "Connection": "close"}
+    other_gate = {"X-Api-Key": api_keys[1], "Connection": "close"}
     issue_headers = {"Authorization": f"Bearer {holder.access_token}"}
     passed, text = 0, ""
     for _ in range(passes + 40):
@@ -847,7 +864,10 @@ async def sanity_check(client: httpx.AsyncClient, api_key: str, holder: Holder, 
         if first.status_code == 401:
             await asyncio.sleep(0.25)
             continue
-        second = await client.post(VERIFY_PATH, json={"credential": text}, headers=verify_headers)
+        second = await client.post(VERIFY_PATH, json={"credential": text}, headers=other_gate)
+        if second.status_code == 401:
+            await asyncio.sleep(0.25)
+            continue
         answers = (_expect(first, 200), _expect(second, 200))
         outcome = [f"{answer.get('result')}:{answer.get('reason')}" for answer in answers]
         if outcome != ["accepted:None", "rejected:replayed"]:
@@ -1017,14 +1037,14 @@ class Bench:
 
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{ecard.port}", timeout=30.0) as client:
             started = time.perf_counter()
-            api_key, holders = await prepare_ecard(client, username, password, options.holders)
-            self.sample = await sanity_check(client, api_key, holders[0], 2 * options.workers + 1)
+            api_keys, holders = await prepare_ecard(client, username, password, options.holders)
+            self.sample = await sanity_check(client, api_keys, holders[0], 2 * options.workers + 1)
             print(
-                f"setup: region {REGION}, transit gate, {len(holders)} activated cards in "
+                f"setup: region {REGION}, {GATES} transit gates, {len(holders)} activated cards in "
                 f"{time.perf_counter() - started:.1f} s; sanity check: accepted once, then replayed"
             )
             print(f"credential: {len(self.sample)} characters, QR version {_qr_version(self.sample)}\n")
-            headers = {"X-Api-Key": api_key}
+            headers = [{"X-Api-Key": api_key} for api_key in api_keys]
             verify = Target("verify", ecard, VERIFY_PATH, headers, options.client)
             reference = Target("noop", noop, NOOP_PATH, headers, options.client)
             noop_body = msgspec.json.encode({"credential": self.sample})
