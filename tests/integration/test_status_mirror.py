@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -13,7 +14,17 @@ import redis.asyncio as redis
 
 from app.context import ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
-from app.stores.status_mirror import MirroredStatus, RateLimit, RedisStatusMirror, Scan, ScanResult, StoreUnavailable
+from app.stores.status_mirror import (
+    CardRecord,
+    MemoryStatusMirror,
+    MirroredStatus,
+    RateLimit,
+    RedisStatusMirror,
+    Scan,
+    ScanResult,
+    StatusMirror,
+    StoreUnavailable,
+)
 from crypto.credential import NONCE_LENGTH, open_credential
 from tests import factories
 from tests.factories import Gate
@@ -113,3 +124,83 @@ async def test_store_outage_fails_every_waiting_presentation(
         return_exceptions=True,
     )
     assert all(isinstance(result, StoreUnavailable) for result in results)
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StatusMirror]:
+    """Both implementations of the store: the Lua script and its in-process twin must agree."""
+    if request.param == "memory":
+        yield MemoryStatusMirror()
+        return
+    prefix = f"store-test-{os.urandom(4).hex()}:"
+    mirror = RedisStatusMirror.from_url(redis_url, prefix)
+    yield mirror
+    keys = [key async for key in mirror.client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await mirror.client.delete(*keys)
+    await mirror.close()
+
+
+def card_scan(card_ref: bytes, nonce: bytes, terminal: str, *, now_ms: int, **changes: object) -> Scan:
+    """A scan of card_ref's credential at now_ms (rate: 60 per minute, bursts of 3)."""
+    return replace(scan(card_ref, nonce, terminal), rate=RateLimit(60, 3), now_ms=now_ms, **changes)  # type: ignore[arg-type]
+
+
+async def test_rate_limit_is_exact_at_the_boundary_and_consumes_nothing(store: StatusMirror) -> None:
+    card = os.urandom(16)
+    await store.set_status(card, MirroredStatus.ACTIVE)
+    now = time.time_ns() // 1_000_000
+    nonces = [os.urandom(NONCE_LENGTH) for _ in range(5)]
+    answers = [await store.scan(card_scan(card, nonce, "gate", now_ms=now)) for nonce in nonces]
+    assert [answer.kind for answer in answers] == ["new", "new", "new", "limited", "limited"]
+    assert answers[3].retry_after_ms == 1000  # one interval at 60 per minute
+    # The refused credential was not used up: a second later one slot is free again, and it passes.
+    later = await store.scan(card_scan(card, nonces[3], "gate", now_ms=now + 1000))
+    assert (later.kind, later.result) == ("new", ScanResult.ACCEPTED)
+    assert (await store.scan(card_scan(card, nonces[4], "gate", now_ms=now + 1000))).kind == "limited"
+    # Another terminal has a budget of its own, and so has another scope of the same terminal.
+    assert (await store.scan(card_scan(card, nonces[4], "other", now_ms=now + 1000))).kind == "new"
+    assert (await store.scan(card_scan(card, os.urandom(7), "gate", now_ms=now + 1000, rate_scope=":b"))).kind == "new"
+
+
+async def test_retry_within_the_window_repeats_the_first_answer(store: StatusMirror) -> None:
+    card, nonce = os.urandom(16), os.urandom(NONCE_LENGTH)
+    await store.set_status(card, MirroredStatus.ACTIVE)
+    await store.set_record(card, CardRecord.PROFILE, b"sealed profile")
+    now = time.time_ns() // 1_000_000
+    first = await store.scan(card_scan(card, nonce, "gate", now_ms=now, record=CardRecord.PROFILE))
+    assert (first.kind, first.result, first.record) == ("new", ScanResult.ACCEPTED, b"sealed profile")
+    retry = await store.scan(
+        card_scan(card, nonce, "gate", now_ms=now + 10_000, verification_id="vf_other", record=CardRecord.PROFILE)
+    )
+    assert (retry.kind, retry.result, retry.verification_id) == ("retry", "accepted", first.verification_id)
+    assert retry.first_used_ms == now and retry.record == b"sealed profile"
+    late = await store.scan(card_scan(card, nonce, "gate", now_ms=now + 10_001))
+    assert (late.kind, late.result, late.first_used_ms) == ("new", ScanResult.REPLAYED, now)
+    elsewhere = await store.scan(card_scan(card, nonce, "other", now_ms=now + 1))
+    assert (elsewhere.result, elsewhere.record) == (ScanResult.REPLAYED, None)
+
+
+async def test_statuses_decided_results_and_a_missing_profile(store: StatusMirror) -> None:
+    now = time.time_ns() // 1_000_000
+    for status, expected in [
+        (MirroredStatus.SUSPENDED, ScanResult.CARD_SUSPENDED),
+        (MirroredStatus.PENDING_ACTIVATION, ScanResult.CARD_SUSPENDED),
+        (MirroredStatus.REVOKED, ScanResult.CARD_REVOKED),
+        (None, ScanResult.CARD_UNKNOWN),
+    ]:
+        card = os.urandom(16)
+        if status is not None:
+            await store.set_status(card, status)
+        answer = await store.scan(card_scan(card, os.urandom(NONCE_LENGTH), f"gate-{expected}", now_ms=now))
+        assert answer.result == expected
+    # An active card without the profile a hospital needs fails closed; entitlements are optional.
+    card = os.urandom(16)
+    await store.set_status(card, MirroredStatus.ACTIVE)
+    hospital = await store.scan(card_scan(card, os.urandom(NONCE_LENGTH), "h", now_ms=now, record=CardRecord.PROFILE))
+    assert hospital.result == ScanResult.CARD_UNKNOWN
+    park = await store.scan(card_scan(card, os.urandom(NONCE_LENGTH), "p", now_ms=now, record=CardRecord.ENTITLEMENTS))
+    assert (park.result, park.record) == (ScanResult.ACCEPTED, None)
+    # A result decided before the store touches neither nonce nor card, only the rate and the log.
+    decided = await store.scan(card_scan(b"", b"", "gate", now_ms=now, decided="bad_signature"))
+    assert (decided.kind, decided.result) == ("new", "bad_signature")

@@ -6,6 +6,7 @@ plus one database look-up for credentials the store no longer remembers (`verify
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -185,6 +186,9 @@ class CredentialVerifier:
         repeated = answer.kind == "retry"
         if answer.result == ScanResult.ACCEPTED:
             assert claims is not None
+            if answer.record is None and policy_for(terminal).record.required:
+                # A retry whose profile vanished from the store since: fail closed, never disclose less.
+                return Outcome(answer.verification_id, False, Reason.CARD_UNKNOWN, purpose, repeated=repeated)
             source = Disclosing(claims, terminal, answer.record, self._pseudonym_key, self._pii, date.today())
             return Outcome(answer.verification_id, True, None, purpose, disclose(source), repeated=repeated)
         first_used = _moment(answer.first_used_ms) if answer.result == ScanResult.REPLAYED else None
@@ -223,31 +227,31 @@ class CredentialVerifier:
         earlier = await earlier_uses(
             session, [(claims.card_ref, claims.nonce) for claims, decided, _ in checked if claims and not decided]
         )
-        outcomes: list[Outcome | RateLimited] = []
-        for claims, decided, scan in checked:
-            verification_id = _new_verification_id()
+
+        async def decide(claims: Claims | None, decided: str, scan: BatchScan) -> Outcome | RateLimited:
             first = earlier.get((claims.card_ref, claims.nonce)) if claims and not decided else None
             if claims is not None and first is not None:
                 if first.terminal_id == terminal.terminal_id:
                     # This gate's own scan, uploaded again after the store forgot it.
-                    outcomes.append(await self._recorded(terminal, claims, first))
-                    continue
+                    return await self._recorded(terminal, claims, first)
                 decided = Reason.REPLAYED.value
             store_scan = self._scan(
-                terminal, verification_id, now_ms, claims, decided, channel=BATCH, scanned_ms=scan.scanned_at_ms
-            )
+                terminal, _new_verification_id(), now_ms, claims, decided,
+                channel=BATCH, scanned_ms=scan.scanned_at_ms,
+            )  # fmt: skip
             try:
                 outcome = await self._decide(terminal, claims, store_scan)
             except RateLimited as exc:
-                outcomes.append(exc)
-                continue
+                return exc
             if first is not None:
-                outcome = Outcome(
+                return Outcome(
                     outcome.verification_id, False, Reason.REPLAYED, outcome.purpose,
                     first_used_at=first.scanned_at or first.occurred_at,
                 )  # fmt: skip
-            outcomes.append(outcome)
-        return outcomes
+            return outcome
+
+        # Together, so the store calls share pipelines instead of one round trip each.
+        return list(await asyncio.gather(*(decide(*item) for item in checked)))
 
     async def _recorded(self, terminal: TerminalEntry, claims: Claims, event: VerificationEvent) -> Outcome:
         """The answer a verification recorded earlier gave, again (same id)."""
@@ -257,5 +261,7 @@ class CredentialVerifier:
         # The disclosure depends on the card and the terminal only, so it is computed again.
         policy = policy_for(terminal)
         record = await self._mirror.get_record(claims.card_ref, policy.record) if policy.record else None
+        if record is None and policy.record.required:
+            return Outcome(event.id, False, Reason.CARD_UNKNOWN, purpose, repeated=True)
         source = Disclosing(claims, terminal, record, self._pseudonym_key, self._pii, date.today())
         return Outcome(event.id, True, None, purpose, disclose(source), repeated=True)
