@@ -139,6 +139,25 @@ async def test_terminal_changes_reach_every_worker_within_a_second(client: httpx
     assert {response.status_code for response in await asyncio.gather(*probes)} == {401}
 
 
+async def test_disabling_an_organisation_reaches_every_worker_within_a_second(
+    client: httpx.AsyncClient, admin: str
+) -> None:
+    gate = await factories.new_gate(client, admin, "510000", "park", ["park"])
+    second = await factories.new_terminal(client, admin, gate.organisation_id, ["park"])
+    await asyncio.sleep(1.0)
+    response = await client.patch(
+        f"/v1/operator/verifier-organisations/{gate.organisation_id}", json={"enabled": False}, headers=bearer(admin)
+    )
+    assert response.status_code == 200 and response.json()["enabled"] is False
+    await asyncio.sleep(1.0)
+    probes = [
+        client.post("/v1/verify", json={"credential": "EC1:0"}, headers=each.headers)
+        for each in (gate, second)
+        for _ in range(10)
+    ]
+    assert {response.status_code for response in await asyncio.gather(*probes)} == {401}
+
+
 async def test_suspension_reaches_every_worker_at_once(client: httpx.AsyncClient, admin: str) -> None:
     holder = await factories.activated_holder(client, admin, "510000")
     gate = await factories.new_gate(client, admin, "510000", "transit", ["transit"])
