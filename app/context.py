@@ -12,6 +12,7 @@ from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
+from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
 from app.domain.verification.offline import OfflineKits
@@ -44,6 +45,7 @@ class ServiceContext:
     bus: InvalidationBus
     directory: VerifierDirectory
     verifier: CredentialVerifier
+    rules: AcceptanceRules
     events: EventStream
     offline_kits: OfflineKits
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -71,7 +73,8 @@ class ServiceContext:
             bus = LocalInvalidationBus()
         directory = VerifierDirectory(sessions, pii)
         pseudonym_key = pii.blind_index("card-pseudonym", "verification.pseudonym_key")
-        verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings)
+        rules = load_rules(settings.agreements_file)
+        verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules)
         return cls(
             settings,
             keyring,
@@ -83,6 +86,7 @@ class ServiceContext:
             bus=bus,
             directory=directory,
             verifier=verifier,
+            rules=rules,
             events=events,
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
         )

@@ -1,4 +1,4 @@
-"""The service's own secrets: data key, blind-index key and session-token key.
+"""The service's own secrets: data key, blind-index key, session-token key and trust-list key.
 
 Loaded from `ECARD_KEYS_DIR`. In production mode the development keys in keys_dev/ are refused,
 whether they are reached through that directory or copied elsewhere.
@@ -19,6 +19,7 @@ from crypto.keys import SigningKey, load_private_pem, private_pem
 DATA_KEY_FILE = "data.key"
 INDEX_KEY_FILE = "index.key"
 SESSION_KEY_FILE = "session.pem"
+TRUST_KEY_FILE = "trust.pem"
 
 
 class KeyringError(RuntimeError):
@@ -32,6 +33,8 @@ class Keyring:
     data_key: bytes
     index_key: bytes
     session_key: SigningKey
+    # Signs the trust list of every region's keys, for gates and other deployments that pin it.
+    trust_key: SigningKey
 
 
 def _read_symmetric(path: Path) -> bytes:
@@ -44,16 +47,20 @@ def _read_symmetric(path: Path) -> bytes:
     return key
 
 
-def read_keyring(directory: Path) -> Keyring:
-    """Read the three key files from directory."""
+def _read_ed25519(path: Path) -> SigningKey:
     try:
-        session = load_private_pem((directory / SESSION_KEY_FILE).read_bytes())
+        return SigningKey(load_private_pem(path.read_bytes()))
     except (OSError, ValueError) as exc:
-        raise KeyringError(f"cannot read an Ed25519 PEM key from {directory / SESSION_KEY_FILE}: {exc}") from None
+        raise KeyringError(f"cannot read an Ed25519 PEM key from {path}: {exc}") from None
+
+
+def read_keyring(directory: Path) -> Keyring:
+    """Read the four key files from directory."""
     return Keyring(
         data_key=_read_symmetric(directory / DATA_KEY_FILE),
         index_key=_read_symmetric(directory / INDEX_KEY_FILE),
-        session_key=SigningKey(session),
+        session_key=_read_ed25519(directory / SESSION_KEY_FILE),
+        trust_key=_read_ed25519(directory / TRUST_KEY_FILE),
     )
 
 
@@ -63,6 +70,7 @@ def _is_dev_keyring(keyring: Keyring) -> bool:
         hmac.compare_digest(keyring.data_key, dev.data_key)
         or hmac.compare_digest(keyring.index_key, dev.index_key)
         or keyring.session_key.public == dev.session_key.public
+        or keyring.trust_key.public == dev.trust_key.public
     )
 
 
@@ -84,6 +92,7 @@ def generate_keyring(directory: Path) -> None:
         DATA_KEY_FILE: base64.b64encode(os.urandom(32)) + b"\n",
         INDEX_KEY_FILE: base64.b64encode(os.urandom(32)) + b"\n",
         SESSION_KEY_FILE: private_pem(SigningKey.generate().private),
+        TRUST_KEY_FILE: private_pem(SigningKey.generate().private),
     }
     for name in files:
         if (directory / name).exists():

@@ -38,7 +38,7 @@ from app.domain.entitlements.controllers import EntitlementController
 from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
 from app.domain.imports.controllers import UPLOAD_DIR, ImportController
 from app.domain.imports.services import remove_stale_uploads
-from app.domain.issuers.controllers import issuer_jwks, offline_kit
+from app.domain.issuers.controllers import issuer_jwks, offline_kit, trust_list
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import verify, verify_batch
@@ -149,6 +149,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 verify_batch,
                 issuer_jwks,
                 offline_kit,
+                trust_list,
                 health,
                 HolderAuthController,
                 HolderCardController,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEV_KEYS_DIR = PROJECT_ROOT / "keys_dev"
+DATA_DIR = PROJECT_ROOT / "app" / "data"
 
 
 def _env(name: str, default: str) -> str:
@@ -76,6 +77,12 @@ class Settings:
     # Offline kit: a signed status list is good for status_list_lifetime; gates refetch after ttl.
     status_list_ttl: int = 300
     status_list_lifetime: int = 3600
+    # A new issuer key must be published this long before it may sign: twice the JWKS cache time.
+    key_publish_lead: int = 600
+    # How long a signed trust list is valid; gates and other deployments refetch well before.
+    trust_list_lifetime: int = 24 * 3600
+    # Cooperation agreements between regions (which cards a terminal accepts from elsewhere).
+    agreements_file: Path = DATA_DIR / "agreements.json"
 
     @property
     def drains_events(self) -> bool:
@@ -114,6 +121,9 @@ class Settings:
             drain_events=_env_bool("ECARD_DRAIN_EVENTS"),
             status_list_ttl=_env_int("ECARD_STATUS_LIST_TTL", defaults.status_list_ttl),
             status_list_lifetime=_env_int("ECARD_STATUS_LIST_LIFETIME", defaults.status_list_lifetime),
+            key_publish_lead=_env_int("ECARD_KEY_PUBLISH_LEAD", defaults.key_publish_lead),
+            trust_list_lifetime=_env_int("ECARD_TRUST_LIST_LIFETIME", defaults.trust_list_lifetime),
+            agreements_file=Path(_env("ECARD_AGREEMENTS_FILE", str(defaults.agreements_file))),
         )
 
 

@@ -70,10 +70,17 @@ class SuspensionCause(StrEnum):
 
 
 class KeyState(StrEnum):
-    """Whether an issuer key signs new credentials or only verifies old ones."""
+    """Where an issuer key is in its rotation.
 
+    published → active → retired: a key is in the JWKS and the trust list before it signs (so
+    gates know it when its first credential arrives) and stays there after it stops signing (so
+    credentials it signed remain verifiable). Revoked keys (never the active one) vanish at once.
+    """
+
+    PUBLISHED = "published"
     ACTIVE = "active"
     RETIRED = "retired"
+    REVOKED = "revoked"
 
 
 class AuditEvent(Base):

@@ -28,10 +28,11 @@ def test_production_refuses_copied_dev_keys(tmp_path: Path) -> None:
         load_keyring(Settings(mode="production", keys_dir=copy))
 
 
-def test_production_refuses_a_single_copied_dev_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["data.key", "index.key", "session.pem", "trust.pem"])
+def test_production_refuses_a_single_copied_dev_key(tmp_path: Path, name: str) -> None:
     keys = tmp_path / "keys"
     generate_keyring(keys)
-    shutil.copy(DEV_KEYS_DIR / "session.pem", keys / "session.pem")
+    shutil.copy(DEV_KEYS_DIR / name, keys / name)
     with pytest.raises(KeyringError, match="development keys"):
         load_keyring(Settings(mode="production", keys_dir=keys))
 
@@ -59,5 +60,5 @@ def test_bad_symmetric_key_is_a_clear_error(tmp_path: Path, content: str) -> Non
 
 
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(KeyringError, match=r"session\.pem"):
+    with pytest.raises(KeyringError, match=r"absent/data\.key"):
         read_keyring(tmp_path / "absent")

@@ -11,6 +11,7 @@ from litestar.params import PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext, context_of
+from app.domain.issuers.trust_list import sign_trust_list, signer_jwk
 from app.problems import problem_responses
 from app.schema import WireModel
 from crypto.jwk import jwks
@@ -61,3 +62,31 @@ async def offline_kit(
         OfflineKitOut(region=document["region"], jwks=document["jwks"], status_list=document["status_list"]),
         headers={"Cache-Control": f"public, max-age={ctx.settings.status_list_ttl}"},
     )
+
+
+class TrustListOut(WireModel):
+    """The signed trust list (compact JWS, EdDSA) and, for convenience, the key that signed it.
+
+    Pin `signer` once, out of band (it changes only with the deployment's key directory), and
+    check every later list against the pinned key, not against the copy in the answer.
+    """
+
+    trust_list: str
+    signer: dict[str, str]
+
+
+@get(
+    "/v1/trust-list",
+    tags=["keys"],
+    summary="Signed trust list of every region's keys",
+    cache_control=CacheControlHeader(max_age=300, public=True),
+)
+async def trust_list(request: Request[Any, Any, Any]) -> TrustListOut:
+    """Every region's issuer keys with their rotation state (published, active, retired), signed.
+
+    A key is listed before it signs and after it stops, so a relying party that refetches this
+    list every few minutes never rejects a genuine credential during a rotation.
+    """
+    ctx = context_of(request.app.state)
+    token = sign_trust_list(ctx.keyring.trust_key, ctx.directory.keys, ctx.settings.trust_list_lifetime)
+    return TrustListOut(trust_list=token, signer=signer_jwk(ctx.keyring.trust_key))

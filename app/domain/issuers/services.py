@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.clock import utcnow
-from app.db.models import IssuerKey, KeyState
+from app import problems
+from app.clock import as_utc, utcnow
+from app.db.models import IssuerKey, KeyState, Region
+from app.domain.audit.services import Actor, record
 from app.pii import PiiCipher
 from crypto.keys import SigningKey, VerifyKey, private_raw
 
 PRIVATE_KEY_FIELD = "issuer_keys.private_key"
 
 
-async def create_issuer_key(session: AsyncSession, pii: PiiCipher, region_code: str) -> IssuerKey:
+async def create_issuer_key(
+    session: AsyncSession, pii: PiiCipher, region_code: str, state: KeyState = KeyState.ACTIVE
+) -> IssuerKey:
     """Generate a region's signing key and store it, private half encrypted (caller commits)."""
     key = SigningKey.generate()
     row = IssuerKey(
@@ -23,7 +28,7 @@ async def create_issuer_key(session: AsyncSession, pii: PiiCipher, region_code: 
         region_code=region_code,
         public_key=key.public,
         private_key_encrypted=pii.encrypt_bytes(private_raw(key.private), PRIVATE_KEY_FIELD),
-        state=KeyState.ACTIVE.value,
+        state=state.value,
         created_at=utcnow(),
     )
     session.add(row)
@@ -36,6 +41,8 @@ class IssuerKeys:
 
     verify_keys: dict[bytes, VerifyKey] = field(default_factory=dict)
     signing_keys: dict[str, SigningKey] = field(default_factory=dict)
+    # Rotation state and publication time of every published key, by kid (for the trust list).
+    states: dict[bytes, tuple[KeyState, datetime]] = field(default_factory=dict)
 
 
 async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
@@ -43,9 +50,104 @@ async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
     keys = IssuerKeys()
     rows = (await session.scalars(select(IssuerKey).order_by(IssuerKey.created_at))).all()
     for row in rows:
+        if row.state == KeyState.REVOKED.value:
+            continue
         verify_key = VerifyKey(public=row.public_key, region=row.region_code)
         keys.verify_keys[verify_key.kid] = verify_key
+        keys.states[verify_key.kid] = (KeyState(row.state), row.created_at)
         if row.state == KeyState.ACTIVE.value:
             seed = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
             keys.signing_keys[row.region_code] = SigningKey.from_seed(seed)
     return keys
+
+
+async def region_keys(session: AsyncSession, region: str) -> list[IssuerKey]:
+    """The region's keys, oldest first; 404 for an unknown region."""
+    if await session.get(Region, region) is None:
+        raise problems.not_found(f"region {region} is not registered")
+    return list(
+        (
+            await session.scalars(
+                select(IssuerKey).where(IssuerKey.region_code == region).order_by(IssuerKey.created_at)
+            )
+        ).all()
+    )
+
+
+async def publish_key(session: AsyncSession, pii: PiiCipher, actor: Actor, region: str) -> IssuerKey:
+    """Step 1 of a rotation: a new key, published but not signing yet (commits); one waiting at a time."""
+    keys = await region_keys(session, region)
+    if any(key.state == KeyState.PUBLISHED.value for key in keys):
+        raise problems.conflict("a published key is already waiting to be activated", current_state="published")
+    row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED)
+    record(
+        session, actor, "issuer_key.published", subject_type="issuer_key", subject_id=row.kid.hex(),
+        region=region, after={"state": KeyState.PUBLISHED.value},
+    )  # fmt: skip
+    await session.commit()
+    return row
+
+
+async def _key(session: AsyncSession, region: str, kid: bytes) -> IssuerKey:
+    row = await session.get(IssuerKey, kid)
+    if row is None or row.region_code != region:
+        raise problems.not_found("no such key in this region")
+    return row
+
+
+async def activate_key(session: AsyncSession, actor: Actor, region: str, kid: bytes, lead: int) -> IssuerKey:
+    """Step 2: the published key signs from now on, the active one retires (keeps verifying). Commits.
+
+    Refused until the key has been published for `lead` seconds, so gates that refresh their
+    keys on that cycle know it before its first credential reaches them.
+    """
+    row = await _key(session, region, kid)
+    if row.state != KeyState.PUBLISHED.value:
+        raise problems.conflict(
+            f"only a published key can be activated; this one is {row.state}", current_state=row.state
+        )
+    ready_at = as_utc(row.created_at) + timedelta(seconds=lead)
+    if utcnow() < ready_at:
+        raise problems.conflict(
+            f"the key was published less than {lead} s ago: gates may not know it yet; activate after "
+            f"{ready_at.isoformat()}",
+            current_state=row.state,
+        )
+    retired = await session.execute(
+        update(IssuerKey)
+        .where(IssuerKey.region_code == region, IssuerKey.state == KeyState.ACTIVE.value)
+        .values(state=KeyState.RETIRED.value)
+        .returning(IssuerKey.kid)
+    )
+    activated = await session.execute(
+        update(IssuerKey)
+        .where(IssuerKey.kid == kid, IssuerKey.state == KeyState.PUBLISHED.value)
+        .values(state=KeyState.ACTIVE.value)
+    )
+    if activated.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise problems.conflict("the key changed meanwhile; read it again")
+    record(
+        session, actor, "issuer_key.activated", subject_type="issuer_key", subject_id=kid.hex(), region=region,
+        before={"state": KeyState.PUBLISHED.value},
+        after={"state": KeyState.ACTIVE.value, "retired": [old.hex() for old in retired.scalars()]},
+    )  # fmt: skip
+    await session.commit()
+    await session.refresh(row)
+    return row
+
+
+async def revoke_key(session: AsyncSession, actor: Actor, region: str, kid: bytes, reason: str) -> IssuerKey:
+    """Withdraw a published or retired key at once (e.g. suspected compromise): credentials it signed fail."""
+    row = await _key(session, region, kid)
+    if row.state == KeyState.ACTIVE.value:
+        raise problems.conflict("the active key cannot be revoked: activate another one first", current_state=row.state)
+    if row.state == KeyState.REVOKED.value:
+        raise problems.conflict("the key is already revoked", current_state=row.state)
+    record(
+        session, actor, "issuer_key.revoked", subject_type="issuer_key", subject_id=kid.hex(), region=region,
+        reason=reason, before={"state": row.state}, after={"state": KeyState.REVOKED.value},
+    )  # fmt: skip
+    row.state = KeyState.REVOKED.value
+    await session.commit()
+    return row

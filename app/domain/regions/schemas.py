@@ -23,3 +23,19 @@ class RegionOut(WireModel):
     code: str
     name: str
     created_at: datetime
+
+
+class IssuerKeyOut(WireModel):
+    """One of a region's signing keys and where it is in its rotation (never the private half)."""
+
+    kid: str
+    region: str
+    state: str
+    published_at: datetime
+    jwk: dict[str, str]
+
+
+class KeyRevocation(WireModel):
+    """Why a key is withdrawn."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=3, max_length=500)]

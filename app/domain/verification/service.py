@@ -16,6 +16,7 @@ from enum import StrEnum
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import VerificationEvent
+from app.domain.agreements.rules import AcceptanceRules
 from app.domain.verification.directory import TerminalEntry, VerifierDirectory
 from app.domain.verification.disclosure import Disclosing, disclose, policy_for
 from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event
@@ -78,11 +79,6 @@ def _moment(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def region_accepted(terminal_region: str, card_region: str) -> bool:
-    """A terminal accepts cards of its own province (the first two digits of the GB/T 2260 code)."""
-    return terminal_region[:2] == card_region[:2]
-
-
 # A batch upload may replay its own scans at any time and get the same answers.
 _BATCH_RETRY_WINDOW_MS = 10**12
 MAX_BATCH = 500
@@ -107,7 +103,9 @@ class CredentialVerifier:
         pii: PiiCipher,
         pseudonym_key: bytes,
         settings: Settings,
+        rules: AcceptanceRules,
     ) -> None:
+        self._rules = rules
         self._directory = directory
         self._mirror = mirror
         self._pii = pii
@@ -129,7 +127,7 @@ class CredentialVerifier:
             return claims, Rejection.NOT_YET_VALID.value
         if claims.purpose not in terminal.purposes:
             return claims, Reason.PURPOSE_NOT_ALLOWED.value
-        if not region_accepted(terminal.region, claims.region):
+        if not self._rules.accepts(terminal.region, claims.region, claims.purpose):
             return claims, Reason.REGION_NOT_ACCEPTED.value
         return claims, ""
 

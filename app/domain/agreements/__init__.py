@@ -1,0 +1,1 @@
+"""Cooperation agreements: which regions accept each other's cards, and for what."""
