@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.domain.agreements.rules import AcceptanceRules, load_rules
+from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
 from app.domain.verification.offline import OfflineKits
@@ -46,6 +47,7 @@ class ServiceContext:
     directory: VerifierDirectory
     verifier: CredentialVerifier
     rules: AcceptanceRules
+    coverage: MedicalCoverage
     events: EventStream
     offline_kits: OfflineKits
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -87,6 +89,7 @@ class ServiceContext:
             directory=directory,
             verifier=verifier,
             rules=rules,
+            coverage=MedicalCoverage.load(settings.medical_coverage_file),
             events=events,
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
         )

@@ -39,6 +39,7 @@ from app.domain.holders.controllers import HolderAuthController, HolderCardContr
 from app.domain.imports.controllers import UPLOAD_DIR, ImportController
 from app.domain.imports.services import remove_stale_uploads
 from app.domain.issuers.controllers import issuer_jwks, offline_kit, trust_list
+from app.domain.ledger.controllers import HolderMoneyController, OperatorMoneyController, TerminalMoneyController
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import verify, verify_batch
@@ -161,6 +162,9 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 ImportController,
                 VerifierController,
                 AuditController,
+                TerminalMoneyController,
+                OperatorMoneyController,
+                HolderMoneyController,
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)

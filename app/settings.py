@@ -83,6 +83,8 @@ class Settings:
     trust_list_lifetime: int = 24 * 3600
     # Cooperation agreements between regions (which cards a terminal accepts from elsewhere).
     agreements_file: Path = DATA_DIR / "agreements.json"
+    # Insurance shares of medical bills by region and scheme.
+    medical_coverage_file: Path = DATA_DIR / "medical_coverage.json"
 
     @property
     def drains_events(self) -> bool:
@@ -124,6 +126,7 @@ class Settings:
             key_publish_lead=_env_int("ECARD_KEY_PUBLISH_LEAD", defaults.key_publish_lead),
             trust_list_lifetime=_env_int("ECARD_TRUST_LIST_LIFETIME", defaults.trust_list_lifetime),
             agreements_file=Path(_env("ECARD_AGREEMENTS_FILE", str(defaults.agreements_file))),
+            medical_coverage_file=Path(_env("ECARD_MEDICAL_COVERAGE_FILE", str(defaults.medical_coverage_file))),
         )
 
 

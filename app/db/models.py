@@ -158,6 +158,8 @@ class Person(Base):
     citizen_id_encrypted: Mapped[bytes]
     name_encrypted: Mapped[bytes]
     created_at: Mapped[datetime]
+    # Basic medical insurance scheme: "urban_employee" or "urban_rural_resident" (sets the bill's share).
+    insurance_scheme: Mapped[str] = mapped_column(String(24), default="urban_employee", server_default="urban_employee")
 
 
 class Card(Base):
@@ -364,3 +366,110 @@ class Entitlement(Base):
     valid_until: Mapped[datetime]
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class LedgerAccount(Base):
+    """An account of the double-entry ledger: a card's, an organisation's, or a region's fund.
+
+    Amounts are integer fen (0.01 CNY). A card account's balance is what the card has been paid
+    (subsidies) minus what it has paid (fares, its share of medical bills).
+    """
+
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (UniqueConstraint("kind", "owner_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    # "card" (owner: eCard id), "organisation" (verifier organisation id),
+    # "insurance_fund" or "subsidy_fund" (owner: region code).
+    kind: Mapped[str] = mapped_column(String(24))
+    owner_id: Mapped[str] = mapped_column(String(64))
+    region_code: Mapped[str] = mapped_column(String(6))
+    created_at: Mapped[datetime]
+
+
+class LedgerTransaction(Base):
+    """One money movement: its postings sum to zero.
+
+    A verification can be charged for at most once per kind: the unique constraint, not Redis or
+    the idempotency key, is the last word against a double charge.
+    """
+
+    __tablename__ = "ledger_transactions"
+    __table_args__ = (
+        UniqueConstraint("kind", "verification_id", name="uq_ledger_transactions_kind_verification_id"),
+        UniqueConstraint("kind", "reference", name="uq_ledger_transactions_kind_reference"),
+        Index("ix_ledger_transactions_organisation_id_created_at", "organisation_id", "created_at"),
+        Index("ix_ledger_transactions_ecard_id_created_at", "ecard_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(32))
+    verification_id: Mapped[str | None] = mapped_column(String(32))
+    # For movements without a verification (a subsidy payout: batch id and card).
+    reference: Mapped[str | None] = mapped_column(String(100))
+    ecard_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    organisation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
+class LedgerPosting(Base):
+    """One side of a transaction: amount_fen (signed) on one account."""
+
+    __tablename__ = "ledger_postings"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    transaction_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_transactions.id"), index=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+
+
+class IdempotencyRecord(Base):
+    """A money-moving request by its Idempotency-Key: in flight until `completed_at`, then its answer.
+
+    The same key with the same request replays the stored answer; with a different request it is
+    a 422; while the first is still in flight, a 409.
+    """
+
+    __tablename__ = "idempotency_records"
+
+    # Who sent it (terminal or operator id): keys are scoped to their sender.
+    caller: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[bytes | None]
+    created_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+
+class LibraryLoan(Base):
+    """A book lent on a card's verification; it may be returned at any library of the network."""
+
+    __tablename__ = "library_loans"
+    __table_args__ = (UniqueConstraint("verification_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    ecard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ecards.id"), index=True)
+    item_id: Mapped[str] = mapped_column(String(64), index=True)
+    verification_id: Mapped[str] = mapped_column(String(32))
+    lent_by: Mapped[uuid.UUID] = mapped_column(Uuid)
+    lent_at: Mapped[datetime]
+    due_at: Mapped[datetime]
+    returned_to: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    returned_at: Mapped[datetime | None]
+
+
+class ParkEntry(Base):
+    """An entry through a park gate counted against the card's annual pass."""
+
+    __tablename__ = "park_entries"
+    __table_args__ = (UniqueConstraint("verification_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    entitlement_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("entitlements.id"), index=True)
+    verification_id: Mapped[str] = mapped_column(String(32))
+    organisation_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    entered_at: Mapped[datetime]

@@ -93,6 +93,7 @@ class CardController(Controller):
             card_number=data.card_number,
             code_ttl=ctx.settings.activation_code_ttl,
             actor=Actor.operator(operator),
+            insurance_scheme=data.insurance_scheme,
         )
         card, ecard, person = await find_card(session, issued.card.id, operator.regions)
         return IssuedCardOut(

@@ -18,6 +18,8 @@ class CardIssue(WireModel):
     citizen_id: Annotated[str, msgspec.Meta(min_length=18, max_length=18, examples=["11010519491231002X"])]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     card_number: Annotated[str, msgspec.Meta(min_length=9, max_length=9, examples=["A12345678"])]
+    # The person's basic medical insurance scheme (for a new person; an existing one keeps theirs).
+    insurance_scheme: Literal["urban_employee", "urban_rural_resident"] = "urban_employee"
 
 
 class ActivationCodeOut(WireModel):

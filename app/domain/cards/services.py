@@ -119,6 +119,7 @@ async def issue_card(
     card_number: str,
     code_ttl: int,
     actor: Actor | None = None,
+    insurance_scheme: str = "urban_employee",
 ) -> IssuedCard:
     """Register (or find) the person, issue the physical card and its pending eCard, and an activation code."""
     try:
@@ -143,6 +144,7 @@ async def issue_card(
             citizen_id_encrypted=pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
             name_encrypted=pii.encrypt(name, NAME_FIELD),
             created_at=now,
+            insurance_scheme=insurance_scheme,
         )
         session.add(person)
         await session.flush()

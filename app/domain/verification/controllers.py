@@ -29,7 +29,7 @@ MAX_BATCH_BODY_BYTES = MAX_BATCH * 700
 _UNAVAILABLE = "card status store is unreachable; the credential was not accepted"
 
 
-async def _terminal(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
+async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
     """The terminal making the request, by API key or by its request signature; 401 otherwise."""
     directory = context_of(request.app.state).directory
     if api_key is not None:
@@ -103,7 +103,7 @@ async def verify(
     `replayed`. 429 means the terminal is over its rate and nothing was consumed; 503 that the
     status store is unreachable: nothing was accepted.
     """
-    terminal = await _terminal(request, api_key)
+    terminal = await terminal_of(request, api_key)
     try:
         outcome = await context_of(request.app.state).verifier.verify(terminal, data.credential)
     except RateLimited as exc:
@@ -137,7 +137,7 @@ async def verify_batch(
     the same batch again gives the same answers and verification ids. Items over the upload
     budget come back as `rate_limited` with nothing consumed: send those again later.
     """
-    terminal = await _terminal(request, api_key)
+    terminal = await terminal_of(request, api_key)
     scans = [BatchScan(item.credential, int(item.scanned_at.timestamp() * 1000)) for item in data.scans]
     try:
         outcomes = await ctx.verifier.verify_batch(session, terminal, scans)

@@ -1,0 +1,289 @@
+"""Money endpoints: terminals charge fares and settle bills, operators pay subsidies; every one idempotent."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.plugins.problem_details import ProblemDetailsException
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.clock import as_utc, utcnow
+from app.context import ServiceContext
+from app.dependencies import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
+from app.domain.audit.services import Actor, record
+from app.domain.ledger.idempotency import Replay, check_key, claim, complete, release, request_hash
+from app.domain.ledger.schemas import (
+    FareOut,
+    FareRequest,
+    MovementOut,
+    ReconciliationOut,
+    SettlementOut,
+    SettlementRequest,
+    StatementOut,
+    SubsidyBatch,
+    SubsidyBatchOut,
+)
+from app.domain.ledger.services import (
+    accepted_verification,
+    card_statement,
+    charge_fare,
+    daily_reconciliation,
+    pay_subsidies,
+    settle_medical_bill,
+)
+from app.domain.operators.services import Role, require_region, require_role
+from app.domain.verification.controllers import terminal_of
+from app.domain.verifiers.services import get_organisation
+from app.problems import problem_responses
+from app.tokens import OperatorSession
+from crypto.credential import Purpose
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        description="Required. The same key and body replay the first answer; another body is a 422.",
+    ),
+]
+
+# Answers that say "not now" rather than "no": the key is released so the retry runs the request.
+_TRANSIENT = {"verification_not_recorded", "unavailable"}
+
+
+def _problem_body(exc: ProblemDetailsException) -> bytes:
+    extra = exc.extra if isinstance(exc.extra, dict) else {}
+    return msgspec.json.encode(
+        {"type": exc.type_, "title": exc.title, "status": exc.status_code, "detail": exc.detail, **extra}
+    )
+
+
+def _replayed(replay: Replay, answer_type: type[T]) -> Response[T]:
+    if replay.status_code >= 400:
+        stored = msgspec.json.decode(replay.body)
+        raise problems.problem(
+            replay.status_code, str(stored.pop("code", "error")), str(stored.pop("detail", "")),
+            **{k: v for k, v in stored.items() if k not in ("type", "title", "status")}, replayed=True,
+        )  # fmt: skip
+    answer = msgspec.json.decode(replay.body, type=answer_type)
+    return Response(answer, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
+
+
+async def run_once(
+    ctx: ServiceContext,
+    request: Request[Any, Any, Any],
+    caller: str,
+    key: str | None,
+    answer_type: type[T],
+    work: Callable[[AsyncSession], Awaitable[T]],
+) -> Response[T]:
+    """Do work once per Idempotency-Key; its answer is stored in work's own transaction."""
+    fingerprint = request_hash(request.method, request.url.path, await request.body())
+    claimed = await claim(ctx.sessions, caller, check_key(key), fingerprint)
+    if isinstance(claimed, Replay):
+        return _replayed(claimed, answer_type)
+    try:
+        async with ctx.sessions() as session:
+            answer = await work(session)
+            await complete(session, claimed, 201, msgspec.json.encode(answer))
+            await session.commit()
+    except ProblemDetailsException as exc:
+        code = exc.extra.get("code") if isinstance(exc.extra, dict) else None
+        if code in _TRANSIENT:
+            await release(ctx.sessions, claimed)
+        else:
+            async with ctx.sessions() as session:
+                await complete(session, claimed, exc.status_code, _problem_body(exc))
+                await session.commit()
+        raise
+    except BaseException:
+        await release(ctx.sessions, claimed)
+        raise
+    return Response(answer, status_code=201)
+
+
+class TerminalMoneyController(Controller):
+    """Fares and medical bills, bound to verifications the terminal's organisation made."""
+
+    path = "/v1/terminal"
+    tags = ["money"]
+    security = [{"terminalApiKey": []}, {"terminalSignature": []}]
+    request_max_body_size = 2048
+
+    @post(
+        "/fares",
+        status_code=201,
+        summary="Charge a transit fare",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
+    async def fare(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        data: JSONBody[FareRequest],
+        idempotency_key: IdempotencyKey = None,
+        api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+    ) -> Response[FareOut]:
+        """The card pays the transit operator, once per verification (409 for a second fare on it)."""
+        terminal = await terminal_of(request, api_key)
+        if Purpose.TRANSIT not in terminal.purposes:
+            raise problems.forbidden("this terminal does not take transit fares")
+
+        async def work(session: AsyncSession) -> FareOut:
+            verified = await accepted_verification(
+                session, data.verification_id, terminal.organisation_id, Purpose.TRANSIT.label
+            )
+            transaction = await charge_fare(session, verified, data.amount_fen, {"route": data.route})
+            return FareOut(transaction.id, data.verification_id, data.amount_fen, transaction.created_at)
+
+        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)
+
+    @post(
+        "/medical-settlements",
+        status_code=201,
+        summary="Settle a medical bill",
+        responses=problem_responses(401, 403, 404, 409, 413),
+    )
+    async def settlement(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        data: JSONBody[SettlementRequest],
+        idempotency_key: IdempotencyKey = None,
+        api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+    ) -> Response[SettlementOut]:
+        """Split the bill: the card's insurance fund pays its share, the holder the rest.
+
+        The share depends on the holder's scheme and is lower for a bill out of the card's region.
+
+        Needs an accepted `medical` verification of this hospital: medical credentials are only
+        issued after the holder's PIN step-up.
+        """
+        terminal = await terminal_of(request, api_key)
+        if Purpose.MEDICAL not in terminal.purposes:
+            raise problems.forbidden("this terminal does not settle medical bills")
+
+        async def work(session: AsyncSession) -> SettlementOut:
+            verified = await accepted_verification(
+                session, data.verification_id, terminal.organisation_id, Purpose.MEDICAL.label
+            )
+            settled = await settle_medical_bill(session, ctx.coverage, verified, data.total_fen)
+            details = settled.transaction.details
+            return SettlementOut(
+                transaction_id=settled.transaction.id,
+                verification_id=data.verification_id,
+                total_fen=data.total_fen,
+                insurance_fen=settled.insurance_fen,
+                holder_fen=settled.holder_fen,
+                share_bp=int(details["share_bp"]),
+                cross_region=bool(details["cross_region"]),
+                created_at=settled.transaction.created_at,
+            )
+
+        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, SettlementOut, work)
+
+
+class OperatorMoneyController(Controller):
+    """Subsidy payouts and the daily reconciliation."""
+
+    path = "/v1/operator"
+    tags = ["money"]
+    security = OPERATOR_SECURITY
+    dependencies = {"operator": provide_operator}
+
+    @post(
+        "/subsidy-batches",
+        status_code=201,
+        summary="Pay a batch of subsidies",
+        request_max_body_size=200_000,
+        responses=problem_responses(401, 403, 409, 413),
+    )
+    async def subsidies(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        operator: NamedDependency[OperatorSession],
+        data: JSONBody[SubsidyBatch],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[SubsidyBatchOut]:
+        """Up to 1,000 payouts from the region's subsidy fund to cards of the region, all or nothing."""
+        require_role(operator, Role.CARD_OFFICER)
+        require_region(operator, data.region)
+        batch_id = "sb_" + secrets.token_urlsafe(9)
+
+        async def work(session: AsyncSession) -> SubsidyBatchOut:
+            payouts = [(payout.card_id, payout.amount_fen) for payout in data.payouts]
+            await pay_subsidies(session, data.region, batch_id, payouts, data.reason)
+            total = sum(amount for _, amount in payouts)
+            record(
+                session, Actor.operator(operator), "subsidy_batch.paid", subject_type="subsidy_batch",
+                subject_id=batch_id, region=data.region, reason=data.reason,
+                after={"payouts": len(payouts), "total_fen": total},
+            )  # fmt: skip
+            return SubsidyBatchOut(batch_id, data.region, len(payouts), total)
+
+        return await run_once(ctx, request, f"operator:{operator.operator_id}", idempotency_key, SubsidyBatchOut, work)
+
+    @get(
+        "/verifier-organisations/{organisation_id:uuid}/reconciliation",
+        summary="An organisation's daily reconciliation",
+        responses=problem_responses(401, 403, 404),
+    )
+    async def reconciliation(
+        self,
+        session: NamedDependency[AsyncSession],
+        operator: NamedDependency[OperatorSession],
+        organisation_id: FromPath[uuid.UUID],
+        day: Annotated[date | None, QueryParameter(name="day", required=False)] = None,
+    ) -> ReconciliationOut:
+        """The day's (UTC, default today) movements of the organisation by kind and account; they sum to zero."""
+        require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
+        organisation = await get_organisation(session, organisation_id, operator.regions)
+        found = await daily_reconciliation(session, organisation.id, day or utcnow().date())
+        return ReconciliationOut(
+            organisation_id=found.organisation_id,
+            day=found.day,
+            transactions=found.transactions,
+            by_kind=found.by_kind,
+            total_fen=found.total_fen,
+            balanced=found.total_fen == 0,
+        )
+
+
+class HolderMoneyController(Controller):
+    """The holder's account: balance and movements."""
+
+    path = "/v1/holder"
+    tags = ["holder"]
+    security = HOLDER_SECURITY
+    dependencies = {"holder": provide_holder}
+
+    @get("/transactions", summary="Balance and transactions", responses=problem_responses(401, 503))
+    async def transactions(
+        self,
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=200)] = 50,
+        before: Annotated[datetime | None, QueryParameter(name="before", required=False)] = None,
+    ) -> StatementOut:
+        """The card account's balance in fen (subsidies received minus fares and bill shares paid) and movements."""
+        balance, movements = await card_statement(
+            session, holder.session.ecard_id, limit=limit, before=as_utc(before) if before else None
+        )
+        return StatementOut(
+            balance_fen=balance,
+            movements=[
+                MovementOut(m.transaction_id, m.kind, m.amount_fen, m.at, m.organisation, m.details) for m in movements
+            ],
+        )
