@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.clock import as_utc
 from app.db.models import Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.pii import PiiCipher
@@ -111,7 +112,9 @@ class VerifierDirectory:
                     api_key_hash=terminal.api_key_hash,
                     previous_key_hash=terminal.previous_key_hash,
                     previous_key_until=(
-                        terminal.previous_key_expires_at.timestamp() if terminal.previous_key_expires_at else 0.0
+                        as_utc(terminal.previous_key_expires_at).timestamp()
+                        if terminal.previous_key_expires_at
+                        else 0.0
                     ),
                     signing_key=(
                         VerifyKey(terminal.signing_public_key, organisation.region_code)
@@ -154,7 +157,9 @@ class VerifierDirectory:
         entry = self._terminals.get(terminal_id.replace("-", "").lower())
         if entry is None or not entry.enabled or entry.signing_key is None:
             return None
-        if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > SIGNATURE_MAX_AGE:
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            return None
+        if abs(time.time() - int(timestamp)) > SIGNATURE_MAX_AGE:
             return None
         try:
             raw_signature = b64url_decode(signature)

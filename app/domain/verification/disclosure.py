@@ -63,7 +63,10 @@ def entitlements_record(passes: list[tuple[str, date]]) -> bytes | None:
     """The entitlements record: region → last valid day of each current annual pass; None if none."""
     if not passes:
         return None
-    return json.dumps({PARK_ANNUAL_PASS: {region: until.isoformat() for region, until in passes}}).encode()
+    latest: dict[str, date] = {}
+    for region, until in passes:
+        latest[region] = max(latest.get(region, until), until)
+    return json.dumps({PARK_ANNUAL_PASS: {region: until.isoformat() for region, until in latest.items()}}).encode()
 
 
 @dataclass(frozen=True, slots=True)

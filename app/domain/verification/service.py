@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -187,7 +187,9 @@ class CredentialVerifier:
             if answer.record is None and policy_for(terminal).record.required:
                 # A retry whose profile vanished from the store since: fail closed, never disclose less.
                 return Outcome(answer.verification_id, False, Reason.CARD_UNKNOWN, purpose, repeated=repeated)
-            source = Disclosing(claims, terminal, answer.record, self._pseudonym_key, self._pii, date.today())
+            source = Disclosing(
+                claims, terminal, answer.record, self._pseudonym_key, self._pii, datetime.now(UTC).date()
+            )
             return Outcome(answer.verification_id, True, None, purpose, disclose(source), repeated=repeated)
         first_used = _moment(answer.first_used_ms) if answer.result == ScanResult.REPLAYED else None
         return Outcome(
@@ -261,5 +263,5 @@ class CredentialVerifier:
         record = await self._mirror.get_record(claims.card_ref, policy.record) if policy.record else None
         if record is None and policy.record.required:
             return Outcome(event.id, False, Reason.CARD_UNKNOWN, purpose, repeated=True)
-        source = Disclosing(claims, terminal, record, self._pseudonym_key, self._pii, date.today())
+        source = Disclosing(claims, terminal, record, self._pseudonym_key, self._pii, datetime.now(UTC).date())
         return Outcome(event.id, True, None, purpose, disclose(source), repeated=True)

@@ -6,6 +6,7 @@ import secrets
 import uuid
 from datetime import timedelta
 
+import nacl.bindings
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,7 +18,7 @@ from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secre
 from app.domain.verification.disclosure import BusinessType
 from app.scope import covers, within
 from crypto.credential import Purpose
-from crypto.keys import VerifyKey, kid_for
+from crypto.keys import kid_for
 
 
 def new_api_key(terminal_id: uuid.UUID) -> tuple[str, bytes]:
@@ -202,10 +203,9 @@ async def set_signing_key(
     session: AsyncSession, actor: Actor, terminal: Terminal, organisation: VerifierOrganisation, public_key: bytes
 ) -> None:
     """Register the terminal's Ed25519 key; its API keys stop working (commits)."""
-    try:
-        VerifyKey(public_key, organisation.region_code)
-    except ValueError:
-        raise problems.bad_request("public_key must be a 32-byte Ed25519 public key") from None
+    if len(public_key) != 32 or not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+        # A small-order or non-canonical point would lock the terminal out: nothing verifies under it.
+        raise problems.bad_request("public_key must be a valid 32-byte Ed25519 public key")
     terminal.signing_public_key = public_key
     terminal.previous_key_hash = None
     terminal.previous_key_expires_at = None
