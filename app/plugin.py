@@ -40,6 +40,7 @@ from app.domain.imports.controllers import UPLOAD_DIR, ImportController
 from app.domain.imports.services import remove_stale_uploads
 from app.domain.issuers.controllers import issuer_jwks, offline_kit, trust_list
 from app.domain.ledger.controllers import HolderMoneyController, OperatorMoneyController, TerminalMoneyController
+from app.domain.lending.controllers import HolderLoansController, LendingController
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import verify, verify_batch
@@ -165,6 +166,8 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 TerminalMoneyController,
                 OperatorMoneyController,
                 HolderMoneyController,
+                LendingController,
+                HolderLoansController,
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import date, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
@@ -20,7 +17,7 @@ from app.clock import as_utc, utcnow
 from app.context import ServiceContext
 from app.dependencies import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
 from app.domain.audit.services import Actor, record
-from app.domain.ledger.idempotency import Replay, check_key, claim, complete, release, request_hash
+from app.domain.ledger.requests import IdempotencyKey, run_once
 from app.domain.ledger.schemas import (
     FareOut,
     FareRequest,
@@ -46,71 +43,6 @@ from app.domain.verifiers.services import get_organisation
 from app.problems import problem_responses
 from app.tokens import OperatorSession
 from crypto.credential import Purpose
-
-T = TypeVar("T", bound=msgspec.Struct)
-
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        required=False,
-        description="Required. The same key and body replay the first answer; another body is a 422.",
-    ),
-]
-
-# Answers that say "not now" rather than "no": the key is released so the retry runs the request.
-_TRANSIENT = {"verification_not_recorded", "unavailable"}
-
-
-def _problem_body(exc: ProblemDetailsException) -> bytes:
-    extra = exc.extra if isinstance(exc.extra, dict) else {}
-    return msgspec.json.encode(
-        {"type": exc.type_, "title": exc.title, "status": exc.status_code, "detail": exc.detail, **extra}
-    )
-
-
-def _replayed(replay: Replay, answer_type: type[T]) -> Response[T]:
-    if replay.status_code >= 400:
-        stored = msgspec.json.decode(replay.body)
-        raise problems.problem(
-            replay.status_code, str(stored.pop("code", "error")), str(stored.pop("detail", "")),
-            **{k: v for k, v in stored.items() if k not in ("type", "title", "status")}, replayed=True,
-        )  # fmt: skip
-    answer = msgspec.json.decode(replay.body, type=answer_type)
-    return Response(answer, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
-
-
-async def run_once(
-    ctx: ServiceContext,
-    request: Request[Any, Any, Any],
-    caller: str,
-    key: str | None,
-    answer_type: type[T],
-    work: Callable[[AsyncSession], Awaitable[T]],
-) -> Response[T]:
-    """Do work once per Idempotency-Key; its answer is stored in work's own transaction."""
-    fingerprint = request_hash(request.method, request.url.path, await request.body())
-    claimed = await claim(ctx.sessions, caller, check_key(key), fingerprint)
-    if isinstance(claimed, Replay):
-        return _replayed(claimed, answer_type)
-    try:
-        async with ctx.sessions() as session:
-            answer = await work(session)
-            await complete(session, claimed, 201, msgspec.json.encode(answer))
-            await session.commit()
-    except ProblemDetailsException as exc:
-        code = exc.extra.get("code") if isinstance(exc.extra, dict) else None
-        if code in _TRANSIENT:
-            await release(ctx.sessions, claimed)
-        else:
-            async with ctx.sessions() as session:
-                await complete(session, claimed, exc.status_code, _problem_body(exc))
-                await session.commit()
-        raise
-    except BaseException:
-        await release(ctx.sessions, claimed)
-        raise
-    return Response(answer, status_code=201)
 
 
 class TerminalMoneyController(Controller):

@@ -1,0 +1,133 @@
+"""Terminal endpoints for library loans and park entries; the holder's loans."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, JSONBody, QueryParameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import problems
+from app.context import ServiceContext
+from app.db.models import LibraryLoan, VerifierOrganisation
+from app.dependencies import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.domain.ledger.requests import IdempotencyKey, run_once
+from app.domain.ledger.services import accepted_verification
+from app.domain.lending.schemas import LoanOut, LoanRequest, ParkEntryOut, ParkEntryRequest, ReturnRequest
+from app.domain.lending.services import card_loans, enter_park, lend, take_back
+from app.domain.verification.controllers import terminal_of
+from app.problems import problem_responses
+from crypto.credential import Purpose
+
+ApiKey = Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)]
+
+
+def _loan_out(loan: LibraryLoan, lender: str) -> LoanOut:
+    return LoanOut(
+        loan_id=loan.id, item_id=loan.item_id, lent_at=loan.lent_at, due_at=loan.due_at, lent_by=lender,
+        returned_at=loan.returned_at, returned_to=loan.returned_to,
+    )  # fmt: skip
+
+
+class LendingController(Controller):
+    """Library loans and park entries, each bound to a verification of the terminal's organisation."""
+
+    path = "/v1/terminal"
+    tags = ["money"]
+    security = TERMINAL_SECURITY
+    request_max_body_size = 2048
+
+    @post("/library-loans", status_code=201, summary="Lend an item", responses=problem_responses(401, 403, 404, 409))
+    async def loan(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        data: JSONBody[LoanRequest],
+        idempotency_key: IdempotencyKey = None,
+        api_key: ApiKey = None,
+    ) -> Response[LoanOut]:
+        """One item per library verification; 409 while the item is out."""
+        terminal = await terminal_of(request, api_key)
+        if Purpose.LIBRARY not in terminal.purposes:
+            raise problems.forbidden("this terminal does not lend")
+
+        async def work(session: AsyncSession) -> LoanOut:
+            verified = await accepted_verification(
+                session, data.verification_id, terminal.organisation_id, Purpose.LIBRARY.label
+            )
+            loan = await lend(session, verified, data.item_id, data.days)
+            return _loan_out(loan, verified.organisation.name)
+
+        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+
+    @post(
+        "/library-returns",
+        status_code=201,
+        summary="Take an item back",
+        responses=problem_responses(401, 403, 404, 409),
+    )
+    async def give_back(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        data: JSONBody[ReturnRequest],
+        idempotency_key: IdempotencyKey = None,
+        api_key: ApiKey = None,
+    ) -> Response[LoanOut]:
+        """At any library of the lending library's network (its province, or an agreement covering libraries)."""
+        terminal = await terminal_of(request, api_key)
+        if Purpose.LIBRARY not in terminal.purposes:
+            raise problems.forbidden("this terminal does not take returns")
+
+        async def work(session: AsyncSession) -> LoanOut:
+            organisation = await session.get_one(VerifierOrganisation, terminal.organisation_id)
+            loan, lender = await take_back(session, ctx.rules, organisation, data.item_id)
+            return _loan_out(loan, lender.name)
+
+        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+
+    @post(
+        "/park-entries", status_code=201, summary="Count a park entry", responses=problem_responses(401, 403, 404, 409)
+    )
+    async def park_entry(
+        self,
+        request: Request[Any, Any, Any],
+        ctx: NamedDependency[ServiceContext],
+        data: JSONBody[ParkEntryRequest],
+        idempotency_key: IdempotencyKey = None,
+        api_key: ApiKey = None,
+    ) -> Response[ParkEntryOut]:
+        """Count the entry against the card's annual pass valid in this province; 409 without one."""
+        terminal = await terminal_of(request, api_key)
+        if Purpose.PARK not in terminal.purposes:
+            raise problems.forbidden("this terminal is not a park gate")
+
+        async def work(session: AsyncSession) -> ParkEntryOut:
+            verified = await accepted_verification(
+                session, data.verification_id, terminal.organisation_id, Purpose.PARK.label
+            )
+            entered = await enter_park(session, verified)
+            return ParkEntryOut(entered.entry.id, entered.pass_valid_until, entered.entries_on_pass)
+
+        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, ParkEntryOut, work)
+
+
+class HolderLoansController(Controller):
+    """The holder's library loans."""
+
+    path = "/v1/holder"
+    tags = ["holder"]
+    security = HOLDER_SECURITY
+    dependencies = {"holder": provide_holder}
+
+    @get("/loans", summary="Library loans", responses=problem_responses(401, 503))
+    async def loans(
+        self,
+        session: NamedDependency[AsyncSession],
+        holder: NamedDependency[AuthenticatedHolder],
+        limit: Annotated[int, QueryParameter(name="limit", ge=1, le=200)] = 50,
+    ) -> list[LoanOut]:
+        """Newest first, returned ones included (with where they came back)."""
+        return [_loan_out(loan, name) for loan, name in await card_loans(session, holder.session.ecard_id, limit)]
