@@ -271,3 +271,35 @@ async def test_concurrent_duplicates_charge_once(
         )
     assert sorted(count for _, count in rows) == [1, 1, 1]
     assert unbalanced == 0
+
+
+async def test_a_distance_fare_pays_for_one_trip_from_entry_to_exit(
+    client: httpx.AsyncClient, context: ServiceContext, admin_token: str, holder: Holder, gate: Gate
+) -> None:
+    exit_gate = await factories.new_terminal(client, admin_token, gate.organisation_id, ["transit"])
+    entry_id = await verified(client, context, holder, gate, "transit")
+    exit_id = await verified(client, context, holder, exit_gate, "transit")
+    trip = {"verification_id": exit_id, "entry_verification_id": entry_id, "amount_fen": 600, "route": "L2 A>B"}
+    charged = await client.post("/v1/terminal/fares", json=trip, headers={**exit_gate.headers, **key()})
+    assert charged.status_code == 201, charged.text
+    # The entry cannot pay for a second trip, nor be charged as the exit of one.
+    second_exit = await verified(client, context, holder, exit_gate, "transit")
+    reuse = {**trip, "verification_id": second_exit}
+    assert problem(await client.post("/v1/terminal/fares", json=reuse, headers={**exit_gate.headers, **key()}), 409)
+    backwards = {"verification_id": entry_id, "entry_verification_id": second_exit, "amount_fen": 600}
+    assert (
+        "before the exit"
+        in problem(await client.post("/v1/terminal/fares", json=backwards, headers={**gate.headers, **key()}), 409)[
+            "detail"
+        ]
+    )
+    other = await factories.activated_holder(client, admin_token, "510000")
+    stranger = await verified(client, context, other, exit_gate, "transit")
+    swapped = {"verification_id": stranger, "entry_verification_id": second_exit, "amount_fen": 600}
+    assert (
+        "different cards"
+        in problem(await client.post("/v1/terminal/fares", json=swapped, headers={**exit_gate.headers, **key()}), 409)[
+            "detail"
+        ]
+    )
+    assert (await statement(client, holder))["balance_fen"] <= -600

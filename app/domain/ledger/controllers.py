@@ -76,7 +76,12 @@ class TerminalMoneyController(Controller):
             verified = await accepted_verification(
                 session, data.verification_id, terminal.organisation_id, Purpose.TRANSIT.label
             )
-            transaction = await charge_fare(session, verified, data.amount_fen, {"route": data.route})
+            entry = None
+            if data.entry_verification_id is not None:
+                entry = await accepted_verification(
+                    session, data.entry_verification_id, terminal.organisation_id, Purpose.TRANSIT.label
+                )
+            transaction = await charge_fare(session, verified, data.amount_fen, {"route": data.route}, entry)
             return FareOut(transaction.id, data.verification_id, data.amount_fen, transaction.created_at)
 
         return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)

@@ -16,10 +16,15 @@ Fen = Annotated[int, msgspec.Meta(ge=1, le=10_000_000)]
 
 
 class FareRequest(WireModel):
-    """Charge a transit fare for an accepted transit verification of this terminal's organisation."""
+    """Charge a transit fare for an accepted transit verification of this terminal's organisation.
+
+    A flat fare needs the one verification; a distance fare is charged at the exit on the exit
+    verification with the trip's `entry_verification_id` (each entry pays for one trip).
+    """
 
     verification_id: VerificationId
     amount_fen: Fen
+    entry_verification_id: VerificationId | None = None
     # Free text the operator's systems want back (line, station…); no personal data.
     route: Annotated[str, msgspec.Meta(max_length=100)] = ""
 

@@ -123,7 +123,7 @@ async def post(
     except IntegrityError:
         await session.rollback()
         raise problems.conflict(
-            f"this {'verification' if verification_id else 'reference'} has already been charged ({kind})",
+            f"this verification (or the trip's entry) has already been charged ({kind})",
             verification_id=verification_id,
         ) from None
     session.add_all(
@@ -181,9 +181,26 @@ async def accepted_verification(
 
 
 async def charge_fare(
-    session: AsyncSession, verification: Verified, amount_fen: int, details: dict[str, Any]
+    session: AsyncSession,
+    verification: Verified,
+    amount_fen: int,
+    details: dict[str, Any],
+    entry: Verified | None = None,
 ) -> LedgerTransaction:
-    """A transit fare: the card pays the transit organisation."""
+    """A transit fare: the card pays the transit organisation.
+
+    Flat fares are charged on one verification. Distance fares are charged at the exit gate on
+    the exit verification together with the trip's entry verification: same card, same
+    operator, entry first, and each entry ends one trip only.
+    """
+    reference = None
+    if entry is not None:
+        if entry.event.card_ref != verification.event.card_ref:
+            raise problems.conflict("the entry and exit verifications are of different cards")
+        if entry.event.occurred_at >= verification.event.occurred_at or entry.event.id == verification.event.id:
+            raise problems.conflict("the entry verification must come before the exit")
+        reference = f"entry:{entry.event.id}"
+        details = {**details, "entry_verification_id": entry.event.id}
     card = await account(session, AccountKind.CARD, str(verification.ecard.id), verification.ecard.region_code)
     operator = await account(
         session, AccountKind.ORGANISATION, str(verification.organisation.id), verification.organisation.region_code
@@ -195,6 +212,7 @@ async def charge_fare(
         amount_fen=amount_fen,
         details=details,
         verification_id=verification.event.id,
+        reference=reference,
         ecard_id=verification.ecard.id,
         organisation_id=verification.organisation.id,
     )
