@@ -24,10 +24,15 @@ run: install
 	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT)
 
 ## Production-style: several workers; needs REDIS_URL (and DATABASE_URL, ECARD_KEYS_DIR, ECARD_MODE=production).
+## /metrics sums the workers through PROMETHEUS_MULTIPROC_DIR (emptied at each start). Run
+## `litestar --app app.asgi:create_app ecard events drain` beside it.
+METRICS_DIR ?= var/prometheus
 serve: install
 	test -n "$(REDIS_URL)" || (echo "serve runs $(WORKERS) workers and needs REDIS_URL" >&2; exit 2)
 	$(VENV)/bin/litestar $(APP) ecard db upgrade
-	WEB_CONCURRENCY=$(WORKERS) $(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
+	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
+	PROMETHEUS_MULTIPROC_DIR=$(METRICS_DIR) WEB_CONCURRENCY=$(WORKERS) \
+		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
 		--workers $(WORKERS) --no-access-log --loop uvloop --http httptools
 
 ## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL).

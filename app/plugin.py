@@ -28,7 +28,7 @@ from litestar.plugins.problem_details import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from app import problems
+from app import metrics, problems
 from app.context import STATE_KEY, ServiceContext
 from app.dependencies import DEPENDENCIES
 from app.domain.audit.controllers import AuditController
@@ -79,6 +79,13 @@ def _lock_single_worker(path: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+@get("/metrics", tags=["service"], summary="Prometheus metrics", include_in_schema=True)
+async def prometheus_metrics() -> Response[bytes]:
+    """The verify path's latency histogram and results by reason, in the Prometheus text format."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @get("/health", tags=["service"], summary="Liveness and dependencies")
@@ -153,6 +160,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 offline_kit,
                 trust_list,
                 health,
+                prometheus_metrics,
                 HolderAuthController,
                 HolderCardController,
                 HolderCredentialController,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from litestar import Request, post
@@ -9,7 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
+from app import metrics, problems
 from app.context import ServiceContext, context_of
 from app.dependencies import TERMINAL_SECURITY
 from app.domain.verification.directory import TerminalEntry
@@ -103,13 +104,18 @@ async def verify(
     `replayed`. 429 means the terminal is over its rate and nothing was consumed; 503 that the
     status store is unreachable: nothing was accepted.
     """
+    started = time.perf_counter()
     terminal = await terminal_of(request, api_key)
     try:
         outcome = await context_of(request.app.state).verifier.verify(terminal, data.credential)
     except RateLimited as exc:
+        metrics.REFUSED_RATE_LIMITED.inc()
         raise _rate_limited(exc) from None
     except StoreUnavailable:
+        metrics.REFUSED_UNAVAILABLE.inc()
         raise problems.unavailable(_UNAVAILABLE) from None
+    metrics.count_result(outcome.reason.value if outcome.reason else "accepted")
+    metrics.VERIFY_SECONDS.observe(time.perf_counter() - started)
     return _response(outcome)
 
 
