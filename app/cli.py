@@ -288,6 +288,46 @@ def events_backlog() -> None:
     click.echo(_run(work))
 
 
+@ecard_group.group(name="catalog")
+def catalog_group() -> None:
+    """The service catalogue: what the card gives access to, and where."""
+
+
+@catalog_group.command(name="load")
+@click.option(
+    "--file",
+    "services_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The catalogue (default: app/data/catalog/services.json).",
+)
+@click.option(
+    "--regions",
+    "regions_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Which services each region offers (default: app/data/catalog/regions.json).",
+)
+def catalog_load(services_file: Path | None, regions_file: Path | None) -> None:
+    """Check the catalogue files and load them in one transaction.
+
+    Loading what is already loaded changes nothing; a new version adds, changes and withdraws
+    services (withdrawn ones leave every region). A changed file needs a new version.
+    """
+    from app.domain.catalog.document import CatalogFileError, read_catalog, read_regions
+    from app.domain.catalog.services import DEFAULT_REGIONS_FILE, DEFAULT_SERVICES_FILE, LoadResult, load_catalog
+
+    try:
+        catalog = read_catalog(services_file or DEFAULT_SERVICES_FILE)
+        availability = read_regions(regions_file or DEFAULT_REGIONS_FILE, catalog)
+    except CatalogFileError as exc:
+        raise click.ClickException(f"{exc}; nothing was loaded") from None
+
+    async def work(context: ServiceContext) -> LoadResult:
+        async with context.sessions() as session:
+            return await load_catalog(session, Actor.command("ecard catalog load"), catalog, availability)
+
+    click.echo(_run(work).summary())
+
+
 @ecard_group.command(name="demo")
 @click.option("--region", default="510000", show_default=True)
 def demo(region: str) -> None:

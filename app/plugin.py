@@ -34,6 +34,7 @@ from app.dependencies import DEPENDENCIES
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
+from app.domain.catalog.controllers import CatalogController
 from app.domain.entitlements.controllers import EntitlementController
 from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
 from app.domain.imports.controllers import UPLOAD_DIR, ImportController
@@ -176,6 +177,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 HolderMoneyController,
                 LendingController,
                 HolderLoansController,
+                CatalogController,
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)

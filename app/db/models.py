@@ -473,3 +473,62 @@ class ParkEntry(Base):
     verification_id: Mapped[str] = mapped_column(String(32))
     organisation_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     entered_at: Mapped[datetime]
+
+
+class CatalogVersion(Base):
+    """One load of the service catalogue that changed something: its files' versions and SHA-256.
+
+    The newest row is the catalogue in force. A version string stays bound to the content it was
+    first loaded with, so a changed file must carry a new version.
+    """
+
+    __tablename__ = "catalog_versions"
+
+    # Load number: increasing, so "the newest" never depends on clock resolution.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(32), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    regions_version: Mapped[str] = mapped_column(String(32))
+    regions_sha256: Mapped[str] = mapped_column(String(64))
+    services: Mapped[int] = mapped_column(Integer)
+    # Sources, categories, application types and usage groups of the file, as loaded.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    loaded_at: Mapped[datetime]
+    loaded_by: Mapped[str] = mapped_column(String(64))
+
+
+class CatalogService(Base):
+    """A service the card gives access to, by its stable catalogue code; withdrawn ones are kept."""
+
+    __tablename__ = "catalog_services"
+
+    code: Mapped[str] = mapped_column(String(24), primary_key=True)
+    # "hrss" (the 95 HR & social security services) or "livelihood" (the residents' all-in-one card).
+    domain: Mapped[str] = mapped_column(String(16))
+    category: Mapped[str] = mapped_column(String(32))
+    name_zh: Mapped[str] = mapped_column(String(100))
+    name_en: Mapped[str] = mapped_column(String(200))
+    application_type: Mapped[str] = mapped_column(String(32))
+    # "physical" and/or "electronic"; the credential purposes and verifier business types that reach it.
+    forms: Mapped[list[str]] = mapped_column(JSON)
+    purposes: Mapped[list[str]] = mapped_column(JSON)
+    business_types: Mapped[list[str]] = mapped_column(JSON)
+    provenance_status: Mapped[str] = mapped_column(String(16))
+    provenance_source: Mapped[str | None] = mapped_column(String(48))
+    provenance_note: Mapped[str] = mapped_column(String(500))
+    # The catalogue version that last added or changed it, and when a later one withdrew it.
+    version: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[datetime]
+    withdrawn_at: Mapped[datetime | None]
+
+
+class RegionService(Base):
+    """A catalogue service available in a region: '*' means every region, a province's entry covers its cities.
+
+    No foreign key to regions: the catalogue names regions whether or not they are registered here.
+    """
+
+    __tablename__ = "region_services"
+
+    region_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    service_code: Mapped[str] = mapped_column(ForeignKey("catalog_services.code"), primary_key=True, index=True)
