@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
@@ -29,10 +29,19 @@ MAX_KEY_LENGTH = 255
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The right to perform the request once."""
+    """The right to perform the request once.
+
+    `claimed_at` fences it: a retry that takes a stale claim over sets a new one, and only the
+    holder of the current one may store an answer.
+    """
 
     caller: str
     key: str
+    claimed_at: datetime
+
+
+class ClaimLost(Exception):
+    """A retry took the claim over while this attempt was still working; its work must not commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +73,7 @@ async def claim(
         session.add(IdempotencyRecord(caller=caller, key=key, request_hash=fingerprint, created_at=now))
         try:
             await session.commit()
-            return Claim(caller, key)
+            return Claim(caller, key, now)
         except IntegrityError:
             await session.rollback()
         record = await session.get(IdempotencyRecord, (caller, key))
@@ -72,7 +81,7 @@ async def claim(
             session.add(IdempotencyRecord(caller=caller, key=key, request_hash=fingerprint, created_at=now))
             try:
                 await session.commit()
-                return Claim(caller, key)
+                return Claim(caller, key, now)
             except IntegrityError:
                 raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly") from None
         if record.request_hash != fingerprint:
@@ -95,18 +104,29 @@ async def claim(
         )
         if taken.rowcount == 1:  # type: ignore[attr-defined]
             await session.commit()
-            return Claim(caller, key)
+            return Claim(caller, key, now)
         raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly")
 
 
 async def complete(session: AsyncSession, claimed: Claim, status_code: int, body: bytes) -> None:
-    """Store the answer, in the caller's transaction (the one that did the work)."""
-    await session.execute(
+    """Store the answer, in the caller's transaction (the one that did the work).
+
+    Raises `ClaimLost` when the claim is no longer this attempt's (a retry took it over, or an
+    answer is already stored): the caller must roll its work back.
+    """
+    stored = await session.execute(
         update(IdempotencyRecord)
-        .where(IdempotencyRecord.caller == claimed.caller, IdempotencyRecord.key == claimed.key)
+        .where(
+            IdempotencyRecord.caller == claimed.caller,
+            IdempotencyRecord.key == claimed.key,
+            IdempotencyRecord.completed_at.is_(None),
+            IdempotencyRecord.created_at == claimed.claimed_at,
+        )
         .values(status_code=status_code, response_body=body, completed_at=utcnow())
         .execution_options(synchronize_session=False)
     )
+    if stored.rowcount != 1:  # type: ignore[attr-defined]
+        raise ClaimLost(claimed.key)
 
 
 async def release(sessions: async_sessionmaker[AsyncSession], claimed: Claim) -> None:
@@ -117,6 +137,7 @@ async def release(sessions: async_sessionmaker[AsyncSession], claimed: Claim) ->
                 IdempotencyRecord.caller == claimed.caller,
                 IdempotencyRecord.key == claimed.key,
                 IdempotencyRecord.completed_at.is_(None),
+                IdempotencyRecord.created_at == claimed.claimed_at,
             )
         )
         await session.commit()

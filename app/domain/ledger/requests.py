@@ -13,7 +13,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
 from app.context import ServiceContext
-from app.domain.ledger.idempotency import Replay, check_key, claim, complete, release, request_hash
+from app.db.models import IdempotencyRecord
+from app.domain.ledger.idempotency import (
+    Claim,
+    ClaimLost,
+    Replay,
+    check_key,
+    claim,
+    complete,
+    release,
+    request_hash,
+)
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -48,6 +58,15 @@ def _replayed(replay: Replay, answer_type: type[T]) -> Response[T]:
     return Response(answer, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
 
 
+async def _answer_of_the_takeover(ctx: ServiceContext, claimed: Claim, answer_type: type[T]) -> Response[T]:
+    """This attempt lost its claim to a retry: give the retry's answer if it has one, else 409 in progress."""
+    async with ctx.sessions() as session:
+        record = await session.get(IdempotencyRecord, (claimed.caller, claimed.key))
+        if record is not None and record.status_code is not None and record.response_body is not None:
+            return _replayed(Replay(record.status_code, record.response_body), answer_type)
+    raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly")
+
+
 async def run_once(
     ctx: ServiceContext,
     request: Request[Any, Any, Any],
@@ -64,16 +83,23 @@ async def run_once(
     try:
         async with ctx.sessions() as session:
             answer = await work(session)
+            # Fenced: if a retry took the claim over meanwhile, this raises and the work rolls back.
             await complete(session, claimed, 201, msgspec.json.encode(answer))
             await session.commit()
+    except ClaimLost:
+        return await _answer_of_the_takeover(ctx, claimed, answer_type)
     except ProblemDetailsException as exc:
         code = exc.extra.get("code") if isinstance(exc.extra, dict) else None
         if code in _TRANSIENT:
             await release(ctx.sessions, claimed)
         else:
-            async with ctx.sessions() as session:
-                await complete(session, claimed, exc.status_code, _problem_body(exc))
-                await session.commit()
+            try:
+                async with ctx.sessions() as session:
+                    await complete(session, claimed, exc.status_code, _problem_body(exc))
+                    await session.commit()
+            except ClaimLost:
+                # E.g. "already charged" because the retry that took the claim over charged it.
+                return await _answer_of_the_takeover(ctx, claimed, answer_type)
         raise
     except BaseException:
         await release(ctx.sessions, claimed)
