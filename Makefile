@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean
+.PHONY: install run serve test lint openapi bench demo clean web-vendor
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,24 @@ openapi: install
 demo: install
 	$(VENV)/bin/litestar $(APP) ecard db upgrade
 	$(VENV)/bin/litestar $(APP) ecard demo
+
+## Refresh the browser pages' two vendored libraries from npm (jsQR: QR decoding in the gate console
+## where the browser has no BarcodeDetector; @noble/ed25519: the device key where WebCrypto lacks
+## Ed25519). The copies are kept in the repository, checked against their SHA256SUMS; the pages load
+## nothing from another host.
+WEB_VENDOR := app/web/shared/vendor
+web-vendor:
+	rm -rf var/web-vendor && mkdir -p var/web-vendor/jsqr var/web-vendor/noble var/web-vendor/out
+	cd var/web-vendor && npm pack --silent jsqr@1.4.0 @noble/ed25519@3.2.0 >/dev/null
+	tar -xzf var/web-vendor/jsqr-1.4.0.tgz -C var/web-vendor/jsqr
+	tar -xzf var/web-vendor/noble-ed25519-3.2.0.tgz -C var/web-vendor/noble
+	cp var/web-vendor/jsqr/package/dist/jsQR.js var/web-vendor/out/jsQR.js
+	cp var/web-vendor/jsqr/package/LICENSE var/web-vendor/out/jsQR.LICENSE
+	cp var/web-vendor/noble/package/index.js var/web-vendor/out/noble-ed25519.js
+	cp var/web-vendor/noble/package/LICENSE var/web-vendor/out/noble-ed25519.LICENSE
+	cd var/web-vendor/out && sha256sum -c $(CURDIR)/$(WEB_VENDOR)/SHA256SUMS
+	cp var/web-vendor/out/* $(WEB_VENDOR)/
+	rm -rf var/web-vendor
 
 bench: install
 	$(VENV)/bin/python -m loadtests.bench_verify

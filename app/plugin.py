@@ -46,6 +46,7 @@ from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
+from app.domain.web.pages import web_routers
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
 
@@ -178,6 +179,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 LendingController,
                 HolderLoansController,
                 CatalogController,
+                *web_routers(),
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)
