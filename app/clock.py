@@ -11,5 +11,6 @@ def utcnow() -> datetime:
 
 
 def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes for what was stored as UTC; make them aware."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    """The moment as aware UTC: naive ones (SQLite hands back what was stored as UTC) are taken as UTC,
+    aware ones in another zone (a client's +08:00) are converted, so SQLite compares like PostgreSQL."""
+    return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

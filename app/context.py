@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -143,9 +142,15 @@ class ServiceContext:
             self._drain_task = None
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a task that ignores its cancellation must not hold the shutdown for ever.
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in pending:
+                logger.error("background task %r did not stop within 5 s; cancelling again", task.get_name())
+                task.cancel()
+            for task in self._tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    logger.error("background task %r failed: %r", task.get_name(), task.exception())
         self._tasks.clear()
         if self.settings.drains_events:
             await self._drain_remaining_events()

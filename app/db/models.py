@@ -17,11 +17,15 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    TypeDecorator,
     UniqueConstraint,
     Uuid,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import true
+
+from app.clock import as_utc
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -32,12 +36,32 @@ NAMING_CONVENTION = {
 }
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that is stored as UTC and always read back as aware UTC.
+
+    PostgreSQL keeps the zone; SQLite keeps text without it and hands back naive values. Binding
+    converts aware values to UTC (a client's +08:00 compares right on SQLite) and reading marks
+    naive ones as UTC, so every layer above sees the same kind of value on both databases.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Aware values to UTC; naive ones are taken as UTC already."""
+        return as_utc(value) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Every value read back is aware UTC."""
+        return as_utc(value) if value is not None else None
+
+
 class Base(DeclarativeBase):
     """Declarative base with stable constraint names, so migrations are reproducible."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: dict[Any, Any] = {
-        datetime: DateTime(timezone=True),
+        datetime: UtcDateTime(),
         bytes: LargeBinary,
         uuid.UUID: Uuid,
     }

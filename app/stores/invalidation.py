@@ -81,6 +81,11 @@ class RedisInvalidationBus:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
+                # redis-py can swallow a cancellation that arrives inside subscribe(): honour it here,
+                # or the task would go on listening and a shutdown would wait for it for ever.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 # Anything may have changed while we were not subscribed.
                 await listener("*")
                 async for message in pubsub.listen():

@@ -112,6 +112,8 @@ class Scan:
     record: CardRecord = CardRecord.NONE
     # Appended to the rate key: scans of one terminal on another budget (batch uploads).
     rate_scope: str = ""
+    # When the credential was used, if not now (a gate's offline scan): what a later replay reports.
+    used_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,8 @@ class StatusMirror(Protocol):
 # ARGV[1] now (ms), ARGV[2] rate interval (ms), ARGV[3] burst tolerance (ms), ARGV[4] event,
 # ARGV[5] result decided before the store ("" = consult the card), ARGV[6] nonce lifetime (s),
 # ARGV[7] terminal, ARGV[8] verification id, ARGV[9] retry window (ms), ARGV[10] "1" when the
-# record is required (a missing one then fails closed as card_unknown).
+# record is required (a missing one then fails closed as card_unknown), ARGV[11] when the
+# credential was used (ms; the scan time of an offline scan, else now).
 # The nonce's value remembers the first use: "terminal|verification id|ms|result".
 # A Lua nil would end the returned array, so absent values come back as "".
 _SCAN_LUA = """
@@ -193,7 +196,7 @@ if over > 0 then return {'limited', '', '', '0', '', tostring(math.ceil(over))} 
 local next_tat = tat + tonumber(ARGV[2])
 redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1)
 local result = ARGV[5]
-local first = ARGV[1]
+local first = ARGV[11]
 local record = ''
 if result == '' then
   local previous = redis.call('GET', KEYS[3])
@@ -211,7 +214,7 @@ if result == '' then
       record = redis.call('GET', KEYS[5]) or ''
       if record == '' and ARGV[10] == '1' then result = 'card_unknown' end
     end
-    redis.call('SET', KEYS[3], ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[1] .. '|' .. result, 'EX', ARGV[6])
+    redis.call('SET', KEYS[3], ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[11] .. '|' .. result, 'EX', ARGV[6])
   end
 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[4], 'r', result)
@@ -318,7 +321,7 @@ class RedisStatusMirror:
         args = (
             scan.now_ms, scan.rate.interval_ms, scan.rate.tolerance_ms, scan.event, scan.decided,
             scan.nonce_ttl, scan.terminal, scan.verification_id, scan.retry_window_ms,
-            "1" if scan.record.required else "0",
+            "1" if scan.record.required else "0", scan.used_ms or scan.now_ms,
         )  # fmt: skip
         return (len(keys), *keys, *args)
 
@@ -441,7 +444,8 @@ class MemoryStatusMirror:
         if over > 0:
             return ScanAnswer("limited", retry_after_ms=math.ceil(over))
         self._rates[rate_key] = tat + scan.rate.interval_ms
-        result, first = scan.decided, now
+        used = scan.used_ms or now
+        result, first = scan.decided, used
         if not result:
             clock = time.monotonic()
             self._purge(clock)
@@ -459,7 +463,7 @@ class MemoryStatusMirror:
                 result = _STATUS_RESULTS.get(status, ScanResult.CARD_UNKNOWN).value
                 if result == ScanResult.ACCEPTED and scan.record.required and self._record_for(scan, result) is None:
                     result = ScanResult.CARD_UNKNOWN.value
-                self._nonces[key] = _FirstUse(scan.terminal, scan.verification_id, now, result, clock + scan.nonce_ttl)
+                self._nonces[key] = _FirstUse(scan.terminal, scan.verification_id, used, result, clock + scan.nonce_ttl)
         self.events.append(scan.event, result)
         return ScanAnswer("new", result, scan.verification_id, first, self._record_for(scan, result))
 

@@ -201,14 +201,20 @@ class HolderCardController(Controller):
         holder: NamedDependency[AuthenticatedHolder],
         limit: Annotated[int, QueryParameter(name="limit", ge=1, le=200)] = 50,
         before: Annotated[datetime | None, QueryParameter(name="before", required=False)] = None,
+        before_id: Annotated[str | None, QueryParameter(name="before_id", required=False, max_length=32)] = None,
     ) -> list[UsageOut]:
         """The card's verifications, newest first: when, which organisation, purpose and result.
 
-        Page back with `before` = the last entry's `occurred_at`. Entries appear a few seconds
+        Page back with `before` = the last entry's `occurred_at` and `before_id` = its
+        `verification_id` (scans uploaded together share a time). Entries appear a few seconds
         after the scan (they are drained from the event stream).
         """
         entries = await card_usage(
-            session, holder.session.card_ref, limit=limit, before=as_utc(before) if before else None
+            session,
+            holder.session.card_ref,
+            limit=limit,
+            before=as_utc(before) if before else None,
+            before_id=before_id if before else None,
         )
         return [
             UsageOut(

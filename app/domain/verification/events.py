@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -164,9 +164,13 @@ class UsageEntry:
 
 
 async def card_usage(
-    session: AsyncSession, card_ref: bytes, *, limit: int, before: datetime | None
+    session: AsyncSession, card_ref: bytes, *, limit: int, before: datetime | None, before_id: str | None = None
 ) -> list[UsageEntry]:
-    """The card's verifications, newest first (drained ones: a few seconds behind the gates)."""
+    """The card's verifications, newest first (drained ones: a few seconds behind the gates).
+
+    Pages continue from (before, before_id), the last entry seen: scans uploaded in one batch
+    share their `occurred_at`, so the time alone would skip some.
+    """
     query = (
         select(VerificationEvent, VerifierOrganisation.name, VerifierOrganisation.business_type)
         .join(VerifierOrganisation, VerifierOrganisation.id == VerificationEvent.organisation_id)
@@ -174,7 +178,14 @@ async def card_usage(
         .order_by(VerificationEvent.occurred_at.desc(), VerificationEvent.id.desc())
         .limit(limit)
     )
-    if before is not None:
+    if before is not None and before_id is not None:
+        query = query.where(
+            or_(
+                VerificationEvent.occurred_at < before,
+                and_(VerificationEvent.occurred_at == before, VerificationEvent.id < before_id),
+            )
+        )
+    elif before is not None:
         query = query.where(VerificationEvent.occurred_at < before)
     return [
         UsageEntry(

@@ -7,6 +7,8 @@ plus one database look-up for credentials the store no longer remembers (`verify
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import time
 from dataclasses import dataclass, field
@@ -114,6 +116,14 @@ class CredentialVerifier:
         self._retry_window_ms = settings.verify_retry_window * 1000
         self._nonce_memory = settings.nonce_memory
         self._offline_window_ms = settings.offline_scan_window * 1000
+        self._batch_id_key = hmac.new(pseudonym_key, b"batch-verification-id", hashlib.sha256).digest()
+
+    def _batch_verification_id(self, terminal: TerminalEntry, scan: BatchScan) -> str:
+        """The same id for the same gate's same scan, however often it is uploaded (events insert once by id)."""
+        message = (
+            terminal.terminal_id.bytes + scan.scanned_at_ms.to_bytes(8, "big", signed=True) + scan.credential.encode()
+        )
+        return "vf_" + b64url(hmac.new(self._batch_id_key, message, hashlib.sha256).digest()[:12])
 
     def _check(self, terminal: TerminalEntry, text: str, at: int) -> tuple[Claims | None, str]:
         """The credential's claims (when its signature holds) and a rejection decided without the store."""
@@ -156,10 +166,12 @@ class CredentialVerifier:
         )
         # Uploads of offline scans have a budget of their own, so they do not starve live scans.
         rate, rate_scope = (BATCH_RATE, ":batch") if channel == BATCH else (terminal.rate, "")
+        used_ms = scanned_ms or now_ms
         if decided or claims is None:
             return Scan(
-                terminal.key, verification_id, rate, now_ms, encode_event(event), decided, rate_scope=rate_scope
-            )
+                terminal.key, verification_id, rate, now_ms, encode_event(event), decided,
+                rate_scope=rate_scope, used_ms=used_ms,
+            )  # fmt: skip
         # Remember the nonce while the credential could be accepted, and a while longer for batches.
         nonce_ttl = max(1, claims.expires_at + self._skew - now_ms // 1000 + 1) + self._nonce_memory
         return Scan(
@@ -169,6 +181,7 @@ class CredentialVerifier:
             now_ms,
             encode_event(event),
             rate_scope=rate_scope,
+            used_ms=used_ms,
             card_ref=claims.card_ref,
             nonce=claims.nonce,
             nonce_ttl=nonce_ttl,
@@ -236,7 +249,7 @@ class CredentialVerifier:
                     return await self._recorded(terminal, claims, first)
                 decided = Reason.REPLAYED.value
             store_scan = self._scan(
-                terminal, _new_verification_id(), now_ms, claims, decided,
+                terminal, self._batch_verification_id(terminal, scan), now_ms, claims, decided,
                 channel=BATCH, scanned_ms=scan.scanned_at_ms,
             )  # fmt: skip
             try:
