@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor
+.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ web-vendor:
 
 bench: install
 	$(VENV)/bin/python -m loadtests.bench_verify
+
+## Locust scenarios headless: starts the service, prepares data, writes CSV/HTML reports; exits 1 on
+## failures or a p99 over the limit (loadtests/README.md). E.g. LOADTEST_ARGS="-u 60 -t 5m --shape rush-hour"
+loadtest: install
+	$(VENV)/bin/python -m loadtests.headless $(LOADTEST_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis
