@@ -54,6 +54,8 @@ ECARD_FACTORY = "app.asgi:create_app"
 NOOP_FACTORY = "loadtests.noop_app:create_app"
 VERIFY_PATH = "/v1/verify"
 NOOP_PATH = "/noop"
+NAIVE_FACTORY = "loadtests.naive_app:create_app"
+NAIVE_PATH = "/naive"
 # A credential is not sent in the last second of its life (its expiry, without the skew allowance).
 EXPIRY_MARGIN = 1.0
 # Bounds for every loop that waits or repeats.
@@ -70,7 +72,7 @@ VALIDITY_HEADROOM = 3.0
 # Pause between issuing a round's credentials and verifying them, for the server and Redis to settle.
 SETTLE = 0.5
 PILOT_SECONDS = 2.0
-TARGETS = ("noop", "verify")
+TARGETS = ("noop", "verify", "naive")
 
 
 class BenchError(RuntimeError):
@@ -938,7 +940,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="load generator: raw asyncio HTTP/1.1 (default, a few µs/request) or httpx.AsyncClient",
     )
     parser.add_argument(
-        "--targets", default="noop,verify", help="comma-separated, from: noop, verify (default noop,verify)"
+        "--targets",
+        default="noop,verify,naive",
+        help="comma-separated, from: noop, verify, naive (the naive reference verify) (default: all three)",
     )
     parser.add_argument(
         "--redis-url",
@@ -1017,6 +1021,7 @@ class Bench:
         self.flags: list[str] = []
         self.sample = ""
         self.rate_estimate = 0.0
+        self.ecard_target: Target | None = None
         self._printed_columns = False
 
     async def run(self) -> int:
@@ -1034,6 +1039,9 @@ class Bench:
         noop = ServerProcess.start("noop", NOOP_FACTORY, options.workers, env, workspace.directory)
         workspace.servers.append(noop)
         await asyncio.gather(ecard.wait_ready(), noop.wait_ready())
+        naive_env = {**env, "NAIVE_JWKS_URL": f"http://{HOST}:{ecard.port}/.well-known/jwks.json"}
+        naive = ServerProcess.start("naive", NAIVE_FACTORY, options.workers, naive_env, workspace.directory)
+        workspace.servers.append(naive)
 
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{ecard.port}", timeout=30.0) as client:
             started = time.perf_counter()
@@ -1046,7 +1054,11 @@ class Bench:
             print(f"credential: {len(self.sample)} characters, QR version {_qr_version(self.sample)}\n")
             headers = [{"X-Api-Key": api_key} for api_key in api_keys]
             verify = Target("verify", ecard, VERIFY_PATH, headers, options.client)
+            self.ecard_target = verify  # credentials are issued by the service, whichever target uses them
             reference = Target("noop", noop, NOOP_PATH, headers, options.client)
+            naive_target = Target("naive", naive, NAIVE_PATH, headers, options.client)
+            # It reads the JWKS at start-up: the region's key exists now.
+            await naive.wait_ready()
             noop_body = msgspec.json.encode({"credential": self.sample})
 
             if "verify" in options.targets:
@@ -1058,6 +1070,8 @@ class Bench:
                 for name in order:
                     if name == "noop":
                         await self._run_noop(number, reference, noop_body)
+                    elif name == "naive":
+                        await self._run_verify(number, naive_target, holders, target_name="naive")
                     else:
                         await self._run_verify(number, verify, holders)
         for server in workspace.servers:
@@ -1135,9 +1149,12 @@ class Bench:
             f"{measured.rate:,.0f} req/s; issued {count:,} credentials at {issued.measurement.rate:,.0f} req/s"
         )
 
-    async def _run_verify(self, number: int, verify: Target, holders: list[Holder]) -> None:
+    async def _run_verify(
+        self, number: int, verify: Target, holders: list[Holder], target_name: str = "verify"
+    ) -> None:
         options = self.options
-        issued = await self._issue(verify, holders, self._supply_size(), options.warmup + options.duration)
+        assert self.ecard_target is not None
+        issued = await self._issue(self.ecard_target, holders, self._supply_size(), options.warmup + options.duration)
         # Warm-up and measured run draw from one supply: no credential is sent twice.
         supply = verify.supply(issued.bodies, issued.valid_until)
         if options.warmup > 0:
@@ -1150,7 +1167,7 @@ class Bench:
             self.flags.append(f"round {number}: the warm-up used up all {len(issued.bodies)} credentials")
             return
         measured = await verify.run(supply, options.connections, options.duration, keep_answers=True)
-        row = Row(number, "verify", measured, classify_verify(measured), supply.stale - stale_before, supplied)
+        row = Row(number, target_name, measured, classify_verify(measured), supply.stale - stale_before, supplied)
         self.rows.append(row)
         self._expect_rate(measured)
         self._print_row(row)
@@ -1189,14 +1206,14 @@ class Bench:
                 f"{'':>7}note: the server got {m.server_cpu / m.elapsed:.0%} CPU of {cores} core(s): the machine "
                 "was busy or the client held it back; compare srv µs/req"
             )
-        if row.target == "verify":
+        if row.target in ("verify", "naive"):
             breakdown = ", ".join(f"{key} {n:,}" for key, n in sorted(row.outcomes.items()))
             extra = []
             if m.exhausted:
                 extra.append(f"credential supply ({row.supplied:,}) ran out after {m.elapsed:.1f} s")
             if row.stale:
                 extra.append(f"{row.stale:,} stale credentials skipped")
-            print(f"{'':>7}verify results: {breakdown or 'none'}" + (f" ({'; '.join(extra)})" if extra else ""))
+            print(f"{'':>7}{row.target} results: {breakdown or 'none'}" + (f" ({'; '.join(extra)})" if extra else ""))
             rejected = {key: n for key, n in row.outcomes.items() if key != "accepted"}
             if rejected:
                 self.flags.append(f"round {row.round}: fresh credentials not accepted: {rejected}")
@@ -1242,6 +1259,14 @@ class Bench:
             print(
                 f"server CPU per request: verify {verify_cpu:.0f} µs, no-op {noop_cpu:.0f} µs; at equal CPU, "
                 f"verify would run at {noop_cpu / verify_cpu:.0%} of the no-op rate"
+            )
+        if "naive" in by_target and "verify" in by_target:
+            naive_rate = statistics.median(row.measured.rate for row in by_target["naive"])
+            verify_rate = statistics.median(row.measured.rate for row in by_target["verify"])
+            naive_cpu = statistics.median(_cpu_per_request(row.measured) for row in by_target["naive"])
+            print(
+                f"verify / naive reference throughput: {verify_rate / naive_rate:.2f}x "
+                f"(naive: cryptography + one redis-py SET NX per request, {naive_cpu:.0f} µs CPU)"
             )
         load = " ".join(f"{value:.2f}" for value in os.getloadavg())
         print(f"load average {load} (after)")
