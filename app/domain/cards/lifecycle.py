@@ -21,7 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import as_utc, utcnow
+from app.clock import utcnow
 from app.db.models import Card, CardState, Device, ECard, ECardState, RefreshToken, SuspensionCause
 from app.domain.audit.services import Actor, record
 from app.domain.cards.services import MIRRORED, new_activation_code, normalise_card_number
@@ -193,7 +193,7 @@ async def undo_loss(
     if holder_window is not None:
         if card.loss_reported_by != LOSS_BY_HOLDER:
             raise problems.forbidden("the loss was reported at the card office; undo it there")
-        if card.lost_at is None or utcnow() - as_utc(card.lost_at) > holder_window:
+        if card.lost_at is None or utcnow() - card.lost_at > holder_window:
             raise problems.forbidden("too late to undo the loss from the app; visit the card office")
     before = _snapshot(card, ecard)
     # Activated on this card (a replacement waits for re-activation in pending_activation)?

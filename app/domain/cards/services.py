@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import as_utc, utcnow
+from app.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Entitlement, Person, Region
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, mask_citizen_id, normalise_citizen_id
@@ -226,7 +226,7 @@ async def _entitlements_record(session: AsyncSession, ecard_id: uuid.UUID) -> by
             Entitlement.valid_until >= utcnow(),
         )
     )
-    return entitlements_record([(region, as_utc(until).date()) for region, until in rows])
+    return entitlements_record([(region, until.date()) for region, until in rows])
 
 
 async def reconcile_status_mirror(

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.params import FromPath, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.clock import as_utc
 from app.context import ServiceContext
 from app.db.models import CatalogService
 from app.dependencies import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
@@ -33,7 +32,7 @@ from app.domain.catalog.services import (
     get_service,
     list_services,
 )
-from app.domain.verification.controllers import terminal_of
+from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.problems import problem_responses
 from crypto.credential import Purpose
 
@@ -105,7 +104,7 @@ class CatalogController(Controller):
             version=version.version,
             sha256=version.sha256,
             regions_version=version.regions_version,
-            loaded_at=as_utc(version.loaded_at),
+            loaded_at=version.loaded_at,
         )
 
     @get("/catalog/services", summary="List catalogue services")
@@ -179,7 +178,7 @@ class CatalogController(Controller):
         ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
         card_region: RegionQuery = None,
-        api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+        api_key: TerminalApiKey = None,
     ) -> CardReachOut:
         """The services of the terminal's region that its kind of verifier offers, through the purposes it
         accepts, for a card of `card_region` (default: the terminal's region). Authenticated like `/v1/verify`.

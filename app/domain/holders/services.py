@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import as_utc, utcnow
+from app.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
 from app.domain.cards.services import activation_code_hash, normalise_activation_code, profile_record
 from app.pii import PiiCipher
@@ -105,7 +105,7 @@ async def activate(
         .limit(1)
     )
     now = utcnow()
-    if code_row is None or as_utc(code_row.expires_at) <= now:
+    if code_row is None or code_row.expires_at <= now:
         raise failed
     # Take one of the code's tries before comparing, atomically and committed, so guesses sent in
     # parallel cannot all be compared against a counter none of them has raised yet.
@@ -181,7 +181,7 @@ async def refresh_session(
             "refresh_token_reused",
             "refresh token was already used; all sessions of this device sign-in are revoked",
         )
-    if as_utc(stored.expires_at) <= now:
+    if stored.expires_at <= now:
         await session.rollback()
         raise invalid
     row = (

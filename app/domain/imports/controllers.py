@@ -16,7 +16,6 @@ from litestar.response import Stream
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import as_utc
 from app.context import ServiceContext
 from app.db.models import ImportJob
 from app.dependencies import OPERATOR_SECURITY, provide_operator
@@ -88,9 +87,9 @@ def job_out(job: ImportJob) -> ImportJobOut:
         created=job.created,
         already_present=job.already_present,
         rejected=job.rejected,
-        created_at=as_utc(job.created_at),
-        updated_at=as_utc(job.updated_at),
-        finished_at=as_utc(job.finished_at) if job.finished_at else None,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
         error=job.error,
     )
 

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.clock import as_utc, utcnow
+from app.clock import utcnow
 from app.db.models import IssuerKey, KeyState, Region
 from app.domain.audit.services import Actor, record
 from app.pii import PiiCipher
@@ -106,7 +106,7 @@ async def activate_key(session: AsyncSession, actor: Actor, region: str, kid: by
         raise problems.conflict(
             f"only a published key can be activated; this one is {row.state}", current_state=row.state
         )
-    ready_at = as_utc(row.created_at) + timedelta(seconds=lead)
+    ready_at = row.created_at + timedelta(seconds=lead)
     if utcnow() < ready_at:
         raise problems.conflict(
             f"the key was published less than {lead} s ago: gates may not know it yet; activate after "

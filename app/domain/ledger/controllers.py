@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
@@ -38,7 +38,7 @@ from app.domain.ledger.services import (
     settle_medical_bill,
 )
 from app.domain.operators.services import Role, require_region, require_role
-from app.domain.verification.controllers import terminal_of
+from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.domain.verifiers.services import get_organisation
 from app.problems import problem_responses
 from app.tokens import OperatorSession
@@ -65,7 +65,7 @@ class TerminalMoneyController(Controller):
         ctx: NamedDependency[ServiceContext],
         data: JSONBody[FareRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+        api_key: TerminalApiKey = None,
     ) -> Response[FareOut]:
         """The card pays the transit operator, once per verification (409 for a second fare on it)."""
         terminal = await terminal_of(request, api_key)
@@ -98,7 +98,7 @@ class TerminalMoneyController(Controller):
         ctx: NamedDependency[ServiceContext],
         data: JSONBody[SettlementRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+        api_key: TerminalApiKey = None,
     ) -> Response[SettlementOut]:
         """Split the bill: the card's insurance fund pays its share, the holder the rest.
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
 from app.clock import utcnow
+from app.db.engine import insert_or_ignore
 from app.db.models import (
     Card,
     ECard,
@@ -75,12 +75,10 @@ class MedicalCoverage:
 
 async def account(session: AsyncSession, kind: str, owner_id: str, region: str) -> LedgerAccount:
     """The account of owner, created on first use (safely under concurrency)."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     await session.execute(
-        insert(LedgerAccount)
-        .values(id=uuid.uuid4(), kind=kind, owner_id=owner_id, region_code=region, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["kind", "owner_id"])
+        insert_or_ignore(session, LedgerAccount, ["kind", "owner_id"]).values(
+            id=uuid.uuid4(), kind=kind, owner_id=owner_id, region_code=region, created_at=utcnow()
+        )
     )
     found = await session.scalar(
         select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.owner_id == owner_id)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import HeaderParameter, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
@@ -17,11 +17,9 @@ from app.domain.ledger.requests import IdempotencyKey, run_once
 from app.domain.ledger.services import accepted_verification
 from app.domain.lending.schemas import LoanOut, LoanRequest, ParkEntryOut, ParkEntryRequest, ReturnRequest
 from app.domain.lending.services import card_loans, enter_park, lend, take_back
-from app.domain.verification.controllers import terminal_of
+from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.problems import problem_responses
 from crypto.credential import Purpose
-
-ApiKey = Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)]
 
 
 def _loan_out(loan: LibraryLoan, lender: str) -> LoanOut:
@@ -46,7 +44,7 @@ class LendingController(Controller):
         ctx: NamedDependency[ServiceContext],
         data: JSONBody[LoanRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: ApiKey = None,
+        api_key: TerminalApiKey = None,
     ) -> Response[LoanOut]:
         """One item per library verification; 409 while the item is out."""
         terminal = await terminal_of(request, api_key)
@@ -74,7 +72,7 @@ class LendingController(Controller):
         ctx: NamedDependency[ServiceContext],
         data: JSONBody[ReturnRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: ApiKey = None,
+        api_key: TerminalApiKey = None,
     ) -> Response[LoanOut]:
         """At any library of the lending library's network (its province, or an agreement covering libraries)."""
         terminal = await terminal_of(request, api_key)
@@ -97,7 +95,7 @@ class LendingController(Controller):
         ctx: NamedDependency[ServiceContext],
         data: JSONBody[ParkEntryRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: ApiKey = None,
+        api_key: TerminalApiKey = None,
     ) -> Response[ParkEntryOut]:
         """Count the entry against the card's annual pass valid in this province; 409 without one."""
         terminal = await terminal_of(request, api_key)

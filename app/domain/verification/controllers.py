@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from litestar import Request, post
 from litestar.di import NamedDependency
@@ -26,6 +26,9 @@ from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
 MAX_BATCH_BODY_BYTES = MAX_BATCH * 700
+
+# A terminal's API key; absent when the terminal signs its requests instead.
+TerminalApiKey = Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)]
 
 _UNAVAILABLE = "card status store is unreachable; the credential was not accepted"
 
@@ -62,20 +65,17 @@ def _rate_limited(exc: RateLimited) -> Exception:
     return error
 
 
-def _response(outcome: Outcome) -> VerifyResponse:
-    if outcome.accepted:
-        return VerifyResponse(
-            result="accepted",
-            verification_id=outcome.verification_id,
-            purpose=outcome.purpose,
-            claims=outcome.claims,
-            repeated=outcome.repeated,
-        )
-    return VerifyResponse(
-        result="rejected",
+Answer = TypeVar("Answer", VerifyResponse, BatchItemResult)
+
+
+def _answer(outcome: Outcome, answer_type: type[Answer]) -> Answer:
+    """The outcome on the wire (a single verify answer or a batch item: the same fields)."""
+    return answer_type(
+        result="accepted" if outcome.accepted else "rejected",
         verification_id=outcome.verification_id,
         reason=outcome.reason.value if outcome.reason else None,
         purpose=outcome.purpose,
+        claims=outcome.claims if outcome.accepted else None,
         first_used_at=outcome.first_used_at,
         repeated=outcome.repeated,
     )
@@ -93,7 +93,7 @@ def _response(outcome: Outcome) -> VerifyResponse:
 async def verify(
     request: Request[Any, Any, Any],
     data: JSONBody[VerifyRequest],
-    api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+    api_key: TerminalApiKey = None,
 ) -> VerifyResponse:
     """Accept or reject a scanned credential, once.
 
@@ -116,7 +116,7 @@ async def verify(
         raise problems.unavailable(_UNAVAILABLE) from None
     metrics.count_result(outcome.reason.value if outcome.reason else "accepted")
     metrics.VERIFY_SECONDS.observe(time.perf_counter() - started)
-    return _response(outcome)
+    return _answer(outcome, VerifyResponse)
 
 
 @post(
@@ -133,7 +133,7 @@ async def verify_batch(
     ctx: NamedDependency[ServiceContext],
     session: NamedDependency[AsyncSession],
     data: JSONBody[BatchVerifyRequest],
-    api_key: Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)] = None,
+    api_key: TerminalApiKey = None,
 ) -> BatchVerifyResponse:
     """Decide each queued scan at its scan time, in order; report double use across gates.
 
@@ -154,17 +154,6 @@ async def verify_batch(
         if isinstance(outcome, RateLimited):
             results.append(BatchItemResult(result="rate_limited", retry_after_ms=outcome.retry_after_ms))
             continue
-        answer = _response(outcome)
-        results.append(
-            BatchItemResult(
-                result=answer.result,
-                verification_id=answer.verification_id,
-                reason=answer.reason,
-                purpose=answer.purpose,
-                claims=answer.claims,
-                first_used_at=answer.first_used_at,
-                repeated=answer.repeated,
-            )
-        )
+        results.append(_answer(outcome, BatchItemResult))
     double_uses = sum(1 for item in results if item.reason == "replayed")
     return BatchVerifyResponse(results=results, double_uses=double_uses)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.clock import as_utc
 from app.db.models import Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.pii import PiiCipher
@@ -112,9 +111,7 @@ class VerifierDirectory:
                     api_key_hash=terminal.api_key_hash,
                     previous_key_hash=terminal.previous_key_hash,
                     previous_key_until=(
-                        as_utc(terminal.previous_key_expires_at).timestamp()
-                        if terminal.previous_key_expires_at
-                        else 0.0
+                        terminal.previous_key_expires_at.timestamp() if terminal.previous_key_expires_at else 0.0
                     ),
                     signing_key=(
                         VerifyKey(terminal.signing_public_key, organisation.region_code)

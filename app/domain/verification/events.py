@@ -21,9 +21,9 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db.engine import insert_or_ignore
 from app.db.models import Terminal, VerificationEvent, VerifierOrganisation
 from app.stores.event_stream import EventStream, StreamEntry, StreamUnavailable
 from app.stores.status_mirror import ScanResult
@@ -60,7 +60,8 @@ def encode_event(record: EventRecord) -> bytes:
     return _encoder.encode(record)
 
 
-def _moment(ms: int) -> datetime:
+def moment_of(ms: int) -> datetime:
+    """A time in milliseconds since the epoch, as aware UTC."""
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
@@ -72,8 +73,8 @@ def _row(entry: StreamEntry) -> dict[str, Any] | None:
         return None
     return {
         "id": record.verification_id,
-        "occurred_at": _moment(record.at_ms),
-        "scanned_at": _moment(record.scanned_ms) if record.scanned_ms is not None else None,
+        "occurred_at": moment_of(record.at_ms),
+        "scanned_at": moment_of(record.scanned_ms) if record.scanned_ms is not None else None,
         "terminal_id": uuid.UUID(bytes=record.terminal_id),
         "organisation_id": uuid.UUID(bytes=record.organisation_id),
         "card_ref": record.card_ref,
@@ -92,9 +93,7 @@ async def store_events(session: AsyncSession, entries: list[StreamEntry]) -> Non
         return
     # One row per id even within a batch (a redelivered entry can sit beside its original).
     unique = list({row["id"]: row for row in rows}.values())
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    await session.execute(insert(VerificationEvent).on_conflict_do_nothing(index_elements=["id"]), unique)
+    await session.execute(insert_or_ignore(session, VerificationEvent, ["id"]), unique)
     await session.commit()
 
 

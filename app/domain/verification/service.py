@@ -21,7 +21,7 @@ from app.db.models import VerificationEvent
 from app.domain.agreements.rules import AcceptanceRules
 from app.domain.verification.directory import TerminalEntry, VerifierDirectory
 from app.domain.verification.disclosure import Disclosing, disclose, policy_for
-from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event
+from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event, moment_of
 from app.pii import PiiCipher
 from app.settings import Settings
 from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror
@@ -75,10 +75,6 @@ class RateLimited(Exception):
 
 def _new_verification_id() -> str:
     return "vf_" + b64url(os.urandom(12))
-
-
-def _moment(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 # A batch upload may replay its own scans at any time and get the same answers.
@@ -204,7 +200,7 @@ class CredentialVerifier:
                 claims, terminal, answer.record, self._pseudonym_key, self._pii, datetime.now(UTC).date()
             )
             return Outcome(answer.verification_id, True, None, purpose, disclose(source), repeated=repeated)
-        first_used = _moment(answer.first_used_ms) if answer.result == ScanResult.REPLAYED else None
+        first_used = moment_of(answer.first_used_ms) if answer.result == ScanResult.REPLAYED else None
         return Outcome(
             answer.verification_id, False, Reason(answer.result), purpose, first_used_at=first_used, repeated=repeated
         )

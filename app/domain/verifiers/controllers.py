@@ -55,7 +55,7 @@ def _organisation_out(organisation: VerifierOrganisation) -> OrganisationOut:
         name=organisation.name,
         business_type=organisation.business_type,
         region=organisation.region_code,
-        created_at=as_utc(organisation.created_at),
+        created_at=organisation.created_at,
         enabled=organisation.enabled,
     )
 
@@ -67,15 +67,11 @@ def _terminal_out(terminal: Terminal) -> TerminalOut:
         name=terminal.name,
         allowed_purposes=list(terminal.allowed_purposes),
         enabled=terminal.enabled,
-        created_at=as_utc(terminal.created_at),
+        created_at=terminal.created_at,
         rate_per_minute=terminal.rate_per_minute,
         rate_burst=terminal.rate_burst,
         signs_requests=terminal.signing_public_key is not None,
-        previous_key_expires_at=(
-            as_utc(terminal.previous_key_expires_at)
-            if terminal.previous_key_hash is not None and terminal.previous_key_expires_at is not None
-            else None
-        ),
+        previous_key_expires_at=terminal.previous_key_expires_at if terminal.previous_key_hash else None,
     )
 
 
