@@ -45,6 +45,7 @@ from app.domain.lending.controllers import HolderLoansController, LendingControl
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import verify, verify_batch
+from app.domain.verification.hot_path import VerifyHotPath
 from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.pages import web_routers
 from app.settings import PROJECT_ROOT, Settings
@@ -109,11 +110,6 @@ def _store_unavailable(exc: StoreUnavailable) -> ProblemDetailsException:
     return problems.unavailable("card status store is unreachable; nothing was changed there")
 
 
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problems.problem(500, "internal_error", "internal error").to_response(request)
-
-
 class EcardPlugin(InitPlugin, CLIPlugin):
     """Everything the eCard app is made of."""
 
@@ -146,6 +142,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 async with context.sessions() as session:
                     await mirror_all_statuses(session, context.mirror, context.pii)
             app.state[STATE_KEY] = context
+            VerifyHotPath.install(app)
             yield
         finally:
             await context.close()
@@ -196,7 +193,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 )
             )
         )
-        app_config.exception_handlers[Exception] = _unexpected
+        app_config.exception_handlers[Exception] = problems.unexpected
         app_config.openapi_config = OpenAPIConfig(
             title="eCard API",
             version=API_VERSION,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
 import msgspec
+from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
 PROBLEM_BASE = "https://ecard.example/problems/"
+
+logger = logging.getLogger(__name__)
 
 
 def problem(status: int, code: str, detail: str, **extra: Any) -> ProblemDetailsException:
@@ -70,6 +74,12 @@ _CODES_BY_STATUS = {
     429: "too_many_requests",
     503: "unavailable",
 }
+
+
+def unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """500 for an error nobody expected: logged with its traceback, answered without details."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal_error", "internal error").to_response(request)
 
 
 def from_http_exception(exc: HTTPException) -> ProblemDetailsException:

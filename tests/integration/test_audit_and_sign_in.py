@@ -498,7 +498,7 @@ ARGON2_ON_THE_LOOP = (
 
 def server_error(caplog: pytest.LogCaptureFixture) -> str:
     """What the app logged about its last unhandled error, with a diagnosis where one is known."""
-    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "app.plugin"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "app.problems"]
     if not errors:
         return "no unhandled error was logged"
     detail = (errors[-1].exc_text or errors[-1].getMessage()).strip().splitlines()[-1]

@@ -21,7 +21,7 @@ from app.domain.verification.schemas import (
     VerifyRequest,
     VerifyResponse,
 )
-from app.domain.verification.service import MAX_BATCH, BatchScan, Outcome, RateLimited
+from app.domain.verification.service import MAX_BATCH, BatchScan, CredentialVerifier, Outcome, RateLimited
 from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
@@ -106,8 +106,19 @@ async def verify(
     """
     started = time.perf_counter()
     terminal = await terminal_of(request, api_key)
+    return await answer_scan(context_of(request.app.state).verifier, terminal, data.credential, started)
+
+
+async def answer_scan(
+    verifier: CredentialVerifier, terminal: TerminalEntry, credential: str, started: float
+) -> VerifyResponse:
+    """A terminal's scan decided and counted: the answer, or the problem to send (429, 503).
+
+    Shared by the routed handler above (signed requests, and every request the fast path hands
+    on) and the fast path in `hot_path`, so both give the same answers and metrics.
+    """
     try:
-        outcome = await context_of(request.app.state).verifier.verify(terminal, data.credential)
+        outcome = await verifier.verify(terminal, credential)
     except RateLimited as exc:
         metrics.REFUSED_RATE_LIMITED.inc()
         raise _rate_limited(exc) from None

@@ -1,0 +1,181 @@
+"""The verify hot path answers exactly as the routed handler does, and hands on what it does not take.
+
+A request with `Content-Length` and `X-Api-Key` is decided in front of Litestar's routing; a
+chunked one (no `Content-Length`) goes through the routed handler. Both must give the same
+status, headers and body for the same situation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar
+
+from app.context import ServiceContext
+from app.domain.verification.hot_path import VerifyHotPath
+from app.domain.verification.service import CredentialVerifier
+from tests import factories
+from tests.factories import Gate, Holder
+
+VOLATILE = ("verification_id", "first_used_at")
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data[:10]
+    yield data[10:]
+
+
+async def hot(client: httpx.AsyncClient, gate: Gate, credential: str) -> httpx.Response:
+    response = await client.post("/v1/verify", json={"credential": credential}, headers=gate.headers)
+    assert "content-length" in response.request.headers
+    return response
+
+
+async def routed(client: httpx.AsyncClient, gate: Gate, credential: str) -> httpx.Response:
+    """The same request sent chunked: no Content-Length, so the hot path hands it on."""
+    body = b'{"credential": "' + credential.encode() + b'"}'
+    response = await client.post(
+        "/v1/verify", content=_chunks(body), headers={**gate.headers, "content-type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers
+    return response
+
+
+@pytest.fixture
+async def gate(client: httpx.AsyncClient, admin_token: str) -> Gate:
+    """A transit gate of this test alone (the session's gate may have spent its rate budget)."""
+    return await factories.new_gate(client, admin_token, "510000", "transit", ["transit"])
+
+
+def comparable(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
+    body = {key: value for key, value in response.json().items() if key not in VOLATILE}
+    return response.status_code, response.headers["content-type"], body
+
+
+def test_the_hot_path_is_installed_once(app: Litestar, client: httpx.AsyncClient) -> None:
+    handler = app.asgi_handler
+    assert isinstance(handler, VerifyHotPath)
+    VerifyHotPath.install(app)
+    assert app.asgi_handler is handler
+
+
+async def test_same_answers_both_ways(client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate) -> None:
+    other = await factories.new_terminal(client, admin_token, gate.organisation_id, ["transit"])
+    first, second = await factories.credentials(client, holder), await factories.credentials(client, holder)
+    [medical] = await factories.credentials(client, holder, "medical")
+
+    accepted = [await hot(client, gate, first[0]), await routed(client, gate, second[0])]
+    assert comparable(accepted[0]) == comparable(accepted[1])
+    assert comparable(accepted[0])[:2] == (200, "application/json")
+    assert accepted[0].json()["result"] == "accepted"
+
+    replays = [await hot(client, other, first[0]), await routed(client, other, second[0])]
+    assert comparable(replays[0]) == comparable(replays[1])
+    assert replays[0].json()["reason"] == "replayed" and replays[1].json()["first_used_at"]
+
+    # The same gate again within its retry window: the first answer, with its id, either way.
+    again = [await routed(client, gate, first[0]), await hot(client, gate, second[0])]
+    assert again[0].json()["verification_id"] == accepted[0].json()["verification_id"]
+    assert again[1].json()["verification_id"] == accepted[1].json()["verification_id"]
+    assert comparable(again[0]) == comparable(again[1])
+    assert again[0].json()["repeated"] is True
+
+    for text in ("EC1:!!!", medical):
+        assert comparable(await hot(client, gate, text)) == comparable(await routed(client, gate, text))
+
+
+async def test_rate_limited_problem_is_the_same_both_ways(
+    client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate
+) -> None:
+    limited = await factories.new_terminal(
+        client, admin_token, gate.organisation_id, ["transit"], rate_per_minute=1, rate_burst=1
+    )
+    texts = [(await factories.credentials(client, holder))[0] for _ in range(3)]
+    assert (await hot(client, limited, texts[0])).json()["result"] == "accepted"
+    refusals = [await hot(client, limited, texts[1]), await routed(client, limited, texts[2])]
+    for response in refusals:
+        assert response.status_code == 429
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert int(response.headers["retry-after"]) >= 1
+    bodies = [{k: v for k, v in r.json().items() if k != "retry_after_ms"} for r in refusals]
+    assert bodies[0] == bodies[1] and bodies[0]["code"] == "rate_limited"
+
+
+async def test_requests_it_does_not_take_get_the_routed_problems(
+    client: httpx.AsyncClient, holder: Holder, gate: Gate
+) -> None:
+    [credential] = await factories.credentials(client, holder)
+    unknown = {"X-Api-Key": "ecv1." + "0" * 32 + ".x"}
+    response = await client.post("/v1/verify", json={"credential": credential}, headers=unknown)
+    assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
+    response = await client.post("/v1/verify", content=b"{", headers={**gate.headers, "content-type": "text/plain"})
+    assert (response.status_code, response.json()["code"]) == (400, "bad_request")
+    # Neither consumed the credential.
+    assert (await hot(client, gate, credential)).json()["result"] == "accepted"
+
+
+async def test_an_unexpected_error_is_a_500_problem(
+    client: httpx.AsyncClient,
+    context: ServiceContext,
+    gate: Gate,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(self: CredentialVerifier, *args: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(CredentialVerifier, "verify", broken)
+    with caplog.at_level(logging.ERROR):
+        response = await hot(client, gate, "EC1:anything")
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "internal_error" and "injected" not in response.text
+    assert any(record.exc_info and "injected fault" in str(record.exc_info[1]) for record in caplog.records)
+
+
+async def asgi_call(app: Litestar, headers: list[tuple[bytes, bytes]], messages: list[dict[str, Any]]) -> list[Any]:
+    """Drive the app as an ASGI server would; what it sent back."""
+    sent: list[Any] = []
+    incoming = iter(messages)
+
+    async def receive() -> Any:
+        return next(incoming, {"type": "http.disconnect"})
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/verify", "raw_path": b"/v1/verify", "root_path": "",
+        "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+async def test_a_body_in_pieces_is_assembled(
+    app: Litestar, client: httpx.AsyncClient, holder: Holder, gate: Gate
+) -> None:
+    [credential] = await factories.credentials(client, holder)
+    body = b'{"credential": "' + credential.encode() + b'"}'
+    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", str(len(body)).encode())]
+    pieces = [
+        {"type": "http.request", "body": body[i : i + 50], "more_body": i + 50 < len(body)}
+        for i in range(0, len(body), 50)
+    ]
+    sent = await asgi_call(app, headers, pieces)
+    assert sent[0]["status"] == 200
+    assert b'"result":"accepted"' in sent[1]["body"]
+
+
+async def test_a_client_gone_before_its_body_gets_nothing_and_uses_nothing(
+    app: Litestar, client: httpx.AsyncClient, holder: Holder, gate: Gate
+) -> None:
+    [credential] = await factories.credentials(client, holder)
+    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", b"300")]
+    assert await asgi_call(app, headers, [{"type": "http.request", "body": b'{"cre', "more_body": True}]) == []
+    assert (await hot(client, gate, credential)).json()["result"] == "accepted"
