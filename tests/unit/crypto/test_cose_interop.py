@@ -17,6 +17,7 @@ from pycose.keys.curves import Ed25519
 from pycose.messages import CoseMessage, Sign1Message
 
 from crypto.base45 import b45decode, b45encode
+from crypto.cose import sig_structure
 from crypto.credential import (
     NONCE_LENGTH,
     PREFIX,
@@ -173,3 +174,9 @@ def test_pycose_message_with_an_extra_protected_parameter_verifies() -> None:
     )
     text = PREFIX + b45encode(message.encode(tag=True, sign=True))
     assert verify_credential(text, KEYS, NOW, 0).claims == CLAIMS
+
+
+@given(st.binary(max_size=300), st.one_of(st.binary(max_size=300), st.binary(min_size=65530, max_size=65540)))
+@settings(max_examples=60)
+def test_sig_structure_is_the_cbor_rfc_9052_defines(protected: bytes, payload: bytes) -> None:
+    assert sig_structure(protected, payload) == cbor2.dumps(["Signature1", protected, b"", payload])
