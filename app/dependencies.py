@@ -42,6 +42,11 @@ async def current_holder(request: Request[Any, Any, Any]) -> AuthenticatedHolder
         session = context.tokens.read_holder(_bearer(request))
     except InvalidToken as exc:
         raise problems.unauthorized(f"access token rejected: {exc}") from None
+    return await holder_on_device(context, session)
+
+
+async def holder_on_device(context: ServiceContext, session: HolderSession) -> AuthenticatedHolder:
+    """The holder of a valid access token, with the card's status; 401 when the device was removed."""
     status, device_revoked = await context.mirror.holder_state(session.card_ref, session.device_id)
     if device_revoked:
         raise problems.unauthorized("this device was removed from the card; activate it again")

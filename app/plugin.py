@@ -36,7 +36,12 @@ from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
 from app.domain.catalog.controllers import CatalogController
 from app.domain.entitlements.controllers import EntitlementController
-from app.domain.holders.controllers import HolderAuthController, HolderCardController, HolderCredentialController
+from app.domain.holders.controllers import (
+    HOT_ISSUE,
+    HolderAuthController,
+    HolderCardController,
+    HolderCredentialController,
+)
 from app.domain.imports.controllers import UPLOAD_DIR, ImportController
 from app.domain.imports.services import remove_stale_uploads
 from app.domain.issuers.controllers import issuer_jwks, offline_kit, trust_list
@@ -44,10 +49,10 @@ from app.domain.ledger.controllers import HolderMoneyController, OperatorMoneyCo
 from app.domain.lending.controllers import HolderLoansController, LendingController
 from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
-from app.domain.verification.controllers import verify, verify_batch
-from app.domain.verification.hot_path import VerifyHotPath
+from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.pages import web_routers
+from app.hot_paths import HotPaths
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
 
@@ -142,7 +147,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 async with context.sessions() as session:
                     await mirror_all_statuses(session, context.mirror, context.pii)
             app.state[STATE_KEY] = context
-            VerifyHotPath.install(app)
+            HotPaths.install(app, [HOT_VERIFY, HOT_ISSUE])
             yield
         finally:
             await context.close()

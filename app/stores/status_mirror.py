@@ -17,6 +17,7 @@ import hashlib
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -226,7 +227,14 @@ return {'new', result, ARGV[8], first, record, '0'}
 
 _SCAN_SHA = hashlib.sha1(_SCAN_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 
-_Queued = tuple[Scan, "asyncio.Future[ScanAnswer]"]
+# A command waiting for this event-loop turn's pipeline: its arguments, the parser of its reply,
+# and the future the caller awaits.
+_Queued = tuple[tuple[Any, ...], Callable[[Any], Any], "asyncio.Future[Any]"]
+
+
+def _holder_state(reply: list[bytes | None]) -> tuple[str | None, bool]:
+    status, revoked = reply
+    return (status.decode() if status is not None else None), revoked is not None
 
 
 def _answer(reply: list[bytes]) -> ScanAnswer:
@@ -244,9 +252,9 @@ def _answer(reply: list[bytes]) -> ScanAnswer:
 class RedisStatusMirror:
     """Nonces, statuses, rate counters and the event stream in Redis.
 
-    Scans arriving in the same event-loop turn share one pipeline of EVALSHA calls: each stays
-    atomic on its own, and a burst of scans costs one round trip and one read timeout instead
-    of one per scan.
+    The calls of the hot paths (scans, the holder state every credential refresh reads) arriving
+    in the same event-loop turn share one pipeline: each stays atomic on its own, and a burst
+    costs one round trip and one read timeout instead of one per request.
     """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
@@ -272,33 +280,37 @@ class RedisStatusMirror:
 
     async def scan(self, scan: Scan) -> ScanAnswer:
         """See `StatusMirror.scan`; queued for this event-loop turn's pipeline."""
+        answer: ScanAnswer = await self._queued(("EVALSHA", _SCAN_SHA, *self._scan_call(scan)), _answer)
+        return answer
+
+    async def _queued(self, command: tuple[Any, ...], parse: Callable[[Any], Any]) -> Any:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ScanAnswer] = loop.create_future()
-        self._queue.append((scan, future))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((command, parse, future))
         if len(self._queue) == 1:
             loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._scan_batch(batch))
+        task = asyncio.ensure_future(self._run_batch(batch))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _scan_batch(self, batch: list[_Queued]) -> None:
+    async def _run_batch(self, batch: list[_Queued]) -> None:
         try:
-            results = await self._evalsha(batch)
+            results = await self._execute(batch)
         except (RedisError, OSError) as exc:
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable(str(exc)))
             return
-        for (_, future), reply in zip(batch, results, strict=True):
+        for (_, parse, future), reply in zip(batch, results, strict=True):
             if not future.done():
-                future.set_result(_answer(reply))
+                future.set_result(parse(reply))
 
-    async def _evalsha(self, batch: list[_Queued]) -> list[Any]:
-        """Run the script for every scan; load it first if the server lost it."""
+    async def _execute(self, batch: list[_Queued]) -> list[Any]:
+        """Run the batch's commands; load the script first if the server lost it."""
         results = await self._pipeline(batch)
         # A NOSCRIPT reply means that call did nothing, so those (and only those) run again.
         lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -327,8 +339,8 @@ class RedisStatusMirror:
 
     async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
-            for scan, _ in batch:
-                pipe.evalsha(_SCAN_SHA, *self._scan_call(scan))
+            for command, _, _ in batch:
+                pipe.execute_command(*command)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
@@ -359,13 +371,12 @@ class RedisStatusMirror:
         return value if isinstance(value, bytes) else None
 
     async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
-        """See `StatusMirror.holder_state`; both keys carry the card's hash tag (one slot)."""
+        """See `StatusMirror.holder_state`; both keys carry the card's hash tag (one slot), queued like scans."""
         card_key = self._card_key(card_ref)
-        try:
-            status, revoked = await self._client.mget([f"{card_key}:s", f"{card_key}:d:{device_id.hex}"])
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return (status.decode() if isinstance(status, bytes) else status), revoked is not None
+        state: tuple[str | None, bool] = await self._queued(
+            ("MGET", f"{card_key}:s", f"{card_key}:d:{device_id.hex}"), _holder_state
+        )
+        return state
 
     async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
         """See `StatusMirror.get_statuses`; a pipeline of GETs, since the keys lie in many cluster slots."""

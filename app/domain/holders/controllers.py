@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import as_utc
 from app.context import ServiceContext, context_of
-from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, provide_holder
+from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
@@ -42,6 +42,7 @@ from app.domain.holders.schemas import (
 )
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
 from app.domain.verification.events import card_usage
+from app.hot_paths import HotRoute, body_decoder
 from app.problems import problem_responses
 from app.tokens import HolderSession, InvalidToken
 from crypto.credential import Purpose
@@ -50,6 +51,7 @@ from crypto.keys import b64url, b64url_decode
 QR_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 STEP_UP_TTL = 300
 LOSS_UNDO_WINDOW = timedelta(days=7)
+CREDENTIAL_REQUEST_MAX_BYTES = 4096
 
 
 def _epoch(seconds: int) -> datetime:
@@ -82,7 +84,7 @@ class HolderAuthController(Controller):
 
     path = "/v1/holder"
     tags = ["holder"]
-    request_max_body_size = 4096
+    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
 
     @post(
         "/activation",
@@ -132,7 +134,7 @@ class HolderCardController(Controller):
     tags = ["holder"]
     security = HOLDER_SECURITY
     dependencies = {"holder": provide_holder}
-    request_max_body_size = 4096
+    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
 
     @get("/card", summary="The holder's card", responses=problem_responses(401, 503))
     async def card(
@@ -294,6 +296,53 @@ class HolderCardController(Controller):
         return StepUp(step_up_token=ctx.tokens.issue_step_up(holder.session, STEP_UP_TTL), expires_in=STEP_UP_TTL)
 
 
+def credential_bundle(ctx: ServiceContext, holder: AuthenticatedHolder, data: CredentialRequest) -> CredentialBundle:
+    """The credentials asked for, signed (the routed handler and the hot path share this)."""
+    purpose = Purpose.from_label(data.purpose)
+    kid, issued = issue_credentials(
+        holder.session,
+        holder.card_status,
+        ctx.directory.keys.signing_keys,
+        ctx.settings,
+        purpose,
+        data.count,
+        stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
+    )
+    return CredentialBundle(
+        kid=b64url(kid),
+        purpose=data.purpose,
+        server_time=datetime.now(UTC),
+        credentials=[
+            CredentialOut(
+                credential=item.text,
+                not_before=_epoch(item.not_before),
+                expires_at=_epoch(item.expires_at),
+                refresh_at=_epoch(item.refresh_at),
+            )
+            for item in issued
+        ],
+    )
+
+
+_credential_request = body_decoder(CredentialRequest)
+
+
+async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes, started: float) -> CredentialBundle | None:
+    scheme, _, token = authorization.partition(" ")
+    data = _credential_request(body)
+    if data is None or scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        session = ctx.tokens.read_holder(token.strip())
+    except InvalidToken:
+        return None
+    return credential_bundle(ctx, await holder_on_device(ctx, session), data)
+
+
+# Every open QR screen refreshes through this: served in front of the router (app.hot_paths).
+HOT_ISSUE = HotRoute("/v1/holder/credentials", CREDENTIAL_REQUEST_MAX_BYTES, b"authorization", _hot_issue)
+
+
 class HolderCredentialController(Controller):
     """Credentials for the holder's own card."""
 
@@ -301,7 +350,7 @@ class HolderCredentialController(Controller):
     tags = ["holder"]
     security = HOLDER_SECURITY
     dependencies = {"holder": provide_holder}
-    request_max_body_size = 4096
+    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
 
     @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 403, 409, 503))
     async def issue(
@@ -313,31 +362,7 @@ class HolderCredentialController(Controller):
         """Sign `count` credentials with consecutive windows (one per `refresh_at` step)."""
         # Every open QR screen calls this: the context comes from the app state rather than a second
         # dependency, which Litestar would resolve in an anyio task group (~90 µs a request).
-        ctx = context_of(request.app.state)
-        purpose = Purpose.from_label(data.purpose)
-        kid, issued = issue_credentials(
-            holder.session,
-            holder.card_status,
-            ctx.directory.keys.signing_keys,
-            ctx.settings,
-            purpose,
-            data.count,
-            stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
-        )
-        return CredentialBundle(
-            kid=b64url(kid),
-            purpose=data.purpose,
-            server_time=datetime.now(UTC),
-            credentials=[
-                CredentialOut(
-                    credential=item.text,
-                    not_before=_epoch(item.not_before),
-                    expires_at=_epoch(item.expires_at),
-                    refresh_at=_epoch(item.refresh_at),
-                )
-                for item in issued
-            ],
-        )
+        return credential_bundle(context_of(request.app.state), holder, data)
 
     @post(
         "/qr",

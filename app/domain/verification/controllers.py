@@ -22,6 +22,7 @@ from app.domain.verification.schemas import (
     VerifyResponse,
 )
 from app.domain.verification.service import MAX_BATCH, BatchScan, CredentialVerifier, Outcome, RateLimited
+from app.hot_paths import HotRoute, body_decoder
 from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
@@ -114,8 +115,8 @@ async def answer_scan(
 ) -> VerifyResponse:
     """A terminal's scan decided and counted: the answer, or the problem to send (429, 503).
 
-    Shared by the routed handler above (signed requests, and every request the fast path hands
-    on) and the fast path in `hot_path`, so both give the same answers and metrics.
+    Shared by the routed handler above (signed requests, and whatever the hot path hands on)
+    and the hot path (`HOT_VERIFY`), so both give the same answers and metrics.
     """
     try:
         outcome = await verifier.verify(terminal, credential)
@@ -128,6 +129,21 @@ async def answer_scan(
     metrics.count_result(outcome.reason.value if outcome.reason else "accepted")
     metrics.VERIFY_SECONDS.observe(time.perf_counter() - started)
     return _answer(outcome, VerifyResponse)
+
+
+_verify_request = body_decoder(VerifyRequest)
+
+
+async def _hot_verify(ctx: ServiceContext, api_key: str, body: bytes, started: float) -> VerifyResponse | None:
+    terminal = ctx.directory.authenticate(api_key)
+    data = _verify_request(body) if terminal is not None else None
+    if terminal is None or data is None:
+        return None
+    return await answer_scan(ctx.verifier, terminal, data.credential, started)
+
+
+# A plain scan (API key, a body that decodes) served in front of the router; see app.hot_paths.
+HOT_VERIFY = HotRoute("/v1/verify", MAX_BODY_BYTES, b"x-api-key", _hot_verify)
 
 
 @post(

@@ -1,12 +1,14 @@
-"""The verify hot path answers exactly as the routed handler does, and hands on what it does not take.
+"""The hot paths answer exactly as the routed handlers do, and hand on what they do not take.
 
-A request with `Content-Length` and `X-Api-Key` is decided in front of Litestar's routing; a
-chunked one (no `Content-Length`) goes through the routed handler. Both must give the same
-status, headers and body for the same situation.
+A request with `Content-Length` and its credential header (`X-Api-Key` for a scan,
+`Authorization` for issuing) is answered in front of Litestar's routing; a chunked one (no
+`Content-Length`) goes through the routed handler. Both must give the same status, headers and
+body for the same situation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,8 +18,8 @@ import pytest
 from litestar import Litestar
 
 from app.context import ServiceContext
-from app.domain.verification.hot_path import VerifyHotPath
 from app.domain.verification.service import CredentialVerifier
+from app.hot_paths import HotPaths
 from tests import factories
 from tests.factories import Gate, Holder
 
@@ -56,10 +58,10 @@ def comparable(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
     return response.status_code, response.headers["content-type"], body
 
 
-def test_the_hot_path_is_installed_once(app: Litestar, client: httpx.AsyncClient) -> None:
+def test_the_hot_paths_are_installed_once(app: Litestar, client: httpx.AsyncClient) -> None:
     handler = app.asgi_handler
-    assert isinstance(handler, VerifyHotPath)
-    VerifyHotPath.install(app)
+    assert isinstance(handler, HotPaths)
+    HotPaths.install(app, [])
     assert app.asgi_handler is handler
 
 
@@ -179,3 +181,81 @@ async def test_a_client_gone_before_its_body_gets_nothing_and_uses_nothing(
     headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", b"300")]
     assert await asgi_call(app, headers, [{"type": "http.request", "body": b'{"cre', "more_body": True}]) == []
     assert (await hot(client, gate, credential)).json()["result"] == "accepted"
+
+
+# --- issuing credentials -----------------------------------------------------------------------
+
+
+async def issue_hot(client: httpx.AsyncClient, holder: Holder, body: dict[str, Any]) -> httpx.Response:
+    response = await client.post("/v1/holder/credentials", json=body, headers=factories.bearer(holder.access_token))
+    assert "content-length" in response.request.headers
+    return response
+
+
+async def issue_routed(client: httpx.AsyncClient, holder: Holder, body: dict[str, Any]) -> httpx.Response:
+    headers = {**factories.bearer(holder.access_token), "content-type": "application/json"}
+    response = await client.post("/v1/holder/credentials", content=_chunks(json.dumps(body).encode()), headers=headers)
+    assert "content-length" not in response.request.headers
+    return response
+
+
+def bundle_shape(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
+    """Status, content type, and the body with what differs between two issues (texts, times) reduced to its type."""
+    body = response.json()
+    if response.status_code == 200:
+        body = {
+            **body,
+            "server_time": type(body["server_time"]).__name__,
+            "credentials": [{key: type(value).__name__ for key, value in item.items()} for item in body["credentials"]],
+        }
+    return response.status_code, response.headers["content-type"], body
+
+
+async def test_issuing_gives_the_same_answers_both_ways(
+    client: httpx.AsyncClient, context: ServiceContext, admin_token: str, holder: Holder, gate: Gate
+) -> None:
+    for body in ({"purpose": "general", "count": 3}, {"purpose": "transit"}):
+        hot_answer, routed_answer = await issue_hot(client, holder, body), await issue_routed(client, holder, body)
+        assert bundle_shape(hot_answer) == bundle_shape(routed_answer)
+        assert hot_answer.status_code == 200 and len(hot_answer.json()["credentials"]) == body.get("count", 1)
+    # The hot path's transit credential is a good one.
+    assert (await hot(client, gate, hot_answer.json()["credentials"][0]["credential"])).json()["result"] == "accepted"
+
+    # Problems raised while answering: the same bodies either way.
+    for body in ({"purpose": "medical"}, {"purpose": "transit", "count": 99}):
+        hot_answer, routed_answer = await issue_hot(client, holder, body), await issue_routed(client, holder, body)
+        assert bundle_shape(hot_answer) == bundle_shape(routed_answer)
+        assert hot_answer.status_code in (400, 403)
+
+    await client.post(
+        f"/v1/operator/cards/{holder.card_id}/ecard-state",
+        json={"state": "suspended", "reason": "test"},
+        headers=factories.bearer(admin_token),
+    )
+    suspended = [
+        await issue_hot(client, holder, {"purpose": "transit"}),
+        await issue_routed(client, holder, {"purpose": "transit"}),
+    ]
+    assert bundle_shape(suspended[0]) == bundle_shape(suspended[1])
+    assert suspended[0].status_code == 409
+
+    session = context.tokens.read_holder(holder.access_token)
+    await context.mirror.revoke_device(session.card_ref, session.device_id, 60)
+    removed = [
+        await issue_hot(client, holder, {"purpose": "transit"}),
+        await issue_routed(client, holder, {"purpose": "transit"}),
+    ]
+    assert bundle_shape(removed[0]) == bundle_shape(removed[1])
+    assert removed[0].status_code == 401 and "removed" in removed[0].json()["detail"]
+
+
+async def test_issuing_requests_it_does_not_take_get_the_routed_problems(
+    client: httpx.AsyncClient, holder: Holder
+) -> None:
+    url = "/v1/holder/credentials"
+    for headers in ({"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic abc"}):
+        response = await client.post(url, json={"purpose": "transit"}, headers=headers)
+        assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
+    for content in (b"{", b'{"purpose": "transit", "count": 0}', b'{"purpose": "flying"}'):
+        response = await client.post(url, content=content, headers=factories.bearer(holder.access_token))
+        assert (response.status_code, response.json()["code"]) == (400, "bad_request"), content

@@ -1,0 +1,153 @@
+"""The two rush-hour requests answered on plain ASGI, in front of Litestar's routing.
+
+A gate's scan (`POST /v1/verify`) and an open QR screen's refresh (`POST /v1/holder/credentials`)
+are the requests the service must answer at peak rates, and Litestar's routing, dependency
+injection, parameter extraction and response objects cost about as much CPU as the work itself
+(docs/performance.md). So a plain request to either — its credential header present, a
+`Content-Length` within the route's limit, a body that decodes — is answered here by the same
+function the routed handler calls, its answer encoded from the same response Struct.
+
+Everything else is handed on to the routed handler unchanged, body included: signed requests,
+unknown keys or tokens, chunked, oversized or malformed bodies. Their problem answers keep one
+source. Problems raised while answering (403, 409, 429, 503…) are rendered by Litestar's
+problem-details response; an unexpected error by the app's own 500 handler.
+
+The OpenAPI document describes the routed handlers; tests hold both ways to the same answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from litestar import Request
+from litestar.enums import ScopeType
+from litestar.plugins.problem_details import ProblemDetailsException
+
+from app import problems
+from app.context import ServiceContext, context_of
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+    from litestar.types import ASGIApp, HTTPRequestEvent, HTTPResponseStartEvent, Receive, ReceiveMessage, Scope, Send
+
+Body = TypeVar("Body", bound=msgspec.Struct)
+
+_JSON_HEADERS = (b"content-type", b"application/json")
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class HotRoute:
+    """A POST route answered in front of the router when the request is plain.
+
+    `answer(context, credential, body, started)` gets the value of `credential_header` and the raw
+    body; it returns the response Struct (sent with 200), or None to hand the request on to the
+    routed handler — only before it did anything. It raises `ProblemDetailsException` for a
+    problem to send.
+    """
+
+    path: str
+    max_body: int
+    credential_header: bytes
+    answer: Callable[[ServiceContext, str, bytes, float], Awaitable[msgspec.Struct | None]]
+
+
+def body_decoder(body_type: type[Body]) -> Callable[[bytes], Body | None]:
+    """A strict decoder of a request body: the Struct, or None when the routed handler should say what is wrong."""
+    decode = msgspec.json.Decoder(body_type).decode
+
+    def decoded(body: bytes) -> Body | None:
+        try:
+            return decode(body)
+        except msgspec.MsgspecError:
+            return None
+
+    return decoded
+
+
+class HotPaths:
+    """The ASGI app in front of Litestar's own handler: answers plain hot requests, hands on the rest."""
+
+    __slots__ = ("_app", "_next", "_routes")
+
+    def __init__(self, app: Litestar, next_app: ASGIApp, routes: Sequence[HotRoute]) -> None:
+        self._app = app
+        self._next = next_app
+        self._routes = {route.path: route for route in routes}
+
+    @classmethod
+    def install(cls, app: Litestar, routes: Sequence[HotRoute]) -> None:
+        """Put the hot paths in front of the app's handler (once, however often the lifespan runs)."""
+        if not isinstance(app.asgi_handler, cls):
+            app.asgi_handler = cls(app, app.asgi_handler, routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self._next(scope, receive, send)
+            return
+        route = self._routes.get(scope["path"])
+        if route is None or scope["method"] != "POST":
+            await self._next(scope, receive, send)
+            return
+        started = time.perf_counter()
+        credential = length = None
+        for name, value in scope["headers"]:
+            if name == route.credential_header and credential is None:
+                credential = value
+            elif name == b"content-length" and length is None:
+                length = int(value) if value.isdigit() else -1
+        if credential is None or length is None or not 0 < length <= route.max_body:
+            await self._next(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away: nobody to answer, nothing done
+            body += message.get("body", b"")
+            if not message.get("more_body", False) or len(body) > route.max_body:
+                break
+        if len(body) != length:
+            await self._next(scope, _replaying(body, receive), send)
+            return
+        try:
+            answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body, started)
+        except ProblemDetailsException as exc:
+            request: Request[Any, Any, Any] = Request(scope, receive, send)
+            await exc.to_response(request).to_asgi_response(app=None, request=request)(scope, receive, send)
+            return
+        except Exception as exc:
+            request = Request(scope, receive, send)
+            response = problems.unexpected(request, exc)
+            await response.to_asgi_response(app=None, request=request)(scope, receive, send)
+            return
+        if answer is None:
+            await self._next(scope, _replaying(body, receive), send)
+            return
+        payload = _encode(answer)
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [_JSON_HEADERS, (b"content-length", str(len(payload)).encode())],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the routed handler: the body already read, then whatever the client sends next."""
+    replayed = False
+
+    async def receive_again() -> ReceiveMessage:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            message: HTTPRequestEvent = {"type": "http.request", "body": body, "more_body": False}
+            return message
+        return await receive()
+
+    return receive_again
