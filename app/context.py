@@ -64,8 +64,10 @@ class ServiceContext:
         bus: InvalidationBus
         events: EventStream
         if settings.redis_url:
-            redis_mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix)
-            mirror, events = redis_mirror, RedisEventStream(redis_mirror.client, settings.redis_prefix)
+            cluster = settings.redis_cluster
+            redis_mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix, cluster)
+            mirror, events = redis_mirror, RedisEventStream(redis_mirror.client, settings.redis_prefix, cluster)
+            # Pub/sub reaches every node of a cluster from any one of them: a plain client suffices.
             bus_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0)
             bus = RedisInvalidationBus(bus_client, f"{settings.redis_prefix}invalidate")
         else:

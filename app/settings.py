@@ -52,6 +52,8 @@ class Settings:
     redis_url: str = ""
     # Prefix for every Redis key and channel, so deployments (and test runs) can share a server.
     redis_prefix: str = "ecard:"
+    # REDIS_URL names a node of a Redis Cluster (ECARD_REDIS_CLUSTER=1): the client finds the rest.
+    redis_cluster: bool = False
     keys_dir: Path = DEV_KEYS_DIR
     credential_lifetime: int = 60
     credential_refresh: int = 30
@@ -108,6 +110,7 @@ class Settings:
             database_url=_env("DATABASE_URL", defaults.database_url),
             redis_url=_env("REDIS_URL", defaults.redis_url),
             redis_prefix=_env("ECARD_REDIS_PREFIX", defaults.redis_prefix),
+            redis_cluster=bool(_env_bool("ECARD_REDIS_CLUSTER")),
             keys_dir=Path(_env("ECARD_KEYS_DIR", str(defaults.keys_dir))),
             credential_lifetime=_env_int("ECARD_CREDENTIAL_LIFETIME", defaults.credential_lifetime),
             credential_refresh=_env_int("ECARD_CREDENTIAL_REFRESH", defaults.credential_refresh),

@@ -28,6 +28,7 @@ from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, create_operator
 from app.plugin import EcardPlugin
 from app.settings import DEV_KEYS_DIR, Settings
+from loadtests.redis_cluster import ClusterError, RedisCluster
 from tests import factories
 from tests.servers import MissingServerBinary, PostgresServer, RedisServer
 
@@ -47,6 +48,17 @@ def redis_url() -> Iterator[str]:
         pytest.exit(str(exc), returncode=3)
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster of this run on loopback, from the installed redis-server."""
+    try:
+        cluster = RedisCluster().start()
+    except ClusterError as exc:
+        pytest.exit(str(exc), returncode=3)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,13 @@ Delivery is at least once: an entry stays pending in the consumer group until th
 committed it and acknowledged it; entries of a drain that died are claimed by another after
 they have been idle for a while. Acknowledged entries are deleted, so the stream holds only
 the backlog.
+
+In Redis the stream is sharded: `EVENT_SHARDS` streams, each under a hash tag of its own, and a
+card's keys carry the tag of its shard, so the scan script appends the event in the same Redis
+Cluster slot as the nonce and the status it decided on (one atomic call). The tags are chosen
+to fall in evenly spaced slot ranges, so a cluster's masters share the shards evenly. The shard
+count is part of the key layout: changing it means draining the streams and mirroring the
+statuses again (`ecard cards mirror`).
 """
 
 from __future__ import annotations
@@ -11,14 +18,49 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError, ResponseError
 
 EVENT_STREAM_KEY = "verification-events"
 GROUP = "drain"
+EVENT_SHARDS = 16
+# With the streams in a cluster the drain polls them (a blocking read cannot span slots).
+CLUSTER_POLL_MS = 100
+
+
+def _shard_tags() -> tuple[str, ...]:
+    """One short hash tag per shard, shard i's in the i-th of EVENT_SHARDS equal slot ranges."""
+    span = REDIS_CLUSTER_HASH_SLOTS // EVENT_SHARDS
+    tags = []
+    for shard in range(EVENT_SHARDS):
+        candidate = 0
+        while key_slot(str(candidate).encode()) // span != shard:
+            candidate += 1
+        tags.append(str(candidate))
+    return tuple(tags)
+
+
+SHARD_TAGS = _shard_tags()
+
+
+def shard_of(data: bytes) -> int:
+    """The shard of a card (by its reference) or of a scan without one (by its verification id)."""
+    return zlib.crc32(data) % EVENT_SHARDS
+
+
+def shard_prefix(prefix: str, shard: int) -> str:
+    """The start of every key of a shard: the deployment's prefix and the shard's hash tag."""
+    return f"{prefix}{{{SHARD_TAGS[shard]}}}"
+
+
+def stream_keys(prefix: str) -> tuple[str, ...]:
+    """The shards' event streams, in shard order."""
+    return tuple(shard_prefix(prefix, shard) + EVENT_STREAM_KEY for shard in range(EVENT_SHARDS))
 
 
 class StreamUnavailable(Exception):
@@ -27,11 +69,12 @@ class StreamUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One event as delivered: its stream id, the encoded event and the decision's result."""
+    """One event as delivered: its stream id, the encoded event, the decision's result and its stream."""
 
     entry_id: str
     event: bytes
     result: str
+    stream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +96,7 @@ class EventStream(Protocol):
         """Take over up to count entries delivered to any consumer and unacknowledged for min_idle_ms."""
         ...
 
-    async def ack(self, entry_ids: list[str]) -> None:
+    async def ack(self, entries: list[StreamEntry]) -> None:
         """Acknowledge entries (after their commit) and remove them from the stream."""
         ...
 
@@ -62,31 +105,38 @@ class EventStream(Protocol):
         ...
 
 
-def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:
+def _entry(stream: bytes | str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:
+    key = stream.decode() if isinstance(stream, bytes) else stream
     identifier = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return StreamEntry(identifier, fields[b"e"], fields[b"r"].decode())
+    return StreamEntry(identifier, fields[b"e"], fields[b"r"].decode(), key)
 
 
 class RedisEventStream:
-    """A Redis stream with one consumer group for all drains."""
+    """The shards' Redis streams with one consumer group (on each) for all drains.
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    On one Redis node a drain reads every shard with one blocking XREADGROUP; on a cluster it
+    reads them one by one and polls (`CLUSTER_POLL_MS`), since a command cannot span slots.
+    """
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str, cluster: bool = False) -> None:
         self._client = client
-        self.key = prefix + EVENT_STREAM_KEY
+        self.keys = stream_keys(prefix)
+        self._cluster = cluster
         self._group_ready = False
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            await self._client.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for key in self.keys:
+            try:
+                await self._client.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         self._group_ready = True
 
     async def _call(self, operation: Any) -> Any:
-        """Run operation (a coroutine factory) with the group in place; recreate it if it vanished."""
+        """Run operation (a coroutine factory) with the groups in place; recreate them if one vanished."""
         try:
             await self._ensure_group()
             try:
@@ -101,41 +151,81 @@ class RedisEventStream:
             raise StreamUnavailable(str(exc)) from exc
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[StreamEntry]:
-        """See `EventStream.read`."""
-        reply = await self._call(
-            lambda: self._client.xreadgroup(GROUP, consumer, {self.key: ">"}, count=count, block=block_ms or None)
-        )
-        return [_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+        """See `EventStream.read`; up to about count entries, a share from each shard."""
+        count = -(-count // EVENT_SHARDS)
+        if not self._cluster:
+            reply = await self._call(
+                lambda: self._client.xreadgroup(
+                    GROUP, consumer, dict.fromkeys(self.keys, ">"), count=count, block=block_ms or None
+                )
+            )
+            return [_entry(key, entry_id, fields) for key, entries in reply or [] for entry_id, fields in entries]
+        entries: list[StreamEntry] = await self._call(lambda: self._read_shards(consumer, count))
+        if not entries and block_ms:
+            await asyncio.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
+            entries = await self._call(lambda: self._read_shards(consumer, count))
+        return entries
+
+    async def _read_shards(self, consumer: str, count: int) -> list[StreamEntry]:
+        entries: list[StreamEntry] = []
+        for key in self.keys:
+            reply: Any = await self._client.xreadgroup(GROUP, consumer, {key: ">"}, count=count)
+            entries.extend(_entry(key, entry_id, fields) for _, items in reply or [] for entry_id, fields in items)
+        return entries
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """See `EventStream.claim_stale`; entries deleted meanwhile are acknowledged and skipped."""
-        reply = await self._call(
-            lambda: self._client.xautoclaim(self.key, GROUP, consumer, min_idle_ms, start_id="0-0", count=count)
-        )
-        claimed = [_entry(entry_id, fields) for entry_id, fields in reply[1] if fields]
-        gone = [entry_id for entry_id, fields in reply[1] if not fields] + list(reply[2] if len(reply) > 2 else [])
-        if gone:
-            await self._call(lambda: self._client.xack(self.key, GROUP, *gone))
+        claimed: list[StreamEntry] = []
+        for key in self.keys:
+            if len(claimed) >= count:
+                break
+            reply = await self._call(
+                lambda key=key: self._client.xautoclaim(
+                    key, GROUP, consumer, min_idle_ms, start_id="0-0", count=count - len(claimed)
+                )
+            )
+            claimed.extend(_entry(key, entry_id, fields) for entry_id, fields in reply[1] if fields)
+            gone = [entry_id for entry_id, fields in reply[1] if not fields] + list(reply[2] if len(reply) > 2 else [])
+            if gone:
+                await self._call(lambda key=key, gone=gone: self._client.xack(key, GROUP, *gone))
         return claimed
 
-    async def ack(self, entry_ids: list[str]) -> None:
-        """See `EventStream.ack`."""
-        if not entry_ids:
+    async def ack(self, entries: list[StreamEntry]) -> None:
+        """See `EventStream.ack`.
+
+        Deleted first, then acknowledged: a drain dying in between leaves a pending entry that
+        is gone, which the next claim acknowledges and skips (no MULTI, which a cluster would
+        need per slot).
+        """
+        by_stream: dict[str, list[str]] = collections.defaultdict(list)
+        for entry in entries:
+            by_stream[entry.stream].append(entry.entry_id)
+        if not by_stream:
             return
 
         async def acknowledge() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xack(self.key, GROUP, *entry_ids)
-                pipe.xdel(self.key, *entry_ids)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, entry_ids in by_stream.items():
+                    pipe.xdel(key, *entry_ids)
+                    pipe.xack(key, GROUP, *entry_ids)
                 await pipe.execute()
 
         await self._call(acknowledge)
 
     async def backlog(self) -> Backlog:
-        """See `EventStream.backlog`."""
-        length = await self._call(lambda: self._client.xlen(self.key))
-        summary = await self._call(lambda: self._client.xpending(self.key, GROUP))
-        return Backlog(int(length), int(summary["pending"]))
+        """See `EventStream.backlog`; summed over the shards."""
+
+        async def measure() -> Backlog:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in self.keys:
+                    pipe.xlen(key)
+                    pipe.xpending(key, GROUP)
+                replies = await pipe.execute()
+            lengths, pending = replies[0::2], replies[1::2]
+            return Backlog(sum(int(n) for n in lengths), sum(int(summary["pending"]) for summary in pending))
+
+        backlog: Backlog = await self._call(measure)
+        return backlog
 
 
 class MemoryEventStream:
@@ -176,10 +266,10 @@ class MemoryEventStream:
             self._pending[entry.entry_id] = (entry, consumer, now)
         return stale
 
-    async def ack(self, entry_ids: list[str]) -> None:
+    async def ack(self, entries: list[StreamEntry]) -> None:
         """See `EventStream.ack`."""
-        for entry_id in entry_ids:
-            self._pending.pop(entry_id, None)
+        for entry in entries:
+            self._pending.pop(entry.entry_id, None)
 
     async def backlog(self) -> Backlog:
         """See `EventStream.backlog`."""

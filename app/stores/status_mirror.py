@@ -5,9 +5,11 @@ idempotent retry window for the terminal that used it first), the card's mirrore
 optional card record for disclosure, and the verification event appended to a stream.
 
 Two implementations behind one interface: Redis (production, any number of workers) and
-process memory (the embedded default, one worker only). Keys of one card share a hash tag; the
-rate key and the event stream do not, so the script needs a single Redis node (or Sentinel):
-on a Redis Cluster the rate check and the event append must move out of the card's script.
+process memory (the embedded default, one worker only). A card's keys and its shard's event
+stream share a hash tag (app/stores/event_stream.py), so one script decides and records a scan
+atomically on a Redis Cluster too. The terminal's rate key cannot share it (a terminal scans
+every card): on one Redis node it rides in the same script call; on a cluster the rate is taken
+by a call of its own first, and nothing is consumed when it refuses.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
 
-from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream
+from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream, shard_of, shard_prefix
 
 
 class MirroredStatus(StrEnum):
@@ -126,7 +128,7 @@ class ScanAnswer:
     window: the first answer's result and verification id. "new": a fresh decision.
     """
 
-    kind: Literal["new", "retry", "limited"]
+    kind: Literal["new", "retry", "limited", "allowed"]
     result: str = ""
     verification_id: str = ""
     first_used_ms: int = 0
@@ -178,8 +180,11 @@ class StatusMirror(Protocol):
         ...
 
 
-# KEYS[1] the terminal's rate key, KEYS[2] the event stream; with a card also KEYS[3] nonce,
-# KEYS[4] status and (optionally) KEYS[5] the record to disclose.
+# ARGV[12] says where the terminal's rate is taken: "with" (KEYS[1] is its rate key, the other
+# keys follow), "only" (KEYS[1] is the rate key and nothing else happens: the first call of a
+# cluster's two) or "none" (taken already). The other keys, from k (2 with the rate key, else 1):
+# KEYS[k] the shard's event stream; with a card also KEYS[k+1] nonce, KEYS[k+2] status and
+# (optionally) KEYS[k+3] the record to disclose.
 # ARGV[1] now (ms), ARGV[2] rate interval (ms), ARGV[3] burst tolerance (ms), ARGV[4] event,
 # ARGV[5] result decided before the store ("" = consult the card), ARGV[6] nonce lifetime (s),
 # ARGV[7] terminal, ARGV[8] verification id, ARGV[9] retry window (ms), ARGV[10] "1" when the
@@ -190,35 +195,41 @@ class StatusMirror(Protocol):
 _SCAN_LUA = """
 local results_by_status = STATUS_RESULTS
 local now = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local over = tat - now - tonumber(ARGV[3])
-if over > 0 then return {'limited', '', '', '0', '', tostring(math.ceil(over))} end
-local next_tat = tat + tonumber(ARGV[2])
-redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1)
+local k = 1
+if ARGV[12] ~= 'none' then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  local over = tat - now - tonumber(ARGV[3])
+  if over > 0 then return {'limited', '', '', '0', '', tostring(math.ceil(over))} end
+  local next_tat = tat + tonumber(ARGV[2])
+  redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1)
+  if ARGV[12] == 'only' then return {'allowed', '', '', '0', '', '0'} end
+  k = 2
+end
+local stream, nonce_key, status_key, record_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
 local result = ARGV[5]
 local first = ARGV[11]
 local record = ''
 if result == '' then
-  local previous = redis.call('GET', KEYS[3])
+  local previous = redis.call('GET', nonce_key)
   if previous then
     local terminal, id, at, outcome = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
     if terminal == ARGV[7] and now - tonumber(at) <= tonumber(ARGV[9]) then
-      if outcome == 'accepted' and KEYS[5] then record = redis.call('GET', KEYS[5]) or '' end
+      if outcome == 'accepted' and record_key then record = redis.call('GET', record_key) or '' end
       return {'retry', outcome, id, at, record, '0'}
     end
     result = 'replayed'
     first = at
   else
-    result = results_by_status[redis.call('GET', KEYS[4]) or ''] or 'card_unknown'
-    if result == 'accepted' and KEYS[5] then
-      record = redis.call('GET', KEYS[5]) or ''
+    result = results_by_status[redis.call('GET', status_key) or ''] or 'card_unknown'
+    if result == 'accepted' and record_key then
+      record = redis.call('GET', record_key) or ''
       if record == '' and ARGV[10] == '1' then result = 'card_unknown' end
     end
-    redis.call('SET', KEYS[3], ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[11] .. '|' .. result, 'EX', ARGV[6])
+    redis.call('SET', nonce_key, ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[11] .. '|' .. result, 'EX', ARGV[6])
   end
 end
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[4], 'r', result)
+redis.call('XADD', stream, '*', 'e', ARGV[4], 'r', result)
 return {'new', result, ARGV[8], first, record, '0'}
 """.replace(
     "STATUS_RESULTS",
@@ -226,6 +237,12 @@ return {'new', result, ARGV[8], first, record, '0'}
 )
 
 _SCAN_SHA = hashlib.sha1(_SCAN_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+
+def card_key(prefix: str, card_ref: bytes) -> str:
+    """The start of a card's keys (":s" status, ":n:<nonce>", ":d:<device>", records): its shard's tag, the card."""
+    return f"{shard_prefix(prefix, shard_of(card_ref))}{card_ref.hex()}"
+
 
 # A command waiting for this event-loop turn's pipeline: its arguments, the parser of its reply,
 # and the future the caller awaits.
@@ -257,30 +274,53 @@ class RedisStatusMirror:
     costs one round trip and one read timeout instead of one per request.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str, cluster: bool = False) -> None:
         self._client = client
         self._prefix = prefix
-        self._stream = prefix + EVENT_STREAM_KEY
+        self._cluster = cluster
         self._queue: list[_Queued] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_url(cls, url: str, prefix: str) -> RedisStatusMirror:
-        """Connect lazily; short timeouts so an outage turns into a quick 503, not a hang."""
-        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        return cls(client, prefix)
+    def from_url(cls, url: str, prefix: str, cluster: bool = False) -> RedisStatusMirror:
+        """Connect lazily; short timeouts so an outage turns into a quick 503, not a hang.
+
+        With cluster, url names any node of a Redis Cluster; the client learns the others.
+        """
+        options: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        if cluster:
+            return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
+        return cls(redis.Redis.from_url(url, **options), prefix)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | redis.RedisCluster:
         """The connection pool, shared with the event stream."""
         return self._client
 
     def _card_key(self, card_ref: bytes) -> str:
-        return f"{self._prefix}{{{card_ref.hex()}}}"
+        return card_key(self._prefix, card_ref)
 
     async def scan(self, scan: Scan) -> ScanAnswer:
-        """See `StatusMirror.scan`; queued for this event-loop turn's pipeline."""
-        answer: ScanAnswer = await self._queued(("EVALSHA", _SCAN_SHA, *self._scan_call(scan)), _answer)
+        """See `StatusMirror.scan`; queued for this event-loop turn's pipeline.
+
+        On a cluster the terminal's rate key lies in another slot than the card's keys, so the
+        rate is taken first by a call of its own (both calls are queued like any other).
+        """
+        rate_key = f"{self._prefix}rate:{scan.terminal}{scan.rate_scope}"
+        if self._cluster:
+            rate: ScanAnswer = await self._queued(
+                ("EVALSHA", _SCAN_SHA, 1, rate_key, *self._scan_args(scan, "only")), _answer
+            )
+            if rate.kind == "limited":
+                return rate
+            keys = self._scan_keys(scan)
+            mode = "none"
+        else:
+            keys = (rate_key, *self._scan_keys(scan))
+            mode = "with"
+        answer: ScanAnswer = await self._queued(
+            ("EVALSHA", _SCAN_SHA, len(keys), *keys, *self._scan_args(scan, mode)), _answer
+        )
         return answer
 
     async def _queued(self, command: tuple[Any, ...], parse: Callable[[Any], Any]) -> Any:
@@ -323,19 +363,25 @@ class RedisStatusMirror:
                 raise result
         return results
 
-    def _scan_call(self, scan: Scan) -> tuple[Any, ...]:
-        keys: tuple[str, ...] = (f"{self._prefix}rate:{scan.terminal}{scan.rate_scope}", self._stream)
-        if not scan.decided:
-            card_key = self._card_key(scan.card_ref)
-            keys += (f"{card_key}:n:{scan.nonce.hex()}", f"{card_key}:s")
-            if scan.record:
-                keys += (f"{card_key}:{scan.record.value}",)
-        args = (
+    def _scan_keys(self, scan: Scan) -> tuple[str, ...]:
+        """The shard's event stream and, for a scan the store decides, the card's keys (one slot)."""
+        if scan.decided:
+            return (shard_prefix(self._prefix, shard_of(scan.verification_id.encode())) + EVENT_STREAM_KEY,)
+        card_key = self._card_key(scan.card_ref)
+        keys = (
+            shard_prefix(self._prefix, shard_of(scan.card_ref)) + EVENT_STREAM_KEY,
+            f"{card_key}:n:{scan.nonce.hex()}",
+            f"{card_key}:s",
+        )
+        return (*keys, f"{card_key}:{scan.record.value}") if scan.record else keys
+
+    @staticmethod
+    def _scan_args(scan: Scan, rate_mode: str) -> tuple[Any, ...]:
+        return (
             scan.now_ms, scan.rate.interval_ms, scan.rate.tolerance_ms, scan.event, scan.decided,
             scan.nonce_ttl, scan.terminal, scan.verification_id, scan.retry_window_ms,
-            "1" if scan.record.required else "0", scan.used_ms or scan.now_ms,
+            "1" if scan.record.required else "0", scan.used_ms or scan.now_ms, rate_mode,
         )  # fmt: skip
-        return (len(keys), *keys, *args)
 
     async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:

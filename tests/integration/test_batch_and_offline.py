@@ -37,6 +37,7 @@ from app.domain.verification.events import BATCH
 from app.domain.verification.offline import OfflineKits
 from app.settings import PROJECT_ROOT
 from app.stores.invalidation import RedisInvalidationBus
+from app.stores.status_mirror import card_key
 from crypto.credential import NONCE_LENGTH, Claims, issue_credential, open_credential
 from crypto.keys import b64url, b64url_decode
 from crypto.offline import OfflineKit, OfflineKitError, OfflineReason, verify_offline
@@ -369,7 +370,7 @@ async def test_a_forgotten_nonce_is_found_in_the_event_log(
     try:
         for credential in (in_batch, online):
             claims = claims_of(context, credential)
-            key = f"{redis_prefix}{{{claims.card_ref.hex()}}}:n:{claims.nonce.hex()}"
+            key = f"{card_key(redis_prefix, claims.card_ref)}:n:{claims.nonce.hex()}"
             assert await store.delete(key) == 1, key
     finally:
         await store.aclose()
@@ -423,7 +424,7 @@ async def test_a_double_use_found_in_the_event_log_is_answered_once_per_gate(
     claims = claims_of(context, credential)
     store = redis.Redis.from_url(redis_url)
     try:
-        assert await store.delete(f"{redis_prefix}{{{claims.card_ref.hex()}}}:n:{claims.nonce.hex()}") == 1
+        assert await store.delete(f"{card_key(redis_prefix, claims.card_ref)}:n:{claims.nonce.hex()}") == 1
     finally:
         await store.aclose()
 

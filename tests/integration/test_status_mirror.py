@@ -24,6 +24,7 @@ from app.stores.status_mirror import (
     ScanResult,
     StatusMirror,
     StoreUnavailable,
+    card_key,
 )
 from crypto.credential import NONCE_LENGTH, open_credential
 from tests import factories
@@ -43,7 +44,7 @@ async def test_drift_is_reported_then_repaired(
         refs.append(open_credential(credential, keys).claims.card_ref)
     await context.mirror.set_status(refs[0], MirroredStatus.SUSPENDED)
     direct = redis.Redis.from_url(redis_url)
-    await direct.delete(f"{context.settings.redis_prefix}{{{refs[1].hex()}}}:s")
+    await direct.delete(f"{card_key(context.settings.redis_prefix, refs[1])}:s")
     await direct.aclose()
 
     async with context.sessions() as session:
@@ -110,7 +111,7 @@ async def test_concurrent_presentations_share_a_pipeline_and_stay_single_use(
         assert {answer.kind for answer in answers} == {"new"}
         await direct.script_flush()
         nonce = os.urandom(NONCE_LENGTH)
-    ttl = await direct.ttl(f"t:{{{cards[0].hex()}}}:n:{nonce.hex()}")
+    ttl = await direct.ttl(f"{card_key('t:', cards[0])}:n:{nonce.hex()}")
     assert ttl == -2  # the last nonce was never presented
 
 
@@ -126,13 +127,20 @@ async def test_store_outage_fails_every_waiting_presentation(
     assert all(isinstance(result, StoreUnavailable) for result in results)
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "cluster", "memory"])
 async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[StatusMirror]:
-    """Both implementations of the store: the Lua script and its in-process twin must agree."""
+    """Both implementations of the store, the Lua script on one node and on a three-master cluster, and its
+    in-process twin: they must agree."""
     if request.param == "memory":
         yield MemoryStatusMirror()
         return
     prefix = f"store-test-{os.urandom(4).hex()}:"
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        mirror = RedisStatusMirror.from_url(cluster.url, prefix, cluster=True)
+        yield mirror  # the cluster is this run's own and goes with it
+        await mirror.close()
+        return
     mirror = RedisStatusMirror.from_url(redis_url, prefix)
     yield mirror
     keys = [key async for key in mirror.client.scan_iter(match=f"{prefix}*")]

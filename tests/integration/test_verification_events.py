@@ -43,7 +43,7 @@ from app.db.models import VerificationEvent, VerifierOrganisation
 from app.domain.operators.services import Role
 from app.domain.verification.events import ONLINE, EventRecord, encode_event
 from app.settings import PROJECT_ROOT
-from app.stores.event_stream import EVENT_STREAM_KEY, GROUP
+from app.stores.event_stream import GROUP, stream_keys
 from app.stores.status_mirror import RateLimit, Scan
 from crypto.credential import NONCE_LENGTH, Claims, issue_credential, open_credential
 from tests import factories
@@ -443,8 +443,8 @@ class DrainSetup:
     env: dict[str, str]
 
     @property
-    def stream(self) -> str:
-        return self.prefix + EVENT_STREAM_KEY
+    def streams(self) -> tuple[str, ...]:
+        return stream_keys(self.prefix)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -581,14 +581,22 @@ class Producer:
 
 
 async def pending(store: redis.Redis, setup: DrainSetup) -> int:
-    """Entries delivered to a drain and not acknowledged (0 before the first drain made the group)."""
-    try:
-        summary = await store.xpending(setup.stream, GROUP)
-    except ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        return 0
-    return int(summary["pending"])
+    """Entries delivered to a drain and not acknowledged (0 before the first drain made the groups)."""
+    total = 0
+    for stream in setup.streams:
+        try:
+            summary = await store.xpending(stream, GROUP)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            continue
+        total += int(summary["pending"])
+    return total
+
+
+async def length(store: redis.Redis, setup: DrainSetup) -> int:
+    """Entries in the shards' streams."""
+    return sum([await store.xlen(stream) for stream in setup.streams])
 
 
 def consumer_of(process: subprocess.Popen[bytes]) -> str:
@@ -597,19 +605,21 @@ def consumer_of(process: subprocess.Popen[bytes]) -> str:
 
 
 async def held_by(store: redis.Redis, setup: DrainSetup, process: subprocess.Popen[bytes]) -> int | None:
-    """Entries this drain process received and has not acknowledged; None until it first read the stream."""
-    try:
-        consumers = await store.xinfo_consumers(setup.stream, GROUP)
-    except ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        return None
+    """Entries this drain process received and has not acknowledged; None until it first read the streams."""
     name = consumer_of(process)
-    for consumer in consumers:
-        found = consumer["name"]
-        if (found.decode() if isinstance(found, bytes) else found) == name:
-            return int(consumer["pending"])
-    return None
+    held = None
+    for stream in setup.streams:
+        try:
+            consumers = await store.xinfo_consumers(stream, GROUP)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            continue
+        for consumer in consumers:
+            found = consumer["name"]
+            if (found.decode() if isinstance(found, bytes) else found) == name:
+                held = (held or 0) + int(consumer["pending"])
+    return held
 
 
 async def wait_until_working(
@@ -621,7 +631,7 @@ async def wait_until_working(
         held = await held_by(store, setup, process)
         if held is not None and (held > 0 or not holding):
             return True
-        if held is not None and await store.xlen(setup.stream) == 0:
+        if held is not None and await length(store, setup) == 0:
             return False
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the drain never took an entry"
@@ -674,7 +684,7 @@ async def test_drain_killed_mid_run_and_restarted_stores_every_event_exactly_onc
 
             # The last drain takes over the dead ones' entries (idle > 200 ms), empties the stream, and stops on
             # SIGTERM between batches.
-            while await held_by(store, setup, process) is None or await store.xlen(setup.stream) > 0:
+            while await held_by(store, setup, process) is None or await length(store, setup) > 0:
                 assert process.poll() is None, process.communicate()
                 assert time.monotonic() < deadline + 30, "the restarted drain made no progress"
                 await asyncio.sleep(0.01)
@@ -688,11 +698,11 @@ async def test_drain_killed_mid_run_and_restarted_stores_every_event_exactly_onc
             # stored once more by a single run that stops when the stream is empty.
             copies = list(producer.encoded.items())[:150]
             for verification_id, event in copies + copies[:50]:
-                await store.xadd(setup.stream, {"e": event, "r": producer.produced[verification_id]})
+                await store.xadd(setup.streams[0], {"e": event, "r": producer.produced[verification_id]})
             summary = cli_output(setup.env, "events", "drain", "--once", "--claim-idle", "0")
             assert summary.strip() == "200 events stored; 0 left in the stream (0 pending)", summary
             assert cli_output(setup.env, "events", "backlog").strip() == "0 events in the stream, 0 pending"
-            assert await store.xlen(setup.stream) == 0
+            assert await length(store, setup) == 0
             assert await pending(store, setup) == 0
 
             # Every produced event exactly once, with its result; nothing else.

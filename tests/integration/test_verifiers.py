@@ -33,6 +33,7 @@ from app.asgi import create_app
 from app.context import STATE_KEY, ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.directory import signing_input
+from app.stores.status_mirror import card_key
 from crypto.credential import open_credential
 from crypto.keys import b64url, public_raw
 from tests import factories
@@ -156,7 +157,7 @@ async def drop_profile(context: ServiceContext, redis_url: str, card_ref: bytes)
     """Delete a card's disclosure profile from Redis behind the service's back (as a lossy restart would)."""
     store = redis.Redis.from_url(redis_url)
     try:
-        assert await store.delete(f"{context.settings.redis_prefix}{{{card_ref.hex()}}}:p") == 1
+        assert await store.delete(f"{card_key(context.settings.redis_prefix, card_ref)}:p") == 1
     finally:
         await store.aclose()
 

@@ -123,7 +123,7 @@ class EventDrain:
             return 0
         async with self.sessions() as session:
             await store_events(session, entries)
-        await self.stream.ack([entry.entry_id for entry in entries])
+        await self.stream.ack(entries)
         return len(entries)
 
     async def run(self, stop: asyncio.Event) -> None:
