@@ -5,8 +5,10 @@
 Starts the eCard service and loadtests/noop_app.py under uvicorn on free loopback ports, prepares
 a region, a transit gate and activated cards through the public API, pre-issues one fresh
 single-use credential per verify request, then drives both targets with C keep-alive connections
-for D seconds and prints requests, req/s, p50/p99 latency, errors and CPU per request. Everything
-it creates (temporary directory, Redis keys under its own prefix, its own PostgreSQL database when
+for D seconds and prints requests, req/s, p50/p99 latency, errors and CPU per request, and for
+verify the p99 of the service's own handler histogram (from /metrics, scraped before and after each
+run). After the rounds it measures what a 20-credential bundle costs the server. Everything it
+creates (temporary directory, Redis keys under its own prefix, its own PostgreSQL database when
 given a PostgreSQL server) is removed at the end. See loadtests/README.md.
 """
 
@@ -19,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -73,6 +76,22 @@ VALIDITY_HEADROOM = 3.0
 SETTLE = 0.5
 PILOT_SECONDS = 2.0
 TARGETS = ("noop", "verify", "naive")
+# The service's verify-handler histogram (app/metrics.py) and the quantile the rows show from it.
+METRICS_PATH = "/metrics"
+VERIFY_HISTOGRAM = "ecard_verify_duration_seconds"
+SERVER_QUANTILE = 0.99
+METRICS_TIMEOUT = 10.0
+# The bundle measurement after the rounds: this many credentials per request (the service's default
+# ECARD_CREDENTIAL_BUNDLE_MAX), up to BUNDLE_REQUESTS requests for at most BUNDLE_SECONDS.
+BUNDLE_SIZE = 20
+BUNDLE_REQUESTS = 2_000
+BUNDLE_SECONDS = 2.0
+BUNDLE_CONNECTIONS = 10
+# Issue 6's targets, quoted beside the figures in the summary.
+TARGET_VERIFY_VS_NOOP = 0.40
+TARGET_VERIFY_VS_NAIVE = 1.5
+TARGET_ISSUE_RATE_PER_WORKER = 4_000
+TARGET_BUNDLE_SERVER_MS = 2.0
 
 
 class BenchError(RuntimeError):
@@ -648,6 +667,91 @@ def run_cli(env: dict[str, str], *args: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The service's own latency histogram (Prometheus text format at /metrics)
+# ---------------------------------------------------------------------------------------------
+
+_LE_LABEL = re.compile(r'(?:^|,)le="([^"]+)"')
+
+
+@dataclass(frozen=True)
+class HistogramCounts:
+    """Cumulative bucket counts of one Prometheus histogram: (upper bound in s, count), ascending, +Inf last."""
+
+    buckets: tuple[tuple[float, float], ...]
+
+    @property
+    def observations(self) -> int:
+        """Observations counted (the +Inf bucket)."""
+        return int(self.buckets[-1][1]) if self.buckets else 0
+
+    @property
+    def top(self) -> float:
+        """The largest finite bucket bound, seconds (NaN without one)."""
+        finite = [bound for bound, _count in self.buckets if bound != math.inf]
+        return finite[-1] if finite else math.nan
+
+    def since(self, earlier: HistogramCounts) -> HistogramCounts:
+        """The observations made after `earlier` was scraped (kept cumulative, like Prometheus keeps them)."""
+        before = dict(earlier.buckets)
+        buckets, running = [], 0.0
+        for bound, count in self.buckets:
+            running = max(running, count - before.get(bound, 0.0))
+            buckets.append((bound, running))
+        return HistogramCounts(tuple(buckets))
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile in seconds as Prometheus's histogram_quantile computes it.
+
+        Linear interpolation inside the bucket holding rank q·observations (from 0 in the first
+        bucket); math.inf when the rank lies in the +Inf bucket (above `top`), NaN when nothing
+        was observed.
+        """
+        buckets = self.buckets
+        if len(buckets) < 2 or buckets[-1][0] != math.inf or buckets[-1][1] <= 0:
+            return math.nan
+        rank = q * buckets[-1][1]
+        start, below = 0.0, 0.0
+        for bound, count in buckets[:-1]:
+            if count >= rank:
+                if bound <= 0:
+                    return bound
+                return start + (bound - start) * (rank - below) / (count - below)
+            start, below = bound, count
+        return math.inf
+
+
+def parse_histogram(text: str, name: str) -> HistogramCounts:
+    """The `name` histogram's cumulative bucket counts from a /metrics page (no buckets: it is not there)."""
+    prefix = f"{name}_bucket{{"
+    counts: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, _, rest = line[len(prefix) :].partition("} ")
+        match = _LE_LABEL.search(labels)
+        fields = rest.split()
+        if match is None or not fields:
+            continue
+        bound = math.inf if match.group(1) == "+Inf" else float(match.group(1))
+        # Several series (other labels) add up; the bench's histogram has none.
+        counts[bound] = counts.get(bound, 0.0) + float(fields[0])
+    return HistogramCounts(tuple(sorted(counts.items())))
+
+
+async def scrape_histogram(server: ServerProcess, name: str) -> HistogramCounts | None:
+    """The histogram from the server's /metrics now, or None when it cannot be read."""
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{server.port}", timeout=METRICS_TIMEOUT) as client:
+            response = await client.get(METRICS_PATH)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    counts = parse_histogram(response.text, name)
+    return counts if counts.buckets else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Test data through the public API
 # ---------------------------------------------------------------------------------------------
 
@@ -693,8 +797,8 @@ def _expect(response: httpx.Response, *statuses: int) -> dict[str, Any]:
 
 async def prepare_ecard(
     client: httpx.AsyncClient, username: str, password: str, holders: int
-) -> tuple[str, list[Holder]]:
-    """Region, a transit organisation and gate, and activated cards; (gate API key, holders)."""
+) -> tuple[list[str], list[Holder]]:
+    """Region, a transit organisation and its gates, and activated cards; (gate API keys, holders)."""
     signed_in = _expect(
         await client.post("/v1/operator/session", json={"username": username, "password": password}), 200
     )
@@ -729,11 +833,11 @@ async def prepare_ecard(
         api_keys.append(str(terminal["api_key"]))
     result: list[Holder] = []
     for _ in range(holders):
-        number = "B" + "".join(secrets.choice(_CARD_ALPHABET) for _ in range(8))
+        card_number = "B" + "".join(secrets.choice(_CARD_ALPHABET) for _ in range(8))
         issued = _expect(
             await client.post(
                 "/v1/operator/cards",
-                json={"region": REGION, "citizen_id": citizen_id(REGION), "name": "张三", "card_number": number},
+                json={"region": REGION, "citizen_id": citizen_id(REGION), "name": "张三", "card_number": card_number},
                 headers=auth,
             ),
             201,
@@ -800,21 +904,9 @@ async def issue_credentials(
     per credential keeps every one of them valid from now until its `expires_at`. Issuing stops
     after `budget` seconds, so the first credentials still have the life the run needs.
     """
-    host = f"{HOST}:{ecard.port}"
-    body = msgspec.json.encode({"purpose": PURPOSE, "count": 1})
-    per_holder = [
-        encode_post(host, "/v1/holder/credentials", [("Authorization", f"Bearer {holder.access_token}")], body)
-        for holder in holders
-    ]
-    supply = Supply([per_holder[index % len(per_holder)] for index in range(count)])
+    supply = Supply(_issue_requests(ecard, holders, 1, count))
     measured = await drive_raw(ecard.port, supply, connections, budget, True, ecard.cpu_seconds)
-    if measured.errors:
-        statuses = {status: n for status, n in measured.statuses.items() if status != 200}
-        first = next((body for status, body in measured.answers if status != 200), b"")
-        raise BenchError(
-            f"credential issuance failed: HTTP {statuses}, {measured.transport_errors} transport errors, "
-            f"{measured.timeouts} timeouts; first error body: {first[:300]!r}"
-        )
+    _check_issuance(measured, "credential issuance")
     items: list[tuple[float, str]] = []
     for _status, raw in measured.answers:
         for item in _bundle_decoder.decode(raw).credentials:
@@ -828,6 +920,48 @@ async def issue_credentials(
         measurement=measured,
         sample=items[0][1],
     )
+
+
+async def issue_bundles(
+    ecard: ServerProcess, holders: list[Holder], size: int, requests: int, connections: int, seconds: float
+) -> Measurement:
+    """Up to `requests` bundles of `size` credentials for at most `seconds`: what a bundle costs the server.
+
+    Every answer must hold `size` credentials; they are dropped (never verified), so the supplies
+    of the verify runs are untouched.
+    """
+    supply = Supply(_issue_requests(ecard, holders, size, requests))
+    measured = await drive_raw(ecard.port, supply, connections, seconds, True, ecard.cpu_seconds)
+    _check_issuance(measured, f"issuing {size}-credential bundles")
+    short = sum(1 for _status, raw in measured.answers if len(_bundle_decoder.decode(raw).credentials) != size)
+    if short:
+        raise BenchError(f"{short:,} of {measured.requests:,} bundle answers did not hold {size} credentials")
+    if not measured.requests:
+        raise BenchError(f"no {size}-credential bundle was issued within {seconds:g} s")
+    measured.answers.clear()
+    return measured
+
+
+def _issue_requests(ecard: ServerProcess, holders: list[Holder], size: int, requests: int) -> list[bytes]:
+    """`requests` encoded POST /v1/holder/credentials asking for `size` credentials each, the holders in turn."""
+    host = f"{HOST}:{ecard.port}"
+    body = msgspec.json.encode({"purpose": PURPOSE, "count": size})
+    per_holder = [
+        encode_post(host, "/v1/holder/credentials", [("Authorization", f"Bearer {holder.access_token}")], body)
+        for holder in holders
+    ]
+    return [per_holder[index % len(per_holder)] for index in range(requests)]
+
+
+def _check_issuance(measured: Measurement, what: str) -> None:
+    """Raise BenchError when an issuing run had any error (the first error body says why)."""
+    if measured.errors:
+        statuses = {status: n for status, n in measured.statuses.items() if status != 200}
+        first = next((body for status, body in measured.answers if status != 200), b"")
+        raise BenchError(
+            f"{what} failed: HTTP {statuses}, {measured.transport_errors} transport errors, "
+            f"{measured.timeouts} timeouts; first error body: {first[:300]!r}"
+        )
 
 
 def classify_verify(measured: Measurement) -> Counter[str]:
@@ -895,6 +1029,13 @@ class Row:
     outcomes: Counter[str] = field(default_factory=Counter)
     stale: int = 0
     supplied: int = 0
+    # The service's verify-handler histogram over the measured run (verify only: the others have none).
+    server_histogram: HistogramCounts | None = None
+
+    @property
+    def server_quantile(self) -> float:
+        """SERVER_QUANTILE of the server's histogram, seconds (inf: above its top bucket; NaN: none)."""
+        return self.server_histogram.quantile(SERVER_QUANTILE) if self.server_histogram else math.nan
 
 
 @dataclass
@@ -1010,6 +1151,19 @@ def _fmt_ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def _fmt_server_ms(seconds: float, top: float) -> str:
+    """A histogram quantile in ms: '-' when nothing was observed, '>1000' when above the top bucket."""
+    if math.isnan(seconds):
+        return "-"
+    if math.isinf(seconds):
+        return f">{top * 1000:g}"
+    return f"{seconds * 1000:.2f}"
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 class Bench:
     """The runs, in order, and the report."""
 
@@ -1018,6 +1172,7 @@ class Bench:
         self.workspace = workspace
         self.rows: list[Row] = []
         self.issuance: list[Measurement] = []
+        self.bundles: Measurement | None = None
         self.flags: list[str] = []
         self.sample = ""
         self.rate_estimate = 0.0
@@ -1030,11 +1185,17 @@ class Bench:
         self._print_header()
         await workspace.create_database()
         env = workspace.env(options.workers, options.credential_lifetime)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         run_cli(env, "ecard", "db", "upgrade")
         username, password = f"bench-{workspace.tag}", f"bench-pw-{secrets.token_urlsafe(12)}"
         admin = ("--username", username, "--role", "admin", "--region", "*", "--password", password)
         run_cli(env, "ecard", "operator", "create", *admin)
-        ecard = ServerProcess.start("ecard", ECARD_FACTORY, options.workers, env, workspace.directory)
+        # Multiprocess mode, whatever the worker count (one code path): every worker writes its metrics
+        # to this empty directory and /metrics, answered by any of them, sums them all.
+        metrics_dir = workspace.directory / "prometheus"
+        metrics_dir.mkdir()
+        ecard_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        ecard = ServerProcess.start("ecard", ECARD_FACTORY, options.workers, ecard_env, workspace.directory)
         workspace.servers.append(ecard)
         noop = ServerProcess.start("noop", NOOP_FACTORY, options.workers, env, workspace.directory)
         workspace.servers.append(noop)
@@ -1074,6 +1235,9 @@ class Bench:
                         await self._run_verify(number, naive_target, holders, target_name="naive")
                     else:
                         await self._run_verify(number, verify, holders)
+            if {"verify", "naive"} & set(options.targets):
+                await refresh_holders(client, holders)
+                await self._measure_bundles(ecard, holders)
         for server in workspace.servers:
             trouble = server.log_trouble()
             if trouble:
@@ -1166,11 +1330,27 @@ class Bench:
         if not supplied:
             self.flags.append(f"round {number}: the warm-up used up all {len(issued.bodies)} credentials")
             return
+        # The service's own histogram, scraped right before and after the measured run (not the warm-up).
+        scraped = await scrape_histogram(verify.server, VERIFY_HISTOGRAM) if target_name == "verify" else None
         measured = await verify.run(supply, options.connections, options.duration, keep_answers=True)
         row = Row(number, target_name, measured, classify_verify(measured), supply.stale - stale_before, supplied)
+        if target_name == "verify":
+            after = await scrape_histogram(verify.server, VERIFY_HISTOGRAM)
+            if scraped is None or after is None:
+                self.flags.append(f"round {number}: {VERIFY_HISTOGRAM} could not be read from {METRICS_PATH}")
+            else:
+                row.server_histogram = after.since(scraped)
         self.rows.append(row)
         self._expect_rate(measured)
         self._print_row(row)
+
+    async def _measure_bundles(self, ecard: ServerProcess, holders: list[Holder]) -> None:
+        """Issue BUNDLE_SIZE-credential bundles for a short while: the server CPU one bundle costs."""
+        connections = self._bundle_connections()
+        self.bundles = await issue_bundles(ecard, holders, BUNDLE_SIZE, BUNDLE_REQUESTS, connections, BUNDLE_SECONDS)
+
+    def _bundle_connections(self) -> int:
+        return min(self.options.connections, BUNDLE_CONNECTIONS)
 
     async def _run_noop(self, number: int, reference: Target, body: bytes) -> None:
         options = self.options
@@ -1185,7 +1365,8 @@ class Bench:
     @staticmethod
     def _columns() -> str:
         return (
-            f"{'round':>5}  {'target':<7} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
+            f"{'round':>5}  {'target':<7} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv p99':>7}"
+            f" {'errors':>6}"
             f" {'srv µs/req':>10} {'srv CPU':>7} {'cli µs/req':>10}"
         )
 
@@ -1195,9 +1376,11 @@ class Bench:
             print(self._columns())
         m = row.measured
         client_per = m.client_cpu / m.requests * 1e6 if m.requests else math.nan
+        histogram = row.server_histogram
+        server_p99 = _fmt_server_ms(row.server_quantile, histogram.top) if histogram is not None else ""
         print(
             f"{row.round:>5}  {row.target:<7} {m.requests:>9,} {m.rate:>8,.0f} {_fmt_ms(m.percentile_ms(0.50)):>7}"
-            f" {_fmt_ms(m.percentile_ms(0.99)):>7} {m.errors:>6} {_cpu_per_request(m):>10.0f}"
+            f" {_fmt_ms(m.percentile_ms(0.99)):>7} {server_p99:>7} {m.errors:>6} {_cpu_per_request(m):>10.0f}"
             f" {m.server_cpu / m.elapsed:>6.0%} {client_per:>10.0f}"
         )
         cores = self._cores_for_server()
@@ -1205,6 +1388,11 @@ class Bench:
             print(
                 f"{'':>7}note: the server got {m.server_cpu / m.elapsed:.0%} CPU of {cores} core(s): the machine "
                 "was busy or the client held it back; compare srv µs/req"
+            )
+        if histogram is not None and histogram.observations != m.requests:
+            print(
+                f"{'':>7}note: the server's histogram counted {histogram.observations:,} scans in this run, "
+                f"the client {m.requests:,} answers"
             )
         if row.target in ("verify", "naive"):
             breakdown = ", ".join(f"{key} {n:,}" for key, n in sorted(row.outcomes.items()))
@@ -1223,9 +1411,25 @@ class Bench:
                 f"{m.transport_errors} transport, {m.timeouts} timed out)"
             )
 
+    @staticmethod
+    def _server_summary(rows: list[Row]) -> str:
+        """'; srv p99 median [min, max]' of the rows' server histograms ('' when they have none)."""
+        histograms = [row.server_histogram for row in rows if row.server_histogram is not None]
+        values = [value for value in (row.server_quantile for row in rows) if not math.isnan(value)]
+        if not histograms or not values:
+            return ""
+        top = histograms[0].top
+        median, low, high = (_fmt_server_ms(v, top) for v in (statistics.median(values), min(values), max(values)))
+        return f"; srv p99 {median} ms [{low}, {high}]"
+
     def _report(self) -> None:
         options = self.options
         print()
+        # Issue 6's figures, printed beside its targets at the end (None: not measured in this run).
+        issue_per_worker: float | None = None
+        bundle_ms: float | None = None
+        noop_ratio: float | None = None
+        naive_ratio: float | None = None
         if self.issuance:
             total = sum(m.requests for m in self.issuance)
             seconds = sum(m.elapsed for m in self.issuance)
@@ -1235,6 +1439,17 @@ class Bench:
                 f"{total:,} credentials in {seconds:.1f} s = {total / seconds:,.0f} req/s, "
                 f"server {cpu / total * 1e6:.0f} µs CPU per request"
             )
+            issue_per_worker = total / seconds / options.workers
+        if self.bundles is not None:
+            bundles = self.bundles
+            per_bundle = _cpu_per_request(bundles)
+            print(
+                f"issuance, {BUNDLE_SIZE}-credential bundles ({self._bundle_connections()} connections, raw client): "
+                f"{bundles.requests:,} requests at {bundles.rate:,.0f} req/s, server {per_bundle:.0f} µs CPU per "
+                f"bundle ({per_bundle / BUNDLE_SIZE:.0f} µs per credential), "
+                f"p50 {_fmt_ms(bundles.percentile_ms(0.50))} ms, p99 {_fmt_ms(bundles.percentile_ms(0.99))} ms"
+            )
+            bundle_ms = per_bundle / 1000
         by_target: dict[str, list[Row]] = {}
         for row in self.rows:
             by_target.setdefault(row.target, []).append(row)
@@ -1248,12 +1463,13 @@ class Bench:
                 print(
                     f"  {target:<7} req/s {statistics.median(rates):>8,.0f} [{min(rates):,.0f}, {max(rates):,.0f}] "
                     f"spread {spread:.0%}; p50 {statistics.median(p50):.2f} ms; "
-                    f"p99 {statistics.median(p99):.2f} ms [{min(p99):.2f}, {max(p99):.2f}]"
+                    f"p99 {statistics.median(p99):.2f} ms [{min(p99):.2f}, {max(p99):.2f}]" + self._server_summary(rows)
                 )
         if "noop" in by_target and "verify" in by_target:
             noop_rate = statistics.median(row.measured.rate for row in by_target["noop"])
             verify_rate = statistics.median(row.measured.rate for row in by_target["verify"])
-            print(f"verify / no-op POST throughput: {verify_rate / noop_rate:.0%}")
+            noop_ratio = verify_rate / noop_rate
+            print(f"verify / no-op POST throughput: {noop_ratio:.0%}")
             noop_cpu = statistics.median(_cpu_per_request(row.measured) for row in by_target["noop"])
             verify_cpu = statistics.median(_cpu_per_request(row.measured) for row in by_target["verify"])
             print(
@@ -1263,11 +1479,28 @@ class Bench:
         if "naive" in by_target and "verify" in by_target:
             naive_rate = statistics.median(row.measured.rate for row in by_target["naive"])
             verify_rate = statistics.median(row.measured.rate for row in by_target["verify"])
+            naive_ratio = verify_rate / naive_rate
             naive_cpu = statistics.median(_cpu_per_request(row.measured) for row in by_target["naive"])
             print(
-                f"verify / naive reference throughput: {verify_rate / naive_rate:.2f}x "
+                f"verify / naive reference throughput: {naive_ratio:.2f}x "
                 f"(naive: cryptography + one redis-py SET NX per request, {naive_cpu:.0f} µs CPU)"
             )
+        targets = [
+            (f"verify / no-op POST throughput {noop_ratio:.0%}", f">= {TARGET_VERIFY_VS_NOOP:.0%}",
+             noop_ratio >= TARGET_VERIFY_VS_NOOP) if noop_ratio is not None else None,
+            (f"verify / naive reference {naive_ratio:.2f}x", f">= {TARGET_VERIFY_VS_NAIVE:g}x",
+             naive_ratio >= TARGET_VERIFY_VS_NAIVE) if naive_ratio is not None else None,
+            (f"issuance, count=1: {issue_per_worker:,.0f} req/s per worker",
+             f">= {TARGET_ISSUE_RATE_PER_WORKER:,}", issue_per_worker >= TARGET_ISSUE_RATE_PER_WORKER)
+            if issue_per_worker is not None else None,
+            (f"{BUNDLE_SIZE}-credential bundle: {bundle_ms:.2f} ms server CPU", f"<= {TARGET_BUNDLE_SERVER_MS:g} ms",
+             bundle_ms <= TARGET_BUNDLE_SERVER_MS) if bundle_ms is not None else None,
+        ]  # fmt: skip
+        shown = [target for target in targets if target is not None]
+        if shown:
+            print("issue 6 targets (this run):")
+            for figure, target, met in shown:
+                print(f"  {figure} (asks {target}): {_met(met)}")
         load = " ".join(f"{value:.2f}" for value in os.getloadavg())
         print(f"load average {load} (after)")
         if self.flags:
