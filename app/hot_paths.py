@@ -93,7 +93,6 @@ class HotPaths:
         if route is None or scope["method"] != "POST":
             await self._next(scope, receive, send)
             return
-        started = time.perf_counter()
         credential = length = None
         for name, value in scope["headers"]:
             if name == route.credential_header and credential is None:
@@ -114,6 +113,7 @@ class HotPaths:
         if len(body) != length:
             await self._next(scope, _replaying(body, receive), send)
             return
+        started = time.perf_counter()
         try:
             answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body, started)
         except ProblemDetailsException as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
-from locust import constant_throughput, events
+from locust import events
 from locust.env import Environment
 from locust.runners import MasterRunner
 
@@ -97,7 +97,6 @@ def _init(environment: Environment, **_: Any) -> None:
     # One HolderUser per holder card and one HospitalUser per desk, spawned first; gates fill the rest.
     HolderUser.fixed_count = len(fixture.holders)
     HospitalUser.fixed_count = len(fixture.hospitals)
-    GateUser.wait_time = constant_throughput(fixture.gate_rate)
     # A kind of user the fixture has nothing for does not run (a fixed count of 0 would mean "by weight").
     present = {GateUser: fixture.gates, HolderUser: fixture.holders, HospitalUser: fixture.hospitals}
     environment.user_classes[:] = [cls for cls in environment.user_classes if present.get(cls, True)]

@@ -324,20 +324,18 @@ class RedisStatusMirror:
         return answer
 
     async def _queued(self, command: tuple[Any, ...], parse: Callable[[Any], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, parse, future))
         if len(self._queue) == 1:
-            loop.call_soon(self._flush)
+            # The task's first step runs in the next loop turn, after every handler of this one queued
+            # its call: it takes the queue then (no callback in between, one turn less per request).
+            task = asyncio.ensure_future(self._run_queue())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
         return await future
 
-    def _flush(self) -> None:
+    async def _run_queue(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._run_batch(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _run_batch(self, batch: list[_Queued]) -> None:
         try:
             results = await self._execute(batch)
         except (RedisError, OSError) as exc:
