@@ -10,7 +10,7 @@ card's keys carry the tag of its shard, so the scan script appends the event in 
 Cluster slot as the nonce and the status it decided on (one atomic call). The tags are chosen
 to fall in evenly spaced slot ranges, so a cluster's masters share the shards evenly. The shard
 count is part of the key layout: changing it means draining the streams and mirroring the
-statuses again (`ecard cards mirror`).
+statuses again (`ecard status reconcile --repair`).
 """
 
 from __future__ import annotations

@@ -259,3 +259,13 @@ async def test_issuing_requests_it_does_not_take_get_the_routed_problems(
     for content in (b"{", b'{"purpose": "transit", "count": 0}', b'{"purpose": "flying"}'):
         response = await client.post(url, content=content, headers=factories.bearer(holder.access_token))
         assert (response.status_code, response.json()["code"]) == (400, "bad_request"), content
+
+
+async def test_an_absurd_content_length_is_a_client_error(app: Litestar, client: httpx.AsyncClient, gate: Gate) -> None:
+    """Not a number the hot path will parse (a 5,000-digit one would raise in int()): the routed handler's 400."""
+    body = b'{"credential": "EC1:x"}'
+    for length in (b"9" * 5000, b"12x"):
+        headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", length)]
+        sent = await asgi_call(app, headers, [{"type": "http.request", "body": body, "more_body": False}])
+        assert sent[0]["status"] == 400, length[:8]
+        assert b'"code":"bad_request"' in sent[1]["body"]
