@@ -9,7 +9,8 @@ for D seconds and prints requests, req/s, p50/p99 latency, errors and CPU per re
 verify the p99 of the service's own handler histogram (from /metrics, scraped before and after each
 run). After the rounds it measures what a 20-credential bundle costs the server. Everything it
 creates (temporary directory, Redis keys under its own prefix, its own PostgreSQL database when
-given a PostgreSQL server) is removed at the end. See loadtests/README.md.
+given a PostgreSQL server, its own throwaway Redis Cluster with --redis-cluster) is removed at the
+end. See loadtests/README.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import msgspec
 import psutil  # type: ignore[import-untyped]  # comes with locust
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from loadtests.redis_cluster import ClusterError, RedisCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -92,6 +95,8 @@ TARGET_VERIFY_VS_NOOP = 0.40
 TARGET_VERIFY_VS_NAIVE = 1.5
 TARGET_ISSUE_RATE_PER_WORKER = 4_000
 TARGET_BUNDLE_SERVER_MS = 2.0
+# --redis-cluster: masters of the throwaway Redis Cluster the bench starts (loadtests/redis_cluster.py).
+REDIS_CLUSTER_MASTERS = 3
 
 
 class BenchError(RuntimeError):
@@ -577,7 +582,10 @@ async def _postgres_admin(url: str, statement: str) -> None:
 
 
 class Workspace:
-    """Temporary directory, Redis key prefix and database of one benchmark run, and their removal."""
+    """Temporary directory, Redis key prefix and database of one benchmark run, and their removal.
+
+    With `start_redis_cluster`, Redis is a throwaway cluster of the run's own instead of `redis_url`.
+    """
 
     def __init__(self, redis_url: str, database_url: str | None) -> None:
         self.tag = secrets.token_hex(5)
@@ -594,6 +602,25 @@ class Workspace:
         else:
             self.database_url = database_url
         self.servers: list[ServerProcess] = []
+        self.redis_cluster: RedisCluster | None = None
+
+    def start_redis_cluster(self, masters: int) -> None:
+        """Start a throwaway Redis Cluster (loadtests/redis_cluster.py) and use it; `close` stops it.
+
+        Blocks for the couple of seconds the nodes take; raises ClusterError when they do not come up
+        (the nodes started so far are stopped then).
+        """
+        self.redis_cluster = RedisCluster(masters=masters).start()
+        self.redis_url = self.redis_cluster.url
+
+    @property
+    def redis_description(self) -> str:
+        """The Redis URL for the report, and what it is when the run started its own cluster."""
+        cluster = self.redis_cluster
+        if cluster is None:
+            return self.redis_url
+        ports = ", ".join(map(str, cluster.ports))
+        return f"{self.redis_url} (a {cluster.masters}-master Redis Cluster of this run's own, ports {ports})"
 
     @property
     def database_kind(self) -> str:
@@ -620,10 +647,19 @@ class Workspace:
             ECARD_CREDENTIAL_LIFETIME=str(credential_lifetime),
             PYTHONUNBUFFERED="1",
         )
+        if self.redis_cluster is not None:
+            # REDIS_URL names one node; the service's cluster client learns the others from it.
+            env["ECARD_REDIS_CLUSTER"] = "1"
         return env
 
     def delete_redis_keys(self) -> int:
-        """Delete every key under this run's prefix (nonces expire anyway; statuses do not)."""
+        """Delete every key under this run's prefix (nonces expire anyway; statuses do not).
+
+        Nothing to do with a cluster of the run's own: it goes as a whole (and a plain client's SCAN
+        would only see the node it is connected to).
+        """
+        if self.redis_cluster is not None:
+            return 0
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
         try:
             keys = list(client.scan_iter(match=f"{self.redis_prefix}*", count=1000))
@@ -634,13 +670,21 @@ class Workspace:
             client.close()
 
     async def close(self) -> list[str]:
-        """Stop servers, delete keys, drop the database, remove files; what went wrong, if anything."""
+        """Stop servers, delete keys (or stop the run's own Redis Cluster), drop the database, remove files.
+
+        Returns what went wrong, if anything.
+        """
         problems: list[str] = []
         for server in self.servers:
             try:
                 server.stop()
             except Exception as exc:
                 problems.append(f"stopping {server.name}: {exc}")
+        if self.redis_cluster is not None:
+            try:
+                self.redis_cluster.stop()
+            except Exception as exc:
+                problems.append(f"stopping the Redis Cluster on ports {self.redis_cluster.ports}: {exc}")
         try:
             self.delete_redis_keys()
         except Exception as exc:
@@ -1053,6 +1097,7 @@ class Options:
     targets: tuple[str, ...]
     redis_url: str
     database_url: str | None
+    redis_cluster: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -1087,9 +1132,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+        default=None,
         help="Redis for nonces and statuses (default $REDIS_URL or redis://127.0.0.1:6379/0); keys get a prefix "
         "of this run's own and are deleted at the end",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help=f"start a throwaway {REDIS_CLUSTER_MASTERS}-master Redis Cluster on loopback (the installed "
+        "redis-server) and run the service (ECARD_REDIS_CLUSTER=1) and the naive reference against it; it is "
+        "stopped and removed at the end. Not with --redis-url ($REDIS_URL is ignored)",
     )
     parser.add_argument(
         "--database-url",
@@ -1098,6 +1150,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "and drops a database of its own there",
     )
     args = parser.parse_args(argv)
+    if args.redis_cluster and args.redis_url is not None:
+        parser.error("--redis-cluster starts a Redis Cluster of its own: leave out --redis-url")
+    redis_url = args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     targets = tuple(name.strip() for name in args.targets.split(",") if name.strip())
     if not targets or any(name not in TARGETS for name in targets):
         parser.error(f"--targets: choose from {', '.join(TARGETS)}")
@@ -1122,8 +1177,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         credential_lifetime=args.credential_lifetime,
         client=args.client,
         targets=targets,
-        redis_url=args.redis_url,
+        redis_url=redis_url,
         database_url=args.database_url,
+        redis_cluster=args.redis_cluster,
     )
 
 
@@ -1201,6 +1257,8 @@ class Bench:
         workspace.servers.append(noop)
         await asyncio.gather(ecard.wait_ready(), noop.wait_ready())
         naive_env = {**env, "NAIVE_JWKS_URL": f"http://{HOST}:{ecard.port}/.well-known/jwks.json"}
+        if workspace.redis_cluster is not None:
+            naive_env["NAIVE_REDIS_CLUSTER"] = "1"
         naive = ServerProcess.start("naive", NAIVE_FACTORY, options.workers, naive_env, workspace.directory)
         workspace.servers.append(naive)
 
@@ -1260,7 +1318,7 @@ class Bench:
             f"servers: uvicorn {_version('uvicorn')} {flags}, litestar {_version('litestar')}, "
             f"{options.workers} worker(s) each; "
             f"database {self.workspace.database_kind}; "
-            f"Redis {self.options.redis_url} prefix {self.workspace.redis_prefix}"
+            f"Redis {self.workspace.redis_description} prefix {self.workspace.redis_prefix}"
         )
         print(
             f"client: {client} on {loop}, {options.connections} connections, {options.warmup:g} s warm-up + "
@@ -1522,19 +1580,32 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(options: Options) -> int:
-    try:
-        client = redis.Redis.from_url(options.redis_url, socket_connect_timeout=2.0)
+    # SIGTERM stops the run like Ctrl-C: it cancels this task, and the clean-up below runs. (A
+    # KeyboardInterrupt raised by a signal handler inside a uvloop callback is caught and logged by
+    # uvloop as a transport error, and the run went on.)
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if not options.redis_cluster:
         try:
-            client.ping()
-        finally:
-            client.close()
-    except (redis.RedisError, OSError) as exc:
-        print(f"Redis at {options.redis_url} is unreachable ({exc}); start it or pass --redis-url", file=sys.stderr)
-        return 2
+            client = redis.Redis.from_url(options.redis_url, socket_connect_timeout=2.0)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (redis.RedisError, OSError) as exc:
+            print(f"Redis at {options.redis_url} is unreachable ({exc}); start it or pass --redis-url", file=sys.stderr)
+            return 2
     workspace = Workspace(options.redis_url, options.database_url)
     status = 1
     try:
+        if options.redis_cluster:
+            workspace.start_redis_cluster(REDIS_CLUSTER_MASTERS)
         status = await Bench(options, workspace).run()
+    except ClusterError as exc:
+        print(f"could not start a Redis Cluster: {exc}", file=sys.stderr)
+        status = 2
     except BenchError as exc:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         for server in workspace.servers:
@@ -1554,8 +1625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_main(options))
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped, Redis keys and temporary files removed", file=sys.stderr)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        redis_gone = "the Redis Cluster" if options.redis_cluster else "Redis keys"
+        print(f"\ninterrupted; servers stopped, {redis_gone} and temporary files removed", file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,9 @@ A Litestar POST that decodes the credential, verifies its Ed25519 signature thro
 call per request — no libsodium, no pipelining of concurrent requests, no terminal, status,
 rate, event or disclosure. The service must beat it by 1.5 times while doing all of those. Keys come
 from the service's JWKS at start-up (`NAIVE_JWKS_URL`); Redis from `REDIS_URL` and
-`ECARD_REDIS_PREFIX` (its keys go under `<prefix>naive:`). Serve it like the service:
+`ECARD_REDIS_PREFIX` (its keys go under `<prefix>naive:`); with `NAIVE_REDIS_CLUSTER=1`, `REDIS_URL`
+names a node of a Redis Cluster and the client is redis-py's `RedisCluster` (still one `SET NX EX`
+per request, sent to the key's master). Serve it like the service:
 
     uvicorn --factory loadtests.naive_app:create_app --loop uvloop --http httptools --no-access-log
 """
@@ -47,7 +49,7 @@ class NaiveResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class _State:
     keys: dict[bytes, Ed25519PublicKey] = {}
-    client: redis.Redis | None = None
+    client: redis.Redis | redis.RedisCluster | None = None
     prefix = ""
 
 
@@ -56,7 +58,17 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     async with httpx.AsyncClient(timeout=10) as http:
         keys = parse_jwks((await http.get(os.environ["NAIVE_JWKS_URL"])).json())
     _State.keys = {kid: Ed25519PublicKey.from_public_bytes(key.public) for kid, key in keys.items()}
-    _State.client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    url = os.environ["REDIS_URL"]
+    cluster = os.environ.get("NAIVE_REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
+    if cluster:
+        client = redis.RedisCluster.from_url(url)
+        # Learn the slot map before serving: commands that arrive together on a client that has not
+        # (redis-py 8.1) are routed without it, draw MOVED answers, and every 5th MOVED closes the
+        # connections of the others in flight, which retry: a SET NX sent twice answers "replayed".
+        await client.initialize()
+        _State.client = client
+    else:
+        _State.client = redis.Redis.from_url(url)
     _State.prefix = os.environ.get("ECARD_REDIS_PREFIX", "ecard:") + "naive:"
     try:
         yield

@@ -43,9 +43,13 @@ def _free_port() -> int:
         return port
 
 
-def _wait(condition: object, what: str, timeout: float = READY_TIMEOUT) -> None:
+def _wait(
+    condition: object, what: str, processes: list[subprocess.Popen[bytes]], timeout: float = READY_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in processes):
+            raise ClusterError(f"{what}: a redis-server exited (interrupted, or its port was taken)")
         try:
             if condition():  # type: ignore[operator]
                 return
@@ -56,7 +60,7 @@ def _wait(condition: object, what: str, timeout: float = READY_TIMEOUT) -> None:
 
 
 def _cluster_ok(node: redis.Redis) -> bool:
-    info = node.execute_command("CLUSTER INFO")
+    info = node.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
     if isinstance(info, dict):  # redis-py parses it into a dict on some versions
         return str(info.get("cluster_state")) == "ok"
     return "cluster_state:ok" in (info.decode() if isinstance(info, bytes) else str(info))
@@ -94,17 +98,18 @@ class RedisCluster:
                 self.processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             nodes = [redis.Redis(port=port, socket_timeout=2.0) for port in self.ports]
             for node, port in zip(nodes, self.ports, strict=True):
-                _wait(node.ping, f"redis-server on port {port} did not answer")
+                _wait(node.ping, f"redis-server on port {port} did not answer", self.processes)
             span = SLOTS // self.masters
             for index, node in enumerate(nodes):
                 last = SLOTS - 1 if index == self.masters - 1 else (index + 1) * span - 1
-                node.execute_command("CLUSTER ADDSLOTSRANGE", index * span, last)
+                node.execute_command("CLUSTER ADDSLOTSRANGE", index * span, last)  # type: ignore[no-untyped-call]
             for port, bus_port in zip(self.ports[1:], bus_ports[1:], strict=True):
-                nodes[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus_port)
+                nodes[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus_port)  # type: ignore[no-untyped-call]
             for node, port in zip(nodes, self.ports, strict=True):
                 _wait(
                     lambda node=node: _cluster_ok(node),
                     f"the node on port {port} never saw the cluster ok",
+                    self.processes,
                 )
             for node in nodes:
                 node.close()

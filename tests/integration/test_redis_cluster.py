@@ -150,3 +150,19 @@ async def test_health_on_a_cluster(database_url: str, redis_cluster: RedisCluste
     async with serve(app) as client:
         response: httpx.Response = await client.get("/health")
     assert response.status_code == 200 and response.json()["store"] == "redis"
+
+
+async def test_a_cold_client_under_a_burst_decides_every_scan_once(redis_cluster: RedisCluster) -> None:
+    """redis-py learns the slot map under a lock before a cluster pipeline runs: a cold burst is decided once."""
+    prefix = f"cold-{uuid.uuid4().hex[:8]}:"
+    warm = RedisStatusMirror.from_url(redis_cluster.url, prefix, cluster=True)
+    cards = [uuid.uuid4().bytes for _ in range(60)]
+    for card in cards:
+        await warm.set_status(card, MirroredStatus.ACTIVE)
+    await warm.close()
+    cold = RedisStatusMirror.from_url(redis_cluster.url, prefix, cluster=True)
+    try:
+        answers = await asyncio.gather(*(cold.scan(scan(card, b"n" * NONCE_LENGTH, "gate")) for card in cards))
+    finally:
+        await cold.close()
+    assert [(answer.kind, answer.result) for answer in answers] == [("new", ScanResult.ACCEPTED)] * len(cards)
