@@ -296,10 +296,12 @@ class HolderCardController(Controller):
         return StepUp(step_up_token=ctx.tokens.issue_step_up(holder.session, STEP_UP_TTL), expires_in=STEP_UP_TTL)
 
 
-def credential_bundle(ctx: ServiceContext, holder: AuthenticatedHolder, data: CredentialRequest) -> CredentialBundle:
+async def credential_bundle(
+    ctx: ServiceContext, holder: AuthenticatedHolder, data: CredentialRequest
+) -> CredentialBundle:
     """The credentials asked for, signed (the routed handler and the hot path share this)."""
     purpose = Purpose.from_label(data.purpose)
-    kid, issued = issue_credentials(
+    kid, issued = await issue_credentials(
         holder.session,
         holder.card_status,
         ctx.directory.keys.signing_keys,
@@ -336,7 +338,7 @@ async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes, start
         session = ctx.tokens.read_holder(token.strip())
     except InvalidToken:
         return None
-    return credential_bundle(ctx, await holder_on_device(ctx, session), data)
+    return await credential_bundle(ctx, await holder_on_device(ctx, session), data)
 
 
 # Every open QR screen refreshes through this: served in front of the router (app.hot_paths).
@@ -362,7 +364,7 @@ class HolderCredentialController(Controller):
         """Sign `count` credentials with consecutive windows (one per `refresh_at` step)."""
         # Every open QR screen calls this: the context comes from the app state rather than a second
         # dependency, which Litestar would resolve in an anyio task group (~90 µs a request).
-        return credential_bundle(context_of(request.app.state), holder, data)
+        return await credential_bundle(context_of(request.app.state), holder, data)
 
     @post(
         "/qr",

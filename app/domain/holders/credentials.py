@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import time
@@ -46,7 +47,12 @@ def plan_windows(now: int, count: int, lifetime: int, refresh: int) -> list[tupl
     return [(now + i * refresh, now + i * refresh + lifetime, now + (i + 1) * refresh) for i in range(count)]
 
 
-def issue_credentials(
+# Credentials signed in one event-loop turn (~50 µs each): a 20-credential bundle then holds the
+# loop for ~0.2 ms at a time rather than 1 ms, so the scans arriving meanwhile do not wait behind it.
+SIGNING_SLICE = 4
+
+
+async def issue_credentials(
     holder: HolderSession,
     card_status: str | None,
     signing_keys: dict[str, SigningKey],
@@ -72,9 +78,10 @@ def issue_credentials(
         raise problems.unavailable(f"no signing key is loaded for region {holder.region}")
     now = int(time.time())
     issued = []
-    for not_before, expires_at, refresh_at in plan_windows(
-        now, count, settings.credential_lifetime, settings.credential_refresh
-    ):
+    windows = plan_windows(now, count, settings.credential_lifetime, settings.credential_refresh)
+    for index, (not_before, expires_at, refresh_at) in enumerate(windows):
+        if index and index % SIGNING_SLICE == 0:
+            await asyncio.sleep(0)
         claims = Claims(
             card_ref=holder.card_ref,
             nonce=os.urandom(NONCE_LENGTH),
