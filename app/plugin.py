@@ -150,8 +150,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             app.state[STATE_KEY] = context
             HotPaths.install(app, [HOT_VERIFY, HOT_ISSUE])
             # What exists now (app, routes, caches, tables) lives as long as the process: frozen, the
-            # collector's full passes skip it. Measured: ~50 ms pauses, several a minute at 1,500 scans/s,
-            # which alone set the verify p99 (docs/performance.md).
+            # collector's full passes skip it (they took ~50 ms, several a minute under load).
             gc.collect()
             gc.freeze()
             yield

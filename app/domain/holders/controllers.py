@@ -51,7 +51,7 @@ from crypto.keys import b64url, b64url_decode
 QR_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 STEP_UP_TTL = 300
 LOSS_UNDO_WINDOW = timedelta(days=7)
-CREDENTIAL_REQUEST_MAX_BYTES = 4096
+HOLDER_BODY_MAX_BYTES = 4096
 
 
 def _epoch(seconds: int) -> datetime:
@@ -84,7 +84,7 @@ class HolderAuthController(Controller):
 
     path = "/v1/holder"
     tags = ["holder"]
-    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
+    request_max_body_size = HOLDER_BODY_MAX_BYTES
 
     @post(
         "/activation",
@@ -134,7 +134,7 @@ class HolderCardController(Controller):
     tags = ["holder"]
     security = HOLDER_SECURITY
     dependencies = {"holder": provide_holder}
-    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
+    request_max_body_size = HOLDER_BODY_MAX_BYTES
 
     @get("/card", summary="The holder's card", responses=problem_responses(401, 503))
     async def card(
@@ -342,7 +342,7 @@ async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes, start
 
 
 # Every open QR screen refreshes through this: served in front of the router (app.hot_paths).
-HOT_ISSUE = HotRoute("/v1/holder/credentials", CREDENTIAL_REQUEST_MAX_BYTES, b"authorization", _hot_issue)
+HOT_ISSUE = HotRoute("/v1/holder/credentials", HOLDER_BODY_MAX_BYTES, b"authorization", _hot_issue)
 
 
 class HolderCredentialController(Controller):
@@ -352,7 +352,7 @@ class HolderCredentialController(Controller):
     tags = ["holder"]
     security = HOLDER_SECURITY
     dependencies = {"holder": provide_holder}
-    request_max_body_size = CREDENTIAL_REQUEST_MAX_BYTES
+    request_max_body_size = HOLDER_BODY_MAX_BYTES
 
     @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 403, 409, 503))
     async def issue(
