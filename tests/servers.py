@@ -60,6 +60,8 @@ class RedisServer:
 
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # More redis-server options, e.g. ["--requirepass", "secret"].
+    options: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -70,7 +72,18 @@ class RedisServer:
         """Start it and wait until it accepts connections."""
         binary = _find("redis-server", "redis-server")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.options,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -27,7 +27,9 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
 
+from app.stores import resp
 from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream, shard_of, shard_prefix
+from app.stores.resp import RespPipe
 
 
 class MirroredStatus(StrEnum):
@@ -236,6 +238,9 @@ return {'new', result, ARGV[8], first, record, '0'}
     "{" + ", ".join(f"{status}='{result.value}'" for status, result in _STATUS_RESULTS.items()) + "}",
 )
 
+# How long a Redis call may take before the store counts as unavailable (connecting, or answering).
+TIMEOUT = 1.0
+
 _SCAN_SHA = hashlib.sha1(_SCAN_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 
 
@@ -274,10 +279,14 @@ class RedisStatusMirror:
     costs one round trip and one read timeout instead of one per request.
     """
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str, cluster: bool = False) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, prefix: str, cluster: bool = False, pipe: RespPipe | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._cluster = cluster
+        # The hot calls' own connection (one node, plain TCP); without it they go through redis-py.
+        self._pipe = pipe
         self._queue: list[_Queued] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -287,10 +296,11 @@ class RedisStatusMirror:
 
         With cluster, url names any node of a Redis Cluster; the client learns the others.
         """
-        options: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        options: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
         if cluster:
             return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
-        return cls(redis.Redis.from_url(url, **options), prefix)
+        pipe = RespPipe(url, TIMEOUT, TIMEOUT) if resp.supports(url) else None
+        return cls(redis.Redis.from_url(url, **options), prefix, pipe=pipe)
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
@@ -382,6 +392,8 @@ class RedisStatusMirror:
         )  # fmt: skip
 
     async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
+        if self._pipe is not None:
+            return await self._pipe.execute([command for command, _, _ in batch])
         async with self._client.pipeline(transaction=False) as pipe:
             for command, _, _ in batch:
                 pipe.execute_command(*command)
@@ -460,6 +472,8 @@ class RedisStatusMirror:
 
     async def close(self) -> None:
         """See `StatusMirror.close`."""
+        if self._pipe is not None:
+            self._pipe.close()
         await self._client.aclose()
 
 
