@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import psutil  # type: ignore[import-untyped]  # comes with locust
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from loadtests.redis_cluster import ClusterError, RedisCluster
+from loadtests.redis_cluster import ClusterError, RedisCluster, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -447,14 +446,6 @@ class Target:
 # ---------------------------------------------------------------------------------------------
 # Servers and the workspace
 # ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def uvicorn_flags() -> list[str]:
@@ -1571,6 +1562,29 @@ def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_interruptible(main: Coroutine[Any, Any, int]) -> int | None:
+    """Run main on uvloop (when installed) to its end; None when Ctrl-C or SIGTERM stopped it.
+
+    Once the loop runs, SIGTERM cancels main's task like Ctrl-C does, so its clean-up runs. (A
+    KeyboardInterrupt raised by a signal handler inside a uvloop callback is caught and logged by
+    uvloop as a transport error, and the run went on.)
+    """
+
+    async def cancellable() -> int:
+        task = asyncio.current_task()
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main
+
+    signal.signal(signal.SIGTERM, _terminate)  # until the loop runs
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(cancellable())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return None
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     if importlib.util.find_spec("uvloop") is None:
         return None
@@ -1580,13 +1594,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(options: Options) -> int:
-    # SIGTERM stops the run like Ctrl-C: it cancels this task, and the clean-up below runs. (A
-    # KeyboardInterrupt raised by a signal handler inside a uvloop callback is caught and logged by
-    # uvloop as a transport error, and the run went on.)
-    task = asyncio.current_task()
-    if task is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     if not options.redis_cluster:
         try:
             client = redis.Redis.from_url(options.redis_url, socket_connect_timeout=2.0)
@@ -1621,14 +1628,12 @@ async def _main(options: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_main(options))
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    status = run_interruptible(_main(options))
+    if status is None:
         redis_gone = "the Redis Cluster" if options.redis_cluster else "Redis keys"
         print(f"\ninterrupted; servers stopped, {redis_gone} and temporary files removed", file=sys.stderr)
         return 130
+    return status
 
 
 if __name__ == "__main__":

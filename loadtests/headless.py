@@ -24,7 +24,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,9 @@ from loadtests.bench_verify import (
     BenchError,
     ServerProcess,
     Workspace,
-    _loop_factory,
-    _terminate,
     parse_histogram,
     run_cli,
+    run_interruptible,
 )
 from loadtests.prepare import PrepareSpec, add_spec_arguments, check_spec, describe, prepare_fixture, spec_from
 
@@ -425,13 +423,11 @@ async def _main(options: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_main(options))
-    except KeyboardInterrupt:
+    status = run_interruptible(_main(options))
+    if status is None:
         print("\ninterrupted; service stopped, Redis keys and temporary files removed", file=sys.stderr)
         return 130
+    return status
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ class ClusterError(RuntimeError):
     """The cluster could not be started; the message says why."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -89,7 +90,7 @@ class RedisCluster:
         try:
             bus_ports = []
             for index in range(self.masters):
-                port, bus_port = _free_port(), _free_port()
+                port, bus_port = free_port(), free_port()
                 self.ports.append(port)
                 bus_ports.append(bus_port)
                 command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
