@@ -10,17 +10,14 @@ from crypto.keys import VerifyKey, b64url, b64url_decode
 REGION_MEMBER = "region"
 
 
+def ed25519_jwk(public: bytes, kid: bytes) -> dict[str, str]:
+    """An Ed25519 signature-verification key as a JWK (OKP, EdDSA)."""
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(public), "kid": b64url(kid), "alg": "EdDSA", "use": "sig"}
+
+
 def public_jwk(key: VerifyKey) -> dict[str, str]:
     """One issuer key as a JWK; `region` names the region it signs for."""
-    return {
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "x": b64url(key.public),
-        "kid": b64url(key.kid),
-        "alg": "EdDSA",
-        "use": "sig",
-        REGION_MEMBER: key.region,
-    }
+    return {**ed25519_jwk(key.public, key.kid), REGION_MEMBER: key.region}
 
 
 def jwks(keys: Iterable[VerifyKey]) -> dict[str, list[dict[str, str]]]:

@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 
 from app.domain.issuers.services import IssuerKeys
-from crypto.jwk import public_jwk
+from crypto.jwk import ed25519_jwk, public_jwk
 from crypto.keys import SigningKey, b64url
 
 TRUST_LIST_ISSUER = "ecard-trust-list"
@@ -23,14 +23,7 @@ TRUST_LIST_TYPE = "ecard-trust-list+jwt"
 
 def signer_jwk(key: SigningKey) -> dict[str, str]:
     """The trust-list key's public JWK (what relying parties pin)."""
-    return {
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "x": b64url(key.public),
-        "kid": b64url(key.kid),
-        "alg": "EdDSA",
-        "use": "sig",
-    }
+    return ed25519_jwk(key.public, key.kid)
 
 
 def trust_list_claims(keys: IssuerKeys, issued_at: int, lifetime: int) -> dict[str, Any]:
