@@ -19,7 +19,6 @@ here: give them the same treatment in this class, or leave the route out of it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,8 +45,8 @@ _encode = msgspec.json.Encoder().encode
 class HotRoute:
     """A POST route answered in front of the router when the request is plain.
 
-    `answer(context, credential, body, started)` gets the value of `credential_header` and the raw
-    body; it returns the response Struct (sent with 200), or None to hand the request on to the
+    `answer(context, credential, body)` gets the value of `credential_header` and the raw body; it
+    returns the response Struct (sent with 200), or None to hand the request on to the
     routed handler — only before it did anything. It raises `ProblemDetailsException` for a
     problem to send.
     """
@@ -55,7 +54,7 @@ class HotRoute:
     path: str
     max_body: int
     credential_header: bytes
-    answer: Callable[[ServiceContext, str, bytes, float], Awaitable[msgspec.Struct | None]]
+    answer: Callable[[ServiceContext, str, bytes], Awaitable[msgspec.Struct | None]]
 
 
 def body_decoder(body_type: type[Body]) -> Callable[[bytes], Body | None]:
@@ -115,9 +114,8 @@ class HotPaths:
         if len(body) != length:
             await self._next(scope, _replaying(body, receive), send)
             return
-        started = time.perf_counter()
         try:
-            answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body, started)
+            answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body)
         except ProblemDetailsException as exc:
             request: Request[Any, Any, Any] = Request(scope, receive, send)
             await exc.to_response(request).to_asgi_response(app=None, request=request)(scope, receive, send)

@@ -27,9 +27,8 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
 
-from app.stores import resp
 from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream, shard_of, shard_prefix
-from app.stores.resp import RespPipe
+from app.stores.resp import RespPipe, supports
 
 
 class MirroredStatus(StrEnum):
@@ -299,7 +298,7 @@ class RedisStatusMirror:
         options: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
         if cluster:
             return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
-        pipe = RespPipe(url, TIMEOUT, TIMEOUT) if resp.supports(url) else None
+        pipe = RespPipe(url, TIMEOUT, TIMEOUT) if supports(url) else None
         return cls(redis.Redis.from_url(url, **options), prefix, pipe=pipe)
 
     @property

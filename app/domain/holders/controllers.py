@@ -329,7 +329,7 @@ async def credential_bundle(
 _credential_request = body_decoder(CredentialRequest)
 
 
-async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes, started: float) -> CredentialBundle | None:
+async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes) -> CredentialBundle | None:
     scheme, _, token = authorization.partition(" ")
     data = _credential_request(body)
     if data is None or scheme.lower() != "bearer" or not token:

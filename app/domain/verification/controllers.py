@@ -134,7 +134,8 @@ async def answer_scan(
 _verify_request = body_decoder(VerifyRequest)
 
 
-async def _hot_verify(ctx: ServiceContext, api_key: str, body: bytes, started: float) -> VerifyResponse | None:
+async def _hot_verify(ctx: ServiceContext, api_key: str, body: bytes) -> VerifyResponse | None:
+    started = time.perf_counter()
     terminal = ctx.directory.authenticate(api_key)
     data = _verify_request(body) if terminal is not None else None
     if terminal is None or data is None:
