@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
+import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app.domain.cards.citizen_id import check_character
+from app.settings import PROJECT_ROOT
 
 REGIONS = {"510000": "四川省", "500000": "重庆市", "440000": "广东省"}
 
@@ -172,3 +177,36 @@ async def verify(client: httpx.AsyncClient, gate: Gate, credential: str) -> dict
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+async def set_ecard_state(client: httpx.AsyncClient, token: str, holder: Holder, state: str) -> None:
+    """An operator changes the eCard's state (asserting it worked)."""
+    response = await client.post(
+        f"/v1/operator/cards/{holder.card_id}/ecard-state",
+        json={"state": state, "reason": "test"},
+        headers=bearer(token),
+    )
+    assert response.status_code == 200, response.text
+
+
+async def cli_admin(env: dict[str, str], client: httpx.AsyncClient) -> str:
+    """An admin made with the CLI (as a deployment's first admin is), signed in over HTTP; its token.
+
+    Region 510000 is registered with it. For tests of a running service (env: its environment).
+    """
+    username, password = f"admin-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    cli = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "litestar"), "--app", "app.asgi:create_app", "ecard", "operator", "create",
+        "--username", username, "--role", "admin", "--region", "*", "--password", password,
+        cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await cli.communicate()
+    assert cli.returncode == 0, output.decode()
+    response = await client.post("/v1/operator/session", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    response = await client.post(
+        "/v1/operator/regions", json={"code": "510000", "name": REGIONS["510000"]}, headers=bearer(token)
+    )
+    assert response.status_code == 201, response.text
+    return token

@@ -159,26 +159,6 @@ async def server(crash_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
         await running.stop()
 
 
-async def create_admin(env: dict[str, str], client: httpx.AsyncClient) -> str:
-    """An admin made with the CLI (as the first admin is), signed in; region 510000 registered."""
-    username, password = f"admin-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    cli = await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "litestar"), "--app", "app.asgi:create_app", "ecard", "operator", "create",
-        "--username", username, "--role", "admin", "--region", "*", "--password", password,
-        cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await cli.communicate()
-    assert cli.returncode == 0, output.decode()
-    response = await client.post("/v1/operator/session", json={"username": username, "password": password})
-    assert response.status_code == 200, response.text
-    token: str = response.json()["access_token"]
-    response = await client.post(
-        "/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token)
-    )
-    assert response.status_code == 201, response.text
-    return token
-
-
 def verification_id() -> str:
     """A verification id as the verify path makes them: "vf_" and 16 base64url characters."""
     return "vf_" + secrets.token_urlsafe(12)
@@ -364,7 +344,7 @@ class Site:
 async def site(server: Server, crash_env: dict[str, str]) -> Site:
     """An admin (CLI), region 510000, a hospital with a medical terminal and CARDS activated cards (API)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
-        admin = await create_admin(crash_env, client)
+        admin = await factories.cli_admin(crash_env, client)
         hospital = await factories.new_gate(client, admin, "510000", "hospital", ["medical"])
         holders = []
         for _ in range(CARDS // 5):

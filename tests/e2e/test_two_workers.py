@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -75,23 +74,8 @@ def base_url(server_env: dict[str, str]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 async def admin(server_env: dict[str, str], base_url: str) -> str:
     """An admin created with the CLI, signed in over HTTP, region 510000 registered."""
-    username, password = f"admin-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    cli = await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "litestar"), "--app", "app.asgi:create_app", "ecard", "operator", "create",
-        "--username", username, "--role", "admin", "--region", "*", "--password", password,
-        cwd=PROJECT_ROOT, env=server_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await cli.communicate()
-    assert cli.returncode == 0, output.decode()
     async with httpx.AsyncClient(base_url=base_url) as client:
-        response = await client.post("/v1/operator/session", json={"username": username, "password": password})
-        assert response.status_code == 200, response.text
-        token: str = response.json()["access_token"]
-        response = await client.post(
-            "/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token)
-        )
-        assert response.status_code == 201, response.text
-    return token
+        return await factories.cli_admin(server_env, client)
 
 
 @pytest.fixture

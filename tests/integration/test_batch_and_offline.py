@@ -132,16 +132,6 @@ async def fresh_credential(client: httpx.AsyncClient, holder: Holder, purpose: s
     return credential
 
 
-async def set_ecard_state(client: httpx.AsyncClient, token: str, holder: Holder, state: str) -> None:
-    """An operator changes the eCard's state."""
-    response = await client.post(
-        f"/v1/operator/cards/{holder.card_id}/ecard-state",
-        json={"state": state, "reason": "test"},
-        headers=bearer(token),
-    )
-    assert response.status_code == 200, response.text
-
-
 # --- batch: each scan its own answer ------------------------------------------------------------
 
 
@@ -508,7 +498,7 @@ async def test_offline_kit_follows_the_card_status(
     # A worker reuses its signed list for up to 30 s: a suspension shows in the next list it signs.
     before = await fresh_kit()
     assert verify_offline(credential, kit_of(before), now, LEEWAY).accepted
-    await set_ecard_state(client, admin_token, holder, "suspended")
+    await factories.set_ecard_state(client, admin_token, holder, "suspended")
     assert (await client.get(f"/v1/offline-kits/{SICHUAN}")).json() == before.json()
 
     suspended = verify_offline(credential, kit_of(await fresh_kit()), now, LEEWAY)
@@ -518,7 +508,7 @@ async def test_offline_kit_follows_the_card_status(
         CardStatusCode.SUSPENDED,
     )
 
-    await set_ecard_state(client, admin_token, holder, "active")
+    await factories.set_ecard_state(client, admin_token, holder, "active")
     assert verify_offline(credential, kit_of(await fresh_kit()), now, LEEWAY).accepted
 
     response = await client.post(
@@ -607,7 +597,7 @@ async def test_offline_command_line_exit_codes(
     assert code == 0 and result is not None
     assert (result["result"], result["stale"]) == ("accepted", True)
 
-    await set_ecard_state(client, admin_token, holder, "suspended")
+    await factories.set_ecard_state(client, admin_token, holder, "suspended")
     suspended = tmp_path / "suspended.json"
     suspended.write_bytes((await fresh_kit()).content)
     code, result, _ = offline_cli("--kit", str(suspended), credential)

@@ -227,11 +227,7 @@ async def test_issuing_gives_the_same_answers_both_ways(
         assert bundle_shape(hot_answer) == bundle_shape(routed_answer)
         assert hot_answer.status_code in (400, 403)
 
-    await client.post(
-        f"/v1/operator/cards/{holder.card_id}/ecard-state",
-        json={"state": "suspended", "reason": "test"},
-        headers=factories.bearer(admin_token),
-    )
+    await factories.set_ecard_state(client, admin_token, holder, "suspended")
     suspended = [
         await issue_hot(client, holder, {"purpose": "transit"}),
         await issue_routed(client, holder, {"purpose": "transit"}),

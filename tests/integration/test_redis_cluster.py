@@ -76,12 +76,10 @@ async def test_the_service_on_a_cluster(database_url: str, redis_cluster: RedisC
         assert refused.status_code == 429 and refused.json()["code"] == "rate_limited"
         assert (await factories.verify(client, gate, second))["result"] == "accepted"
 
-        # A suspension reaches the card's slot at once.
-        await client.post(
-            f"/v1/operator/cards/{holders[2].card_id}/ecard-state",
-            json={"state": "suspended", "reason": "test"},
-            headers=bearer(token),
-        )
+        # A suspension reaches the card's slot at once; other cards are untouched.
+        [shown] = await factories.credentials(client, holders[2])
+        await factories.set_ecard_state(client, token, holders[2], "suspended")
+        assert (await factories.verify(client, gate, shown))["reason"] == "card_suspended"
         [late] = await factories.credentials(client, holders[3])
         assert (await factories.verify(client, gate, late))["result"] == "accepted"
 

@@ -36,15 +36,6 @@ def resign(context: ServiceContext, claims: Claims, **changes: object) -> str:
     return issue_credential(key, replace(claims, nonce=os.urandom(NONCE_LENGTH), **changes))  # type: ignore[arg-type]
 
 
-async def set_ecard_state(client: httpx.AsyncClient, token: str, holder: Holder, state: str) -> None:
-    response = await client.post(
-        f"/v1/operator/cards/{holder.card_id}/ecard-state",
-        json={"state": state, "reason": "test"},
-        headers=bearer(token),
-    )
-    assert response.status_code == 200, response.text
-
-
 async def test_malformed(client: httpx.AsyncClient, gate: Gate) -> None:
     for text in ["hello", PREFIX + "!!!", PREFIX + b45encode(b"\xa0"), "EC1:"]:
         body = await factories.verify(client, gate, text)
@@ -115,15 +106,15 @@ async def test_card_suspended_then_resumed(
 ) -> None:
     [first] = await factories.credentials(client, holder)
     [second] = await factories.credentials(client, holder)
-    await set_ecard_state(client, admin_token, holder, "suspended")
+    await factories.set_ecard_state(client, admin_token, holder, "suspended")
     assert (await factories.verify(client, gate, first))["reason"] == "card_suspended"
-    await set_ecard_state(client, admin_token, holder, "active")
+    await factories.set_ecard_state(client, admin_token, holder, "active")
     assert (await factories.verify(client, gate, second))["result"] == "accepted"
 
 
 async def test_revoked_card_rejected(client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate) -> None:
     [credential] = await factories.credentials(client, holder)
-    await set_ecard_state(client, admin_token, holder, "revoked")
+    await factories.set_ecard_state(client, admin_token, holder, "revoked")
     assert (await factories.verify(client, gate, credential))["reason"] == "card_revoked"
 
 

@@ -34,6 +34,7 @@ from crypto.status_list import (
     open_status_list,
     sign_status_list,
 )
+from tests.unit.crypto.test_credential import cbor_values
 
 SEED = bytes(range(32))
 KEY = SigningKey.from_seed(SEED)
@@ -564,21 +565,6 @@ def test_a_signed_zlib_bomb_is_malformed_without_inflating_it_all() -> None:
     exc = rejection(signed(claims_map(status_list={"bits": 2, "lst": bomb})), max_list_bytes=10_000_000)
     assert exc.reason is Rejection.MALFORMED
     assert "more than 10000000 bytes" in exc.detail
-
-
-cbor_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**64), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.binary(max_size=16),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.integers(-70000, 70000) | st.text(max_size=4), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 
 
 @given(cbor_values)
