@@ -29,10 +29,12 @@ def _bearer(request: Request[Any, Any, Any]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedHolder:
-    """A holder's session and, read with it in one store round trip, the card's mirrored status."""
+    """A holder's session and, read with it in one store round trip, the card's mirrored status and its
+    shard's epoch (credentials' windows start after it)."""
 
     session: HolderSession
     card_status: str | None
+    store_epoch_ms: int = 0
 
 
 async def current_holder(request: Request[Any, Any, Any]) -> AuthenticatedHolder:
@@ -47,10 +49,10 @@ async def current_holder(request: Request[Any, Any, Any]) -> AuthenticatedHolder
 
 async def holder_on_device(context: ServiceContext, session: HolderSession) -> AuthenticatedHolder:
     """The holder of a valid access token, with the card's status; 401 when the device was removed."""
-    status, device_revoked = await context.mirror.holder_state(session.card_ref, session.device_id)
-    if device_revoked:
+    state = await context.mirror.holder_state(session.card_ref, session.device_id)
+    if state.device_revoked:
         raise problems.unauthorized("this device was removed from the card; activate it again")
-    return AuthenticatedHolder(session, status)
+    return AuthenticatedHolder(session, state.status, state.epoch_ms)
 
 
 def current_operator(request: Request[Any, Any, Any]) -> OperatorSession:

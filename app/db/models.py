@@ -224,6 +224,41 @@ class ECard(Base):
     pin_hash: Mapped[str | None] = mapped_column(String(200))
     # PIN tries taken since the last success; at the limit the PIN is locked until the office resets it.
     pin_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Raised with every change the status mirror must see: the mirror keeps the version it holds and
+    # never lets an older write replace a newer one (an outbox applier racing a request, a repair).
+    mirror_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class MirrorChange(Base):
+    """A change the status mirror has not confirmed yet: written in the change's own transaction.
+
+    The request that made the change applies it after the commit and deletes the row; when the store
+    does not answer, an applier in every worker retries until it does (a transactional outbox), so a
+    committed change always reaches the verify path. `device_id` rows revoke a device's tokens until
+    `until`; the others carry the eCard's current state, read again when applied.
+    """
+
+    __tablename__ = "mirror_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    ecard_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    device_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class StatusStore(Base):
+    """A status store (by its key prefix) this deployment has used: one that comes back empty lost its memory.
+
+    The first start on an empty store with no row here is a new deployment (nothing was ever used
+    before it); an empty store with a row lost its used nonces, so codes that could have been shown
+    before are refused until they expire (see app/stores/status_mirror.py, the store epoch).
+    """
+
+    __tablename__ = "status_stores"
+
+    prefix: Mapped[str] = mapped_column(String(100), primary_key=True)
+    first_used_at: Mapped[datetime]
 
 
 class ActivationCode(Base):
@@ -375,6 +410,9 @@ class VerificationEvent(Base):
     result: Mapped[str] = mapped_column(String(32))
     # "online" (one scan) or "batch" (queued by the gate while it was offline).
     channel: Mapped[str] = mapped_column(String(8))
+    # False when the terminal was told 503 "outcome unknown" and never got this answer (a store stall):
+    # the credential was used up, but no gate showed the result. A later retry that got it sets it back.
+    answer_delivered: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class Entitlement(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,6 +23,7 @@ from app.domain.cards.lifecycle import (
     set_ecard_state,
     undo_loss,
 )
+from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.schemas import (
     ActivationCodeOut,
     CardAction,
@@ -154,7 +155,12 @@ class CardController(Controller):
             card_id=card.id, ecard_id=ecard.id, activation_code=code, activation_expires_at=expires_at
         )
 
-    @post("/{card_id:uuid}/ecard-state", status_code=200, summary="Change the eCard's state", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/ecard-state",
+        status_code=200,
+        summary="Change the eCard's state",
+        responses=WRITE_PROBLEMS | pending_response(CardOut),
+    )
     async def ecard_state(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -162,16 +168,21 @@ class CardController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[ECardStateChange],
-    ) -> CardOut:
-        """Suspend, resume or revoke the eCard; verification sees the change at once."""
+    ) -> Response[CardOut]:
+        """Suspend, resume or revoke the eCard; verification sees the change at once (202: once the store is back)."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        await set_ecard_state(
-            session, ctx.mirror, Actor.operator(operator), card, ecard, ECardState(data.state), data.reason
+        mirrored = await set_ecard_state(
+            session, ctx.outbox, Actor.operator(operator), card, ecard, ECardState(data.state), data.reason
         )
-        return card_out(ctx.pii, card, ecard, person)
+        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
 
-    @post("/{card_id:uuid}/loss", status_code=200, summary="Report the card lost", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/loss",
+        status_code=200,
+        summary="Report the card lost",
+        responses=WRITE_PROBLEMS | pending_response(CardOut),
+    )
     async def loss(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -179,14 +190,21 @@ class CardController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
-    ) -> CardOut:
-        """挂失: the card is lost and its eCard suspended at once."""
+    ) -> Response[CardOut]:
+        """挂失: the card is lost and its eCard suspended at once (202: once the store is back)."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        await report_loss(session, ctx.mirror, Actor.operator(operator), card, ecard, LOSS_BY_OFFICE, data.reason)
-        return card_out(ctx.pii, card, ecard, person)
+        mirrored = await report_loss(
+            session, ctx.outbox, Actor.operator(operator), card, ecard, LOSS_BY_OFFICE, data.reason
+        )
+        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
 
-    @post("/{card_id:uuid}/loss/undo", status_code=200, summary="Undo a loss report", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/loss/undo",
+        status_code=200,
+        summary="Undo a loss report",
+        responses=WRITE_PROBLEMS | pending_response(CardOut),
+    )
     async def undo_loss(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -194,22 +212,27 @@ class CardController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
-    ) -> CardOut:
+    ) -> Response[CardOut]:
         """The card was found: back in use, and the eCard resumes if the loss was what suspended it."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        await undo_loss(
+        mirrored = await undo_loss(
             session,
-            ctx.mirror,
+            ctx.outbox,
             Actor.operator(operator),
             card,
             ecard,
             holder_window=None,
             reason=data.reason,
         )
-        return card_out(ctx.pii, card, ecard, person)
+        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
 
-    @post("/{card_id:uuid}/replacement", status_code=201, summary="Issue a replacement card", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/replacement",
+        status_code=201,
+        summary="Issue a replacement card",
+        responses=WRITE_PROBLEMS | pending_response(IssuedCardOut),
+    )
     async def replacement(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -217,14 +240,14 @@ class CardController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardReplacement],
-    ) -> IssuedCardOut:
+    ) -> Response[IssuedCardOut]:
         """A new card for a lost or damaged one: the eCard moves over, devices are unbound, a new code is issued."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, _person = await find_card(session, card_id, operator.regions)
         replacement = await replace_card(
             session,
             ctx.pii,
-            ctx.mirror,
+            ctx.outbox,
             Actor.operator(operator),
             card,
             ecard,
@@ -234,13 +257,19 @@ class CardController(Controller):
             reason=data.reason,
         )
         new_card, new_ecard, person = await find_card(session, replacement.card.id, operator.regions)
-        return IssuedCardOut(
+        issued = IssuedCardOut(
             card=card_out(ctx.pii, new_card, new_ecard, person),
             activation_code=replacement.activation_code,
             activation_expires_at=replacement.activation_expires_at,
         )
+        return mirror_answer(issued, replacement.mirrored, 201)
 
-    @post("/{card_id:uuid}/cancellation", status_code=200, summary="Cancel the card", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/cancellation",
+        status_code=200,
+        summary="Cancel the card",
+        responses=WRITE_PROBLEMS | pending_response(CardOut),
+    )
     async def cancellation(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -248,15 +277,15 @@ class CardController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
-    ) -> CardOut:
+    ) -> Response[CardOut]:
         """Withdraw the card for good; its eCard is revoked and every device unbound."""
         require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        await cancel_card(
-            session, ctx.mirror, Actor.operator(operator), card, ecard,
+        mirrored = await cancel_card(
+            session, ctx.outbox, Actor.operator(operator), card, ecard,
             session_ttl=ctx.settings.access_token_ttl, reason=data.reason,
         )  # fmt: skip
-        return card_out(ctx.pii, card, ecard, person)
+        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
 
     @post("/{card_id:uuid}/pin-reset", status_code=204, summary="Reset the holder's PIN", responses=WRITE_PROBLEMS)
     async def pin_reset(

@@ -5,8 +5,10 @@ issued/active → replaced or cancelled directly for damaged or withdrawn cards)
 eCard: pending_activation → active ⇄ suspended → revoked.
 
 Every change is a conditional UPDATE on the state it was decided from (a concurrent change
-makes it a 409, never a lost update), is audited in the same transaction, and reaches the
-status mirror after the commit.
+makes it a 409, never a lost update), is audited and staged for the status mirror in the same
+transaction, and reaches the mirror after the commit (app/domain/cards/mirroring.py). Each returns
+whether the mirror has it already (False: the store did not answer; the change is queued and
+applied as soon as it does, and verification fails closed meanwhile).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from app import problems
 from app.clock import utcnow
 from app.db.models import Card, CardState, Device, ECard, ECardState, RefreshToken, SuspensionCause
 from app.domain.audit.services import Actor, record
-from app.domain.cards.services import MIRRORED, new_activation_code, normalise_card_number
+from app.domain.cards.mirroring import MirrorOutbox, stage_card, stage_device
+from app.domain.cards.services import new_activation_code, normalise_card_number
 from app.pii import PiiCipher
-from app.stores.status_mirror import StatusMirror
 
 ECARD_TRANSITIONS: dict[ECardState, frozenset[ECardState]] = {
     ECardState.PENDING_ACTIVATION: frozenset({ECardState.REVOKED}),
@@ -107,30 +109,31 @@ async def _revoke_devices(session: AsyncSession, ecard: ECard, now: datetime) ->
 
 async def _finish(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     card: Card,
     ecard: ECard,
     revoked_devices: list[uuid.UUID] | None = None,
     session_ttl: int = 0,
-) -> None:
-    """Commit, reload, and mirror the eCard's status (and revoked devices) for the verify path."""
+) -> bool:
+    """Stage the change for the mirror, commit, reload, and publish it; whether the mirror has it."""
+    await stage_card(session, ecard)
+    for device_id in revoked_devices or []:
+        stage_device(session, ecard.id, device_id, session_ttl)
     await session.commit()
     await session.refresh(card)
     await session.refresh(ecard)
-    await mirror.set_status(ecard.card_ref, MIRRORED[ECardState(ecard.state)])
-    for device_id in revoked_devices or []:
-        await mirror.revoke_device(ecard.card_ref, device_id, session_ttl)
+    return await outbox.publish([ecard.id])
 
 
 async def set_ecard_state(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     card: Card,
     ecard: ECard,
     target: ECardState,
     reason: str,
-) -> None:
+) -> bool:
     """An operator suspends, resumes or revokes an eCard."""
     current = ECardState(ecard.state)
     if target not in ECARD_TRANSITIONS[current]:
@@ -145,18 +148,18 @@ async def set_ecard_state(
         region=card.region_code, reason=reason, before=before,
         after={**before, "ecard_state": target.value, "suspension_cause": cause},
     )  # fmt: skip
-    await _finish(session, mirror, card, ecard)
+    return await _finish(session, outbox, card, ecard)
 
 
 async def report_loss(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     card: Card,
     ecard: ECard,
     reported_by: str,
     reason: str,
-) -> None:
+) -> bool:
     """Mark the physical card lost and suspend its eCard at once (挂失)."""
     _require_card_transition(card, CardState.LOST)
     before = _snapshot(card, ecard)
@@ -170,19 +173,19 @@ async def report_loss(
         session, actor, "card.lost", subject_type="card", subject_id=card.id, region=card.region_code,
         reason=reason, before=before, after={**_snapshot(card, ecard), "card_state": CardState.LOST.value},
     )  # fmt: skip
-    await _finish(session, mirror, card, ecard)
+    return await _finish(session, outbox, card, ecard)
 
 
 async def undo_loss(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     card: Card,
     ecard: ECard,
     *,
     holder_window: timedelta | None,
     reason: str,
-) -> None:
+) -> bool:
     """The card was found: back to use, and the eCard resumes if the loss was what suspended it.
 
     `holder_window` is set when the holder undoes it from the app: then only the holder's own
@@ -207,7 +210,7 @@ async def undo_loss(
         session, actor, "card.found", subject_type="card", subject_id=card.id, region=card.region_code,
         reason=reason, before=before, after={**_snapshot(card, ecard), "card_state": restored.value},
     )  # fmt: skip
-    await _finish(session, mirror, card, ecard)
+    return await _finish(session, outbox, card, ecard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,12 +220,14 @@ class Replacement:
     card: Card
     activation_code: str
     activation_expires_at: datetime
+    # Whether the status mirror has the change already (see the module docstring).
+    mirrored: bool = True
 
 
 async def replace_card(
     session: AsyncSession,
     pii: PiiCipher,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     card: Card,
     ecard: ECard,
@@ -265,21 +270,21 @@ async def replace_card(
         after={"card_state": CardState.REPLACED.value, "replaced_by": str(new_card.id),
                "ecard_state": ECardState.PENDING_ACTIVATION.value, "devices_unbound": len(devices)},
     )  # fmt: skip
-    await _finish(session, mirror, card, ecard, devices, session_ttl)
+    mirrored = await _finish(session, outbox, card, ecard, devices, session_ttl)
     await session.refresh(new_card)
-    return Replacement(new_card, code, expires_at)
+    return Replacement(new_card, code, expires_at, mirrored)
 
 
 async def cancel_card(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     card: Card,
     ecard: ECard,
     *,
     session_ttl: int,
     reason: str,
-) -> None:
+) -> bool:
     """Withdraw the card for good: the eCard is revoked and every device unbound."""
     _require_card_transition(card, CardState.CANCELLED)
     before = _snapshot(card, ecard)
@@ -292,4 +297,4 @@ async def cancel_card(
         reason=reason, before=before,
         after={"card_state": CardState.CANCELLED.value, "ecard_state": ECardState.REVOKED.value},
     )  # fmt: skip
-    await _finish(session, mirror, card, ecard, devices, session_ttl)
+    return await _finish(session, outbox, card, ecard, devices, session_ttl)

@@ -212,12 +212,8 @@ def profile_record(pii: PiiCipher, card_ref: bytes, person: Person) -> bytes:
     return seal_profile(pii, card_ref, Profile(name, mask_citizen_id(citizen_id), person.region_code))
 
 
-async def mirror_entitlements(session: AsyncSession, mirror: StatusMirror, ecard: ECard) -> None:
-    """Mirror the eCard's current entitlements (after the database commit)."""
-    await mirror.set_record(ecard.card_ref, CardRecord.ENTITLEMENTS, await _entitlements_record(session, ecard.id))
-
-
-async def _entitlements_record(session: AsyncSession, ecard_id: uuid.UUID) -> bytes | None:
+async def entitlements_of(session: AsyncSession, ecard_id: uuid.UUID) -> bytes | None:
+    """The eCard's current entitlements as the mirror keeps them (None: none)."""
     rows = await session.execute(
         select(Entitlement.region_code, Entitlement.valid_until).where(
             Entitlement.ecard_id == ecard_id,
@@ -235,8 +231,8 @@ async def reconcile_status_mirror(
     """Compare every eCard's state and profile with the mirror, in batches; with repair, fix drift.
 
     The database is the truth: a missing or different mirror entry is set from it (with the
-    card's entitlements). Drift comes from a Redis restart (it keeps nothing on disk) or a
-    crash between commit and mirroring.
+    card's entitlements), under the eCard's mirror version, so a repair running beside the service
+    never replaces a newer change. Drift comes from a Redis restart (it keeps nothing on disk).
     """
     checked = missing = different = repaired = profiles_missing = 0
     result = await session.stream(
@@ -260,12 +256,12 @@ async def reconcile_status_mirror(
             elif seen != status.value:
                 different += 1
             if repair:
-                # Records first: a card must never be active in the mirror without its profile.
-                await mirror.set_record(ecard.card_ref, CardRecord.PROFILE, profile_record(pii, ecard.card_ref, person))
-                await mirror.set_record(
-                    ecard.card_ref, CardRecord.ENTITLEMENTS, await _entitlements_record(session, ecard.id)
-                )
-                await mirror.set_status(ecard.card_ref, status)
+                # Records and status in one call: a card is never active in the mirror without its profile.
+                records = {
+                    CardRecord.PROFILE: profile_record(pii, ecard.card_ref, person),
+                    CardRecord.ENTITLEMENTS: await entitlements_of(session, ecard.id),
+                }
+                await mirror.mirror_card(ecard.card_ref, ecard.mirror_version, status, records)
                 repaired += 1
     return Reconciliation(checked, missing, different, repaired, profiles_missing)
 

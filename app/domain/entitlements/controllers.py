@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +13,7 @@ from app.context import ServiceContext
 from app.db.models import Entitlement
 from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
+from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import find_card
 from app.domain.entitlements.schemas import EntitlementGrant, EntitlementOut
 from app.domain.entitlements.services import grant_entitlement, list_entitlements, revoke_entitlement
@@ -41,7 +42,12 @@ class EntitlementController(Controller):
     dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Grant an entitlement", responses=problem_responses(401, 403, 404, 413, 503))
+    @post(
+        "/",
+        status_code=201,
+        summary="Grant an entitlement",
+        responses=problem_responses(401, 403, 404, 413, 503) | pending_response(EntitlementOut),
+    )
     async def grant(
         self,
         ctx: NamedDependency[ServiceContext],
@@ -49,15 +55,15 @@ class EntitlementController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[EntitlementGrant],
-    ) -> EntitlementOut:
+    ) -> Response[EntitlementOut]:
         """E.g. a park annual pass valid in a province through a date; park gates see it at once."""
         require_role(operator, Role.CARD_OFFICER)
         _, ecard, _ = await find_card(session, card_id, operator.regions)
-        entitlement = await grant_entitlement(
-            session, ctx.mirror, Actor.operator(operator), ecard,
+        entitlement, mirrored = await grant_entitlement(
+            session, ctx.outbox, Actor.operator(operator), ecard,
             kind=data.kind, region=data.region, valid_until=data.valid_until,
         )  # fmt: skip
-        return _out(entitlement)
+        return mirror_answer(_out(entitlement), mirrored, 201)
 
     @get("/", summary="List a card's entitlements", responses=problem_responses(401, 403, 404))
     async def list_all(
@@ -75,7 +81,7 @@ class EntitlementController(Controller):
         "/{entitlement_id:uuid}",
         status_code=200,
         summary="Revoke an entitlement",
-        responses=problem_responses(401, 403, 404, 409, 503),
+        responses=problem_responses(401, 403, 404, 409, 503) | pending_response(EntitlementOut),
     )
     async def revoke(
         self,
@@ -84,8 +90,11 @@ class EntitlementController(Controller):
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         entitlement_id: FromPath[uuid.UUID],
-    ) -> EntitlementOut:
+    ) -> Response[EntitlementOut]:
         """Ends it now; park gates stop seeing it at once."""
         require_role(operator, Role.CARD_OFFICER)
         _, ecard, _ = await find_card(session, card_id, operator.regions)
-        return _out(await revoke_entitlement(session, ctx.mirror, Actor.operator(operator), ecard, entitlement_id))
+        entitlement, mirrored = await revoke_entitlement(
+            session, ctx.outbox, Actor.operator(operator), ecard, entitlement_id
+        )
+        return mirror_answer(_out(entitlement), mirrored)

@@ -12,8 +12,7 @@ from app import problems
 from app.clock import utcnow
 from app.db.models import ECard, Entitlement, Region
 from app.domain.audit.services import Actor, record
-from app.domain.cards.services import mirror_entitlements
-from app.stores.status_mirror import StatusMirror
+from app.domain.cards.mirroring import MirrorOutbox, stage_card
 
 
 def _end_of(day: date) -> datetime:
@@ -22,15 +21,15 @@ def _end_of(day: date) -> datetime:
 
 async def grant_entitlement(
     session: AsyncSession,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     actor: Actor,
     ecard: ECard,
     *,
     kind: str,
     region: str,
     valid_until: date,
-) -> Entitlement:
-    """Grant kind in region until the end of valid_until (UTC); commits, then mirrors."""
+) -> tuple[Entitlement, bool]:
+    """Grant kind in region until the end of valid_until (UTC); commits, then mirrors (False: not yet, queued)."""
     now = utcnow()
     if _end_of(valid_until) <= now:
         raise problems.bad_request("valid_until must not be in the past")
@@ -51,9 +50,9 @@ async def grant_entitlement(
         region=ecard.region_code, after={"ecard_id": str(ecard.id), "kind": kind, "region": region,
                                          "valid_until": valid_until.isoformat()},
     )  # fmt: skip
+    await stage_card(session, ecard)
     await session.commit()
-    await mirror_entitlements(session, mirror, ecard)
-    return entitlement
+    return entitlement, await outbox.publish([ecard.id])
 
 
 async def list_entitlements(session: AsyncSession, ecard: ECard) -> list[Entitlement]:
@@ -63,9 +62,9 @@ async def list_entitlements(session: AsyncSession, ecard: ECard) -> list[Entitle
 
 
 async def revoke_entitlement(
-    session: AsyncSession, mirror: StatusMirror, actor: Actor, ecard: ECard, entitlement_id: uuid.UUID
-) -> Entitlement:
-    """End an entitlement now (commits, then mirrors); 404 if it is not this card's."""
+    session: AsyncSession, outbox: MirrorOutbox, actor: Actor, ecard: ECard, entitlement_id: uuid.UUID
+) -> tuple[Entitlement, bool]:
+    """End an entitlement now (commits, then mirrors; False: not yet, queued); 404 if it is not this card's."""
     entitlement = await session.get(Entitlement, entitlement_id)
     if entitlement is None or entitlement.ecard_id != ecard.id:
         raise problems.not_found("no such entitlement")
@@ -76,6 +75,6 @@ async def revoke_entitlement(
         session, actor, "entitlement.revoked", subject_type="entitlement", subject_id=entitlement.id,
         region=ecard.region_code, after={"ecard_id": str(ecard.id), "kind": entitlement.kind},
     )  # fmt: skip
+    await stage_card(session, ecard)
     await session.commit()
-    await mirror_entitlements(session, mirror, ecard)
-    return entitlement
+    return entitlement, await outbox.publish([ecard.id])

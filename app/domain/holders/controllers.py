@@ -18,6 +18,7 @@ from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, holder_on_dev
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
+from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, normalise_card_number
 from app.domain.holders.credentials import issue_credentials, render_qr
 from app.domain.holders.devices import list_devices, remove_device, rename_device
@@ -107,7 +108,7 @@ class HolderAuthController(Controller):
             session,
             ctx.pii,
             ctx.tokens,
-            ctx.mirror,
+            ctx.outbox,
             ctx.settings,
             card_number=normalise_card_number(data.card_number),
             activation_code=data.activation_code,
@@ -157,23 +158,31 @@ class HolderCardController(Controller):
             pin_locked=ecard.pin_attempts >= MAX_PIN_ATTEMPTS,
         )
 
-    @post("/card/loss", status_code=204, summary="Report the card lost", responses=problem_responses(401, 409, 503))
+    @post(
+        "/card/loss",
+        status_code=204,
+        summary="Report the card lost",
+        responses=problem_responses(401, 409, 503) | pending_response(),
+    )
     async def report_loss(
         self,
         ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[LossReport],
-    ) -> None:
-        """Suspend the eCard at once: from this moment no gate accepts its credentials."""
+    ) -> Response[None]:
+        """Suspend the eCard at once: from this moment no gate accepts its credentials (202: once the store is back)."""
         card, ecard, _person = await own_card(session, holder.session)
-        await report_loss(session, ctx.mirror, Actor.holder(holder.session), card, ecard, LOSS_BY_HOLDER, data.reason)
+        mirrored = await report_loss(
+            session, ctx.outbox, Actor.holder(holder.session), card, ecard, LOSS_BY_HOLDER, data.reason
+        )
+        return mirror_answer(None, mirrored, 204)
 
     @post(
         "/card/loss/undo",
         status_code=204,
         summary="Undo a loss report",
-        responses=problem_responses(401, 403, 409, 503),
+        responses=problem_responses(401, 403, 409, 503) | pending_response(),
     )
     async def undo_loss(
         self,
@@ -181,20 +190,21 @@ class HolderCardController(Controller):
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[LossUndo],
-    ) -> None:
+    ) -> Response[None]:
         """The card was found: within 7 days of the holder's own report, with a PIN step-up if a PIN is set."""
         card, ecard, _person = await own_card(session, holder.session)
         if ecard.pin_hash is not None and not _stepped_up(ctx, holder.session, data.step_up_token):
             raise problems.problem(403, "step_up_required", "undoing a loss report needs a fresh PIN step-up")
-        await undo_loss(
+        mirrored = await undo_loss(
             session,
-            ctx.mirror,
+            ctx.outbox,
             Actor.holder(holder.session),
             card,
             ecard,
             holder_window=LOSS_UNDO_WINDOW,
             reason="found by the holder",
         )
+        return mirror_answer(None, mirrored, 204)
 
     @get("/usage", summary="Where the card was used", responses=problem_responses(401, 503))
     async def usage(
@@ -255,16 +265,21 @@ class HolderCardController(Controller):
             id=device.id, name=device.name, created_at=device.created_at, current=device.id == holder.session.device_id
         )
 
-    @delete("/devices/{device_id:uuid}", summary="Remove a device", responses=problem_responses(401, 404, 503))
+    @delete(
+        "/devices/{device_id:uuid}",
+        summary="Remove a device",
+        responses=problem_responses(401, 404, 503) | pending_response(),
+    )
     async def remove_device(
         self,
         ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         device_id: FromPath[uuid.UUID],
-    ) -> None:
+    ) -> Response[None]:
         """Unbind a device (a lost phone): its sessions end at once, on every worker."""
-        await remove_device(session, ctx.mirror, holder.session, device_id, ctx.settings.access_token_ttl)
+        mirrored = await remove_device(session, ctx.outbox, holder.session, device_id, ctx.settings.access_token_ttl)
+        return mirror_answer(None, mirrored, 204)
 
     @put("/pin", status_code=204, summary="Set or change the PIN", responses=problem_responses(401, 403, 503))
     async def set_pin(
@@ -309,6 +324,7 @@ async def credential_bundle(
         purpose,
         data.count,
         stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
+        store_epoch_ms=holder.store_epoch_ms,
     )
     return CredentialBundle(
         kid=b64url(kid),

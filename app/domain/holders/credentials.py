@@ -60,8 +60,14 @@ async def issue_credentials(
     purpose: Purpose,
     count: int,
     stepped_up: bool,
+    store_epoch_ms: int = 0,
 ) -> tuple[bytes, list[IssuedCredential]]:
-    """Sign count credentials for the holder's card (whose mirrored status is card_status); (kid, credentials)."""
+    """Sign count credentials for the holder's card (whose mirrored status is card_status); (kid, credentials).
+
+    Windows start once the store's epoch lies behind them, clock skew included: a verifier refuses a
+    credential that could have been shown before the epoch (the store may have lost its use since),
+    so one issued just after a store reset starts a few seconds ahead instead.
+    """
     if count < 1 or count > settings.credential_bundle_max:
         raise problems.bad_request(f"count must be between 1 and {settings.credential_bundle_max}")
     if purpose in STEP_UP_PURPOSES:
@@ -76,7 +82,7 @@ async def issue_credentials(
     key = signing_keys.get(holder.region)
     if key is None:
         raise problems.unavailable(f"no signing key is loaded for region {holder.region}")
-    now = int(time.time())
+    now = max(int(time.time()), -(-store_epoch_ms // 1000) + settings.clock_skew)
     issued = []
     windows = plan_windows(now, count, settings.credential_lifetime, settings.credential_refresh)
     for index, (not_before, expires_at, refresh_at) in enumerate(windows):

@@ -11,7 +11,7 @@ from app import problems
 from app.clock import utcnow
 from app.db.models import Device, ECard, RefreshToken
 from app.domain.audit.services import Actor, record
-from app.stores.status_mirror import StatusMirror
+from app.domain.cards.mirroring import MirrorOutbox, stage_device
 from app.tokens import HolderSession
 
 
@@ -41,9 +41,10 @@ async def rename_device(session: AsyncSession, holder: HolderSession, device_id:
 
 
 async def remove_device(
-    session: AsyncSession, mirror: StatusMirror, holder: HolderSession, device_id: uuid.UUID, session_ttl: int
-) -> None:
-    """Unbind a device: its refresh tokens die now, its access tokens are refused from now on."""
+    session: AsyncSession, outbox: MirrorOutbox, holder: HolderSession, device_id: uuid.UUID, session_ttl: int
+) -> bool:
+    """Unbind a device: its refresh tokens die now, its access tokens are refused from now on (False: once the
+    status store answers again; the change is queued)."""
     device = await _own_device(session, holder, device_id)
     now = utcnow()
     device.revoked_at = now
@@ -57,5 +58,6 @@ async def remove_device(
         session, Actor.holder(holder), "device.removed", subject_type="device", subject_id=device.id,
         region=ecard.region_code if ecard else None, before={"name": device.name},
     )  # fmt: skip
+    stage_device(session, holder.ecard_id, device.id, session_ttl)
     await session.commit()
-    await mirror.revoke_device(holder.card_ref, device.id, session_ttl)
+    return await outbox.publish([holder.ecard_id])

@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import problems
 from app.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
-from app.domain.cards.services import activation_code_hash, normalise_activation_code, profile_record
+from app.domain.cards.mirroring import MirrorOutbox, stage_card
+from app.domain.cards.services import activation_code_hash, normalise_activation_code
 from app.pii import PiiCipher
 from app.settings import Settings
-from app.stores.status_mirror import CardRecord, MirroredStatus, StatusMirror
 from app.tokens import HolderSession, SessionTokens
 from crypto.keys import b64url
 
@@ -77,7 +77,7 @@ async def activate(
     session: AsyncSession,
     pii: PiiCipher,
     tokens: SessionTokens,
-    mirror: StatusMirror,
+    outbox: MirrorOutbox,
     settings: Settings,
     *,
     card_number: str,
@@ -146,11 +146,11 @@ async def activate(
     session.add(device)
     await session.flush()
     issued = await _start_session(session, tokens, settings, ecard, device, uuid.uuid4())
+    await stage_card(session, ecard)
     await session.commit()
-    # The profile first: an active card must never lack the record hospitals are answered from.
-    person = await session.get_one(Person, card.person_id)
-    await mirror.set_record(ecard.card_ref, CardRecord.PROFILE, profile_record(pii, ecard.card_ref, person))
-    await mirror.set_status(ecard.card_ref, MirroredStatus.ACTIVE)
+    # Profile and status together: an active card never lacks the record hospitals are answered from.
+    # Not mirrored yet (the store did not answer), the card is active within a second of its return.
+    await outbox.publish([ecard.id])
     return issued
 
 
