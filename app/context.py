@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as redis
 from litestar.datastructures import State
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.clock import utcnow
 from app.db.engine import create_engine, create_session_factory
+from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
+from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
@@ -22,13 +28,15 @@ from app.pii import PiiCipher
 from app.settings import Settings
 from app.stores.event_stream import EventStream, RedisEventStream
 from app.stores.invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
-from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, StatusMirror
+from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, StatusMirror, StoreUnavailable
 from app.tokens import SessionTokens
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "ecard"
 DIRECTORY_TOPIC = "directory"
+# The event stream's client waits this long for a reply: longer than a drain's blocking read (1 s).
+STREAM_SOCKET_TIMEOUT = 3.0
 
 
 @dataclass(slots=True)
@@ -49,6 +57,7 @@ class ServiceContext:
     coverage: MedicalCoverage
     events: EventStream
     offline_kits: OfflineKits
+    outbox: MirrorOutbox
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _drain_task: asyncio.Task[None] | None = None
     _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,8 +74,15 @@ class ServiceContext:
         events: EventStream
         if settings.redis_url:
             cluster = settings.redis_cluster
-            redis_mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix, cluster)
-            mirror, events = redis_mirror, RedisEventStream(redis_mirror.client, settings.redis_prefix, cluster)
+            mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix, cluster)
+            # Its own client: a drain's blocking read must not run into the hot calls' 1 s timeout.
+            options: dict[str, Any] = {"socket_timeout": STREAM_SOCKET_TIMEOUT, "socket_connect_timeout": 1.0}
+            stream_client = (
+                redis.RedisCluster.from_url(settings.redis_url, **options)
+                if cluster
+                else redis.Redis.from_url(settings.redis_url, **options)
+            )
+            events = RedisEventStream(stream_client, settings.redis_prefix, cluster)
             # Pub/sub reaches every node of a cluster from any one of them: a plain client suffices.
             bus_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0)
             bus = RedisInvalidationBus(bus_client, f"{settings.redis_prefix}invalidate")
@@ -93,15 +109,49 @@ class ServiceContext:
             coverage=MedicalCoverage.load(settings.medical_coverage_file),
             events=events,
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
+            outbox=MirrorOutbox(sessions, mirror, pii),
         )
 
     async def start(self) -> None:
-        """Load the caches and keep them fresh in the background."""
+        """Load the caches, open the store's epoch, and keep both fresh in the background."""
         await self.directory.reload()
+        await self.open_store_epochs()
         self._tasks.append(asyncio.create_task(self.bus.run(self._on_invalidation)))
         self._tasks.append(asyncio.create_task(self._refresh_periodically()))
+        self._tasks.append(asyncio.create_task(self.outbox.run(), name="mirror-outbox"))
+        self._tasks.append(asyncio.create_task(self.verifier.voids.run(), name="scan-voids"))
         if self.settings.drains_events:
             self._drain_task = asyncio.create_task(self.event_drain().run(self._stop_draining))
+
+    async def open_store_epochs(self) -> None:
+        """Give the status store an epoch if it has none: 0 when this deployment never used it, else now.
+
+        An empty store that the database remembers lost its used nonces (a restart without persistence):
+        from now on, codes that could have been shown before are refused until they expire. When the
+        store cannot be reached, its first scan opens the epoch (at that moment) instead.
+        """
+        try:
+            if not await self.mirror.epochs_missing():
+                return
+            async with self.sessions() as session:
+                first_use = await session.get(StatusStore, self.settings.redis_prefix) is None
+                if first_use:
+                    session.add(StatusStore(prefix=self.settings.redis_prefix, first_used_at=utcnow()))
+                    try:
+                        await session.commit()
+                    except IntegrityError:  # another worker starting with us was first: it chose
+                        await session.rollback()
+                        first_use = False
+            epoch_ms = 0 if first_use else time.time_ns() // 1_000_000
+            await self.mirror.start_epochs(epoch_ms)
+        except StoreUnavailable as exc:
+            logger.warning("status store unreachable at start-up (%s); its first use opens its epoch", exc)
+            return
+        if epoch_ms:
+            logger.warning(
+                "the status store is empty but was used before: it lost its memory of used codes; codes shown "
+                "before now are refused until they expire (refresh_required)"
+            )
 
     def event_drain(self, **options: int) -> EventDrain:
         """A drain of the verification event stream into this context's database."""
@@ -156,7 +206,10 @@ class ServiceContext:
         self._tasks.clear()
         if self.settings.drains_events:
             await self._drain_remaining_events()
+        if len(self.verifier.voids):
+            logger.error("%d scans answered 'outcome unknown' stay recorded as delivered", len(self.verifier.voids))
         await self.mirror.close()
+        await self.events.close()
         await self.bus.close()
         await self.engine.dispose()
 

@@ -28,6 +28,8 @@ REFUSED = Counter(
 )
 REFUSED_RATE_LIMITED = REFUSED.labels("rate_limited")
 REFUSED_UNAVAILABLE = REFUSED.labels("unavailable")
+# The store answered too late: the scan may have run (its answer is then marked undelivered).
+REFUSED_OUTCOME_UNKNOWN = REFUSED.labels("outcome_unknown")
 
 _results: dict[str, Counter] = {}
 

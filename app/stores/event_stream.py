@@ -69,12 +69,19 @@ class StreamUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One event as delivered: its stream id, the encoded event, the decision's result and its stream."""
+    """One event as delivered: its stream id, the encoded event, the decision's result and its stream.
+
+    A marker entry (`marker` "u" or "d") carries no event: it says that the answer of verification
+    `marked_id` did not reach its terminal ("u", the terminal was told "outcome unknown"), or did after
+    all ("d", its retry got it). It always follows its event in the same stream.
+    """
 
     entry_id: str
     event: bytes
     result: str
     stream: str = ""
+    marker: str = ""
+    marked_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +111,16 @@ class EventStream(Protocol):
         """How much is waiting."""
         ...
 
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
 
 def _entry(stream: bytes | str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:
     key = stream.decode() if isinstance(stream, bytes) else stream
     identifier = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    if b"m" in fields:
+        return StreamEntry(identifier, b"", "", key, marker=fields[b"m"].decode(), marked_id=fields[b"i"].decode())
     return StreamEntry(identifier, fields[b"e"], fields[b"r"].decode(), key)
 
 
@@ -227,6 +240,10 @@ class RedisEventStream:
         backlog: Backlog = await self._call(measure)
         return backlog
 
+    async def close(self) -> None:
+        """See `EventStream.close`."""
+        await self._client.aclose()
+
 
 class MemoryEventStream:
     """The stream in process memory, for the embedded default: lost if the process dies."""
@@ -242,6 +259,13 @@ class MemoryEventStream:
         """Add an entry (called by the in-process store, inside its atomic step)."""
         self._sequence += 1
         self._new.append(StreamEntry(f"{self._sequence}-0", event, result))
+        self._arrived.set()
+
+    def mark(self, verification_id: str, *, delivered: bool) -> None:
+        """Add a marker entry for a verification's answer (see `StreamEntry`)."""
+        self._sequence += 1
+        marker = "d" if delivered else "u"
+        self._new.append(StreamEntry(f"{self._sequence}-0", b"", "", marker=marker, marked_id=verification_id))
         self._arrived.set()
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[StreamEntry]:
@@ -274,3 +298,6 @@ class MemoryEventStream:
     async def backlog(self) -> Backlog:
         """See `EventStream.backlog`."""
         return Backlog(len(self._new) + len(self._pending), len(self._pending))
+
+    async def close(self) -> None:
+        """Nothing to release."""

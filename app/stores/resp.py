@@ -22,6 +22,11 @@ import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class NotSent(RedisConnectionError):
+    """No connection could be made: nothing was sent, so nothing ran."""
 
 
 def supports(url: str) -> bool:
@@ -125,9 +130,9 @@ class RespPipe:
                             protocol.fail(RedisConnectionError(f"Redis refused the connection's set-up: {reply}"))
                             raise reply
             except TimeoutError:
-                raise RedisConnectionError(f"no connection to Redis at {self._host}:{self._port} in time") from None
+                raise NotSent(f"no connection to Redis at {self._host}:{self._port} in time") from None
             except OSError as exc:
-                raise RedisConnectionError(f"no connection to Redis at {self._host}:{self._port}: {exc}") from exc
+                raise NotSent(f"no connection to Redis at {self._host}:{self._port}: {exc}") from exc
             self._protocol = protocol
             return protocol
 
@@ -141,20 +146,24 @@ class RespPipe:
         futures = [loop.create_future() for _ in commands]
         protocol.waiting.extend(futures)
         protocol.transport.write(pack(commands))
-        return [await future for future in futures]
+        # gather, not one await after the other: cut off by the timeout, it cancels every future, so none
+        # is failed later with an exception nobody retrieves.
+        return list(await asyncio.gather(*futures))
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to commands, in order; error replies as redis-py's exceptions (returned, not raised).
 
-        Raises redis-py's ConnectionError when Redis cannot be reached or answers too late.
+        Raises redis-py's TimeoutError when Redis answers too late (the commands may have run), its
+        ConnectionError when the connection breaks, and `NotSent` (a ConnectionError) when no connection
+        could be made, so nothing was sent.
         """
         protocol = await self._connected()
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._send(protocol, commands)
         except TimeoutError:
-            protocol.fail(RedisConnectionError(f"Redis did not answer within {self._timeout:g} s"))
-            raise RedisConnectionError(f"Redis did not answer within {self._timeout:g} s") from None
+            protocol.fail(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+            raise RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s") from None
 
     def close(self) -> None:
         """Close the connection (commands waiting on it fail)."""

@@ -10,6 +10,15 @@ stream share a hash tag (app/stores/event_stream.py), so one script decides and 
 atomically on a Redis Cluster too. The terminal's rate key cannot share it (a terminal scans
 every card): on one Redis node it rides in the same script call; on a cluster the rate is taken
 by a call of its own first, and nothing is consumed when it refuses.
+
+Losing the store (Redis restarted without persistence, a failover to an empty replica) loses the
+used nonces. Each shard keeps an epoch: the time its store began remembering. A scan whose
+credential could have been shown before the epoch (its window, clock skew included, began before
+it) is refused as `refresh_required` instead of being taken as unused: single use holds across the
+loss, and the price is the codes in flight at that moment (at most a lifetime and the skew). A
+shard that finds no epoch (the store is empty) starts one at once; issuing reads it too and starts
+new windows after it. Statuses carry the eCard's mirror version (`A17`), so a write of an older
+state never replaces a newer one.
 """
 
 from __future__ import annotations
@@ -19,16 +28,20 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.stores.event_stream import EVENT_STREAM_KEY, MemoryEventStream, shard_of, shard_prefix
-from app.stores.resp import RespPipe, supports
+from app.stores.event_stream import EVENT_SHARDS, EVENT_STREAM_KEY, MemoryEventStream, shard_of, shard_prefix
+from app.stores.resp import NotSent, RespPipe, supports
 
 
 class MirroredStatus(StrEnum):
@@ -41,7 +54,19 @@ class MirroredStatus(StrEnum):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached; the verify path must fail closed."""
+    """The store cannot be reached; the verify path must fail closed.
+
+    `sent`: the commands were sent before the failure, so they may have run (a scan's answer is then
+    voided when the store is back). `outcome_unknown`: the store answered too late (it was stalled, not
+    gone): the scan may well have run, and the caller must be told so. A connection that broke is taken
+    as a store that is gone (it may have run a command in the instant before it died: the void covers
+    the record).
+    """
+
+    def __init__(self, detail: str, *, sent: bool = False, outcome_unknown: bool = False) -> None:
+        super().__init__(detail)
+        self.sent = sent or outcome_unknown
+        self.outcome_unknown = outcome_unknown
 
 
 class ScanResult(StrEnum):
@@ -53,6 +78,9 @@ class ScanResult(StrEnum):
     CARD_REVOKED = "card_revoked"
     # The card is not in the mirror (never activated, or the mirror lost it): fail closed.
     CARD_UNKNOWN = "card_unknown"
+    # The credential could have been shown before the store's epoch (the store lost its used nonces
+    # since): it may be a replay, so it is refused; the holder's app shows a fresh one.
+    REFRESH_REQUIRED = "refresh_required"
 
 
 # Mirrored status → result; a card waiting for (re-)activation is not usable, like a suspended one.
@@ -118,6 +146,9 @@ class Scan:
     rate_scope: str = ""
     # When the credential was used, if not now (a gate's offline scan): what a later replay reports.
     used_ms: int = 0
+    # When the credential's window (skew included) began, in ms: refused as refresh_required if that
+    # is before the store's epoch. None: no such rule (a gate's offline scans, checked in the event log).
+    window_start_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +157,26 @@ class ScanAnswer:
 
     kind "limited": the terminal is over its rate (nothing consumed or recorded; retry after
     retry_after_ms). "retry": the same terminal showed the same credential again within its
-    window: the first answer's result and verification id. "new": a fresh decision.
+    window: the first answer's result and verification id. "new": a fresh decision. "voided": this
+    scan's caller was told "outcome unknown" and the scan was cancelled before it ran (nothing done).
     """
 
-    kind: Literal["new", "retry", "limited", "allowed"]
+    kind: Literal["new", "retry", "limited", "allowed", "voided"]
     result: str = ""
     verification_id: str = ""
     first_used_ms: int = 0
     record: bytes | None = None
     retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HolderState:
+    """What issuing needs from the store, in one round trip: the card's status, the device, the epoch."""
+
+    status: str | None
+    device_revoked: bool
+    # When the card's shard of the store began remembering used nonces (ms since the Unix epoch).
+    epoch_ms: int
 
 
 class StatusMirror(Protocol):
@@ -145,23 +187,30 @@ class StatusMirror(Protocol):
         ...
 
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
-        """Mirror a card's status (after the database commit)."""
+        """Mirror a card's status, unversioned (tests and tools; the service uses `mirror_card`)."""
         ...
 
     async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
-        """Mirror (or, with None, drop) one of a card's extra records."""
+        """Mirror (or, with None, drop) one of a card's extra records, unversioned."""
+        ...
+
+    async def mirror_card(
+        self, card_ref: bytes, version: int, status: MirroredStatus, records: Mapping[CardRecord, bytes | None]
+    ) -> bool:
+        """Set a card's records (None drops one) and then its status, atomically, unless the store holds a
+        newer version; whether it was written."""
         ...
 
     async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
         """One of a card's extra records, if mirrored."""
         ...
 
-    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
-        """The card's status and whether this device was unbound, in one round trip."""
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> HolderState:
+        """The card's status, whether this device was unbound, and the shard's epoch (started if absent)."""
         ...
 
     async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
-        """Mirrored statuses of many cards (for reconciliation), in order."""
+        """Mirrored statuses of many cards (for reconciliation), in order (the letter, without the version)."""
         ...
 
     async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
@@ -170,6 +219,20 @@ class StatusMirror(Protocol):
 
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
         """Refuse the device's access tokens from now on (for ttl seconds: their longest life)."""
+        ...
+
+    async def void(self, scan: Scan) -> str:
+        """After its caller was told "outcome unknown": mark the scan's answer undelivered if it ran
+        ("marked", an event entry says so), or cancel it if it has not ("cancelled"); "other" when the
+        credential's first use was another scan."""
+        ...
+
+    async def epochs_missing(self) -> bool:
+        """Whether some shard has no epoch (the store is new, or lost its data)."""
+        ...
+
+    async def start_epochs(self, epoch_ms: int) -> None:
+        """Give every shard without an epoch this one (the service does it at start-up)."""
         ...
 
     async def ping(self) -> None:
@@ -181,18 +244,28 @@ class StatusMirror(Protocol):
         ...
 
 
+def status_letter(value: str | None) -> str | None:
+    """The status part of a mirrored value (`A17` → `A`)."""
+    return value[:1] if value else None
+
+
 # ARGV[12] says where the terminal's rate is taken: "with" (KEYS[1] is its rate key, the other
 # keys follow), "only" (KEYS[1] is the rate key and nothing else happens: the first call of a
 # cluster's two) or "none" (taken already). The other keys, from k (2 with the rate key, else 1):
-# KEYS[k] the shard's event stream; with a card also KEYS[k+1] nonce, KEYS[k+2] status and
-# (optionally) KEYS[k+3] the record to disclose.
+# KEYS[k] the shard's event stream; with a card also KEYS[k+1] nonce, KEYS[k+2] status, KEYS[k+3]
+# the shard's epoch and (optionally) KEYS[k+4] the record to disclose.
 # ARGV[1] now (ms), ARGV[2] rate interval (ms), ARGV[3] burst tolerance (ms), ARGV[4] event,
 # ARGV[5] result decided before the store ("" = consult the card), ARGV[6] nonce lifetime (s),
 # ARGV[7] terminal, ARGV[8] verification id, ARGV[9] retry window (ms), ARGV[10] "1" when the
 # record is required (a missing one then fails closed as card_unknown), ARGV[11] when the
-# credential was used (ms; the scan time of an offline scan, else now).
-# The nonce's value remembers the first use: "terminal|verification id|ms|result".
-# A Lua nil would end the returned array, so absent values come back as "".
+# credential was used (ms; the scan time of an offline scan, else now), ARGV[13] when the
+# credential's window began (ms; "" = no epoch rule).
+# The nonce's value remembers the first use: "terminal|verification id|ms|result", with "|u" after
+# it while that answer is known not to have reached the terminal (see _VOID_LUA) and "|d" once a
+# retry gave it to the terminal (then it is never voided); "…|void" is a cancelled scan that never ran.
+# A status is its letter and the eCard's mirror version ("A17").
+# Marker entries of the stream ({m: u|d, i: verification id}) say an answer was not, or after all
+# was, delivered. A Lua nil would end the returned array, so absent values come back as "".
 _SCAN_LUA = """
 local results_by_status = STATUS_RESULTS
 local now = tonumber(ARGV[1])
@@ -207,27 +280,50 @@ if ARGV[12] ~= 'none' then
   if ARGV[12] == 'only' then return {'allowed', '', '', '0', '', '0'} end
   k = 2
 end
-local stream, nonce_key, status_key, record_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+local stream, nonce_key, status_key, epoch_key, record_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
 local result = ARGV[5]
 local first = ARGV[11]
 local record = ''
 if result == '' then
+  local fresh = true
   local previous = redis.call('GET', nonce_key)
   if previous then
-    local terminal, id, at, outcome = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-    if terminal == ARGV[7] and now - tonumber(at) <= tonumber(ARGV[9]) then
-      if outcome == 'accepted' and record_key then record = redis.call('GET', record_key) or '' end
-      return {'retry', outcome, id, at, record, '0'}
+    local terminal, id, at, outcome, flag = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)$')
+    if outcome == 'void' then
+      -- A cancelled scan never used the credential; only that scan itself, arriving late, is refused.
+      if id == ARGV[8] then return {'voided', '', id, '0', '', '0'} end
+    else
+      fresh = false
+      if terminal == ARGV[7] and now - tonumber(at) <= tonumber(ARGV[9]) then
+        if outcome == 'accepted' and record_key then record = redis.call('GET', record_key) or '' end
+        if flag ~= 'd' then
+          -- The terminal has the answer now: a void arriving later must not mark it undelivered.
+          redis.call('SET', nonce_key, terminal .. '|' .. id .. '|' .. at .. '|' .. outcome .. '|d', 'KEEPTTL')
+          if flag == 'u' then redis.call('XADD', stream, '*', 'm', 'd', 'i', id) end
+        end
+        return {'retry', outcome, id, at, record, '0'}
+      end
+      result = 'replayed'
+      first = at
     end
-    result = 'replayed'
-    first = at
-  else
-    result = results_by_status[redis.call('GET', status_key) or ''] or 'card_unknown'
-    if result == 'accepted' and record_key then
-      record = redis.call('GET', record_key) or ''
-      if record == '' and ARGV[10] == '1' then result = 'card_unknown' end
+  end
+  if fresh then
+    local epoch = redis.call('GET', epoch_key)
+    if not epoch then
+      epoch = ARGV[1]
+      redis.call('SET', epoch_key, epoch)
     end
-    redis.call('SET', nonce_key, ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[11] .. '|' .. result, 'EX', ARGV[6])
+    if ARGV[13] ~= '' and tonumber(ARGV[13]) < tonumber(epoch) then
+      result = 'refresh_required'
+    else
+      local status = redis.call('GET', status_key)
+      result = (status and results_by_status[string.sub(status, 1, 1)]) or 'card_unknown'
+      if result == 'accepted' and record_key then
+        record = redis.call('GET', record_key) or ''
+        if record == '' and ARGV[10] == '1' then result = 'card_unknown' end
+      end
+      redis.call('SET', nonce_key, ARGV[7] .. '|' .. ARGV[8] .. '|' .. ARGV[11] .. '|' .. result, 'EX', ARGV[6])
+    end
   end
 end
 redis.call('XADD', stream, '*', 'e', ARGV[4], 'r', result)
@@ -237,10 +333,58 @@ return {'new', result, ARGV[8], first, record, '0'}
     "{" + ", ".join(f"{status}='{result.value}'" for status, result in _STATUS_RESULTS.items()) + "}",
 )
 
+# KEYS[1] the shard's epoch, KEYS[2] the card's status, KEYS[3] the device's revocation; ARGV[1] now (ms).
+_HOLDER_LUA = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+return {redis.call('GET', KEYS[2]) or '', redis.call('EXISTS', KEYS[3]), epoch}
+"""
+
+# KEYS[1] the card's status, KEYS[2..] records; ARGV[1] version, ARGV[2] status letter, ARGV[3..] the
+# records' values in KEYS order ("" drops one). Nothing is written when the store holds a newer version.
+_MIRROR_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and (tonumber(string.sub(current, 2)) or 0) > tonumber(ARGV[1]) then return 0 end
+for i = 2, #KEYS do
+  if ARGV[i + 1] == '' then redis.call('DEL', KEYS[i]) else redis.call('SET', KEYS[i], ARGV[i + 1]) end
+end
+redis.call('SET', KEYS[1], ARGV[2] .. ARGV[1])
+return 1
+"""
+
+# KEYS[1] the shard's event stream, KEYS[2] the nonce; ARGV[1] verification id, ARGV[2] terminal,
+# ARGV[3] now (ms), ARGV[4] nonce lifetime (s). See `StatusMirror.void`.
+_VOID_LUA = """
+local previous = redis.call('GET', KEYS[2])
+if not previous then
+  redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[3] .. '|void', 'EX', ARGV[4])
+  return 'cancelled'
+end
+local terminal, id, at, outcome, flag = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)$')
+if id ~= ARGV[1] or outcome == 'void' then return 'other' end
+if flag == '' then
+  redis.call('SET', KEYS[2], previous .. '|u', 'KEEPTTL')
+  redis.call('XADD', KEYS[1], '*', 'm', 'u', 'i', id)
+elseif flag == 'd' then
+  return 'other'
+end
+return 'marked'
+"""
+
 # How long a Redis call may take before the store counts as unavailable (connecting, or answering).
 TIMEOUT = 1.0
 
-_SCAN_SHA = hashlib.sha1(_SCAN_LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+
+_SCRIPTS = {_sha(script): script for script in (_SCAN_LUA, _HOLDER_LUA, _MIRROR_LUA, _VOID_LUA)}
+_SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA = _SCRIPTS
+EPOCH_KEY = "epoch"
 
 
 def card_key(prefix: str, card_ref: bytes) -> str:
@@ -253,9 +397,22 @@ def card_key(prefix: str, card_ref: bytes) -> str:
 _Queued = tuple[tuple[Any, ...], Callable[[Any], Any], "asyncio.Future[Any]"]
 
 
-def _holder_state(reply: list[bytes | None]) -> tuple[str | None, bool]:
-    status, revoked = reply
-    return (status.decode() if status is not None else None), revoked is not None
+def _holder_state(reply: list[Any]) -> HolderState:
+    status, revoked, epoch = reply
+    return HolderState(status_letter(status.decode()), int(revoked) == 1, int(epoch))
+
+
+def _unavailable(exc: Exception) -> StoreUnavailable:
+    """The store failed; whether what was sent may have run decides what a caller may promise."""
+    return StoreUnavailable(str(exc), sent=not _never_sent(exc), outcome_unknown=isinstance(exc, RedisTimeoutError))
+
+
+def _never_sent(exc: Exception) -> bool:
+    """Whether the failure happened before anything reached the store (no connection could be made)."""
+    if isinstance(exc, NotSent):
+        return True
+    # redis-py says so only in its message: "Error 111 connecting to host:port. Connection refused."
+    return isinstance(exc, RedisConnectionError) and " connecting to " in str(exc)
 
 
 def _answer(reply: list[bytes]) -> ScanAnswer:
@@ -299,11 +456,15 @@ class RedisStatusMirror:
         if cluster:
             return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
         pipe = RespPipe(url, TIMEOUT, TIMEOUT) if supports(url) else None
+        # A pooled connection that Redis closed (it restarted) is found out by the next call: that call
+        # is sent once more on a new connection. Every call here may run twice: writes set values, and a
+        # scan run again is the same terminal's retry, which repeats the first answer.
+        options.update(retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         return cls(redis.Redis.from_url(url, **options), prefix, pipe=pipe)
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
-        """The connection pool, shared with the event stream."""
+        """The connection pool."""
         return self._client
 
     def _card_key(self, card_ref: bytes) -> str:
@@ -348,9 +509,10 @@ class RedisStatusMirror:
         try:
             results = await self._execute(batch)
         except (RedisError, OSError) as exc:
+            error = _unavailable(exc)
             for _, _, future in batch:
                 if not future.done():
-                    future.set_exception(StoreUnavailable(str(exc)))
+                    future.set_exception(error)
             return
         for (_, parse, future), reply in zip(batch, results, strict=True):
             if not future.done():
@@ -362,7 +524,8 @@ class RedisStatusMirror:
         # A NOSCRIPT reply means that call did nothing, so those (and only those) run again.
         lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
         if lost:
-            await self._client.script_load(_SCAN_LUA)
+            for sha in {batch[index][0][1] for index in lost}:
+                await self._client.script_load(_SCRIPTS[sha])
             for index, result in zip(lost, await self._pipeline([batch[i] for i in lost]), strict=True):
                 results[index] = result
         for result in results:
@@ -375,11 +538,8 @@ class RedisStatusMirror:
         if scan.decided:
             return (shard_prefix(self._prefix, shard_of(scan.verification_id.encode())) + EVENT_STREAM_KEY,)
         card_key = self._card_key(scan.card_ref)
-        keys = (
-            shard_prefix(self._prefix, shard_of(scan.card_ref)) + EVENT_STREAM_KEY,
-            f"{card_key}:n:{scan.nonce.hex()}",
-            f"{card_key}:s",
-        )
+        shard = shard_prefix(self._prefix, shard_of(scan.card_ref))
+        keys = (shard + EVENT_STREAM_KEY, f"{card_key}:n:{scan.nonce.hex()}", f"{card_key}:s", shard + EPOCH_KEY)
         return (*keys, f"{card_key}:{scan.record.value}") if scan.record else keys
 
     @staticmethod
@@ -388,6 +548,7 @@ class RedisStatusMirror:
             scan.now_ms, scan.rate.interval_ms, scan.rate.tolerance_ms, scan.event, scan.decided,
             scan.nonce_ttl, scan.terminal, scan.verification_id, scan.retry_window_ms,
             "1" if scan.record.required else "0", scan.used_ms or scan.now_ms, rate_mode,
+            "" if scan.window_start_ms is None else scan.window_start_ms,
         )  # fmt: skip
 
     async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
@@ -404,7 +565,7 @@ class RedisStatusMirror:
         try:
             await self._client.set(f"{self._card_key(card_ref)}:s", status.value)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
 
     async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
         """See `StatusMirror.set_record`."""
@@ -415,21 +576,71 @@ class RedisStatusMirror:
             else:
                 await self._client.set(key, value)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
+
+    async def mirror_card(
+        self, card_ref: bytes, version: int, status: MirroredStatus, records: Mapping[CardRecord, bytes | None]
+    ) -> bool:
+        """See `StatusMirror.mirror_card`; one script call on the card's keys (one slot)."""
+        card_key = self._card_key(card_ref)
+        keys = [f"{card_key}:s", *(f"{card_key}:{record.value}" for record in records)]
+        values = [value if value is not None else b"" for value in records.values()]
+        try:
+            written = await self._client.evalsha(_MIRROR_SHA, len(keys), *keys, version, status.value, *values)
+        except NoScriptError:
+            await self._client.script_load(_MIRROR_LUA)
+            return await self.mirror_card(card_ref, version, status, records)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return int(written) == 1
+
+    async def void(self, scan: Scan) -> str:
+        """See `StatusMirror.void`."""
+        shard = shard_prefix(self._prefix, shard_of(scan.card_ref))
+        keys = (shard + EVENT_STREAM_KEY, f"{self._card_key(scan.card_ref)}:n:{scan.nonce.hex()}")
+        args = (scan.verification_id, scan.terminal, time.time_ns() // 1_000_000, max(scan.nonce_ttl, 1))
+        outcome: bytes = await self._queued(("EVALSHA", _VOID_SHA, len(keys), *keys, *args), lambda reply: reply)
+        return outcome.decode()
+
+    async def epochs_missing(self) -> bool:
+        """See `StatusMirror.epochs_missing`."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard in range(EVENT_SHARDS):
+                    pipe.exists(shard_prefix(self._prefix, shard) + EPOCH_KEY)
+                found = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return not all(found)
+
+    async def start_epochs(self, epoch_ms: int) -> None:
+        """See `StatusMirror.start_epochs`."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard in range(EVENT_SHARDS):
+                    pipe.set(shard_prefix(self._prefix, shard) + EPOCH_KEY, epoch_ms, nx=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
 
     async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
         """See `StatusMirror.get_record`."""
         try:
             value = await self._client.get(f"{self._card_key(card_ref)}:{record.value}")
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
         return value if isinstance(value, bytes) else None
 
-    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
-        """See `StatusMirror.holder_state`; both keys carry the card's hash tag (one slot), queued like scans."""
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> HolderState:
+        """See `StatusMirror.holder_state`; the keys carry the card's hash tag (one slot), queued like scans."""
         card_key = self._card_key(card_ref)
-        state: tuple[str | None, bool] = await self._queued(
-            ("MGET", f"{card_key}:s", f"{card_key}:d:{device_id.hex}"), _holder_state
+        keys = (
+            shard_prefix(self._prefix, shard_of(card_ref)) + EPOCH_KEY,
+            f"{card_key}:s",
+            f"{card_key}:d:{device_id.hex}",
+        )
+        state: HolderState = await self._queued(
+            ("EVALSHA", _HOLDER_SHA, len(keys), *keys, time.time_ns() // 1_000_000), _holder_state
         )
         return state
 
@@ -441,8 +652,8 @@ class RedisStatusMirror:
                     pipe.get(f"{self._card_key(card_ref)}:s")
                 values = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return [value.decode() if isinstance(value, bytes) else value for value in values]
+            raise _unavailable(exc) from exc
+        return [status_letter(value.decode()) if isinstance(value, bytes) else None for value in values]
 
     async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
         """See `StatusMirror.missing_records`."""
@@ -452,7 +663,7 @@ class RedisStatusMirror:
                     pipe.exists(f"{self._card_key(card_ref)}:{record.value}")
                 values = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
         return [not value for value in values]
 
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
@@ -460,14 +671,14 @@ class RedisStatusMirror:
         try:
             await self._client.set(f"{self._card_key(card_ref)}:d:{device_id.hex}", "1", ex=max(ttl, 1))
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
 
     async def ping(self) -> None:
         """See `StatusMirror.ping`."""
         try:
             await self._client.ping()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
 
     async def close(self) -> None:
         """See `StatusMirror.close`."""
@@ -483,25 +694,40 @@ class _FirstUse:
     at_ms: int
     result: str
     until: float
+    # "u": the answer is known not to have reached the terminal (see `StatusMirror.void`); "d": a retry
+    # gave it to the terminal, so it is never voided.
+    flag: str = ""
+
+
+VOID = "void"
 
 
 class MemoryStatusMirror:
-    """The same decisions in this process: correct only while the service runs one worker."""
+    """The same decisions in this process: correct only while the service runs one worker.
+
+    Its epoch is the process's start: nonces used before a restart are gone with the process.
+    """
 
     def __init__(self, events: MemoryEventStream | None = None) -> None:
         self.events = events or MemoryEventStream()
         self._nonces: dict[tuple[bytes, bytes], _FirstUse] = {}
-        self._statuses: dict[bytes, str] = {}
+        self._statuses: dict[bytes, tuple[str, int]] = {}
         self._records: dict[tuple[bytes, CardRecord], bytes] = {}
         self._rates: dict[str, float] = {}
         self._revoked_devices: dict[uuid.UUID, float] = {}
         self._next_purge = 0.0
+        self._epoch_ms: int | None = None
 
     def _purge(self, now: float) -> None:
         if now >= self._next_purge:
             self._nonces = {key: use for key, use in self._nonces.items() if use.until > now}
             self._revoked_devices = {key: until for key, until in self._revoked_devices.items() if until > now}
             self._next_purge = now + 10.0
+
+    def _epoch(self) -> int:
+        if self._epoch_ms is None:
+            self._epoch_ms = time.time_ns() // 1_000_000
+        return self._epoch_ms
 
     async def scan(self, scan: Scan) -> ScanAnswer:
         """See `StatusMirror.scan`; atomic because nothing here awaits (the Lua script, in Python)."""
@@ -519,15 +745,26 @@ class MemoryStatusMirror:
             self._purge(clock)
             key = (scan.card_ref, scan.nonce)
             previous = self._nonces.get(key)
-            if previous is not None and previous.until > clock:
+            if previous is not None and previous.until <= clock:
+                previous = None
+            if previous is not None and previous.result == VOID:
+                if previous.verification_id == scan.verification_id:
+                    return ScanAnswer("voided", verification_id=scan.verification_id)
+                previous = None
+            if previous is not None:
                 if previous.terminal == scan.terminal and now - previous.at_ms <= scan.retry_window_ms:
+                    if previous.flag == "u":
+                        self.events.mark(previous.verification_id, delivered=True)
+                    previous.flag = "d"
                     return ScanAnswer(
                         "retry", previous.result, previous.verification_id, previous.at_ms,
                         self._record_for(scan, previous.result),
                     )  # fmt: skip
                 result, first = ScanResult.REPLAYED.value, previous.at_ms
+            elif scan.window_start_ms is not None and scan.window_start_ms < self._epoch():
+                result = ScanResult.REFRESH_REQUIRED.value
             else:
-                status = self._statuses.get(scan.card_ref, "")
+                status = status_letter(self._statuses.get(scan.card_ref, ("", 0))[0]) or ""
                 result = _STATUS_RESULTS.get(status, ScanResult.CARD_UNKNOWN).value
                 if result == ScanResult.ACCEPTED and scan.record.required and self._record_for(scan, result) is None:
                     result = ScanResult.CARD_UNKNOWN.value
@@ -542,7 +779,7 @@ class MemoryStatusMirror:
 
     async def set_status(self, card_ref: bytes, status: MirroredStatus) -> None:
         """See `StatusMirror.set_status`."""
-        self._statuses[card_ref] = status.value
+        self._statuses[card_ref] = (status.value, 0)
 
     async def set_record(self, card_ref: bytes, record: CardRecord, value: bytes | None) -> None:
         """See `StatusMirror.set_record`."""
@@ -551,18 +788,32 @@ class MemoryStatusMirror:
         else:
             self._records[(card_ref, record)] = value
 
+    async def mirror_card(
+        self, card_ref: bytes, version: int, status: MirroredStatus, records: Mapping[CardRecord, bytes | None]
+    ) -> bool:
+        """See `StatusMirror.mirror_card`."""
+        current = self._statuses.get(card_ref)
+        if current is not None and current[1] > version:
+            return False
+        for record, value in records.items():
+            await self.set_record(card_ref, record, value)
+        self._statuses[card_ref] = (status.value, version)
+        return True
+
     async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
         """See `StatusMirror.get_record`."""
         return self._records.get((card_ref, record))
 
-    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> tuple[str | None, bool]:
+    async def holder_state(self, card_ref: bytes, device_id: uuid.UUID) -> HolderState:
         """See `StatusMirror.holder_state`."""
         until = self._revoked_devices.get(device_id)
-        return self._statuses.get(card_ref), until is not None and until > time.monotonic()
+        status = self._statuses.get(card_ref)
+        revoked = until is not None and until > time.monotonic()
+        return HolderState(status[0] if status else None, revoked, self._epoch())
 
     async def get_statuses(self, card_refs: list[bytes]) -> list[str | None]:
         """See `StatusMirror.get_statuses`."""
-        return [self._statuses.get(card_ref) for card_ref in card_refs]
+        return [status[0] if (status := self._statuses.get(card_ref)) else None for card_ref in card_refs]
 
     async def missing_records(self, card_refs: list[bytes], record: CardRecord) -> list[bool]:
         """See `StatusMirror.missing_records`."""
@@ -571,6 +822,32 @@ class MemoryStatusMirror:
     async def revoke_device(self, card_ref: bytes, device_id: uuid.UUID, ttl: int) -> None:
         """See `StatusMirror.revoke_device`."""
         self._revoked_devices[device_id] = time.monotonic() + ttl
+
+    async def void(self, scan: Scan) -> str:
+        """See `StatusMirror.void` (a scan here never times out; kept for the contract)."""
+        key = (scan.card_ref, scan.nonce)
+        previous = self._nonces.get(key)
+        if previous is None or previous.until <= time.monotonic():
+            self._nonces[key] = _FirstUse(
+                scan.terminal, scan.verification_id, time.time_ns() // 1_000_000, VOID,
+                time.monotonic() + max(scan.nonce_ttl, 1),
+            )  # fmt: skip
+            return "cancelled"
+        if previous.verification_id != scan.verification_id or previous.result == VOID or previous.flag == "d":
+            return "other"
+        if not previous.flag:
+            previous.flag = "u"
+            self.events.mark(previous.verification_id, delivered=False)
+        return "marked"
+
+    async def epochs_missing(self) -> bool:
+        """See `StatusMirror.epochs_missing`."""
+        return self._epoch_ms is None
+
+    async def start_epochs(self, epoch_ms: int) -> None:
+        """See `StatusMirror.start_epochs`."""
+        if self._epoch_ms is None:
+            self._epoch_ms = epoch_ms
 
     async def ping(self) -> None:
         """Always reachable."""

@@ -32,6 +32,22 @@ MAX_BATCH_BODY_BYTES = MAX_BATCH * 700
 TerminalApiKey = Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)]
 
 _UNAVAILABLE = "card status store is unreachable; the credential was not accepted"
+_OUTCOME_UNKNOWN = (
+    "card status store did not answer in time: the credential may have been used up. This terminal gets "
+    "the first answer if it sends the same credential again within its retry window ({window} s); "
+    "otherwise ask for a fresh code"
+)
+
+
+def _store_unavailable(exc: StoreUnavailable, retry_window: int) -> Exception:
+    """503: "not accepted" when nothing reached the store, "outcome unknown" when the scan may have run."""
+    if not exc.outcome_unknown:
+        metrics.REFUSED_UNAVAILABLE.inc()
+        return problems.unavailable(_UNAVAILABLE)
+    metrics.REFUSED_OUTCOME_UNKNOWN.inc()
+    error = problems.problem(503, "outcome_unknown", _OUTCOME_UNKNOWN.format(window=retry_window))
+    error.headers = {"Retry-After": "1"}
+    return error
 
 
 async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
@@ -103,7 +119,9 @@ async def verify(
     gets the same one (same `verification_id`, `repeated: true`) if it sends the same
     credential again within a few seconds, e.g. after a lost reply; any other terminal gets
     `replayed`. 429 means the terminal is over its rate and nothing was consumed; 503 that the
-    status store is unreachable: nothing was accepted.
+    status store is unreachable: code `unavailable` when nothing reached it (nothing was accepted),
+    `outcome_unknown` when it answered too late (the credential may have been used up; sending the
+    same credential again within the retry window gets the first answer).
     """
     started = time.perf_counter()
     terminal = await terminal_of(request, api_key)
@@ -123,9 +141,8 @@ async def answer_scan(
     except RateLimited as exc:
         metrics.REFUSED_RATE_LIMITED.inc()
         raise _rate_limited(exc) from None
-    except StoreUnavailable:
-        metrics.REFUSED_UNAVAILABLE.inc()
-        raise problems.unavailable(_UNAVAILABLE) from None
+    except StoreUnavailable as exc:
+        raise _store_unavailable(exc, verifier.retry_window) from None
     metrics.count_result(outcome.reason.value if outcome.reason else "accepted")
     metrics.VERIFY_SECONDS.observe(time.perf_counter() - started)
     return _answer(outcome, VerifyResponse)
@@ -176,7 +193,10 @@ async def verify_batch(
     try:
         outcomes = await ctx.verifier.verify_batch(session, terminal, scans)
     except StoreUnavailable:
-        raise problems.unavailable(_UNAVAILABLE) from None
+        raise problems.unavailable(
+            "card status store is unreachable or answered too late; upload the same batch again: its answers "
+            "and verification ids do not change"
+        ) from None
     results = []
     for outcome in outcomes:
         if isinstance(outcome, RateLimited):

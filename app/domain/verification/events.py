@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import insert_or_ignore
@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 ONLINE = "online"
 BATCH = "batch"
 # The results of verifications that reached the card and so used up the credential's nonce.
-NONCE_CONSUMING_RESULTS = tuple(result.value for result in ScanResult if result is not ScanResult.REPLAYED)
+NONCE_CONSUMING_RESULTS = tuple(
+    result.value for result in ScanResult if result not in (ScanResult.REPLAYED, ScanResult.REFRESH_REQUIRED)
+)
 
 
 class EventRecord(msgspec.Struct, array_like=True, frozen=True):
@@ -87,13 +89,22 @@ def _row(entry: StreamEntry) -> dict[str, Any] | None:
 
 
 async def store_events(session: AsyncSession, entries: list[StreamEntry]) -> None:
-    """Insert the entries' events, skipping ids already present (redelivery); commit."""
-    rows = [row for entry in entries if (row := _row(entry)) is not None]
-    if not rows:
+    """Insert the entries' events, skipping ids already present (redelivery), then apply their markers; commit.
+
+    A marker follows its event in the same stream, so its row is in the database or in this batch.
+    """
+    rows = [row for entry in entries if not entry.marker and (row := _row(entry)) is not None]
+    markers = [(entry.marked_id, entry.marker == "d") for entry in entries if entry.marker]
+    if not rows and not markers:
         return
-    # One row per id even within a batch (a redelivered entry can sit beside its original).
-    unique = list({row["id"]: row for row in rows}.values())
-    await session.execute(insert_or_ignore(session, VerificationEvent, ["id"]), unique)
+    if rows:
+        # One row per id even within a batch (a redelivered entry can sit beside its original).
+        unique = list({row["id"]: row for row in rows}.values())
+        await session.execute(insert_or_ignore(session, VerificationEvent, ["id"]), unique)
+    for verification_id, delivered in markers:
+        await session.execute(
+            update(VerificationEvent).where(VerificationEvent.id == verification_id).values(answer_delivered=delivered)
+        )
     await session.commit()
 
 
@@ -173,7 +184,8 @@ async def card_usage(
     query = (
         select(VerificationEvent, VerifierOrganisation.name, VerifierOrganisation.business_type)
         .join(VerifierOrganisation, VerifierOrganisation.id == VerificationEvent.organisation_id)
-        .where(VerificationEvent.card_ref == card_ref)
+        # An answer no gate received (it was told "outcome unknown") is no use the holder made.
+        .where(VerificationEvent.card_ref == card_ref, VerificationEvent.answer_delivered.is_(True))
         .order_by(VerificationEvent.occurred_at.desc(), VerificationEvent.id.desc())
         .limit(limit)
     )

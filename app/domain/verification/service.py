@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ from app.domain.verification.disclosure import Disclosing, disclose, policy_for
 from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event, moment_of
 from app.pii import PiiCipher
 from app.settings import Settings
-from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror
+from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror, StoreUnavailable
 from crypto.credential import Claims, CredentialRejected, Rejection, open_credential
 from crypto.keys import b64url
+
+logger = logging.getLogger(__name__)
 
 
 class Reason(StrEnum):
@@ -46,6 +49,9 @@ class Reason(StrEnum):
     REGION_NOT_ACCEPTED = "region_not_accepted"
     # Batch only: the scan time is in the future or older than the offline window.
     SCAN_TIME_INVALID = "scan_time_invalid"
+    # The code could have been shown before the status store lost its memory of used codes (a Redis
+    # restart without persistence): it may be a replay. The holder's app shows a fresh one.
+    REFRESH_REQUIRED = "refresh_required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,56 @@ class BatchScan:
     scanned_at_ms: int
 
 
+class VoidQueue:
+    """Scans whose terminals were told "outcome unknown" (503), voided in the store as soon as it answers.
+
+    A scan that ran gets its answer marked undelivered (the event log then says no gate showed it);
+    one that had not run yet is cancelled, so arriving late it does nothing. Kept in memory: a worker
+    that dies with voids pending leaves those answers recorded as delivered (logged at shutdown).
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self, mirror: StatusMirror) -> None:
+        self._mirror = mirror
+        self._pending: dict[str, Scan] = {}
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, scan: Scan) -> None:
+        """Void scan as soon as the store answers (the oldest is dropped past LIMIT, logged)."""
+        if len(self._pending) >= self.LIMIT:
+            dropped = next(iter(self._pending))
+            del self._pending[dropped]
+            logger.error("too many scans wait to be voided; %s stays recorded as delivered", dropped)
+        self._pending[scan.verification_id] = scan
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Void what is pending; how many were done (raises StoreUnavailable when the store is still away)."""
+        done = 0
+        for verification_id, scan in list(self._pending.items()):
+            await self._mirror.void(scan)
+            self._pending.pop(verification_id, None)
+            done += 1
+        return done
+
+    async def run(self) -> None:
+        """Until cancelled: void pending scans, retrying every VOID_RETRY seconds while the store is away."""
+        while True:
+            await self._wake.wait()
+            try:
+                await self.run_once()
+                self._wake.clear()
+            except StoreUnavailable:
+                await asyncio.sleep(VOID_RETRY)
+
+
+VOID_RETRY = 0.2
+
+
 class CredentialVerifier:
     """Decides scans for terminals."""
 
@@ -109,10 +165,12 @@ class CredentialVerifier:
         self._pii = pii
         self._pseudonym_key = pseudonym_key
         self._skew = settings.clock_skew
+        self.retry_window = settings.verify_retry_window
         self._retry_window_ms = settings.verify_retry_window * 1000
         self._nonce_memory = settings.nonce_memory
         self._offline_window_ms = settings.offline_scan_window * 1000
         self._batch_id_key = hmac.new(pseudonym_key, b"batch-verification-id", hashlib.sha256).digest()
+        self.voids = VoidQueue(mirror)
 
     def _batch_verification_id(self, terminal: TerminalEntry, scan: BatchScan) -> str:
         """The same id for the same gate's same scan, however often it is uploaded (events insert once by id)."""
@@ -170,6 +228,9 @@ class CredentialVerifier:
             )  # fmt: skip
         # Remember the nonce while the credential could be accepted, and a while longer for batches.
         nonce_ttl = max(1, claims.expires_at + self._skew - now_ms // 1000 + 1) + self._nonce_memory
+        # A live scan is refused if the credential could have been shown before the store's epoch; an
+        # offline gate's upload is checked against the event log instead (earlier_uses).
+        window_start_ms = (claims.not_before - self._skew) * 1000 if channel == ONLINE else None
         return Scan(
             terminal.key,
             verification_id,
@@ -183,12 +244,16 @@ class CredentialVerifier:
             nonce_ttl=nonce_ttl,
             retry_window_ms=_BATCH_RETRY_WINDOW_MS if channel == BATCH else self._retry_window_ms,
             record=policy_for(terminal).record,
+            window_start_ms=window_start_ms,
         )
 
     async def _decide(self, terminal: TerminalEntry, claims: Claims | None, scan: Scan) -> Outcome:
         answer = await self._mirror.scan(scan)
         if answer.kind == "limited":
             raise RateLimited(answer.retry_after_ms)
+        if answer.kind == "voided":
+            # Only a scan whose caller gave up on it can be voided: nobody waits for this answer.
+            raise StoreUnavailable("the scan was cancelled after its caller was told the outcome is unknown")
         purpose = claims.purpose.label if claims else None
         repeated = answer.kind == "retry"
         if answer.result == ScanResult.ACCEPTED:
@@ -214,7 +279,14 @@ class CredentialVerifier:
         now_ms = time.time_ns() // 1_000_000
         verification_id = _new_verification_id()
         claims, decided = self._check(terminal, text, now_ms // 1000)
-        return await self._decide(terminal, claims, self._scan(terminal, verification_id, now_ms, claims, decided))
+        scan = self._scan(terminal, verification_id, now_ms, claims, decided)
+        try:
+            return await self._decide(terminal, claims, scan)
+        except StoreUnavailable as exc:
+            if exc.sent and scan.card_ref:
+                # The script may still run: mark its answer undelivered, or cancel it, once the store is back.
+                self.voids.add(scan)
+            raise
 
     async def verify_batch(
         self, session: AsyncSession, terminal: TerminalEntry, scans: list[BatchScan]
