@@ -130,6 +130,18 @@ def _describe_labels(labels: Iterable[object]) -> str:
     return ", ".join(shown)
 
 
+def _header_fault(header: dict[Any, Any], typ: str | None) -> str:
+    """Why a protected header with alg and kid is still not the exact one: the most telling fault first."""
+    allowed = (HEADER_ALG, HEADER_KID) if typ is None else (HEADER_ALG, HEADER_KID, HEADER_TYP)
+    # Compared by type too: True and 1.0 are equal to 1 in Python, but not the same CBOR label.
+    extra = [label for label in header if type(label) is not int or label not in allowed]
+    if extra:
+        return f"protected header carries label {_describe_labels(extra)}, which this profile does not allow"
+    if typ is not None and header.get(HEADER_TYP) != typ:
+        return f"protected header must carry typ {typ!r}"
+    return "protected header is not in this profile's canonical encoding (key order, duplicate keys or lengths)"
+
+
 def decode_sign1(message: object, typ: str | None = None) -> Sign1:
     """Check that a decoded CBOR item is a tagged COSE_Sign1 of this profile; raise CoseError.
 
@@ -158,17 +170,8 @@ def decode_sign1(message: object, typ: str | None = None) -> Sign1:
     kid = header.get(HEADER_KID)
     if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
         raise CoseError("protected header must carry an 8-byte kid")
-    allowed = (HEADER_ALG, HEADER_KID) if typ is None else (HEADER_ALG, HEADER_KID, HEADER_TYP)
-    # Compared by type too: True and 1.0 are equal to 1 in Python, but not the same CBOR label.
-    extra = [label for label in header if type(label) is not int or label not in allowed]
-    if extra:
-        raise CoseError(f"protected header carries label {_describe_labels(extra)}, which this profile does not allow")
-    if typ is not None and header.get(HEADER_TYP) != typ:
-        raise CoseError(f"protected header must carry typ {typ!r}")
     if protected != protected_header(kid, typ):
-        raise CoseError(
-            "protected header is not in this profile's canonical encoding (key order, duplicate keys or lengths)"
-        )
+        raise CoseError(_header_fault(header, typ))
     if unprotected:
         raise CoseError(f"unprotected header must be empty; it carries label {_describe_labels(unprotected)}")
     return Sign1(protected=protected, header=header, payload=payload, signature=signature, kid=kid)
