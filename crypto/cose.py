@@ -4,11 +4,22 @@ The QR credential and the status list token are each a tagged COSE_Sign1 (tag 18
 protected header names alg EdDSA (-8) and the signer's 8-byte kid, with an empty unprotected
 header and an attached payload. This module signs such messages and checks their structure;
 what the payload means, and which error a caller reports, is left to the two callers.
+
+The header is exact, not merely sufficient. The protected header is precisely the bytes
+`protected_header` makes for the message's kid (and the caller's typ): {1: -8, 4: kid}, or
+{1: -8, 4: kid, 16: typ} for a typed token, canonical CBOR in that order. So a header with
+any other label — `crit` (2) above all, which RFC 9052 §3.1 says a recipient that does not
+understand the named headers must reject, but also content type, iv, x5chain, a typ where
+none belongs, label 99 — or with alg as text, duplicate keys, or a longer encoding of a
+length, is refused, as is any entry in the unprotected header (it is not signed: a kid or
+alg there could only mislead). The check needs no knowledge of other headers: nothing but
+these exact bytes passes.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +95,15 @@ def sig_structure(protected: bytes, payload: bytes) -> bytes:
     )
 
 
+# cbor2's encoding of {1: -8, 4: <8-byte kid>} up to the kid: the credential's header is this plus
+# the kid, built without cbor2 because every scan compares against it.
+_KID_HEADER_HEAD = bytes.fromhex("a2012704") + bytes((0x40 | KID_LENGTH,))
+
+
 def protected_header(kid: bytes, typ: str | None = None) -> bytes:
-    """{1: -8, 4: kid}, and {16: typ} after them when a type is given."""
+    """{1: -8, 4: kid}, and {16: typ} after them when a type is given: the only header this profile accepts."""
+    if typ is None and len(kid) == KID_LENGTH:
+        return _KID_HEADER_HEAD + kid
     header: dict[int, object] = {HEADER_ALG: ALG_EDDSA, HEADER_KID: kid}
     if typ is not None:
         header[HEADER_TYP] = typ
@@ -99,8 +117,37 @@ def sign1(key: SigningKey, payload: bytes, typ: str | None = None) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
-def decode_sign1(message: object) -> Sign1:
-    """Check that a decoded CBOR item is a tagged COSE_Sign1 with EdDSA and a kid; raise CoseError."""
+# Names of the registered labels a hand-made header is most likely to carry, for the error message.
+_LABEL_NAMES = {2: "crit", 3: "content type", 5: "iv", 6: "partial iv", 16: "typ", 33: "x5chain"}
+
+
+def _describe_labels(labels: Iterable[object]) -> str:
+    """Up to five labels, each shortened and named where registered: the untrusted input stays small in messages."""
+    shown = []
+    for label in list(labels)[:5]:
+        text = repr(label)[:24]
+        shown.append(f"{text} ({_LABEL_NAMES[label]})" if type(label) is int and label in _LABEL_NAMES else text)
+    return ", ".join(shown)
+
+
+def _header_fault(header: dict[Any, Any], typ: str | None) -> str:
+    """Why a protected header with alg and kid is still not the exact one: the most telling fault first."""
+    allowed = (HEADER_ALG, HEADER_KID) if typ is None else (HEADER_ALG, HEADER_KID, HEADER_TYP)
+    # Compared by type too: True and 1.0 are equal to 1 in Python, but not the same CBOR label.
+    extra = [label for label in header if type(label) is not int or label not in allowed]
+    if extra:
+        return f"protected header carries label {_describe_labels(extra)}, which this profile does not allow"
+    if typ is not None and header.get(HEADER_TYP) != typ:
+        return f"protected header must carry typ {typ!r}"
+    return "protected header is not in this profile's canonical encoding (key order, duplicate keys or lengths)"
+
+
+def decode_sign1(message: object, typ: str | None = None) -> Sign1:
+    """Check that a decoded CBOR item is a tagged COSE_Sign1 of this profile; raise CoseError.
+
+    Its protected header must be exactly `protected_header(kid, typ)` and its unprotected
+    header empty (see the module docstring); the signature is not checked here.
+    """
     if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
         raise CoseError("not a tagged COSE_Sign1 (CBOR tag 18)")
     parts = message.value
@@ -123,4 +170,8 @@ def decode_sign1(message: object) -> Sign1:
     kid = header.get(HEADER_KID)
     if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
         raise CoseError("protected header must carry an 8-byte kid")
+    if protected != protected_header(kid, typ):
+        raise CoseError(_header_fault(header, typ))
+    if unprotected:
+        raise CoseError(f"unprotected header must be empty; it carries label {_describe_labels(unprotected)}")
     return Sign1(protected=protected, header=header, payload=payload, signature=signature, kid=kid)

@@ -20,6 +20,25 @@ credentials alive at the same time, since the nonce store keys it by card and ke
 the credential's lifetime. A card has a bundle's worth (tens) of those, so a collision is
 vanishingly rare, and it would cost one refused scan, never an accepted forgery.
 
+The header is exact: the protected header is byte for byte {1: -8, 4: kid} as `sign1` encodes
+it, and the unprotected header is empty. Anything else — `crit`, any other label, alg as text,
+a kid (or anything) in the unprotected header, duplicate keys, a non-canonical length — is
+`malformed` (crypto/cose.py says why), online and offline alike.
+
+The window has a bounded length, checked in one place (`check_window`, used by the server and
+by offline verification), with `lifetime` the configured credential lifetime (60 s by default)
+and `leeway` the clock-skew allowance (5 s):
+
+    exp - nbf > lifetime + leeway       lifetime_exceeded  (signed by a valid key, but not as we issue)
+    now > exp + leeway                  expired
+    now + leeway < nbf                  not_yet_valid
+
+So nbf is never far in the past either: a code whose nbf is more than lifetime + leeway
+before now has its exp in the past already (first rule), and is expired once the leeway on
+exp is spent too; nothing is accepted more than lifetime + 2 * leeway after its nbf.
+`usable_until` is the last second a code can be accepted, which is how long its nonce must be
+remembered: at most lifetime + 3 * leeway past the moment of a scan, however far its exp.
+
 The status index lets a gate that works offline look the card up in the region's signed
 Token Status List (crypto/status_list.py, crypto/offline.py).
 
@@ -43,6 +62,9 @@ MAX_TEXT_LENGTH = 512
 CARD_REF_LENGTH = 16
 NONCE_LENGTH = 7
 STATUS_INDEX_LIMIT = 2**32
+# The service's defaults (Settings.credential_lifetime, Settings.clock_skew), for offline use.
+DEFAULT_LIFETIME = 60
+DEFAULT_LEEWAY = 5
 
 CLAIM_ISS = 1
 CLAIM_EXP = 4
@@ -82,6 +104,8 @@ class Rejection(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
+    # Signed by a valid key, but valid for longer than any code is issued for (exp - nbf).
+    LIFETIME_EXCEEDED = "lifetime_exceeded"
 
 
 class CredentialRejected(Exception):
@@ -207,16 +231,43 @@ def open_credential(text: str, keys: Mapping[bytes, VerifyKey]) -> VerifiedCrede
     return VerifiedCredential(claims=claims, key=key)
 
 
-def verify_credential(text: str, keys: Mapping[bytes, VerifyKey], now: int, leeway: int) -> VerifiedCredential:
+def check_window(claims: Claims, now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> None:
+    """Refuse a window longer than lifetime + leeway, then a `now` outside [nbf - leeway, exp + leeway].
+
+    The one place the validity window is decided, for the server and for offline gates alike
+    (see the module docstring for what the rules imply).
+    """
+    span = claims.expires_at - claims.not_before
+    if span > lifetime + leeway:
+        raise CredentialRejected(
+            Rejection.LIFETIME_EXCEEDED,
+            f"credential is valid for {span} s, more than the {lifetime} s lifetime plus {leeway} s of skew",
+        )
+    if now > claims.expires_at + leeway:
+        raise CredentialRejected(Rejection.EXPIRED, "credential has expired")
+    if now + leeway < claims.not_before:
+        raise CredentialRejected(Rejection.NOT_YET_VALID, "credential is not valid yet")
+
+
+def usable_until(claims: Claims, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> int:
+    """The last second at which `check_window` can accept the credential: what its nonce must outlive.
+
+    Taken from min(exp, nbf + lifetime + leeway), never from a far exp alone, so a code that
+    slipped past the lifetime rule still could not make a nonce outlive the bound.
+    """
+    return min(claims.expires_at, claims.not_before + lifetime + leeway) + leeway
+
+
+def verify_credential(
+    text: str, keys: Mapping[bytes, VerifyKey], now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME
+) -> VerifiedCredential:
     """Check a credential's structure, key, signature and validity window.
 
     `keys` maps kid → public key. `leeway` is the clock-skew allowance in seconds on both
-    ends of the window. What remains for the caller: single use (the nonce), the card's
-    status, and whether the purpose and region suit the verifier.
+    ends of the window, `lifetime` the longest window a code is issued with (`check_window`).
+    What remains for the caller: single use (the nonce), the card's status, and whether the
+    purpose and region suit the verifier.
     """
     verified = open_credential(text, keys)
-    if now > verified.claims.expires_at + leeway:
-        raise CredentialRejected(Rejection.EXPIRED, "credential has expired")
-    if now + leeway < verified.claims.not_before:
-        raise CredentialRejected(Rejection.NOT_YET_VALID, "credential is not valid yet")
+    check_window(verified.claims, now, leeway, lifetime)
     return verified

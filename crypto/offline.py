@@ -22,9 +22,16 @@ must be signed by a key of the kit's JWKS that signs for the kit's region.
 
 Which purposes a gate takes is its own configuration: the result names the purpose.
 
+The credential's own rules are the server's (crypto/credential.py): the exact COSE header, and
+the bounded window. The longest lifetime is a parameter (`lifetime`, `--lifetime`), 60 s by
+default as the service's ECARD_CREDENTIAL_LIFETIME: like `leeway`, it is the gate's own
+configuration rather than a kit member, so no kit file can widen it. A gate of a deployment
+that sets another lifetime passes the service's value.
+
 Command line, one JSON object on stdout; exit 0 accepted, 1 rejected, 2 bad usage or kit:
 
-    python -m crypto.offline --kit kit.json [--kit other.json] [--now UNIX] [--leeway S] [--allow-stale] CREDENTIAL
+    python -m crypto.offline --kit kit.json [--kit other.json] [--now UNIX] [--leeway S] [--lifetime S]
+                             [--allow-stale] CREDENTIAL
 
 CREDENTIAL may be `-` to read it from stdin (only line breaks are stripped: Base45 has a
 space in its alphabet, so a credential can end with one).
@@ -42,7 +49,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
-from crypto.credential import CredentialRejected, Rejection, verify_credential
+from crypto.credential import DEFAULT_LEEWAY, DEFAULT_LIFETIME, CredentialRejected, Rejection, verify_credential
 from crypto.jwk import jwks, parse_jwks
 from crypto.keys import VerifyKey, b64url, b64url_decode
 from crypto.status_list import (
@@ -53,8 +60,6 @@ from crypto.status_list import (
     open_status_list,
 )
 
-DEFAULT_LEEWAY = 5
-
 
 class OfflineReason(StrEnum):
     """Why an offline scan is refused: the credential's own codes, then the status list's."""
@@ -64,6 +69,7 @@ class OfflineReason(StrEnum):
     BAD_SIGNATURE = Rejection.BAD_SIGNATURE.value
     EXPIRED = Rejection.EXPIRED.value
     NOT_YET_VALID = Rejection.NOT_YET_VALID.value
+    LIFETIME_EXCEEDED = Rejection.LIFETIME_EXCEEDED.value
     REGION_NOT_ACCEPTED = "region_not_accepted"
     STATUS_STALE = "status_stale"
     CARD_REVOKED = "card_revoked"
@@ -208,18 +214,20 @@ def verify_offline(
     leeway: int,
     *,
     allow_stale: bool = False,
+    lifetime: int = DEFAULT_LIFETIME,
 ) -> OfflineResult:
     """Decide a scan with the kits alone: the credential, then its card in its region's status list.
 
     The credential is checked first (structure, key from any kit's JWKS, signature, window,
-    with `leeway` seconds of clock skew); then its region must have a kit, that kit's list
+    with `leeway` seconds of clock skew and at most `lifetime` + `leeway` between nbf and exp,
+    as the server checks it); then its region must have a kit, that kit's list
     must not be stale (unless `allow_stale`), and the card's status must be VALID. Single
     use is the gate's own business (see the module docstring). Raise ValueError only when
     the kits contradict each other.
     """
     by_region, keys = _index_kits(kits)
     try:
-        verified = verify_credential(text, keys, now, leeway)
+        verified = verify_credential(text, keys, now, leeway, lifetime)
     except CredentialRejected as exc:
         return OfflineResult(accepted=False, reason=OfflineReason(exc.reason.value), detail=exc.detail)
     claims = verified.claims
@@ -279,6 +287,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kit", action="append", required=True, type=Path, help="offline kit JSON file (repeatable)")
     parser.add_argument("--now", type=int, help="verification time, seconds since the epoch (default: now)")
     parser.add_argument("--leeway", type=int, default=DEFAULT_LEEWAY, help="clock-skew allowance in seconds")
+    parser.add_argument(
+        "--lifetime",
+        type=int,
+        default=DEFAULT_LIFETIME,
+        help="longest credential lifetime in seconds, as the service's ECARD_CREDENTIAL_LIFETIME",
+    )
     parser.add_argument("--allow-stale", action="store_true", help="decide on an expired status list, flagged")
     parser.add_argument("credential", help="the scanned text, or - to read it from stdin")
     return parser
@@ -294,6 +308,8 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         parser.error("--now must not be negative")
     if args.leeway < 0:
         parser.error("--leeway must not be negative")
+    if args.lifetime < 0:
+        parser.error("--lifetime must not be negative")
     kits = []
     for path in args.kit:
         try:
@@ -304,7 +320,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     text = stdin.read().rstrip("\r\n") if args.credential == "-" else args.credential
     now = int(time.time()) if args.now is None else args.now
     try:
-        result = verify_offline(text, kits, now, args.leeway, allow_stale=args.allow_stale)
+        result = verify_offline(text, kits, now, args.leeway, allow_stale=args.allow_stale, lifetime=args.lifetime)
     except ValueError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,10 @@ its credential carries. The token is a tagged COSE_Sign1 signed with the region'
         65533: {"bits": 2, "lst": zlib(byte array)}   the status list
     }
 
+The header is exact (crypto/cose.py): the protected header is precisely the canonical
+{1: -8, 4: kid, 16: "application/statuslist+cwt"}, nothing else (no crit, no other label), and
+the unprotected header is empty; anything else is `malformed`.
+
 The draft asks for sub, iat and the status list, recommends exp and ttl, and lets a token
 carry other claims: this profile requires exp (a gate must know when its list goes stale),
 adds iss as the credential has it, and reads ttl when present. Claim keys 65533 and 65534 are
@@ -41,7 +45,7 @@ from typing import TypeGuard
 
 import cbor2
 
-from crypto.cose import HEADER_TYP, CoseError, decode_sign1, loads_exact, sign1
+from crypto.cose import CoseError, decode_sign1, loads_exact, sign1
 from crypto.credential import Rejection
 from crypto.keys import SigningKey, VerifyKey
 
@@ -286,13 +290,11 @@ def open_status_list(
     if not isinstance(token, bytes) or len(token) > MAX_TOKEN_BYTES:
         raise _malformed("status list token is missing or too long")
     try:
-        message = decode_sign1(loads_exact(token))
+        message = decode_sign1(loads_exact(token), typ=TYP)
     except CoseError as exc:
         raise _malformed(f"status list token: {exc}") from None
     except ValueError as exc:
         raise _malformed(f"status list token is not CBOR: {exc}") from None
-    if message.header.get(HEADER_TYP) != TYP:
-        raise _malformed(f"protected header must carry typ {TYP!r}")
     key = keys.get(message.kid)
     if key is None:
         raise StatusListRejected(Rejection.UNKNOWN_KEY, "no published key has this kid")

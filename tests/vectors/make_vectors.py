@@ -44,6 +44,7 @@ CHONGQING = "500000"
 
 NOW = 1_750_000_000
 LEEWAY = 10
+LIFETIME = 60  # exp - nbf may be at most LIFETIME + LEEWAY
 CARD_REF = bytes.fromhex("5ec0ca7d00112233445566778899aabb")
 NONCE = bytes.fromhex("00010203040506")
 STATUS_INDEX = 1_000_000
@@ -74,6 +75,7 @@ def cose_sign1(
     payload: bytes,
     *,
     protected: bytes | None = None,
+    unprotected: dict[Any, Any] | None = None,
     tagged: bool = True,
     signature: bytes | None = None,
 ) -> bytes:
@@ -82,7 +84,7 @@ def cose_sign1(
         protected = protected_header(key.kid)
     if signature is None:
         signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
-    items = [protected, {}, payload, signature]
+    items = [protected, {} if unprotected is None else unprotected, payload, signature]
     return cbor2.dumps(cbor2.CBORTag(18, items) if tagged else items)
 
 
@@ -121,6 +123,65 @@ def rejected_case(name: str, description: str, credential: str, expected: str) -
     return {"name": name, "description": description, "credential": credential, "expected": expected}
 
 
+def header_case(name: str, description: str, protected: bytes, unprotected: dict[Any, Any] | None = None) -> Any:
+    """A malformed case whose only fault is its header: the rest is the valid case, correctly signed."""
+    raw = cose_sign1(ISSUER_SICHUAN, encode_claims(claims()), protected=protected, unprotected=unprotected)
+    return rejected_case(name, description + " (correctly signed)", text(raw), "malformed")
+
+
+def header_cases() -> list[dict[str, Any]]:
+    kid = ISSUER_SICHUAN.kid
+    return [
+        header_case(
+            "malformed-crit-unknown-label",
+            "protected header {1: -8, 4: kid, 2: [99], 99: 0}: crit names a header this profile does not know",
+            cbor2.dumps({1: -8, 4: kid, 2: [99], 99: 0}),
+        ),
+        header_case(
+            "malformed-crit-known-label",
+            "protected header {1: -8, 4: kid, 2: [4]}: crit names kid; the header must be exactly alg and kid",
+            cbor2.dumps({1: -8, 4: kid, 2: [4]}),
+        ),
+        header_case(
+            "malformed-unknown-label",
+            'protected header {1: -8, 4: kid, 99: "x"}: an unknown label',
+            cbor2.dumps({1: -8, 4: kid, 99: "x"}),
+        ),
+        header_case(
+            "malformed-alg-as-text",
+            'protected header {1: "EdDSA", 4: kid}: alg must be the integer -8',
+            cbor2.dumps({1: "EdDSA", 4: kid}),
+        ),
+        header_case(
+            "malformed-extra-typ",
+            'protected header {1: -8, 4: kid, 16: "application/cwt"}: the credential has no typ',
+            cbor2.dumps({1: -8, 4: kid, 16: "application/cwt"}),
+        ),
+        header_case(
+            "malformed-duplicate-kid",
+            "protected header a3 01 27 04 48 <kid> 04 48 <kid>: a map with the kid twice",
+            b"\xa3\x01\x27\x04\x48" + kid + b"\x04\x48" + kid,
+        ),
+        header_case(
+            "malformed-non-canonical-kid-length",
+            "protected header a2 01 27 04 58 08 <kid>: the kid's length in an extra byte",
+            b"\xa2\x01\x27\x04\x58\x08" + kid,
+        ),
+        header_case(
+            "malformed-kid-also-unprotected",
+            "exact protected header, and the kid again in the unprotected header, which must be empty",
+            protected_header(kid),
+            {4: kid},
+        ),
+        header_case(
+            "malformed-unprotected-not-empty",
+            'exact protected header, unprotected header {99: "note"}: it must be empty',
+            protected_header(kid),
+            {99: "note"},
+        ),
+    ]
+
+
 def cases() -> list[dict[str, Any]]:
     good = claims()
     good_payload = encode_claims(good)
@@ -157,9 +218,16 @@ def cases() -> list[dict[str, Any]]:
                 nonce=b"\xff" * 7,
                 purpose=Purpose.GENERAL,
                 status_index=2**32 - 1,
+                # Times of 4 CBOR bytes, as every time from 2106 back to 1970 + 18 hours.
                 not_before=NOW - LEEWAY,
-                expires_at=2**32 - 1,
+                expires_at=NOW + LIFETIME,
             ),
+        ),
+        valid_case(
+            "valid-lifetime-edge",
+            "exp - nbf == lifetime + leeway: still valid",
+            ISSUER_SICHUAN,
+            claims(not_before=NOW - 40, expires_at=NOW - 40 + LIFETIME + LEEWAY),
         ),
         valid_case(
             "valid-not-before-edge",
@@ -221,6 +289,7 @@ def cases() -> list[dict[str, Any]]:
             text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(bad_status_index))),
             "malformed",
         ),
+        *header_cases(),
         rejected_case(
             "unknown-key",
             "signed by a key that is not in the JWKS",
@@ -257,6 +326,18 @@ def cases() -> list[dict[str, Any]]:
             issue_credential(ISSUER_SICHUAN, claims(not_before=NOW + LEEWAY + 1, expires_at=NOW + LEEWAY + 61)),
             "not_yet_valid",
         ),
+        rejected_case(
+            "lifetime-exceeded",
+            "exp - nbf == lifetime + leeway + 1, though now is inside [nbf, exp]",
+            issue_credential(ISSUER_SICHUAN, claims(not_before=NOW - 40, expires_at=NOW - 40 + LIFETIME + LEEWAY + 1)),
+            "lifetime_exceeded",
+        ),
+        rejected_case(
+            "lifetime-exceeded-a-year",
+            "correctly signed by a published key, valid from now for a year",
+            issue_credential(ISSUER_SICHUAN, claims(not_before=NOW, expires_at=NOW + 365 * 86_400)),
+            "lifetime_exceeded",
+        ),
     ]
 
 
@@ -264,9 +345,10 @@ def build() -> dict[str, Any]:
     return {
         "description": (
             "Test vectors for the eCard credential: EC1:<base45(COSE_Sign1, CBOR tag 18)> carrying a "
-            "CWT signed with EdDSA (Ed25519), kid in the protected header. Verify every credential "
-            "against the JWKS at time `now` (seconds since the epoch) allowing `leeway` seconds of "
-            "clock skew on both ends of [nbf, exp]."
+            "CWT signed with EdDSA (Ed25519), protected header exactly {1: -8, 4: kid} in canonical "
+            "CBOR, unprotected header empty. Verify every credential against the JWKS at time `now` "
+            "(seconds since the epoch) allowing `leeway` seconds of clock skew on both ends of "
+            "[nbf, exp], and exp - nbf at most `lifetime` + `leeway`."
         ),
         "claims_layout": {
             "1": "iss: issuing region, 6-digit GB/T 2260 code; must equal the key's `region`",
@@ -280,6 +362,7 @@ def build() -> dict[str, Any]:
         },
         "now": NOW,
         "leeway": LEEWAY,
+        "lifetime": LIFETIME,
         "jwks": jwks([ISSUER_SICHUAN.verify_key(SICHUAN), ISSUER_CHONGQING.verify_key(CHONGQING)]),
         "cases": cases(),
     }

@@ -26,7 +26,7 @@ from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_u
 from app.pii import PiiCipher
 from app.settings import Settings
 from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror, StoreUnavailable
-from crypto.credential import Claims, CredentialRejected, Rejection, open_credential
+from crypto.credential import Claims, CredentialRejected, check_window, open_credential, usable_until
 from crypto.keys import b64url
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
+    # Signed by a valid key, but exp - nbf is longer than the credential lifetime plus skew.
+    LIFETIME_EXCEEDED = "lifetime_exceeded"
     REPLAYED = "replayed"
     CARD_SUSPENDED = "card_suspended"
     CARD_REVOKED = "card_revoked"
@@ -166,6 +168,7 @@ class CredentialVerifier:
         self._pseudonym_key = pseudonym_key
         self._skew = settings.clock_skew
         self.retry_window = settings.verify_retry_window
+        self._lifetime = settings.credential_lifetime
         self._retry_window_ms = settings.verify_retry_window * 1000
         self._nonce_memory = settings.nonce_memory
         self._offline_window_ms = settings.offline_scan_window * 1000
@@ -185,10 +188,10 @@ class CredentialVerifier:
             claims = open_credential(text, self._directory.keys.verify_keys).claims
         except CredentialRejected as exc:
             return None, exc.reason.value
-        if at > claims.expires_at + self._skew:
-            return claims, Rejection.EXPIRED.value
-        if at + self._skew < claims.not_before:
-            return claims, Rejection.NOT_YET_VALID.value
+        try:
+            check_window(claims, at, self._skew, self._lifetime)
+        except CredentialRejected as exc:
+            return claims, exc.reason.value
         if claims.purpose not in terminal.purposes:
             return claims, Reason.PURPOSE_NOT_ALLOWED.value
         if not self._rules.accepts(terminal.region, claims.region, claims.purpose):
@@ -226,8 +229,10 @@ class CredentialVerifier:
                 terminal.key, verification_id, rate, now_ms, encode_event(event), decided,
                 rate_scope=rate_scope, used_ms=used_ms,
             )  # fmt: skip
-        # Remember the nonce while the credential could be accepted, and a while longer for batches.
-        nonce_ttl = max(1, claims.expires_at + self._skew - now_ms // 1000 + 1) + self._nonce_memory
+        # Remember the nonce while the credential could be accepted (bounded by the lifetime, never a
+        # far exp), and a while longer for batches.
+        last_second = usable_until(claims, self._skew, self._lifetime)
+        nonce_ttl = max(1, last_second - now_ms // 1000 + 1) + self._nonce_memory
         # A live scan is refused if the credential could have been shown before the store's epoch; an
         # offline gate's upload is checked against the event log instead (earlier_uses).
         window_start_ms = (claims.not_before - self._skew) * 1000 if channel == ONLINE else None

@@ -165,15 +165,32 @@ def test_pycose_message_with_the_kid_only_unprotected_is_malformed() -> None:
     assert info.value.reason is Rejection.MALFORMED
 
 
-def test_pycose_message_with_an_extra_protected_parameter_verifies() -> None:
-    # A standard COSE producer may add header parameters; only alg and kid are required.
+def test_pycose_message_with_an_extra_protected_parameter_is_malformed() -> None:
+    # The profile's header is exact: a correctly signed message from a standard producer that
+    # adds a parameter (here content type) is refused, not half understood.
     message = Sign1Message(
         phdr={Algorithm: EdDSA, KID: KEY.kid, 3: "application/cwt"},
         payload=encode_claims(CLAIMS),
         key=pycose_private_key(),
     )
-    text = PREFIX + b45encode(message.encode(tag=True, sign=True))
-    assert verify_credential(text, KEYS, NOW, 0).claims == CLAIMS
+    message_bytes = message.encode(tag=True, sign=True)
+    decoded = CoseMessage.decode(message_bytes)
+    decoded.key = pycose_public_key()
+    assert decoded.verify_signature() is True
+    with pytest.raises(CredentialRejected) as info:
+        verify_credential(PREFIX + b45encode(message_bytes), KEYS, NOW, 0)
+    assert info.value.reason is Rejection.MALFORMED
+    assert "label 3 (content type)" in info.value.detail
+
+
+def test_pycose_message_with_crit_is_malformed() -> None:
+    message = Sign1Message(
+        phdr={Algorithm: EdDSA, KID: KEY.kid, 2: [99], 99: 1}, payload=encode_claims(CLAIMS), key=pycose_private_key()
+    )
+    with pytest.raises(CredentialRejected) as info:
+        verify_credential(PREFIX + b45encode(message.encode(tag=True, sign=True)), KEYS, NOW, 0)
+    assert info.value.reason is Rejection.MALFORMED
+    assert "crit" in info.value.detail
 
 
 @given(st.binary(max_size=300), st.binary(max_size=300), st.sampled_from([0, 65_280, 65_535, 65_536, 70_000]))

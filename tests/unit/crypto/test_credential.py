@@ -17,9 +17,12 @@ import zxingcpp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.settings import Settings
 from crypto.base45 import b45decode, b45encode
 from crypto.credential import (
     CARD_REF_LENGTH,
+    DEFAULT_LEEWAY,
+    DEFAULT_LIFETIME,
     MAX_TEXT_LENGTH,
     NONCE_LENGTH,
     PREFIX,
@@ -28,10 +31,12 @@ from crypto.credential import (
     Purpose,
     Rejection,
     VerifiedCredential,
+    check_window,
     decode_claims,
     encode_claims,
     issue_credential,
     parse_cose,
+    usable_until,
     verify_credential,
 )
 from crypto.keys import SigningKey, VerifyKey
@@ -43,6 +48,7 @@ STRANGER = SigningKey.from_seed(bytes(range(32, 64)))  # not published
 NOW = 1_700_000_000
 LEEWAY = 5
 KEYS: dict[bytes, VerifyKey] = {KEY.kid: KEY.verify_key(REGION)}
+LIFETIME = DEFAULT_LIFETIME
 
 CARD_REF = bytes.fromhex("00112233445566778899aabbccddeeff")
 NONCE = bytes.fromhex("01020304050607")
@@ -135,10 +141,10 @@ def cose_bytes(text: str) -> bytes:
 
 
 def rejection(
-    text: Any, keys: dict[bytes, VerifyKey] = KEYS, now: int = NOW, leeway: int = LEEWAY
+    text: Any, keys: dict[bytes, VerifyKey] = KEYS, now: int = NOW, leeway: int = LEEWAY, lifetime: int = LIFETIME
 ) -> CredentialRejected:
     with pytest.raises(CredentialRejected) as info:
-        verify_credential(text, keys, now, leeway)
+        verify_credential(text, keys, now, leeway, lifetime)
     return info.value
 
 
@@ -208,9 +214,11 @@ def test_decode_claims_inverts_encode_claims() -> None:
 
 @given(claims_strategy)
 def test_any_claims_round_trip_through_issue_and_verify(claims: Claims) -> None:
+    # Any window, given a lifetime that allows it (the lifetime rule has its own tests below).
     keys = {KEY.kid: KEY.verify_key(claims.region)}
-    now = claims.not_before + (claims.expires_at - claims.not_before) // 2
-    result = verify_credential(issue_credential(KEY, claims), keys, now, 0)
+    span = claims.expires_at - claims.not_before
+    now = claims.not_before + span // 2
+    result = verify_credential(issue_credential(KEY, claims), keys, now, 0, lifetime=span)
     assert result.claims == claims
 
 
@@ -296,9 +304,12 @@ def test_rendered_qr_code_scans_back_with_zxing_and_verifies() -> None:
 
 
 def _too_long_but_otherwise_valid(length: int) -> str:
-    """A correctly signed credential padded to `length` characters in its unprotected header."""
+    """A correctly signed credential padded to `length` characters with an extra (ignored) claim."""
     for pad in range(0, 400):
-        text = as_text(sign1(unprotected={"pad": b"x" * pad} if pad else {}))
+        claims = claims_map()
+        if pad:
+            claims[-65538] = b"x" * pad
+        text = as_text(sign1(cbor2.dumps(claims)))
         if len(text) == length:
             return text
     raise AssertionError(f"no padding gives a {length}-character credential")
@@ -663,10 +674,12 @@ def test_payload_altered_after_signing_is_bad_signature() -> None:
 
 
 def test_protected_header_altered_after_signing_is_bad_signature() -> None:
+    # The only change an exact header allows: another published key's kid.
+    other = SigningKey.from_seed(bytes(range(64, 96)))
     _, unprotected, payload, signature = cbor2.loads(sign1()).value
-    altered = cbor2.dumps({1: -8, 4: KEY.kid, 3: 0})  # same alg and kid, one more parameter
+    altered = protected_header(kid=other.kid)
     raw = cbor2.dumps(cbor2.CBORTag(18, [altered, unprotected, payload, signature]))
-    exc = rejection(as_text(raw))
+    exc = rejection(as_text(raw), keys={**KEYS, other.kid: other.verify_key(REGION)})
     assert exc.reason is Rejection.BAD_SIGNATURE
 
 
@@ -691,10 +704,12 @@ def test_bad_signature_is_decided_before_the_payload_is_read() -> None:
     assert exc.reason is Rejection.BAD_SIGNATURE
 
 
-def test_unprotected_header_is_not_covered_by_the_signature() -> None:
-    # RFC 9052: the unprotected bucket is not signed, so changing it must not matter.
-    text = as_text(sign1(unprotected={4: b"whatever", 99: "note"}))
-    assert verify_credential(text, KEYS, NOW, LEEWAY).claims == make_claims()
+def test_anything_in_the_unsigned_unprotected_header_is_malformed() -> None:
+    # RFC 9052: the unprotected bucket is not signed, so this profile keeps it empty
+    # (tests/unit/crypto/test_cose_header.py has every variant).
+    exc = rejection(as_text(sign1(unprotected={4: b"whatever", 99: "note"})))
+    assert exc.reason is Rejection.MALFORMED
+    assert "unprotected header must be empty" in exc.detail
 
 
 # --- validity window --------------------------------------------------------------------------
@@ -749,6 +764,96 @@ def test_outside_the_window_the_reason_depends_on_the_side(now: int) -> None:
         return
     expected = Rejection.EXPIRED if now > EXP else Rejection.NOT_YET_VALID
     assert rejection(valid_text(), now=now).reason is expected
+
+
+# --- bounded lifetime: exp - nbf at most lifetime + leeway --------------------------------------
+
+
+def test_the_default_bound_is_the_services_default_lifetime_and_skew() -> None:
+    defaults = Settings()
+    assert (DEFAULT_LIFETIME, DEFAULT_LEEWAY) == (defaults.credential_lifetime, defaults.clock_skew) == (60, 5)
+
+
+@pytest.mark.parametrize(("lifetime", "leeway"), [(60, 5), (60, 0), (30, 10), (3600, 5)])
+def test_a_window_of_lifetime_plus_leeway_is_accepted_and_one_second_more_is_lifetime_exceeded(
+    lifetime: int, leeway: int
+) -> None:
+    edge = make_claims(not_before=NOW - 10, expires_at=NOW - 10 + lifetime + leeway)
+    assert verify_credential(issue_credential(KEY, edge), KEYS, NOW, leeway, lifetime).claims == edge
+    over = make_claims(not_before=NOW - 10, expires_at=NOW - 10 + lifetime + leeway + 1)
+    exc = rejection(issue_credential(KEY, over), now=NOW, leeway=leeway, lifetime=lifetime)
+    assert exc.reason is Rejection.LIFETIME_EXCEEDED
+    assert f"{lifetime + leeway + 1} s" in exc.detail
+
+
+YEAR = 365 * 86_400
+
+
+@given(st.integers(NOW - 2 * YEAR, NOW + 2 * YEAR))
+def test_a_credential_valid_for_a_year_is_lifetime_exceeded_whenever_it_is_shown(now: int) -> None:
+    # Signed by the published key, so only the lifetime rule refuses it; decided before expiry.
+    text = issue_credential(KEY, make_claims(not_before=NOW, expires_at=NOW + YEAR))
+    assert rejection(text, now=now).reason is Rejection.LIFETIME_EXCEEDED
+
+
+@st.composite
+def windows(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
+    """(lifetime, leeway, nbf, exp - nbf, now - nbf): spans up to 10 s past the bound, times around the window."""
+    lifetime, leeway = draw(st.integers(0, 3600)), draw(st.integers(0, 60))
+    span = draw(st.integers(0, lifetime + leeway + 10))
+    return lifetime, leeway, draw(st.integers(0, 2**31)), span, draw(st.integers(-leeway - 10, span + leeway + 10))
+
+
+@given(windows())
+def test_the_window_rules_and_what_they_imply(window: tuple[int, int, int, int, int]) -> None:
+    lifetime, leeway, nbf, span, offset = window
+    claims = make_claims(not_before=nbf, expires_at=nbf + span)
+    now = nbf + offset
+    try:
+        check_window(claims, now, leeway, lifetime)
+    except CredentialRejected as exc:
+        if span > lifetime + leeway:
+            assert exc.reason is Rejection.LIFETIME_EXCEEDED
+        elif now > nbf + span + leeway:
+            assert exc.reason is Rejection.EXPIRED
+        else:
+            assert now + leeway < nbf
+            assert exc.reason is Rejection.NOT_YET_VALID
+        return
+    assert span <= lifetime + leeway
+    assert nbf - leeway <= now <= nbf + span + leeway
+    # nbf is never far in the past: nothing is accepted lifetime + 2 * leeway after it.
+    assert now - nbf <= lifetime + 2 * leeway
+    # The nonce must outlive the last accepted second, which is bounded whatever exp says.
+    last = usable_until(claims, leeway, lifetime)
+    assert now <= last <= now + lifetime + 3 * leeway
+    check_window(claims, last, leeway, lifetime)
+    with pytest.raises(CredentialRejected):
+        check_window(claims, last + 1, leeway, lifetime)
+
+
+@given(st.integers(0, 3600), st.integers(0, 60), st.integers(1, 10**6))
+def test_an_nbf_more_than_lifetime_plus_leeway_ago_means_exp_has_passed(lifetime: int, leeway: int, ago: int) -> None:
+    nbf = NOW - lifetime - leeway - ago
+    for span in (0, lifetime, lifetime + leeway):
+        claims = make_claims(not_before=nbf, expires_at=nbf + span)
+        assert claims.expires_at < NOW  # by the lifetime rule alone
+        if ago > leeway:  # and once the leeway on exp is spent too, it is expired
+            with pytest.raises(CredentialRejected) as info:
+                check_window(claims, NOW, leeway, lifetime)
+            assert info.value.reason is Rejection.EXPIRED
+
+
+def test_usable_until_never_follows_a_far_exp() -> None:
+    far = make_claims(not_before=NOW, expires_at=NOW + YEAR)
+    assert usable_until(far, LEEWAY, LIFETIME) == NOW + LIFETIME + 2 * LEEWAY
+    issued = make_claims(not_before=NOW, expires_at=NOW + LIFETIME)
+    assert usable_until(issued, LEEWAY, LIFETIME) == NOW + LIFETIME + LEEWAY
+
+
+def test_an_expired_credential_valid_too_long_is_lifetime_exceeded_first() -> None:
+    text = issue_credential(KEY, make_claims(not_before=NOW - YEAR, expires_at=NOW - 3600))
+    assert rejection(text).reason is Rejection.LIFETIME_EXCEEDED
 
 
 # --- robustness: nothing but CredentialRejected escapes ----------------------------------------

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 
-from crypto.credential import Claims, Purpose, Rejection, issue_credential
+from crypto.base45 import b45encode
+from crypto.credential import PREFIX, Claims, Purpose, Rejection, encode_claims, issue_credential
 from crypto.jwk import jwks
 from crypto.keys import SigningKey, VerifyKey, b64url
 from crypto.offline import (
@@ -251,10 +253,12 @@ def test_a_status_value_this_profile_does_not_define_is_card_unknown() -> None:
         ("EC1:not a credential", OfflineReason.MALFORMED),
         (credential(key=STRANGER), OfflineReason.UNKNOWN_KEY),
         (credential(key=CHONGQING_KEY), OfflineReason.BAD_SIGNATURE),  # iss 510000, key of 500000
-        (credential(window=(NOW - 100, NOW - LEEWAY - 1)), OfflineReason.EXPIRED),
-        (credential(window=(NOW + LEEWAY + 1, NOW + 100)), OfflineReason.NOT_YET_VALID),
+        (credential(window=(NOW - LEEWAY - 61, NOW - LEEWAY - 1)), OfflineReason.EXPIRED),
+        (credential(window=(NOW + LEEWAY + 1, NOW + LEEWAY + 61)), OfflineReason.NOT_YET_VALID),
+        (credential(window=(NOW - 30, NOW + 36)), OfflineReason.LIFETIME_EXCEEDED),
+        (credential(window=(NOW - 30, NOW + 365 * 86_400)), OfflineReason.LIFETIME_EXCEEDED),
     ],
-    ids=["malformed", "unknown-key", "bad-signature", "expired", "not-yet-valid"],
+    ids=["malformed", "unknown-key", "bad-signature", "expired", "not-yet-valid", "lifetime-66s", "lifetime-a-year"],
 )
 def test_the_credentials_own_rejections_keep_their_codes(text: str, reason: OfflineReason) -> None:
     result = decide(text)
@@ -262,6 +266,25 @@ def test_the_credentials_own_rejections_keep_their_codes(text: str, reason: Offl
     assert result.reason is reason
     assert result.claims is None
     assert result.list_expires_at is None
+
+
+def test_the_lifetime_bound_is_the_services_default_unless_given() -> None:
+    # 60 s + 5 s of skew by default, as the service; a gate of a deployment with longer codes says so.
+    assert decide(credential(window=(NOW - 30, NOW + 35))).accepted is True
+    assert decide(credential(window=(NOW - 30, NOW + 36))).reason is OfflineReason.LIFETIME_EXCEEDED
+    longer = credential(window=(NOW - 30, NOW + 300))
+    assert verify_offline(longer, kit(), NOW, LEEWAY, lifetime=325).accepted is True
+    assert verify_offline(longer, kit(), NOW, LEEWAY, lifetime=324).reason is OfflineReason.LIFETIME_EXCEEDED
+
+
+def test_a_credential_with_crit_in_its_header_is_malformed_offline() -> None:
+    payload = encode_claims(Claims(CARD_REF, NONCE, SICHUAN, Purpose.TRANSIT, VALID, NOW - 30, NOW + 30))
+    protected = cbor2.dumps({1: -8, 4: SICHUAN_KEY.kid, 2: [99], 99: 1})
+    signature = SICHUAN_KEY.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+    text = PREFIX + b45encode(cbor2.dumps(cbor2.CBORTag(18, [protected, {}, payload, signature])))
+    result = decide(text)
+    assert (result.accepted, result.reason) == (False, OfflineReason.MALFORMED)
+    assert "crit" in result.detail
 
 
 def test_reason_codes_extend_the_credentials_rejections() -> None:
@@ -472,8 +495,18 @@ def test_main_strips_only_line_breaks_from_stdin(kit_file: Path) -> None:
     assert json.loads(out.getvalue())["reason"] == "malformed"
 
 
-def test_main_exits_2_on_negative_now_or_leeway(kit_file: Path) -> None:
-    for option in (["--now", "-1"], ["--leeway", "-1"]):
+def test_cli_takes_the_lifetime_bound(kit_file: Path) -> None:
+    text = credential(window=(NOW - 30, NOW + 300))
+    refused = run_cli("--kit", str(kit_file), "--now", str(NOW), text)
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["reason"] == "lifetime_exceeded"
+    accepted = run_cli("--kit", str(kit_file), "--now", str(NOW), "--lifetime", "325", text)
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(accepted.stdout)["result"] == "accepted"
+
+
+def test_main_exits_2_on_negative_now_leeway_or_lifetime(kit_file: Path) -> None:
+    for option in (["--now", "-1"], ["--leeway", "-1"], ["--lifetime", "-1"]):
         with pytest.raises(SystemExit) as info:
             main(["--kit", str(kit_file), *option, credential()], stdout=io.StringIO())
         assert info.value.code == 2

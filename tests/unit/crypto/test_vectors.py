@@ -45,7 +45,7 @@ def load_generator() -> ModuleType:
 
 def verify(case: dict[str, Any]) -> Any:
     keys = parse_jwks(DOCUMENT["jwks"])
-    return verify_credential(case["credential"], keys, DOCUMENT["now"], DOCUMENT["leeway"])
+    return verify_credential(case["credential"], keys, DOCUMENT["now"], DOCUMENT["leeway"], DOCUMENT["lifetime"])
 
 
 @pytest.mark.parametrize("case", VALID_CASES, ids=[case["name"] for case in VALID_CASES])
@@ -93,6 +93,40 @@ def test_rejected_vector_fails_with_the_expected_reason(case: dict[str, Any]) ->
     with pytest.raises(CredentialRejected) as info:
         verify(case)
     assert info.value.reason is Rejection(case["expected"])
+
+
+HEADER_CASE_NAMES = {
+    "malformed-crit-unknown-label",
+    "malformed-crit-known-label",
+    "malformed-unknown-label",
+    "malformed-alg-as-text",
+    "malformed-extra-typ",
+    "malformed-duplicate-kid",
+    "malformed-non-canonical-kid-length",
+    "malformed-kid-also-unprotected",
+    "malformed-unprotected-not-empty",
+}
+HEADER_CASES = [case for case in REJECTED_CASES if case["name"] in HEADER_CASE_NAMES]
+
+
+@pytest.mark.parametrize("case", HEADER_CASES, ids=[case["name"] for case in HEADER_CASES])
+def test_header_vectors_verify_with_pycose_and_fail_on_the_header_alone(case: dict[str, Any]) -> None:
+    raw = b45decode(case["credential"][len(PREFIX) :])
+    protected = cbor2.loads(raw).value[0]
+    kid = cbor2.loads(protected)[4]
+    jwk = next(entry for entry in DOCUMENT["jwks"]["keys"] if b64url_decode(entry["kid"]) == kid)
+    message = CoseMessage.decode(raw)
+    message.key = OKPKey(crv=Ed25519, x=b64url_decode(jwk["x"]))
+    assert message.verify_signature() is True
+    assert case["expected"] == "malformed"
+    with pytest.raises(CredentialRejected) as info:
+        verify(case)
+    assert info.value.reason is Rejection.MALFORMED
+
+
+def test_vectors_hold_every_header_variant_and_both_lifetime_edges() -> None:
+    names = {case["name"] for case in CASES}
+    assert HEADER_CASE_NAMES | {"valid-lifetime-edge", "lifetime-exceeded", "lifetime-exceeded-a-year"} <= names
 
 
 def test_vectors_cover_every_outcome_with_unique_names() -> None:
