@@ -152,7 +152,9 @@ async def test_ready_on_a_cluster(database_url: str, redis_cluster: RedisCluster
     app: Litestar = create_app(settings)
     async with serve(app) as client:
         token = await operator_token(client, app.state[STATE_KEY], Role.ADMIN, ["*"])
-        region = await client.post("/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token))
+        region = await client.post(
+            "/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token)
+        )
         assert region.status_code in (201, 409), region.text
         response: httpx.Response = await client.get("/ready")
     assert response.status_code == 200 and response.json()["store"] == "redis", response.text
