@@ -298,6 +298,7 @@ class RedisStatusMirror:
         options: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
         if cluster:
             return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
+        # redis:// and rediss:// alike: the hot calls keep their own connection over TLS too.
         pipe = RespPipe(url, TIMEOUT, TIMEOUT) if supports(url) else None
         return cls(redis.Redis.from_url(url, **options), prefix, pipe=pipe)
 
