@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest
+.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
+
+## Write app/db/migrations/versions/000N_$(NAME).py: the models' difference from a throwaway SQLite
+## database upgraded to head (Alembic autogenerate; read it, and try it on PostgreSQL, before committing).
+migration: install
+	test -n "$(NAME)" || (echo "usage: make migration NAME=what_it_does (lower-case, digits, underscores)" >&2; exit 2)
+	$(VENV)/bin/python -m app.db.migrate "$(NAME)"
 
 ## Rewrite openapi/openapi.json from the code (a test fails when they differ).
 openapi: install
