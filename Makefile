@@ -35,9 +35,14 @@ serve: install
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
 		--workers $(WORKERS) --no-access-log --loop uvloop --http httptools
 
-## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL).
-test: install lint
+## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
+test: browser-deps install lint
 	$(VENV)/bin/pytest
+
+## The browser tests' Debian chromium and CJK fonts: found, or apt-get installed (as root or with
+## passwordless sudo), or a message saying what to install (then `make test` stops before pytest).
+browser-deps:
+	bash scripts/ensure-browser
 
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
