@@ -73,16 +73,12 @@ async def _issuer_keys(context: ServiceContext) -> bool:
     return bool(context.directory.keys.signing_keys)
 
 
-async def _directory(context: ServiceContext) -> bool:
-    # The context is published in the app state only after its first directory load succeeded.
-    return True
-
-
+# Probed on every call; the fourth check, "directory", is whether the lifespan published the context,
+# which it does only after the directory's first load succeeded (terminals and issuer keys).
 _PROBES: dict[str, Callable[[ServiceContext], Awaitable[bool]]] = {
     "database": _database,
     "status_store": _status_store,
     "issuer_keys": _issuer_keys,
-    "directory": _directory,
 }
 
 
@@ -99,11 +95,11 @@ async def _passes(name: str, context: ServiceContext) -> bool:
 
 
 async def missing_dependencies(context: ServiceContext | None) -> list[str]:
-    """The checks that fail now, in CHECKS order (all of them while the service is still starting)."""
+    """The checks that fail now, in CHECKS order; without a loaded context (still starting) all of them."""
     if context is None:
         return list(CHECKS)
-    results = await asyncio.gather(*(_passes(name, context) for name in CHECKS))
-    return [name for name, passed in zip(CHECKS, results, strict=True) if not passed]
+    results = dict(zip(_PROBES, await asyncio.gather(*(_passes(name, context) for name in _PROBES)), strict=True))
+    return [name for name in CHECKS if not results.get(name, True)]
 
 
 @get(

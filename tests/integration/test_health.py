@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from litestar import Litestar
 from sqlalchemy.engine import URL
 
 from app.asgi import create_app
-from app.context import STATE_KEY
+from app.context import STATE_KEY, ServiceContext
 from app.domain.operators.services import Role
-from app.health import CHECK_TIMEOUT, CHECKS
+from app.health import CHECK_TIMEOUT, CHECKS, missing_dependencies
 from tests.conftest import make_settings, migrated_database, operator_token, serve
 from tests.factories import bearer
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 
 
 def _assert_not_ready(response: httpx.Response, missing: list[str]) -> None:
@@ -68,3 +70,34 @@ async def test_a_deployment_without_issuer_keys_is_not_ready(tmp_path: Path, pos
     async with serve(app) as client:
         _assert_not_ready(await client.get("/ready"), ["issuer_keys"])
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_worker_still_starting_is_not_ready(tmp_path: Path) -> None:
+    """Before the lifespan published its context (directory loaded), nothing is ready; it is alive all the same."""
+    app = create_app(make_settings(f"sqlite+aiosqlite:///{tmp_path / 'never.sqlite3'}", "", "unused:"))
+    transport = httpx.ASGITransport(app=app)  # runs no lifespan
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        _assert_not_ready(await client.get("/ready"), list(CHECKS))
+        assert (await client.get("/health")).status_code == 200
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accept a connection and never answer (a database host that hangs)."""
+    await reader.read()
+    writer.close()
+
+
+@pytest.mark.parametrize("database", ["refused", "silent"])
+async def test_a_database_that_refuses_or_hangs_is_missing_within_the_timeout(database: str) -> None:
+    port = free_port()
+    server = await asyncio.start_server(_silent, "127.0.0.1", port) if database == "silent" else None
+    context = ServiceContext.build(make_settings(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none", "", "unused:"))
+    try:
+        started = time.monotonic()
+        # No region was loaded in this unstarted context either: no issuer key.
+        assert await missing_dependencies(context) == ["database", "issuer_keys"]
+        assert time.monotonic() - started < CHECK_TIMEOUT + 0.5
+    finally:
+        await context.engine.dispose()
+        if server is not None:
+            server.close()
