@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest
+.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,14 +35,25 @@ serve: install
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
 		--workers $(WORKERS) --no-access-log --loop uvloop --http httptools
 
-## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL).
-test: install lint
+## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
+test: browser-deps install lint
 	$(VENV)/bin/pytest
+
+## The browser tests' Debian chromium and CJK fonts: found, or apt-get installed (as root or with
+## passwordless sudo), or a message saying what to install (then `make test` stops before pytest).
+browser-deps:
+	bash scripts/ensure-browser
 
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
+
+## Write app/db/migrations/versions/000N_$(NAME).py: the models' difference from a throwaway SQLite
+## database upgraded to head (Alembic autogenerate; read it, and try it on PostgreSQL, before committing).
+migration: install
+	test -n "$(NAME)" || (echo "usage: make migration NAME=what_it_does (lower-case, digits, underscores)" >&2; exit 2)
+	$(VENV)/bin/python -m app.db.migrate "$(NAME)"
 
 ## Rewrite openapi/openapi.json from the code (a test fails when they differ).
 openapi: install

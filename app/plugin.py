@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from click import Group
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Response, get
 from litestar.config.app import AppConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -53,6 +53,7 @@ from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.pages import web_routers
+from app.health import health, ready
 from app.hot_paths import HotPaths
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
@@ -95,17 +96,6 @@ async def prometheus_metrics() -> Response[bytes]:
     """The verify path's latency histogram and results by reason, in the Prometheus text format."""
     body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)
-
-
-@get("/health", tags=["service"], summary="Liveness and dependencies")
-async def health(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """`ok` when the status store answers; 503 otherwise."""
-    context: ServiceContext = request.app.state[STATE_KEY]
-    try:
-        await context.mirror.ping()
-    except StoreUnavailable:
-        raise problems.unavailable("status store is unreachable") from None
-    return {"status": "ok", "mode": context.settings.mode, "store": "redis" if context.settings.redis_url else "memory"}
 
 
 def _integrity_error(exc: IntegrityError) -> ProblemDetailsException:
@@ -169,6 +159,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 offline_kit,
                 trust_list,
                 health,
+                ready,
                 prometheus_metrics,
                 HolderAuthController,
                 HolderCardController,

@@ -5,7 +5,11 @@ back in order and resolve their futures straight from `data_received` (hiredis p
 redis-py's pipeline did the same with a pipeline object, a pooled connection, a reader task
 and per-command response handling: about 20 µs of client CPU per command against ~5 here, and
 one event-loop turn more per batch (docs/performance.md). Everything else — scripts loading,
-the event stream, cluster nodes, TLS — stays with redis-py.
+the event stream, cluster nodes — stays with redis-py.
+
+`rediss://` URLs speak TLS with the query parameters redis-py reads (`ssl_ca_certs`,
+`ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` — required by default —, `ssl_check_hostname`, …),
+so one URL configures both clients alike.
 
 Any failure (refused, reset, a reply later than the timeout) closes the connection and fails
 every command waiting on it; the next batch connects again. A command that timed out may still
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
+from collections.abc import Mapping
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import RedisSSLContext, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,10 +34,37 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 class NotSent(RedisConnectionError):
     """No connection could be made: nothing was sent, so nothing ran."""
 
+# redis-py's names of the TLS options in a URL's query, and the SSLConnection argument each fills.
+_SSL_OPTIONS = {
+    "ssl_keyfile": "keyfile",
+    "ssl_certfile": "certfile",
+    "ssl_password": "password",
+    "ssl_cert_reqs": "cert_reqs",
+    "ssl_include_verify_flags": "include_verify_flags",
+    "ssl_exclude_verify_flags": "exclude_verify_flags",
+    "ssl_ca_certs": "ca_certs",
+    "ssl_ca_data": "ca_data",
+    "ssl_ca_path": "ca_path",
+    "ssl_check_hostname": "check_hostname",
+    "ssl_min_version": "min_version",
+    "ssl_ciphers": "ciphers",
+}
+
 
 def supports(url: str) -> bool:
-    """Whether a URL names a plain TCP Redis node this connection can talk to (not TLS, not a socket)."""
-    return url.startswith("redis://") and "connection_class" not in parse_url(url)
+    """Whether a URL names a TCP Redis node this connection can talk to, plain or TLS (not a socket)."""
+    return url.startswith(("redis://", "rediss://"))
+
+
+def ssl_context(options: Mapping[str, object]) -> ssl.SSLContext:
+    """The TLS context redis-py's SSLConnection would make of a `rediss://` URL's options.
+
+    Its defaults, not RedisSSLContext's: the server's certificate is required and its name checked.
+    """
+    arguments: dict[str, Any] = {"cert_reqs": "required", "check_hostname": True}
+    arguments.update({_SSL_OPTIONS[name]: value for name, value in options.items() if name in _SSL_OPTIONS})
+    context: ssl.SSLContext = RedisSSLContext(**arguments).get()
+    return context
 
 
 def pack(commands: list[tuple[Any, ...]]) -> bytes:
@@ -99,9 +132,13 @@ class RespPipe:
     """Commands pipelined on one connection to one Redis node; `execute` gives their replies in order."""
 
     def __init__(self, url: str, timeout: float, connect_timeout: float) -> None:
+        if not supports(url):
+            raise ValueError("RespPipe talks to redis:// and rediss:// URLs only")
         options = parse_url(url)
         self._host: str = options.get("host", "localhost")
         self._port: int = int(options.get("port", 6379))
+        # Built now, so a missing certificate file stops the service at start, not at the first scan.
+        self._ssl = ssl_context(options) if url.startswith("rediss://") else None
         self._setup: list[tuple[Any, ...]] = []
         if options.get("password") is not None:
             username = options.get("username")
@@ -124,7 +161,12 @@ class RespPipe:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    _, protocol = await loop.create_connection(_Protocol, self._host, self._port)
+                    if self._ssl is None:
+                        _, protocol = await loop.create_connection(_Protocol, self._host, self._port)
+                    else:
+                        _, protocol = await loop.create_connection(
+                            _Protocol, self._host, self._port, ssl=self._ssl, server_hostname=self._host
+                        )
                     for reply in await self._send(protocol, self._setup):
                         if isinstance(reply, Exception):
                             protocol.fail(RedisConnectionError(f"Redis refused the connection's set-up: {reply}"))

@@ -441,7 +441,7 @@ class RedisStatusMirror:
         self._client = client
         self._prefix = prefix
         self._cluster = cluster
-        # The hot calls' own connection (one node, plain TCP); without it they go through redis-py.
+        # The hot calls' own connection (one node, plain TCP or TLS); without it they go through redis-py.
         self._pipe = pipe
         self._queue: list[_Queued] = []
         self._flushes: set[asyncio.Task[None]] = set()
@@ -455,6 +455,7 @@ class RedisStatusMirror:
         options: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
         if cluster:
             return cls(redis.RedisCluster.from_url(url, **options), prefix, cluster=True)
+        # redis:// and rediss:// alike: the hot calls keep their own connection over TLS too.
         pipe = RespPipe(url, TIMEOUT, TIMEOUT) if supports(url) else None
         # A pooled connection that Redis closed (it restarted) is found out by the next call: that call
         # is sent once more on a new connection. Every call here may run twice: writes set values, and a

@@ -39,9 +39,9 @@ async def _prepare(client: httpx.AsyncClient, context: ServiceContext) -> tuple[
 async def test_loop_without_redis(sqlite_url: str) -> None:
     app = create_app(make_settings(sqlite_url, "", "unused:"))
     async with serve(app) as client:
-        assert (await client.get("/health")).json()["store"] == "memory"
         context = app.state[STATE_KEY]
         holder, gate = await _prepare(client, context)
+        assert (await client.get("/ready")).json()["store"] == "memory"
         token = await operator_token(client, context, Role.ADMIN, ["*"])
         gates = [gate] + [
             await factories.new_terminal(client, token, gate.organisation_id, ["transit"]) for _ in range(9)

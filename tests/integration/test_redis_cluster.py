@@ -147,12 +147,17 @@ async def test_a_plain_client_fails_closed_on_a_cluster(redis_cluster: RedisClus
     assert any(isinstance(answer, Exception) for answer in answers)
 
 
-async def test_health_on_a_cluster(database_url: str, redis_cluster: RedisCluster) -> None:
+async def test_ready_on_a_cluster(database_url: str, redis_cluster: RedisCluster) -> None:
     settings = make_settings(database_url, redis_cluster.url, f"health-{uuid.uuid4().hex[:8]}:", redis_cluster=True)
     app: Litestar = create_app(settings)
     async with serve(app) as client:
-        response: httpx.Response = await client.get("/health")
-    assert response.status_code == 200 and response.json()["store"] == "redis"
+        token = await operator_token(client, app.state[STATE_KEY], Role.ADMIN, ["*"])
+        region = await client.post(
+            "/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token)
+        )
+        assert region.status_code in (201, 409), region.text
+        response: httpx.Response = await client.get("/ready")
+    assert response.status_code == 200 and response.json()["store"] == "redis", response.text
 
 
 async def test_a_cold_client_under_a_burst_decides_every_scan_once(redis_cluster: RedisCluster) -> None:

@@ -28,10 +28,13 @@ def test_packs_like_redis_py(command: tuple[str | bytes | int | float, ...]) -> 
     assert pack([command, command]) == expected * 2
 
 
-def test_supports_plain_tcp_urls_only() -> None:
+def test_supports_tcp_urls_plain_or_tls() -> None:
+    """TLS is tested against a TLS-only server in test_resp_tls.py."""
     assert supports("redis://127.0.0.1:6379/0") and supports("redis://:pw@host:1/3")
-    assert not supports("rediss://host:6380/0")
+    assert supports("rediss://host:6380/0?ssl_ca_certs=/etc/ca.pem")
     assert not supports("unix:///run/redis.sock")
+    with pytest.raises(ValueError, match="rediss://"):
+        RespPipe("unix:///run/redis.sock", 1.0, 1.0)
 
 
 async def _replies_in_order(url: str, key: str) -> None:

@@ -250,8 +250,10 @@ async def test_redis_down_is_503_and_never_accepts(
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.headers["retry-after"] == "1"
         assert "not accepted" in response.json()["detail"]
-        health = await client.get("/health")
-        assert health.status_code == 503
+        # Alive, but not ready: a load balancer routes around this worker and does not restart it.
+        assert (await client.get("/health")).status_code == 200
+        not_ready = await client.get("/ready")
+        assert (not_ready.status_code, not_ready.json()["missing"]) == (503, ["status_store"])
 
         # Back, but empty (it keeps nothing on disk): its memory of used codes is gone, so a code that could
         # have been shown before is refused (it may be a replay), and every code of a card it does not know.
