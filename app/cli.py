@@ -129,7 +129,7 @@ def region_add(code: str, name: str) -> None:
     async def work(context: ServiceContext) -> None:
         async with context.sessions() as session:
             await register_region(session, context.pii, Actor.command("ecard region add"), code, name)
-        await context.bus.publish("directory")
+        await context.directory_changed()
 
     _run(work)
     click.echo(f"region {code} registered with a fresh signing key")
@@ -371,7 +371,7 @@ def demo(region: str) -> None:
                 code_ttl=context.settings.activation_code_ttl,
                 actor=actor,
             )
-        await context.bus.publish("directory")
+        await context.directory_changed()
         return {
             "operator username": username,
             "operator password": password,
@@ -382,7 +382,7 @@ def demo(region: str) -> None:
 
     for label, value in _run(work).items():
         click.echo(f"{label:30} {value}")
-    click.echo("A running service picks these up within its cache refresh interval (30 s), or restart it.", err=True)
+    click.echo("A running service picks these up within a second.", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -261,6 +261,19 @@ class StatusStore(Base):
     first_used_at: Mapped[datetime]
 
 
+class ChangeCounter(Base):
+    """A counter raised after every change of a kind that workers cache (`directory`: terminals, keys).
+
+    Workers poll it every second (one indexed row) and reload when it moved, so a change reaches every
+    worker through the database alone, whether or not the Redis announcement arrived.
+    """
+
+    __tablename__ = "change_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class ActivationCode(Base):
     """A one-time code that lets a holder bind a device to an eCard; only its hash is kept."""
 

@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 class NotSent(RedisConnectionError):
     """No connection could be made: nothing was sent, so nothing ran."""
 
+
 # redis-py's names of the TLS options in a URL's query, and the SSLConnection argument each fills.
 _SSL_OPTIONS = {
     "ssl_keyfile": "keyfile",

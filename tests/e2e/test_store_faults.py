@@ -315,3 +315,44 @@ async def test_the_same_terminals_retry_after_an_unknown_outcome_gets_the_first_
         accepted = list(await session.scalars(query))
     # One accepted event per code, and each says its answer reached the gate (by the retry).
     assert accepted == [True] * 5
+
+
+async def test_a_terminal_disabled_while_redis_is_down_is_refused_by_every_worker_within_a_second(
+    database_url: str, own_redis: RedisServer, redis_prefix: str
+) -> None:
+    prefix = f"{redis_prefix}directory-{uuid.uuid4().hex[:8]}:"
+    first, second = (create_app(make_settings(database_url, own_redis.url, prefix)) for _ in range(2))
+    async with serve(first) as client, serve(second):
+        context: ServiceContext = first.state[STATE_KEY]
+        other: ServiceContext = second.state[STATE_KEY]
+        token = await operator_token(client, context, Role.ADMIN, ["*"])
+        await client.post("/v1/operator/regions", json={"code": "510000", "name": "四川省"}, headers=bearer(token))
+        gate = await factories.new_gate(client, token, "510000", "transit", ["transit"])
+
+        async def known_to_the_other_worker() -> bool:
+            return other.directory.authenticate(gate.api_key) is not None
+
+        await wait_until(known_to_the_other_worker, "the new terminal did not reach the other worker", 3.0)
+        # No Redis, so no announcement: the database's change counter carries the change alone.
+        own_redis.stop()
+        response = await client.patch(
+            f"/v1/operator/terminals/{gate.terminal_id}", json={"enabled": False}, headers=bearer(token)
+        )
+        assert response.status_code == 200, response.text
+        changed_at = time.monotonic()
+
+        async def refused_by_the_other_worker() -> bool:
+            return other.directory.authenticate(gate.api_key) is None
+
+        await wait_until(refused_by_the_other_worker, "the other worker still knows the disabled terminal", 3.0)
+        assert time.monotonic() - changed_at < 2.0
+        own_redis.start()
+
+
+async def test_an_idle_drain_does_not_report_its_own_blocking_read_as_an_outage(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.clear()
+    await asyncio.sleep(3.5)
+    unavailable = [record for record in caplog.records if "event stream unavailable" in record.getMessage()]
+    assert unavailable == []

@@ -1,4 +1,4 @@
-"""faults without loss: mirror outbox, mirror versions, status-store epochs, undelivered answers
+"""faults without loss: mirror outbox, mirror versions, status-store epochs, undelivered answers, change counters
 
 Revision ID: 0007
 Revises: 0006
@@ -35,6 +35,13 @@ def upgrade() -> None:
         sa.Column("first_used_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("prefix", name=op.f("pk_status_stores")),
     )
+    counters = op.create_table(
+        "change_counters",
+        sa.Column("name", sa.String(length=32), nullable=False),
+        sa.Column("value", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_change_counters")),
+    )
+    op.bulk_insert(counters, [{"name": "directory", "value": 0}])
     with op.batch_alter_table("ecards", schema=None) as batch_op:
         batch_op.add_column(sa.Column("mirror_version", sa.BigInteger(), server_default="0", nullable=False))
     with op.batch_alter_table("verification_events", schema=None) as batch_op:
@@ -46,6 +53,7 @@ def downgrade() -> None:
         batch_op.drop_column("answer_delivered")
     with op.batch_alter_table("ecards", schema=None) as batch_op:
         batch_op.drop_column("mirror_version")
+    op.drop_table("change_counters")
     op.drop_table("status_stores")
     with op.batch_alter_table("mirror_changes", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_mirror_changes_ecard_id"))
