@@ -219,25 +219,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Count header bytes before httptools sees them; refuse at the limit, without parsing the rest."""
         state = self._state
-        if state == _REFUSED:
-            return  # lingering after a refusal: drop what the client still sends
-        while state != _BODY:
-            budget = self._max_header_bytes - self._header_bytes
-            if len(data) <= budget:
+        if state != _BODY:
+            if state == _REFUSED:
+                return  # lingering after a refusal: drop what the client still sends
+            if len(data) > self._max_header_bytes - self._header_bytes:
+                rest = self._feed_up_to_limit(data)
+                if rest is None:
+                    return
+                data = rest
+            else:
                 self._header_bytes += len(data)
-                break
-            seen = self._headers_seen
-            if not self._feed(data[:budget]):
-                return
-            if self._headers_seen == seen:
-                self._refuse(HEADER_SIZE, HEADER_TOO_LARGE)
-                return
-            # A request's headers ended inside the slice; the rest belongs to its body or the next request.
-            data = data[budget:]
-            state = self._state
         if not self._feed(data):
             return
         state = self._state
+        if state == _IDLE:
+            return  # the usual case: the whole request came in this piece
         if state == _HEADERS:
             if self._header_timer is None:
                 self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout_expired)
@@ -246,9 +242,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timeout_check)
 
+    def _feed_up_to_limit(self, data: bytes) -> bytes | None:
+        """Parse no more than the header budget; what is left once headers ended in it, or None (refused)."""
+        while self._state != _BODY:
+            budget = self._max_header_bytes - self._header_bytes
+            if len(data) <= budget:
+                self._header_bytes += len(data)
+                return data
+            seen = self._headers_seen
+            if not self._feed(data[:budget]):
+                return None
+            if self._headers_seen == seen:
+                self._refuse(HEADER_SIZE, HEADER_TOO_LARGE)
+                return None
+            # A request's headers ended inside the slice; the rest belongs to its body or the next request.
+            data = data[budget:]
+        return data
+
     def _feed(self, data: bytes) -> bool:
         """uvicorn's parsing of a piece of input; False when the connection is done with."""
-        self._unset_keepalive_if_required()
+        if self.timeout_keep_alive_task is not None:
+            self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -270,7 +284,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         """A request starts: its header bytes are counted from here."""
         self._state = _HEADERS
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)
 
     def on_headers_complete(self) -> None:
         """Headers done in time: stop their clock; refuse the request when the worker is full."""
@@ -285,7 +299,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._refuse(CONNECTIONS, SERVICE_UNAVAILABLE)
             raise _Refused  # stops httptools: nothing more of this connection is parsed
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
         """The body is in: no read clock runs while the app answers."""
@@ -293,7 +307,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
     # Timers
 
