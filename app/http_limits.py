@@ -116,7 +116,7 @@ class LimitTripLog:
         count = self._suppressed.pop(limit, 0)
         if count:
             self._last[limit] = time.monotonic()
-            logger.warning("http limit %s tripped %d more times in the last second", limit, count)
+            logger.warning("http limit %s tripped in the last second: %d more", limit, count)
 
 
 class QueryStringFilter(logging.Filter):

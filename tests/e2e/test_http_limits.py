@@ -48,7 +48,7 @@ HEADER_SECRET = "hdr-secret-5f1c"
 
 TRIP_LINE = re.compile(
     r"http limit (header_size|header_timeout|body_timeout|connections) tripped "
-    r"(?:by 127\.0\.0\.1:\d+|(\d+) more times in the last second)"
+    r"(?:by 127\.0\.0\.1:\d+|in the last second: (\d+) more)"
 )
 
 
