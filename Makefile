@@ -21,7 +21,7 @@ install: $(STAMP)
 ## Serve on embedded defaults: SQLite under var/, in-process nonce store, dev keys, one worker.
 run: install
 	$(VENV)/bin/litestar $(APP) ecard db upgrade
-	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) --http app.http_limits:LimitedHttpToolsProtocol
 
 ## Production-style: several workers; needs REDIS_URL (and DATABASE_URL, ECARD_KEYS_DIR, ECARD_MODE=production).
 ## /metrics sums the workers through PROMETHEUS_MULTIPROC_DIR (emptied at each start). Run
@@ -33,7 +33,7 @@ serve: install
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(METRICS_DIR) WEB_CONCURRENCY=$(WORKERS) \
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
-		--workers $(WORKERS) --no-access-log --loop uvloop --http httptools
+		--workers $(WORKERS) --no-access-log --loop uvloop --http app.http_limits:LimitedHttpToolsProtocol
 
 ## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
 test: browser-deps install lint
