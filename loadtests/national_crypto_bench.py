@@ -398,6 +398,12 @@ def lib_gmssl() -> Library:
         # gmssl hard-codes the default ID in sign_with_sm3; other IDs go through sign() on e.
         return digest(digest(za_prefix(public, signer_id)) + message)
 
+    def crypt_sm2(private: bytes, public: bytes) -> Any:
+        key = sm2.CryptSM2(private_key=private.hex(), public_key="")
+        # Set after construction: the constructor's public_key.lstrip("04") mangles keys whose x begins 0x04.
+        key.public_key = public[1:].hex()
+        return key
+
     def keypair() -> tuple[bytes, bytes]:
         private = os.urandom(32)
         signer = sm2.CryptSM2(private_key=private.hex(), public_key="")
@@ -405,11 +411,11 @@ def lib_gmssl() -> Library:
         return private, b"\x04" + bytes.fromhex(public_hex)
 
     def sign(private: bytes, public: bytes, message: bytes, signer_id: bytes) -> bytes:
-        signer = sm2.CryptSM2(private_key=private.hex(), public_key=public[1:].hex())
+        signer = crypt_sm2(private, public)
         return bytes.fromhex(signer.sign(e_value(public, message, signer_id), func.random_hex(signer.para_len)))
 
     def verify(public: bytes, message: bytes, signature: bytes, signer_id: bytes) -> bool:
-        verifier = sm2.CryptSM2(private_key="", public_key=public[1:].hex())
+        verifier = crypt_sm2(b"", public)
         return bool(verifier.verify(signature.hex(), e_value(public, message, signer_id)))
 
     def block(key: bytes, data: bytes) -> bytes:

@@ -82,7 +82,11 @@ def gmssl_e(public: bytes, message: bytes, signer_id: bytes) -> bytes:
 
 
 def gmssl_key(private: bytes, public: bytes) -> gmssl_sm2.CryptSM2:
-    return gmssl_sm2.CryptSM2(private_key=private.hex(), public_key=public[1:].hex())
+    key = gmssl_sm2.CryptSM2(private_key=private.hex(), public_key="")
+    # Set after construction: gmssl 3.2.2's constructor does public_key.lstrip("04") when the text
+    # starts with "04", which mangles every key whose x begins with the byte 0x04 (1 key in 256).
+    key.public_key = public[1:].hex()
+    return key
 
 
 def gmssl_sign(private: bytes, public: bytes, message: bytes, signer_id: bytes) -> bytes:
@@ -252,6 +256,15 @@ def test_sm2_independent_implementation_verifies_ours_and_we_verify_its(signer_i
         assert len(theirs) == 64
         assert ours.verify_key("510000").verify(theirs, message)
         assert not ours.verify_key("510000").verify(theirs, message[:-1])
+
+
+def test_sm2_interop_with_a_key_whose_x_begins_with_04() -> None:
+    """The key gmssl's constructor would mangle (see gmssl_key): d = 11 has x = 04 04 b3 …."""
+    ours = Sm2SigningKey((11).to_bytes(32, "big"))
+    assert ours.public[:2] == b"\x04\x04"  # point prefix, then x's first byte
+    signature = ours.sign(b"m")
+    assert gmssl_verify(ours.public, signature, b"m", DEFAULT_SIGNER_ID)
+    assert ours.verify_key("510000").verify(gmssl_sign(ours.private, ours.public, b"m", DEFAULT_SIGNER_ID), b"m")
 
 
 @given(signature=st.binary(max_size=80), message=st.binary(max_size=40))
