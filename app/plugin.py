@@ -54,6 +54,7 @@ from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.pages import web_routers
 from app.hot_paths import HotPaths
+from app.json_bodies import StrictJsonRequest
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
 
@@ -190,6 +191,8 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)
+        # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.json_bodies).
+        app_config.request_class = StrictJsonRequest
         app_config.lifespan.append(self.lifespan)
         app_config.plugins.append(
             ProblemDetailsPlugin(
