@@ -117,11 +117,16 @@ class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _DESCRIPTIONS = {
+    400: (
+        "The request is malformed: a parameter or the body fails validation (`errors` says which), or the "
+        "body is not JSON, nests too deeply or gives a key twice"
+    ),
     401: "Missing or invalid credentials (token, API key, or activation data)",
     403: "Authenticated, but not allowed to do this",
     404: "No such resource (or one outside the caller's regions)",
     409: "Conflicts with the current state; `current_state` says what it is where relevant",
     413: "Request body too large",
+    415: "The body is not sent as `application/json` (a charset, if given, must be UTF-8)",
     429: "Over the caller's rate: nothing was consumed; `Retry-After` says when to try again",
     503: "A dependency is unreachable; nothing was accepted or changed",
 }
@@ -132,9 +137,35 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     return {
         status: ResponseSpec(
             data_container=ProblemBody,
-            media_type="application/problem+json",
+            media_type=PROBLEM_JSON,
             description=_DESCRIPTIONS[status],
             generate_examples=False,
         )
         for status in statuses
     }
+
+
+PROBLEM_JSON = "application/problem+json"
+_PROBLEM_REF = {"$ref": "#/components/schemas/ProblemBody"}
+
+
+def document_problem_answers(document: dict[str, Any]) -> None:
+    """Make the OpenAPI document say what every error answer is: an RFC 9457 problem (`ProblemBody`).
+
+    Litestar documents its own 400 (validation) as `application/json` with a schema of its own;
+    every JSON body can also be refused with 415 (app.json_bodies). Applied to the whole document
+    once, so no route can forget it.
+    """
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses: dict[str, Any] = operation["responses"]
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                responses.setdefault("415", {"description": _DESCRIPTIONS[415]})
+            for status, response in responses.items():
+                if int(status) < 400:
+                    continue
+                response["content"] = {PROBLEM_JSON: {"schema": dict(_PROBLEM_REF)}}
+                if status == "400":
+                    response["description"] = _DESCRIPTIONS[400]
