@@ -96,10 +96,15 @@ def test_every_error_answer_is_documented_as_a_problem(document: dict[str, Any])
             assert "400" in operation["responses"], f"{method.upper()} {path} takes input but documents no 400"
 
 
-def test_every_json_body_documents_the_415(document: dict[str, Any]) -> None:
+def test_every_body_documents_its_413_and_415_every_idempotency_key_its_422(document: dict[str, Any]) -> None:
     for path, method, operation in operations(document):
-        if "application/json" in operation.get("requestBody", {}).get("content", {}):
+        body_types = operation.get("requestBody", {}).get("content", {})
+        if body_types:
+            assert "413" in operation["responses"], f"{method.upper()} {path}"
+        if "application/json" in body_types:
             assert "415" in operation["responses"], f"{method.upper()} {path}"
+        if any(parameter["name"] == "Idempotency-Key" for parameter in operation.get("parameters", [])):
+            assert "422" in operation["responses"], f"{method.upper()} {path}"
 
 
 def test_request_body_schemas_refuse_unknown_fields(document: dict[str, Any]) -> None:
