@@ -10,23 +10,26 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from click import Group
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.config.app import AppConfig
+from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, OpenAPI, SecurityScheme
 from litestar.plugins import CLIPlugin, InitPlugin
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
+from litestar.routes import HTTPRoute
 from sqlalchemy.exc import IntegrityError
 
 from app import metrics, problems
@@ -55,6 +58,8 @@ from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.pages import web_routers
 from app.health import health, ready
 from app.hot_paths import HotPaths
+from app.json_bodies import StrictJsonRequest
+from app.schema import WireModelSchemaPlugin
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
 
@@ -96,6 +101,54 @@ async def prometheus_metrics() -> Response[bytes]:
     """The verify path's latency histogram and results by reason, in the Prometheus text format."""
     body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)
+
+
+@dataclass
+class ContractDocument(OpenAPI):
+    """The OpenAPI document, its error answers documented as the problems they are (app.problems)."""
+
+    def to_schema(self) -> dict[str, Any]:
+        """The document as JSON data, every 4xx/5xx answer an `application/problem+json` ProblemBody."""
+        document = super().to_schema()
+        problems.document_problem_answers(document)
+        return document
+
+
+@dataclass
+class ContractOpenAPIConfig(OpenAPIConfig):
+    """Litestar's OpenAPI configuration, building a `ContractDocument` (served and exported alike)."""
+
+    def to_openapi_schema(self) -> OpenAPI:
+        """The document Litestar fills with paths and components, as a ContractDocument."""
+        base = super().to_openapi_schema()
+        return ContractDocument(**{field.name: getattr(base, field.name) for field in fields(base)})
+
+
+class AllowEveryMethod:
+    """An app `before_request` hook: OPTIONS answers with every method of the path.
+
+    Litestar 2 makes a path's OPTIONS handler when it registers the path's first handler and keeps
+    it as handlers are added, so its `Allow` named only that first method (litestar#4169, fixed in
+    Litestar 3). The answer is otherwise the one Litestar gives: 204 with `Allow`.
+    """
+
+    def __init__(self) -> None:
+        self._allow: dict[str, str] | None = None
+
+    async def __call__(self, request: Request[Any, Any, Any]) -> Response[None] | None:
+        """For Litestar's own OPTIONS handler, its answer with the full `Allow`; otherwise go on."""
+        if request.method != "OPTIONS" or request.route_handler.handler_name != "options_handler":
+            return None
+        if self._allow is None:
+            self._allow = {
+                route.path_format: ", ".join(sorted(route.methods))
+                for route in request.app.routes
+                if isinstance(route, HTTPRoute)
+            }
+        allow = self._allow.get(request.scope["path_template"])
+        if allow is None:
+            return None
+        return Response(None, status_code=204, headers={"Allow": allow}, media_type=MediaType.TEXT)
 
 
 def _integrity_error(exc: IntegrityError) -> ProblemDetailsException:
@@ -181,6 +234,8 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)
+        # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.json_bodies).
+        app_config.request_class = StrictJsonRequest
         app_config.lifespan.append(self.lifespan)
         app_config.plugins.append(
             ProblemDetailsPlugin(
@@ -195,7 +250,10 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             )
         )
         app_config.exception_handlers[Exception] = problems.unexpected
-        app_config.openapi_config = OpenAPIConfig(
+        # Consulted before Litestar's own msgspec schema plugin, which comes after this plugin.
+        app_config.plugins.insert(app_config.plugins.index(self) + 1, WireModelSchemaPlugin())
+        app_config.before_request = AllowEveryMethod()
+        app_config.openapi_config = ContractOpenAPIConfig(
             title="eCard API",
             version=API_VERSION,
             description=(

@@ -117,11 +117,17 @@ class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _DESCRIPTIONS = {
+    400: (
+        "The request is malformed: a parameter or the body fails validation (`errors` says which), or the "
+        "body is not JSON, nests too deeply or gives a key twice"
+    ),
     401: "Missing or invalid credentials (token, API key, or activation data)",
     403: "Authenticated, but not allowed to do this",
     404: "No such resource (or one outside the caller's regions)",
     409: "Conflicts with the current state; `current_state` says what it is where relevant",
     413: "Request body too large",
+    415: "The body is not sent as `application/json` (a charset, if given, must be UTF-8)",
+    422: "This Idempotency-Key was used for a different request (`idempotency_key_reused`)",
     429: "Over the caller's rate: nothing was consumed; `Retry-After` says when to try again",
     503: "A dependency is unreachable; nothing was accepted or changed",
 }
@@ -132,9 +138,40 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     return {
         status: ResponseSpec(
             data_container=ProblemBody,
-            media_type="application/problem+json",
+            media_type=PROBLEM_JSON,
             description=_DESCRIPTIONS[status],
             generate_examples=False,
         )
         for status in statuses
     }
+
+
+PROBLEM_JSON = "application/problem+json"
+_PROBLEM_REF = {"$ref": "#/components/schemas/ProblemBody"}
+
+
+def document_problem_answers(document: dict[str, Any]) -> None:
+    """Make the OpenAPI document say what every error answer is: an RFC 9457 problem (`ProblemBody`).
+
+    Litestar documents its own 400 (validation) as `application/json` with a schema of its own;
+    every body can be refused as too large (413), every JSON body with 415 (app.json_bodies), every
+    reused Idempotency-Key with 422. Applied to the whole document once, so no route can forget it.
+    """
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses: dict[str, Any] = operation["responses"]
+            body_types = operation.get("requestBody", {}).get("content", {})
+            if body_types:  # every route has a body size limit (Litestar's default, or its own)
+                responses.setdefault("413", {"description": _DESCRIPTIONS[413]})
+            if "application/json" in body_types:
+                responses.setdefault("415", {"description": _DESCRIPTIONS[415]})
+            if any(parameter.get("name") == "Idempotency-Key" for parameter in operation.get("parameters", [])):
+                responses.setdefault("422", {"description": _DESCRIPTIONS[422]})
+            for status, response in responses.items():
+                if int(status) < 400:
+                    continue
+                response["content"] = {PROBLEM_JSON: {"schema": dict(_PROBLEM_REF)}}
+                if status == "400":
+                    response["description"] = _DESCRIPTIONS[400]

@@ -37,6 +37,7 @@ from tests.conftest import operator_token
 from tests.factories import Gate, Holder, bearer, problem
 
 SICHUAN, CHONGQING = "510000", "500000"
+SEARCH = "/v1/operator/cards/search"
 MIRROR_LETTER = {"pending_activation": "P", "active": "A", "suspended": "S", "revoked": "R"}
 
 
@@ -771,36 +772,50 @@ async def test_search_by_card_number_and_citizen_id_is_region_scoped(
     card = response.json()["card"]
 
     for query in ({"card_number": number}, {"card_number": number.lower()}, {"citizen_id": citizen_id}):
-        found = await client.get("/v1/operator/cards", params=query, headers=bearer(officer))
+        found = await client.post(SEARCH, json=query, headers=bearer(officer))
         assert found.status_code == 200, found.text
         assert found.json() == [card], query
         assert citizen_id not in found.text
 
-        foreign = await client.get("/v1/operator/cards", params=query, headers=bearer(chongqing_officer))
+        foreign = await client.post(SEARCH, json=query, headers=bearer(chongqing_officer))
         assert foreign.status_code == 200, foreign.text
         assert foreign.json() == [], f"a Chongqing officer found a Sichuan card by {query}"
 
-    nothing = await client.get(
-        "/v1/operator/cards", params={"card_number": factories.card_number()}, headers=bearer(officer)
-    )
+    nothing = await client.post(SEARCH, json={"card_number": factories.card_number()}, headers=bearer(officer))
     assert nothing.status_code == 200 and nothing.json() == []
     # Auditors may search; verifier managers may not.
     auditor = await operator_token(client, context, Role.AUDITOR, [SICHUAN])
-    audited = await client.get("/v1/operator/cards", params={"citizen_id": citizen_id}, headers=bearer(auditor))
+    audited = await client.post(SEARCH, json={"citizen_id": citizen_id}, headers=bearer(auditor))
     assert [c["card_id"] for c in audited.json()] == [card["card_id"]]
     manager = await operator_token(client, context, Role.VERIFIER_MANAGER, [SICHUAN])
-    refused = await client.get("/v1/operator/cards", params={"card_number": number}, headers=bearer(manager))
+    refused = await client.post(SEARCH, json={"card_number": number}, headers=bearer(manager))
     assert problem(refused, 403)["code"] == "forbidden"
 
 
 @pytest.mark.parametrize(
-    "params", [{}, {"card_number": ""}, {"citizen_id": ""}], ids=["none", "empty-number", "empty-id"]
+    "body",
+    [
+        {},
+        {"card_number": ""},
+        {"citizen_id": ""},
+        {"card_number": None},
+        {"card_number": "A12345678", "citizen_id": "11010519491231002X"},
+        {"name": "张三"},
+    ],
+    ids=["none", "empty-number", "empty-id", "null", "both", "by-name"],
 )
-async def test_search_without_a_criterion_is_a_400(
-    client: httpx.AsyncClient, officer: str, params: dict[str, str]
+async def test_search_needs_exactly_one_criterion(
+    client: httpx.AsyncClient, officer: str, body: dict[str, str]
 ) -> None:
-    response = await client.get("/v1/operator/cards", params=params, headers=bearer(officer))
+    response = await client.post(SEARCH, json=body, headers=bearer(officer))
     assert problem(response, 400)["code"] == "bad_request"
+    assert "11010519491231002X" not in response.text
+
+
+async def test_no_look_up_by_personal_data_in_the_url(client: httpx.AsyncClient, officer: str) -> None:
+    """The old `GET /v1/operator/cards?card_number=…` is gone: its URL put card numbers in access logs."""
+    response = await client.get("/v1/operator/cards", params={"card_number": "A12345678"}, headers=bearer(officer))
+    assert problem(response, 405)["code"] == "method_not_allowed"
 
 
 async def test_search_by_citizen_id_finds_the_replacement_card(
@@ -814,7 +829,7 @@ async def test_search_by_citizen_id_finds_the_replacement_card(
     )
     old_id = response.json()["card"]["card_id"]
     new = (await act_ok(client, officer, old_id, "replacement"))["card"]
-    found = await client.get("/v1/operator/cards", params={"citizen_id": citizen_id}, headers=bearer(officer))
+    found = await client.post(SEARCH, json={"citizen_id": citizen_id}, headers=bearer(officer))
     assert found.status_code == 200, found.text
     assert new in found.json()
     index = context.pii.blind_index(citizen_id, CITIZEN_ID_FIELD)

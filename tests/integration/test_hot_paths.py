@@ -24,6 +24,7 @@ from tests import factories
 from tests.factories import Gate, Holder
 
 VOLATILE = ("verification_id", "first_used_at")
+JSON_TYPE = (b"content-type", b"application/json")
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -114,8 +115,14 @@ async def test_requests_it_does_not_take_get_the_routed_problems(
     unknown = {"X-Api-Key": "ecv1." + "0" * 32 + ".x"}
     response = await client.post("/v1/verify", json={"credential": credential}, headers=unknown)
     assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
-    response = await client.post("/v1/verify", content=b"{", headers={**gate.headers, "content-type": "text/plain"})
+    response = await client.post(
+        "/v1/verify", content=b"{", headers={**gate.headers, "content-type": "application/json"}
+    )
     assert (response.status_code, response.json()["code"]) == (400, "bad_request")
+    response = await client.post(
+        "/v1/verify", json={"credential": credential}, headers={**gate.headers, "content-type": "text/plain"}
+    )
+    assert (response.status_code, response.json()["code"]) == (415, "unsupported_media_type")
     # Neither consumed the credential.
     assert (await hot(client, gate, credential)).json()["result"] == "accepted"
 
@@ -164,7 +171,7 @@ async def test_a_body_in_pieces_is_assembled(
 ) -> None:
     [credential] = await factories.credentials(client, holder)
     body = b'{"credential": "' + credential.encode() + b'"}'
-    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", str(len(body)).encode())]
+    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", str(len(body)).encode()), JSON_TYPE]
     pieces = [
         {"type": "http.request", "body": body[i : i + 50], "more_body": i + 50 < len(body)}
         for i in range(0, len(body), 50)
@@ -178,7 +185,7 @@ async def test_a_client_gone_before_its_body_gets_nothing_and_uses_nothing(
     app: Litestar, client: httpx.AsyncClient, holder: Holder, gate: Gate
 ) -> None:
     [credential] = await factories.credentials(client, holder)
-    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", b"300")]
+    headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", b"300"), JSON_TYPE]
     assert await asgi_call(app, headers, [{"type": "http.request", "body": b'{"cre', "more_body": True}]) == []
     assert (await hot(client, gate, credential)).json()["result"] == "accepted"
 
@@ -253,7 +260,8 @@ async def test_issuing_requests_it_does_not_take_get_the_routed_problems(
         response = await client.post(url, json={"purpose": "transit"}, headers=headers)
         assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
     for content in (b"{", b'{"purpose": "transit", "count": 0}', b'{"purpose": "flying"}'):
-        response = await client.post(url, content=content, headers=factories.bearer(holder.access_token))
+        headers = {**factories.bearer(holder.access_token), "content-type": "application/json"}
+        response = await client.post(url, content=content, headers=headers)
         assert (response.status_code, response.json()["code"]) == (400, "bad_request"), content
 
 
@@ -261,7 +269,7 @@ async def test_an_absurd_content_length_is_a_client_error(app: Litestar, client:
     """Not a number the hot path will parse (a 5,000-digit one would raise in int()): the routed handler's 400."""
     body = b'{"credential": "EC1:x"}'
     for length in (b"9" * 5000, b"12x"):
-        headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", length)]
+        headers = [(b"x-api-key", gate.api_key.encode()), (b"content-length", length), JSON_TYPE]
         sent = await asgi_call(app, headers, [{"type": "http.request", "body": body, "more_body": False}])
         assert sent[0]["status"] == 400, length[:8]
         assert b'"code":"bad_request"' in sent[1]["body"]

@@ -52,8 +52,11 @@ class AuditController(Controller):
         subject_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
         action: Annotated[str | None, QueryParameter(max_length=48)] = None,
         actor_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
-        since: Annotated[datetime | None, QueryParameter()] = None,
-        until: Annotated[datetime | None, QueryParameter()] = None,
+        since: Annotated[datetime | None, QueryParameter(description="Events at or after this time.")] = None,
+        until: Annotated[
+            datetime | None,
+            QueryParameter(description="Events before this time; with `since`, it should be later (else: none)."),
+        ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> list[AuditEventOut]:
         """Newest first; filter by subject (card, eCard, terminal… id), action, actor and time."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -30,6 +29,7 @@ from app.domain.cards.schemas import (
     CardIssue,
     CardOut,
     CardReplacement,
+    CardSearch,
     ECardStateChange,
     IssuedCardOut,
 )
@@ -103,17 +103,21 @@ class CardController(Controller):
             activation_expires_at=issued.activation_expires_at,
         )
 
-    @get("/", summary="Find cards", responses=problem_responses(401, 403))
+    @post("/search", status_code=200, summary="Find cards", responses=problem_responses(401, 403, 413))
     async def search(
         self,
         ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
-        card_number: Annotated[str | None, QueryParameter(max_length=16)] = None,
-        citizen_id: Annotated[str | None, QueryParameter(max_length=18)] = None,
+        data: JSONBody[CardSearch],
     ) -> list[CardOut]:
-        """Cards by card number or by the holder's citizen ID (through its blind index), newest first."""
+        """Cards by card number or by the holder's citizen ID (through its blind index), newest first, at most 50.
+
+        A search, not a change: POST only so that the personal data it looks for stays out of URLs.
+        """
         require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
+        card_number = data.card_number if isinstance(data.card_number, str) else None
+        citizen_id = data.citizen_id if isinstance(data.citizen_id, str) else None
         rows = await find_cards(session, ctx.pii, operator.regions, card_number=card_number, citizen_id=citizen_id)
         return [card_out(ctx.pii, *row) for row in rows]
 

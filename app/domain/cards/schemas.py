@@ -22,6 +22,26 @@ class CardIssue(WireModel):
     insurance_scheme: Literal["urban_employee", "urban_rural_resident"] = "urban_employee"
 
 
+class CardSearch(WireModel):
+    """Find cards by exactly one of the card number and the holder's citizen ID (the other left out).
+
+    Both are personal data, so they travel in a request body: never in a URL, where access logs,
+    proxies and browser histories keep them.
+    """
+
+    card_number: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=16, examples=["A12345678"])] | msgspec.UnsetType
+    ) = msgspec.UNSET
+    citizen_id: Annotated[str, msgspec.Meta(min_length=1, max_length=18)] | msgspec.UnsetType = msgspec.UNSET
+
+    openapi_extra = {"min_properties": 1, "max_properties": 1}
+
+    def __post_init__(self) -> None:
+        """Exactly one criterion: the answer is then one person's cards or one card, never a mix."""
+        if (self.card_number is msgspec.UNSET) == (self.citizen_id is msgspec.UNSET):
+            raise ValueError("give exactly one of card_number and citizen_id")
+
+
 class ActivationCodeOut(WireModel):
     """A one-time activation code, shown once; deliver it to the holder."""
 

@@ -15,6 +15,7 @@ from app import problems
 from app.context import ServiceContext
 from app.db.models import IdempotencyRecord
 from app.domain.ledger.idempotency import (
+    MAX_KEY_LENGTH,
     Claim,
     ClaimLost,
     Replay,
@@ -27,12 +28,19 @@ from app.domain.ledger.idempotency import (
 
 T = TypeVar("T", bound=msgspec.Struct)
 
+# Documented as required (it is); read as optional, so that a missing key gets check_key's own 400,
+# which says what a usable key is, rather than Litestar's generic one.
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
         name="Idempotency-Key",
-        required=False,
-        description="Required. The same key and body replay the first answer; another body is a 422.",
+        required=True,
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        description=(
+            f"1 to {MAX_KEY_LENGTH} printable ASCII characters, new for each operation. The same key and body "
+            "replay the first answer (with `Idempotent-Replayed: true`); the same key with another body is a 422."
+        ),
     ),
 ]
 

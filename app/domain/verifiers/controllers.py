@@ -174,13 +174,21 @@ class VerifierController(Controller):
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         organisation_id: FromPath[uuid.UUID],
-        since: Annotated[datetime | None, QueryParameter(name="since", required=False)] = None,
-        until: Annotated[datetime | None, QueryParameter(name="until", required=False)] = None,
+        since: Annotated[
+            datetime | None,
+            QueryParameter(name="since", required=False, description="Start (included); must be before `until`."),
+        ] = None,
+        until: Annotated[
+            datetime | None,
+            QueryParameter(
+                name="until", required=False, description="End (excluded); default now. 400 unless after `since`."
+            ),
+        ] = None,
     ) -> VerificationCounts:
         """Accepted and rejected verifications of each terminal, by result, in [since, until).
 
-        Default: the last 24 hours. Counts come from the drained event log, a few seconds behind
-        the gates.
+        Default: the last 24 hours. `since` must be before `until` (400 otherwise). Counts come
+        from the drained event log, a few seconds behind the gates.
         """
         require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
         organisation = await get_organisation(session, organisation_id, operator.regions)
