@@ -16,6 +16,12 @@ JSON = {"content-type": "application/json"}
 ACTIVATION = b'{"card_number":"D12345678","activation_code":"1234-5678","device_public_key":"%s"}'
 
 
+@pytest.fixture
+async def gate(client: httpx.AsyncClient, admin_token: str) -> Gate:
+    """A transit gate of this test alone: the session's gate keeps its rate budget for the tests that use it."""
+    return await factories.new_gate(client, admin_token, "510000", "transit", ["transit"])
+
+
 def nested(depth: int) -> bytes:
     """`{"card_number": [[…]]}`: depth levels in under 2 KB, deep enough to exhaust a recursive decoder."""
     return b'{"card_number":' + b"[" * depth + b"]" * depth + b"}"
