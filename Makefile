@@ -64,20 +64,24 @@ demo: install
 	$(VENV)/bin/litestar $(APP) ecard db upgrade
 	$(VENV)/bin/litestar $(APP) ecard demo
 
-## Refresh the browser pages' two vendored libraries from npm (jsQR: QR decoding in the gate console
+## Refresh the browser pages' vendored libraries from npm (jsQR: QR decoding in the gate console
 ## where the browser has no BarcodeDetector; @noble/ed25519: the device key where WebCrypto lacks
-## Ed25519). The copies are kept in the repository, checked against their SHA256SUMS; the pages load
+## Ed25519; swagger-ui-dist: the API docs page at /schema). The copies are kept in the repository, checked against their SHA256SUMS; the pages load
 ## nothing from another host.
 WEB_VENDOR := app/web/shared/vendor
 web-vendor:
-	rm -rf var/web-vendor && mkdir -p var/web-vendor/jsqr var/web-vendor/noble var/web-vendor/out
-	cd var/web-vendor && npm pack --silent jsqr@1.4.0 @noble/ed25519@3.2.0 >/dev/null
+	rm -rf var/web-vendor && mkdir -p var/web-vendor/jsqr var/web-vendor/noble var/web-vendor/swagger var/web-vendor/out
+	cd var/web-vendor && npm pack --silent jsqr@1.4.0 @noble/ed25519@3.2.0 swagger-ui-dist@5.18.2 >/dev/null
 	tar -xzf var/web-vendor/jsqr-1.4.0.tgz -C var/web-vendor/jsqr
 	tar -xzf var/web-vendor/noble-ed25519-3.2.0.tgz -C var/web-vendor/noble
+	tar -xzf var/web-vendor/swagger-ui-dist-5.18.2.tgz -C var/web-vendor/swagger
 	cp var/web-vendor/jsqr/package/dist/jsQR.js var/web-vendor/out/jsQR.js
 	cp var/web-vendor/jsqr/package/LICENSE var/web-vendor/out/jsQR.LICENSE
 	cp var/web-vendor/noble/package/index.js var/web-vendor/out/noble-ed25519.js
 	cp var/web-vendor/noble/package/LICENSE var/web-vendor/out/noble-ed25519.LICENSE
+	cp var/web-vendor/swagger/package/swagger-ui-bundle.js var/web-vendor/swagger/package/swagger-ui.css var/web-vendor/out/
+	cp var/web-vendor/swagger/package/LICENSE var/web-vendor/out/swagger-ui.LICENSE
+	cp var/web-vendor/swagger/package/NOTICE var/web-vendor/out/swagger-ui.NOTICE
 	cd var/web-vendor/out && sha256sum -c $(CURDIR)/$(WEB_VENDOR)/SHA256SUMS
 	cp var/web-vendor/out/* $(WEB_VENDOR)/
 	rm -rf var/web-vendor

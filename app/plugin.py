@@ -21,7 +21,6 @@ from litestar.config.app import AppConfig
 from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPI, SecurityScheme
 from litestar.plugins import CLIPlugin, InitPlugin
 from litestar.plugins.problem_details import (
@@ -55,6 +54,7 @@ from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
+from app.domain.web.docs_page import docs_render_plugins
 from app.domain.web.pages import web_routers
 from app.health import health, ready
 from app.hot_paths import HotPaths
@@ -261,7 +261,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 "and their verification. Errors are RFC 9457 problem details."
             ),
             use_handler_docstrings=True,
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            render_plugins=docs_render_plugins(),
             components=Components(
                 security_schemes={
                     "holderToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),

@@ -471,3 +471,28 @@ async def test_gate_console_reads_a_code_from_the_camera(
             assert errors == []
         finally:
             await browser.close()
+
+
+async def test_api_docs_render_with_every_other_host_blocked(browser: Browser, base_url: str) -> None:
+    """The docs page of an air-gapped intranet: Swagger UI from this origin, no request to another host."""
+    context = await browser.new_context()
+    foreign: list[str] = []
+
+    async def same_origin_only(route: Any) -> None:
+        if httpx.URL(route.request.url).host != "127.0.0.1":
+            foreign.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    try:
+        await context.route("**/*", same_origin_only)
+        page = await context.new_page()
+        errors = watch(page)
+        await page.goto(f"{base_url}/schema/swagger")
+        await expect(page.locator(".swagger-ui .info .title")).to_contain_text("eCard API", timeout=15_000)
+        await expect(page.locator(".opblock-summary-path").filter(has_text="/v1/verify").first).to_be_visible()
+        await snap(page, "api-docs")
+        assert foreign == [] and errors == [], (foreign, errors)
+    finally:
+        await context.close()
