@@ -146,7 +146,7 @@ def chromium() -> Path:
     if not CHROMIUM.is_file():
         pytest.fail(
             f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install -y chromium "
-            "(.ci/run installs it; ECARD_CHROMIUM names another binary)",
+            "(`make test` installs it through scripts/ensure-browser; ECARD_CHROMIUM names another binary)",
             pytrace=False,
         )
     return CHROMIUM

@@ -132,8 +132,6 @@ class MirrorOutbox:
                 interval = APPLY_INTERVAL
             except StoreUnavailable:
                 interval = RETRY_INTERVAL
-                self._wake.clear()
-                await asyncio.sleep(RETRY_INTERVAL)
             except Exception:
                 logger.exception("applying staged mirror changes failed; retrying")
                 interval = RETRY_INTERVAL

@@ -139,10 +139,12 @@ class VoidQueue:
         """Until cancelled: void pending scans, retrying every VOID_RETRY seconds while the store is away."""
         while True:
             await self._wake.wait()
+            # Cleared before the pass, so a scan added during it wakes the next one.
+            self._wake.clear()
             try:
                 await self.run_once()
-                self._wake.clear()
             except StoreUnavailable:
+                self._wake.set()
                 await asyncio.sleep(VOID_RETRY)
 
 
