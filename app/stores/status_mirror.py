@@ -28,7 +28,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -170,6 +170,16 @@ class ScanAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorEntry:
+    """One card as a bulk write gives it to the mirror: `mirror_card`'s arguments (see `mirror_many`)."""
+
+    card_ref: bytes
+    version: int
+    status: MirroredStatus
+    records: Mapping[CardRecord, bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
 class HolderState:
     """What issuing needs from the store, in one round trip: the card's status, the device, the epoch."""
 
@@ -199,6 +209,27 @@ class StatusMirror(Protocol):
     ) -> bool:
         """Set a card's records (None drops one) and then its status, atomically, unless the store holds a
         newer version; whether it was written."""
+        ...
+
+    async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
+        """`mirror_card` for many cards in as few round trips as the store allows; how many were written
+        (an entry older than the store's version of its card is not)."""
+        ...
+
+    async def set_refilling(self, refilling: bool, ttl: int = 120) -> None:
+        """Say that the mirror is being refilled from the database (for ttl seconds: whoever refills
+        renews it), or that it is full again. While it is, a scan of a card the mirror lacks may be
+        answered from the database."""
+        ...
+
+    async def refilling(self) -> bool:
+        """Whether the mirror is being refilled (see `set_refilling`)."""
+        ...
+
+    async def reopen(self, scan: Scan) -> bool:
+        """Forget this scan's use of its credential if the store answered it card_unknown (the mirror
+        lacked the card), so that it can run again once the card is mirrored; whether it was forgotten.
+        Another scan's use, or another answer, is never forgotten."""
         ...
 
     async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:
@@ -374,6 +405,16 @@ end
 return 'marked'
 """
 
+# KEYS[1] the nonce; ARGV[1] verification id. See `StatusMirror.reopen`.
+_REOPEN_LUA = """
+local previous = redis.call('GET', KEYS[1])
+if not previous then return 0 end
+local terminal, id, at, outcome = string.match(previous, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)')
+if id ~= ARGV[1] or outcome ~= 'card_unknown' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # How long a Redis call may take before the store counts as unavailable (connecting, or answering).
 TIMEOUT = 1.0
 
@@ -382,9 +423,12 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 
 
-_SCRIPTS = {_sha(script): script for script in (_SCAN_LUA, _HOLDER_LUA, _MIRROR_LUA, _VOID_LUA)}
-_SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA = _SCRIPTS
+_SCRIPTS = {_sha(script): script for script in (_SCAN_LUA, _HOLDER_LUA, _MIRROR_LUA, _VOID_LUA, _REOPEN_LUA)}
+_SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA, _REOPEN_SHA = _SCRIPTS
 EPOCH_KEY = "epoch"
+REFILLING_KEY = "refilling"
+# Cards per round trip of a bulk write.
+MIRROR_BATCH = 2000
 
 
 def card_key(prefix: str, card_ref: bytes) -> str:
@@ -595,6 +639,51 @@ class RedisStatusMirror:
             raise _unavailable(exc) from exc
         return int(written) == 1
 
+    async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
+        """See `StatusMirror.mirror_many`; one script call per card, MIRROR_BATCH of them per pipeline."""
+        written = 0
+        for start in range(0, len(entries), MIRROR_BATCH):
+            batch = entries[start : start + MIRROR_BATCH]
+            commands = []
+            for entry in batch:
+                card_key = self._card_key(entry.card_ref)
+                keys = [f"{card_key}:s", *(f"{card_key}:{record.value}" for record in entry.records)]
+                values = [value if value is not None else b"" for value in entry.records.values()]
+                commands.append(("EVALSHA", _MIRROR_SHA, len(keys), *keys, entry.version, entry.status.value, *values))
+            try:
+                await self._client.script_load(_MIRROR_LUA)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    results = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise _unavailable(exc) from exc
+            written += sum(int(result) for result in results)
+        return written
+
+    async def set_refilling(self, refilling: bool, ttl: int = 120) -> None:
+        """See `StatusMirror.set_refilling`."""
+        try:
+            if refilling:
+                await self._client.set(self._prefix + REFILLING_KEY, "1", ex=max(ttl, 1))
+            else:
+                await self._client.delete(self._prefix + REFILLING_KEY)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def refilling(self) -> bool:
+        """See `StatusMirror.refilling`."""
+        try:
+            return bool(await self._client.exists(self._prefix + REFILLING_KEY))
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def reopen(self, scan: Scan) -> bool:
+        """See `StatusMirror.reopen`."""
+        key = f"{self._card_key(scan.card_ref)}:n:{scan.nonce.hex()}"
+        reopened: int = await self._queued(("EVALSHA", _REOPEN_SHA, 1, key, scan.verification_id), int)
+        return reopened == 1
+
     async def void(self, scan: Scan) -> str:
         """See `StatusMirror.void`."""
         shard = shard_prefix(self._prefix, shard_of(scan.card_ref))
@@ -718,6 +807,7 @@ class MemoryStatusMirror:
         self._revoked_devices: dict[uuid.UUID, float] = {}
         self._next_purge = 0.0
         self._epoch_ms: int | None = None
+        self._refilling_until = 0.0
 
     def _purge(self, now: float) -> None:
         if now >= self._next_purge:
@@ -799,6 +889,32 @@ class MemoryStatusMirror:
         for record, value in records.items():
             await self.set_record(card_ref, record, value)
         self._statuses[card_ref] = (status.value, version)
+        return True
+
+    async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
+        """See `StatusMirror.mirror_many`."""
+        written = 0
+        for entry in entries:
+            written += await self.mirror_card(entry.card_ref, entry.version, entry.status, entry.records)
+        return written
+
+    async def set_refilling(self, refilling: bool, ttl: int = 120) -> None:
+        """See `StatusMirror.set_refilling`."""
+        self._refilling_until = time.monotonic() + ttl if refilling else 0.0
+
+    async def refilling(self) -> bool:
+        """See `StatusMirror.refilling`."""
+        return self._refilling_until > time.monotonic()
+
+    async def reopen(self, scan: Scan) -> bool:
+        """See `StatusMirror.reopen`."""
+        key = (scan.card_ref, scan.nonce)
+        previous = self._nonces.get(key)
+        if previous is None or previous.verification_id != scan.verification_id:
+            return False
+        if previous.result != ScanResult.CARD_UNKNOWN:
+            return False
+        del self._nonces[key]
         return True
 
     async def get_record(self, card_ref: bytes, record: CardRecord) -> bytes | None:

@@ -18,6 +18,7 @@ from app.stores.status_mirror import (
     CardRecord,
     MemoryStatusMirror,
     MirroredStatus,
+    MirrorEntry,
     RateLimit,
     RedisStatusMirror,
     Scan,
@@ -212,3 +213,40 @@ async def test_statuses_decided_results_and_a_missing_profile(store: StatusMirro
     # A result decided before the store touches neither nonce nor card, only the rate and the log.
     decided = await store.scan(card_scan(b"", b"", "gate", now_ms=now, decided="bad_signature"))
     assert (decided.kind, decided.result) == ("new", "bad_signature")
+
+
+async def test_bulk_writes_keep_versions_and_records(store: StatusMirror) -> None:
+    cards = [os.urandom(16) for _ in range(5)]
+    await store.mirror_card(cards[0], 9, MirroredStatus.SUSPENDED, {CardRecord.PROFILE: b"newer"})
+    entries = [
+        MirrorEntry(card, 3, MirroredStatus.ACTIVE, {CardRecord.PROFILE: b"p" + card, CardRecord.ENTITLEMENTS: None})
+        for card in cards
+    ]
+    # The card the store holds at a newer version keeps it; the four others are written.
+    assert await store.mirror_many(entries) == 4
+    assert await store.get_statuses(cards) == ["S"] + ["A"] * 4
+    assert await store.get_record(cards[0], CardRecord.PROFILE) == b"newer"
+    assert await store.get_record(cards[1], CardRecord.PROFILE) == b"p" + cards[1]
+    assert await store.missing_records(cards, CardRecord.ENTITLEMENTS) == [True] * 5
+    assert await store.mirror_many([]) == 0
+
+
+async def test_refilling_flag_and_reopening_a_card_unknown_scan(store: StatusMirror) -> None:
+    assert not await store.refilling()
+    await store.set_refilling(True, ttl=30)
+    assert await store.refilling()
+    await store.set_refilling(False)
+    assert not await store.refilling()
+
+    now = time.time_ns() // 1_000_000
+    card, nonce = os.urandom(16), os.urandom(NONCE_LENGTH)
+    unknown = card_scan(card, nonce, "gate", now_ms=now)
+    assert (await store.scan(unknown)).result == ScanResult.CARD_UNKNOWN
+    # Another scan's use is not forgotten, nor is an answer other than card_unknown.
+    assert not await store.reopen(replace(unknown, verification_id="vf_someone_else"))
+    assert await store.reopen(unknown)
+    await store.mirror_card(card, 1, MirroredStatus.ACTIVE, {})
+    again = await store.scan(replace(unknown, now_ms=now + 1))
+    assert (again.kind, again.result) == ("new", ScanResult.ACCEPTED)
+    assert not await store.reopen(unknown)
+    assert (await store.scan(card_scan(card, nonce, "other", now_ms=now + 2))).result == ScanResult.REPLAYED
