@@ -352,3 +352,20 @@ async def test_cards_live_in_listpack_buckets_of_their_shard() -> None:
         await direct.aclose()
         await mirror.close()
         server.stop()
+
+
+async def test_a_refused_bulk_write_fails_whole_and_leaves_no_reply_behind(
+    own_mirror: tuple[RedisStatusMirror, redis.Redis],
+) -> None:
+    """A bulk write's replies are read off a pooled connection: one refused must not leave the others there."""
+    mirror, direct = own_mirror
+    cards = [os.urandom(16) for _ in range(300)]
+    entries = [MirrorEntry(card, 1, MirroredStatus.ACTIVE, {CardRecord.PROFILE: card}) for card in cards]
+    await direct.config_set("maxmemory", 1)  # every write refused (out of memory), so every shard's call fails
+    with pytest.raises(StoreUnavailable):
+        await mirror.mirror_many(entries)
+    await direct.config_set("maxmemory", 0)
+    assert await mirror.get_statuses(cards) == [None] * len(cards)
+    assert await mirror.mirror_many(entries) == len(cards)
+    assert await mirror.get_statuses(cards) == ["A"] * len(cards)
+    assert await mirror.get_record(cards[0], CardRecord.PROFILE) == cards[0]
