@@ -20,24 +20,27 @@ shard that finds no epoch (the store is empty) starts one at once; issuing reads
 new windows after it. Statuses carry the eCard's mirror version (`A17`), so a write of an older
 state never replaces a newer one.
 
-The layout keeps an active card in about 80 bytes of Redis (one key per card, status and profile
-apart, took 365): every card of a deployment is in the mirror, so its cost is per card, times tens of
-millions. A card's status and sealed disclosure profile are one field of a bucket hash,
-`{shard tag}b:<bucket>`: the field is the card reference less the bytes its bucket number already
-says, the value `A17.<sealed profile>` (status letter, mirror version, and "." and the profile if the
-card has one; "-" for the letter of a card with a profile but no status yet). A hash of at most 128
-fields of at most 64 bytes (Redis's default `hash-max-listpack-entries` and `-value`) is stored as one
-listpack, a few bytes of overhead per field instead of a key's ~50. The bucket number is the top bits
-of the card reference (random bytes), and how many bits follows the deployment's expected number of
-cards (`MirrorLayout.for_capacity`, setting ECARD_MIRROR_CAPACITY) so that a bucket holds 32 to 64
-cards at that size: room to double before the 128 of a listpack, and few enough keys to keep their
-overhead small. Values stay under 64 bytes because the profile is packed before it is sealed
-(app/domain/verification/disclosure.py: 42 bytes for a 3-character name). The bucket key carries the
-card's shard tag, so on a cluster it shares a slot with the card's nonces, its shard's event stream
-and epoch, and one script still decides a scan. Nonces (`:n:`), device revocations (`:d:`) and
-entitlements (`:e`, only park passes) stay keys of their own under `card_key`. Changing the layout
-(the capacity) means refilling the mirror from the database, `ecard status reconcile --repair`, like
-any mirror that lost its data.
+The layout keeps an active card in about 75 bytes of Redis (73 measured with 1 M cards by
+loadtests/mirror_memory.py; a key for the status and one for the profile took 365): every card of a
+deployment is in the mirror, so its cost is per card, times tens of millions. A card's status and
+sealed disclosure profile are one field of a bucket hash, `{shard tag}b:<bucket>`: the field is the
+card reference less the bytes its bucket number already says, the value `A17.<sealed profile>`
+(status letter, mirror version, and "." and the profile if the card has one; "-" for the letter of a
+card with a profile but no status yet). A hash of at most 128 fields of at most 64 bytes (Redis's
+default `hash-max-listpack-entries` and `-value`) is stored as one listpack, a few bytes of overhead
+per field instead of a key's ~50. The bucket number is the top bits of the card reference (random
+bytes), and how many bits follows the deployment's expected number of cards
+(`MirrorLayout.for_capacity`, setting ECARD_MIRROR_CAPACITY) so that a bucket holds 32 to 64 cards
+on average at that size (at most 93 of 16,384 buckets at 64): under the 128 of a listpack with room
+to grow, and few enough keys to keep their overhead small. A bucket past 128 becomes a plain hash
+table: still correct, but each of its fields and values is then an allocation of its own; a
+deployment that outgrows its capacity raises it and refills. Values stay under 64 bytes because the
+profile is packed before it is sealed (app/domain/verification/disclosure.py: 42 bytes for a
+3-character name). The bucket key carries the card's shard tag, so on a cluster it shares a slot
+with the card's nonces, its shard's event stream and epoch, and one script still decides a scan.
+Nonces (`:n:`), device revocations (`:d:`) and entitlements (`:e`, only park passes) stay keys of
+their own under `card_key`. Changing the layout (the capacity) means refilling the mirror from the
+database, `ecard status reconcile --repair`, like any mirror that lost its data.
 """
 
 from __future__ import annotations
@@ -420,7 +423,7 @@ return {value and string.sub(value, 1, 1) or '', redis.call('EXISTS', KEYS[3]), 
 """
 
 # Any number of cards of one shard (one slot): card i's bucket KEYS[2i-1] and entitlements key KEYS[2i];
-# its MIRROR_ARGS arguments from ARGV[7(i-1)+1]: field, version ("" = unversioned: no guard, and the value
+# its 7 arguments from ARGV[7(i-1)+1]: field, version ("" = unversioned: no guard, and the value
 # keeps none), status letter ("" keeps the card's status and version), profile ("k" keep, "d" drop, "s" set
 # to the next argument), the profile, entitlements (the same three), the entitlements. A card whose store
 # holds a newer version is left alone. Returns how many cards were written.
@@ -454,7 +457,6 @@ for i = 1, #KEYS / 2 do
 end
 return written
 """
-MIRROR_ARGS = 7
 
 # KEYS[1] the shard's event stream, KEYS[2] the nonce; ARGV[1] verification id, ARGV[2] terminal,
 # ARGV[3] now (ms), ARGV[4] nonce lifetime (s). See `StatusMirror.void`.
