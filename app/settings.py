@@ -54,6 +54,9 @@ class Settings:
     redis_prefix: str = "ecard:"
     # REDIS_URL names a node of a Redis Cluster (ECARD_REDIS_CLUSTER=1): the client finds the rest.
     redis_cluster: bool = False
+    # How many cards the deployment expects: sizes the mirror's bucket hashes (app/stores/status_mirror.py,
+    # `MirrorLayout`); changing it means refilling the mirror (`ecard status reconcile --repair`).
+    mirror_capacity: int = 1_000_000
     keys_dir: Path = DEV_KEYS_DIR
     credential_lifetime: int = 60
     credential_refresh: int = 30
@@ -125,6 +128,7 @@ class Settings:
             redis_url=_env("REDIS_URL", defaults.redis_url),
             redis_prefix=_env("ECARD_REDIS_PREFIX", defaults.redis_prefix),
             redis_cluster=bool(_env_bool("ECARD_REDIS_CLUSTER")),
+            mirror_capacity=_env_int("ECARD_MIRROR_CAPACITY", defaults.mirror_capacity),
             keys_dir=Path(_env("ECARD_KEYS_DIR", str(defaults.keys_dir))),
             credential_lifetime=_env_int("ECARD_CREDENTIAL_LIFETIME", defaults.credential_lifetime),
             credential_refresh=_env_int("ECARD_CREDENTIAL_REFRESH", defaults.credential_refresh),
