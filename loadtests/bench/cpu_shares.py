@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import psutil  # type: ignore[import-untyped]  # comes with locust
 
 SAMPLE_INTERVAL = 1.0
+# Above this share of all cores busy, runnable processes queue for a core (the run queue, in the load average).
+BUSY_MACHINE = 0.8
 
 
 def _tree_cpu(pid: int | None) -> float:
@@ -106,8 +108,15 @@ class CpuShares:
         mean = [sum(sample[i] for sample in samples) / count for i in (1, 2, 3, 4)]
         worst_other = max(sample[4] for sample in samples)
         cores = psutil.cpu_count() or 1
-        return (
+        line = (
             f"CPU over {count} s (one core = 100 %, {cores} cores): service {mean[0]:.0%}, load generator "
             f"{mean[1]:.0%}, redis-server (all) {mean[2]:.0%}, everything else {mean[3]:.0%} "
             f"(busiest second {worst_other:.0%})"
         )
+        if sum(mean) > BUSY_MACHINE * cores:
+            line += (
+                f"\n  note: the cores were {sum(mean) / cores:.0%} busy, {mean[3]:.0%} of a core with other work: "
+                "the service waited for a core, and that wait is in the latencies above; measure again on a "
+                "quieter machine before reading them as the service's"
+            )
+        return line

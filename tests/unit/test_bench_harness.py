@@ -111,7 +111,8 @@ def test_loop_lag_probe_sees_a_blocked_loop_and_the_collectors_passes(
     (record,) = loop_lag.read_records(tmp_path)
     assert record["samples"] >= 3
     assert max(ms for _at, ms in record["stalls"]) >= 30
-    assert any(generation == 2 for _at, generation, _ms in record["gc_passes"])
+    assert any(generation == 2 for _at, generation, _ms, _cpu in record["gc_passes"])
+    assert len(record["old_objects"]) == 2
     lines = loop_lag.summarise([record])
     assert "stalls ≥ 5 ms" in lines[1]
     assert "gen 2:" in lines[2]
@@ -156,3 +157,14 @@ def test_report_prints_the_ratios_and_flags_rejections(capsys: pytest.CaptureFix
     assert "verify / no-op POST throughput: 50%" in out
     assert "verify 180 µs, no-op 90 µs" in out
     assert report.flags and "rejected:x" in report.flags[0]
+
+
+def test_cpu_shares_say_when_the_run_waited_for_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loadtests.bench.cpu_shares.psutil.cpu_count", lambda: 2)
+    busy = CpuShares(service_pid=lambda: None, load_pid=lambda: None)
+    busy.samples = [(1.0, 0.3, 0.3, 0.1, 1.2)] * 5  # 1.9 of 2 cores
+    quiet = CpuShares(service_pid=lambda: None, load_pid=lambda: None)
+    quiet.samples = [(1.0, 0.3, 0.3, 0.1, 0.1)] * 5
+    assert "everything else 120%" in busy.summary(5)
+    assert "waited for a core" in busy.summary(5)
+    assert "waited for a core" not in quiet.summary(5)
