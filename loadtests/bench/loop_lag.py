@@ -45,8 +45,12 @@ class LagRecord:
     counts: list[int] = field(default_factory=lambda: [0] * len(BOUNDS_MS))
     # (epoch seconds, lag ms) of every sample over STALL_SECONDS.
     stalls: list[tuple[float, float]] = field(default_factory=list)
-    # (epoch seconds, generation, ms) of every collector pass over GC_PASS_SECONDS.
-    gc_passes: list[tuple[float, int, float]] = field(default_factory=list)
+    # (epoch seconds, generation, wall ms, CPU ms) of every collector pass over GC_PASS_SECONDS of wall time:
+    # a pass whose wall time is far above its CPU time was descheduled (the machine was busy), not long.
+    gc_passes: list[tuple[float, int, float, float]] = field(default_factory=list)
+    # Objects the collector's full passes walk (the oldest generation, without the frozen ones), at start
+    # and at shutdown: what the worker kept since it started.
+    old_objects: list[int] = field(default_factory=list)
 
     def add(self, lag: float) -> None:
         """Count one sample's lag (seconds)."""
@@ -69,6 +73,7 @@ class LagRecord:
             "counts": self.counts,
             "stalls": self.stalls,
             "gc_passes": self.gc_passes,
+            "old_objects": self.old_objects,
         }
 
 
@@ -79,15 +84,17 @@ class LoopLagProbe:
         self.path = path
         self.record = LagRecord(os.getpid())
         self._task: asyncio.Task[None] | None = None
-        self._gc_started = 0.0
+        self._gc_started = (0.0, 0.0)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
-            self._gc_started = time.perf_counter()
+            self._gc_started = (time.perf_counter(), time.thread_time())
             return
-        took = time.perf_counter() - self._gc_started
+        took = time.perf_counter() - self._gc_started[0]
         if took >= GC_PASS_SECONDS:
-            self.record.gc_passes.append((time.time(), int(info.get("generation", -1)), round(took * 1000, 2)))
+            cpu = time.thread_time() - self._gc_started[1]
+            generation = int(info.get("generation", -1))
+            self.record.gc_passes.append((time.time(), generation, round(took * 1000, 2), round(cpu * 1000, 2)))
 
     async def _sample(self) -> None:
         loop = asyncio.get_running_loop()
@@ -109,6 +116,7 @@ class LoopLagProbe:
 
     async def start(self) -> None:
         """Begin sampling (a start-up hook)."""
+        self.record.old_objects.append(len(gc.get_objects(generation=2)))
         gc.callbacks.append(self._on_gc)
         self._task = asyncio.create_task(self._sample(), name="loop-lag-probe")
 
@@ -120,6 +128,7 @@ class LoopLagProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.record.old_objects.append(len(gc.get_objects(generation=2)))
         self.write()
 
 
@@ -167,7 +176,7 @@ def summarise(records: list[dict[str, Any]], since: float = 0.0) -> list[str]:
     for record in records:
         bounds, counts = record["bounds_ms"], record["counts"]
         stalls = [(at, ms) for at, ms in record["stalls"] if at >= since]
-        passes = [(at, gen, ms) for at, gen, ms in record["gc_passes"] if at >= since]
+        passes = [(gen, ms, cpu) for at, gen, ms, cpu in record["gc_passes"] if at >= since]
         lines.append(
             f"worker {record['pid']}: {record['samples']:,} samples every {PROBE_INTERVAL * 1000:g} ms; lag p99 "
             f"{_quantile_ms(bounds, counts, 0.99)}, p99.9 {_quantile_ms(bounds, counts, 0.999)}"
@@ -184,12 +193,16 @@ def summarise(records: list[dict[str, Any]], since: float = 0.0) -> list[str]:
             )
         else:
             lines.append(f"  during the run: no stall ≥ {STALL_SECONDS * 1000:g} ms")
-        by_generation: dict[int, list[float]] = {}
-        for _at, generation, ms in passes:
-            by_generation.setdefault(generation, []).append(ms)
+        by_generation: dict[int, list[tuple[float, float]]] = {}
+        for generation, ms, cpu in passes:
+            by_generation.setdefault(generation, []).append((ms, cpu))
         shown = "; ".join(
-            f"gen {generation}: {len(values)}, longest {max(values):g} ms"
+            f"gen {generation}: {len(values)}, longest {max(ms for ms, _ in values):g} ms "
+            f"(its CPU {max(values)[1]:g} ms), most CPU {max(cpu for _, cpu in values):g} ms"
             for generation, values in sorted(by_generation.items())
         )
         lines.append(f"  collector passes ≥ {GC_PASS_SECONDS * 1000:g} ms: {shown or 'none'}")
+        if len(record.get("old_objects", [])) == 2:
+            start, end = record["old_objects"]
+            lines.append(f"  objects a full pass walks (not frozen): {start:,} at start, {end:,} at shutdown")
     return lines
