@@ -52,6 +52,9 @@ RUSH_HOUR = "loadtests/scenarios/rush_hour.py"
 CSV_PREFIX = "ecard"
 # How long Locust may take beyond its run time (start-up, prefill, stopping users) before it is stopped.
 LOCUST_GRACE = 120.0
+# The prefill issues `--prefill` seconds of scans at the service's issuing rate, which a busy machine
+# cuts by several times (535/s instead of ~4,900/s at load 9 to 14): it may take this many times longer.
+PREFILL_SLACK = 4.0
 _TIMESPAN = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -405,7 +408,8 @@ class Run:
         shares = CpuShares(lambda: server.process.pid if server is not None else None, lambda: self.locust_pid)
         shares.start()
         try:
-            status = await run_locust(command, options.run_time + options.prefill + LOCUST_GRACE, self._locust_started)
+            limit = options.run_time + PREFILL_SLACK * options.prefill + LOCUST_GRACE
+            status = await run_locust(command, limit, self._locust_started)
         finally:
             shares.stop()
         run_ended = time.time()
