@@ -168,3 +168,15 @@ def test_cpu_shares_say_when_the_run_waited_for_cores(monkeypatch: pytest.Monkey
     assert "everything else 120%" in busy.summary(5)
     assert "waited for a core" in busy.summary(5)
     assert "waited for a core" not in quiet.summary(5)
+
+
+def test_headless_refuses_to_pin_a_service_it_did_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtests import headless
+
+    monkeypatch.setenv("ECARD_LOADTEST_PASSWORD", "x")
+    monkeypatch.setattr(headless, "usable_cores", lambda: [0, 1])  # whatever this machine has
+    with pytest.raises(SystemExit) as exited:
+        headless.parse_args(["--host", "http://127.0.0.1:8000", "--username", "admin", "--pin-load"])
+    assert exited.value.code == 2
+    options = headless.parse_args(["--loop-lag", "--pin-load"])
+    assert options.loop_lag and options.pin_load
