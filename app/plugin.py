@@ -96,21 +96,31 @@ def _lock_single_worker(path: Path) -> IO[str]:
     return handle
 
 
-@get("/metrics", tags=["service"], summary="Prometheus metrics", include_in_schema=True)
+@get("/metrics", tags=["service"], summary="Prometheus metrics", media_type=MediaType.TEXT, include_in_schema=True)
 async def prometheus_metrics() -> Response[bytes]:
     """The verify path's latency histogram and results by reason, in the Prometheus text format."""
     body, content_type = metrics.exposition()
-    return Response(body, media_type=content_type)
+    # Litestar appends the charset to every text/* type itself: the exposition's own would come twice.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
+
+
+def drop_no_content_bodies(document: dict[str, Any]) -> None:
+    """A 204 answer has no body (RFC 9110 §15.3.5); Litestar documents one of `null` for `Response[None]`."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).get("204", {}).pop("content", None)
 
 
 @dataclass
 class ContractDocument(OpenAPI):
-    """The OpenAPI document, its error answers documented as the problems they are (app.problems)."""
+    """The OpenAPI document, its error answers documented as the problems they are (app.problems), its 204s empty."""
 
     def to_schema(self) -> dict[str, Any]:
         """The document as JSON data, every 4xx/5xx answer an `application/problem+json` ProblemBody."""
         document = super().to_schema()
         problems.document_problem_answers(document)
+        drop_no_content_bodies(document)
         return document
 
 
