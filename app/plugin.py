@@ -59,6 +59,7 @@ from app.domain.web.pages import web_routers
 from app.health import health, ready
 from app.hot_paths import HotPaths
 from app.json_bodies import StrictJsonRequest
+from app.nul_text import refuse_nul_in_url
 from app.schema import WireModelSchemaPlugin
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
@@ -246,6 +247,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
         app_config.dependencies.update(DEPENDENCIES)
         # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.json_bodies).
         app_config.request_class = StrictJsonRequest
+        app_config.middleware.append(refuse_nul_in_url)
         app_config.lifespan.append(self.lifespan)
         app_config.plugins.append(
             ProblemDetailsPlugin(
