@@ -12,6 +12,7 @@ a body is judged the same way wherever it lands:
 - 400 for a key given twice in one object, at any depth, compared after unescaping
   (`"cred\\u0065ntial"` is `credential`): a last-one-wins decoder would otherwise let a body say
   two things to two readers.
+- 400 for a NUL (`\\u0000`) in any string or key (app.nul_text: PostgreSQL cannot store one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from litestar import Request
 from litestar.types import Empty
 
 from app import problems
+from app.nul_text import contains_nul
 
 JSON_MEDIA_TYPE = "application/json"
 
@@ -76,7 +78,7 @@ def duplicate_key(body: bytes) -> str | None:
 
 
 def decode_json_body(body: bytes) -> Any:
-    """The body as plain values; a 400 problem for malformed JSON, nesting too deep or a duplicate key."""
+    """The body as plain values; a 400 problem for malformed JSON, nesting too deep, a duplicate key or a NUL."""
     try:
         value = _decode(body)
         key = duplicate_key(body)
@@ -86,6 +88,9 @@ def decode_json_body(body: bytes) -> Any:
         raise problems.bad_request("the JSON body is nested too deeply") from None
     if key is not None:
         raise problems.bad_request(f"the JSON body gives the key {key!r} more than once")
+    # A NUL can only come escaped (JSON refuses raw control characters), so most bodies skip the walk.
+    if b"\\u0000" in body and contains_nul(value):
+        raise problems.bad_request("text in the JSON body must not contain U+0000 (NUL)")
     return value
 
 

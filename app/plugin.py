@@ -59,6 +59,7 @@ from app.domain.web.pages import web_routers
 from app.health import health, ready
 from app.hot_paths import HotPaths
 from app.json_bodies import StrictJsonRequest
+from app.nul_text import refuse_nul_in_url
 from app.schema import WireModelSchemaPlugin
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
@@ -96,21 +97,31 @@ def _lock_single_worker(path: Path) -> IO[str]:
     return handle
 
 
-@get("/metrics", tags=["service"], summary="Prometheus metrics", include_in_schema=True)
+@get("/metrics", tags=["service"], summary="Prometheus metrics", media_type=MediaType.TEXT, include_in_schema=True)
 async def prometheus_metrics() -> Response[bytes]:
     """The verify path's latency histogram and results by reason, in the Prometheus text format."""
     body, content_type = metrics.exposition()
-    return Response(body, media_type=content_type)
+    # Litestar appends the charset to every text/* type itself: the exposition's own would come twice.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
+
+
+def drop_no_content_bodies(document: dict[str, Any]) -> None:
+    """A 204 answer has no body (RFC 9110 §15.3.5); Litestar documents one of `null` for `Response[None]`."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).get("204", {}).pop("content", None)
 
 
 @dataclass
 class ContractDocument(OpenAPI):
-    """The OpenAPI document, its error answers documented as the problems they are (app.problems)."""
+    """The OpenAPI document, its error answers documented as the problems they are (app.problems), its 204s empty."""
 
     def to_schema(self) -> dict[str, Any]:
         """The document as JSON data, every 4xx/5xx answer an `application/problem+json` ProblemBody."""
         document = super().to_schema()
         problems.document_problem_answers(document)
+        drop_no_content_bodies(document)
         return document
 
 
@@ -236,6 +247,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
         app_config.dependencies.update(DEPENDENCIES)
         # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.json_bodies).
         app_config.request_class = StrictJsonRequest
+        app_config.middleware.append(refuse_nul_in_url)
         app_config.lifespan.append(self.lifespan)
         app_config.plugins.append(
             ProblemDetailsPlugin(

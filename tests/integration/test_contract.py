@@ -167,3 +167,19 @@ async def test_options_lists_every_method_of_the_path(client: httpx.AsyncClient,
         assert response.status_code == 204, path
         allowed = {method.strip().lower() for method in response.headers["allow"].split(",")}
         assert allowed == (set(item) & METHODS) | {"options"}, path
+
+
+def test_no_content_answers_document_no_body(document: dict[str, Any]) -> None:
+    """A 204 has no body (RFC 9110): documenting one of `null` made schemathesis expect JSON."""
+    answers = [op["responses"]["204"] for _p, _m, op in operations(document) if "204" in op["responses"]]
+    assert len(answers) >= 5 and not [answer for answer in answers if "content" in answer]
+
+
+async def test_metrics_answer_in_the_documented_text_format_with_one_charset(
+    client: httpx.AsyncClient, document: dict[str, Any]
+) -> None:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    content_type = response.headers["content-type"]
+    assert content_type.startswith("text/plain; version=") and content_type.count("charset") == 1, content_type
+    assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext
@@ -32,11 +32,14 @@ from app.domain.catalog.services import (
     get_service,
     list_services,
 )
+from app.domain.regions.services import REGION_CODE
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.problems import problem_responses
 from crypto.credential import Purpose
 
-RegionQuery = Annotated[str | None, QueryParameter(max_length=6)]
+# The document states what a region code is, so a client (and schemathesis) knows which codes are well formed.
+RegionPath = Annotated[str, PathParameter(pattern=REGION_CODE.pattern)]
+RegionQuery = Annotated[str | None, QueryParameter(pattern=REGION_CODE.pattern, max_length=6)]
 PurposeQuery = Annotated[PurposeName | None, QueryParameter()]
 
 
@@ -133,7 +136,7 @@ class CatalogController(Controller):
         self,
         ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
-        region: FromPath[str],
+        region: RegionPath,
         card_region: RegionQuery = None,
         purpose: PurposeQuery = None,
     ) -> CardReachOut:
