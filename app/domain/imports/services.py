@@ -740,34 +740,30 @@ async def _record_counts(session: AsyncSession, job_id: uuid.UUID, progress: Imp
 # The chunk's rows as the reader checked them (PreparedRow's columns), then as classified against the
 # database. Temporary tables live per connection and empty at every commit or rollback, so a pooled
 # connection carries nothing from one chunk (or one import) to the next.
-_STAGING_TABLES = (
-    text("""
+_STAGING_TABLE = text("""
 CREATE TEMPORARY TABLE import_staging (
     line integer NOT NULL, region text NOT NULL, card_number text NOT NULL, citizen_id_index bytea NOT NULL,
     citizen_id_encrypted bytea NOT NULL, name_encrypted bytea NOT NULL, card_ref bytea NOT NULL
 ) ON COMMIT DELETE ROWS
-"""),
-    text("""
-CREATE TEMPORARY TABLE import_classified (
-    line integer NOT NULL, region text NOT NULL, card_number text NOT NULL, citizen_id_index bytea NOT NULL,
-    citizen_id_encrypted bytea NOT NULL, name_encrypted bytea NOT NULL, card_ref bytea NOT NULL,
-    outcome smallint NOT NULL, person_id uuid NOT NULL, new_person boolean NOT NULL, card_id uuid NOT NULL,
-    ecard_id uuid NOT NULL
-) ON COMMIT DELETE ROWS
-"""),
-)
+""")
 # A chunk is tiny beside the tables it is checked against, whatever the planner's (often stale, after
 # a bulk load) statistics say: index look-ups only, never a scan of cards or persons, and no JIT
 # compilation, which costs more than the statements it would speed up. For this transaction only.
 _PREPARE_TRANSACTION = text(
-    "SELECT to_regclass('pg_temp.import_classified') IS NOT NULL, set_config('jit', 'off', true), "
+    "SELECT to_regclass('pg_temp.import_staging') IS NOT NULL, set_config('jit', 'off', true), "
     "set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), "
     "set_config('enable_mergejoin', 'off', true)"
+)
+# The chunk's regions, locked in code order before anything is looked up: two imports (or an import
+# and a single issue, which takes the same lock for its status index) in one region take turns, each
+# sees what the other committed, and none deadlocks.
+_LOCK_REGIONS = text(
+    "SELECT code FROM regions WHERE code IN (SELECT DISTINCT region FROM import_staging) ORDER BY code FOR UPDATE"
 )
 
 
 class _Outcome:
-    """How a staged row relates to what the database holds (import_classified.outcome, in _CLASSIFY)."""
+    """How a staged row relates to what the database holds (the `outcome` column of _APPLY)."""
 
     CREATE = 0
     PRESENT = 1
@@ -778,75 +774,70 @@ class _Outcome:
 
 _REJECTED_OUTCOMES = (_Outcome.OTHER_PERSON, _Outcome.OTHER_REGION, _Outcome.HOLDING)
 
+# The whole chunk in one statement, with the rules of `_apply_chunk`: a known card number decides by
+# its owner and region; otherwise a known person gets a new card unless they hold one in use ('issued'
+# or 'active', _CARDS_IN_USE). The outcome numbers are _Outcome's. Every insert reads the classified
+# rows `k` once; foreign keys are checked at the end of the statement, so cards may point at persons
+# inserted beside them. Status indexes are reserved as `allocate_status_indexes` does: a consecutive
+# run per region, in line order, from the region's counter.
+#
 # New ids are UUIDv7 (RFC 9562): the chunk's millisecond and version nibble (:stamp, 7 bytes) before 70
 # random bits of gen_random_uuid(), variant kept. Time-ordered keys go to the right edge of the id
 # indexes and of the foreign-key indexes that point at them (cards.person_id, ecards.card_id), where
 # pages are hot, instead of a random page each: half the cost of those inserts here, and no random I/O
-# once the tables outgrow memory. The random bits keep them as unguessable as uuid4 (70 vs 122 bits).
-# The same rules as `_apply_chunk`, in one pass over the chunk: a known card number decides by its
-# owner and region; otherwise a known person gets a new card unless they hold one in use ('issued'
-# or 'active', _CARDS_IN_USE). The numbers are _Outcome's; tests check the reasons read as on SQLite.
-_CLASSIFY = text("""
-INSERT INTO import_classified
-SELECT s.*,
-    CASE
-        WHEN c.id IS NULL THEN
-            CASE WHEN q.id IS NOT NULL AND EXISTS (
-                SELECT 1 FROM cards h WHERE h.person_id = q.id AND h.state IN ('issued', 'active')
-            ) THEN 4 ELSE 0 END
-        WHEN p.citizen_id_index <> s.citizen_id_index THEN 2
-        WHEN c.region_code <> s.region THEN 3
-        ELSE 1
-    END,
-    coalesce(q.id, encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid),
-    q.id IS NULL,
-    encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid,
-    encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid
-FROM import_staging s
-LEFT JOIN cards c ON c.card_number = s.card_number
-LEFT JOIN persons p ON p.id = c.person_id
-LEFT JOIN persons q ON q.citizen_id_index = s.citizen_id_index
-""")
-_INSERT_PERSONS = text("""
-INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, name_encrypted, created_at)
-SELECT person_id, region, citizen_id_index, citizen_id_encrypted, name_encrypted, :now
-FROM import_classified WHERE outcome = 0 AND new_person
-""")
-_INSERT_CARDS = text("""
-INSERT INTO cards (id, person_id, region_code, card_number, state, created_at)
-SELECT card_id, person_id, region, card_number, 'issued', :now
-FROM import_classified WHERE outcome = 0
-""")
-# Status indexes as `allocate_status_indexes` reserves them: a consecutive run per region, in line
-# order, from the region's counter, whose row stays locked until the commit.
-_INSERT_ECARDS = text("""
-WITH wanted AS (
-    SELECT region, count(*) AS n FROM import_classified WHERE outcome = 0 GROUP BY region
+# once the tables outgrow memory. The random bits keep them unguessable (70 bits; uuid4 has 122).
+_APPLY = text("""
+WITH k AS MATERIALIZED (
+    SELECT s.*,
+        CASE
+            WHEN c.id IS NULL THEN
+                CASE WHEN q.id IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM cards h WHERE h.person_id = q.id AND h.state IN ('issued', 'active')
+                ) THEN 4 ELSE 0 END
+            WHEN p.citizen_id_index <> s.citizen_id_index THEN 2
+            WHEN c.region_code <> s.region THEN 3
+            ELSE 1
+        END AS outcome,
+        q.id AS known_person
+    FROM import_staging s
+    LEFT JOIN cards c ON c.card_number = s.card_number
+    LEFT JOIN persons p ON p.id = c.person_id
+    LEFT JOIN persons q ON q.citizen_id_index = s.citizen_id_index
+), created AS MATERIALIZED (
+    SELECT k.*,
+        coalesce(known_person, encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid)
+            AS person_id,
+        encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid AS card_id,
+        encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid AS ecard_id,
+        row_number() OVER (PARTITION BY region ORDER BY line) - 1 AS offset_in_region
+    FROM k WHERE outcome = 0
+), new_persons AS (
+    INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, name_encrypted, created_at)
+    SELECT person_id, region, citizen_id_index, citizen_id_encrypted, name_encrypted, :now
+    FROM created WHERE known_person IS NULL
+), new_cards AS (
+    INSERT INTO cards (id, person_id, region_code, card_number, state, created_at)
+    SELECT card_id, person_id, region, card_number, 'issued', :now FROM created
+), wanted AS (
+    SELECT region, count(*) AS n FROM created GROUP BY region
 ), reserved AS (
     UPDATE regions SET next_status_index = next_status_index + wanted.n FROM wanted
     WHERE regions.code = wanted.region
     RETURNING regions.code, regions.next_status_index - wanted.n AS first
+), new_ecards AS (
+    INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, updated_at)
+    SELECT ecard_id, card_id, region, card_ref, reserved.first + offset_in_region, 'pending_activation', :now
+    FROM created JOIN reserved ON reserved.code = created.region
+), rejected AS (
+    INSERT INTO import_rejections (job_id, line, card_number, reason)
+    SELECT :job_id, line, card_number, CASE outcome
+        WHEN 2 THEN 'card number is already issued to another person'
+        WHEN 3 THEN 'card number is already issued in another region'
+        WHEN 4 THEN 'this person already holds a card in use'
+    END
+    FROM k WHERE outcome IN (2, 3, 4)
 )
-INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, updated_at)
-SELECT k.ecard_id, k.card_id, k.region, k.card_ref,
-    reserved.first + row_number() OVER (PARTITION BY k.region ORDER BY k.line) - 1, 'pending_activation', :now
-FROM import_classified k JOIN reserved ON reserved.code = k.region
-WHERE k.outcome = 0
-""")
-_INSERT_REJECTIONS = text("""
-INSERT INTO import_rejections (job_id, line, card_number, reason)
-SELECT :job_id, line, card_number, CASE outcome
-    WHEN 2 THEN 'card number is already issued to another person'
-    WHEN 3 THEN 'card number is already issued in another region'
-    WHEN 4 THEN 'this person already holds a card in use'
-END
-FROM import_classified WHERE outcome IN (2, 3, 4)
-""")
-_COUNT_OUTCOMES = text("SELECT outcome, count(*) FROM import_classified GROUP BY outcome")
-# Regions are locked in code order before their counters move, so two imports never deadlock.
-_LOCK_REGIONS = text("""
-SELECT code FROM regions WHERE code IN (SELECT DISTINCT region FROM import_classified WHERE outcome = 0)
-ORDER BY code FOR UPDATE
+SELECT outcome, count(*) FROM k GROUP BY outcome
 """)
 
 
@@ -869,25 +860,18 @@ async def _apply_chunk_postgres(
 ) -> ImportProgress:
     """`_apply_chunk` on PostgreSQL: the rows COPYed to a staging table, classified and inserted set-wise.
 
-    One transaction, as on SQLite; a statement per table instead of a statement (or a parameter) per row.
+    One transaction, as on SQLite; one statement for the chunk instead of one (or a parameter set) per row.
     """
     now = utcnow()
     # Through SQLAlchemy first: it opens the transaction that the COPYs below then join.
     if not await session.scalar(_PREPARE_TRANSACTION):
-        for statement in _STAGING_TABLES:
-            await session.execute(statement)
+        await session.execute(_STAGING_TABLE)
     counts: dict[int, int] = {}
     if chunk.rows:
         await _copy(session, "import_staging", list(PreparedRow._fields), chunk.rows)
-        await session.execute(_CLASSIFY, {"stamp": _uuid7_stamp()})
-        counts = {int(outcome): int(n) for outcome, n in (await session.execute(_COUNT_OUTCOMES)).all()}
-    if counts.get(_Outcome.CREATE):
         await session.execute(_LOCK_REGIONS)
-        await session.execute(_INSERT_PERSONS, {"now": now})
-        await session.execute(_INSERT_CARDS, {"now": now})
-        await session.execute(_INSERT_ECARDS, {"now": now})
-    if any(counts.get(code) for code in _REJECTED_OUTCOMES):
-        await session.execute(_INSERT_REJECTIONS, {"job_id": job_id})
+        found = await session.execute(_APPLY, {"stamp": _uuid7_stamp(), "now": now, "job_id": job_id})
+        counts = {int(outcome): int(n) for outcome, n in found.all()}
     if chunk.rejections:
         await _copy(
             session, "import_rejections", ["job_id", "line", "card_number", "reason"],
