@@ -2,10 +2,14 @@
 
 The file (a header row naming region, citizen_id, name, card_number; UTF-8, a BOM tolerated) is
 read as a stream, row by row, and applied in chunks: each chunk's persons, cards, eCards, rejected
-rows and the job's counts go to the database in one transaction, with one executemany per table.
-A crash therefore loses or doubles nothing, and running the same file again completes it: a row
-whose card number is already issued to the same person (matched by the citizen ID's blind index)
-counts as `already_present`.
+rows and the job's counts go to the database in one transaction. A crash therefore loses or doubles
+nothing, and running the same file again completes it: a row whose card number is already issued to
+the same person (matched by the citizen ID's blind index) counts as `already_present`.
+
+Checking and encrypting a chunk (in a thread) overlaps the database's work on the chunk before. On
+PostgreSQL a chunk is COPYed into a temporary staging table and classified and inserted by one
+statement; on SQLite it is looked up with IN lists and inserted with one executemany per table. The
+rules are the same on both, and so are the tests.
 
 Imported eCards wait in `pending_activation` with no activation code: the office issues codes one
 at a time, when it hands a card over, through POST /v1/operator/cards/{id}/activation-code. Nothing
