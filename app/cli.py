@@ -173,7 +173,7 @@ def card_issue(region: str, citizen_id: str, name: str, card_number: str) -> Non
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
 @click.option("--region", "regions", multiple=True, help="Accept rows of this region only; repeatable. Default: all.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write rejected rows to this CSV.")
-@click.option("--chunk-size", type=click.IntRange(1, 5000), default=1000, show_default=True, help="Rows per commit.")
+@click.option("--chunk-size", type=click.IntRange(1, 20000), default=10000, show_default=True, help="Rows per commit.")
 def card_import(file: Path, regions: tuple[str, ...], report: Path | None, chunk_size: int) -> None:
     """Issue persons and physical cards from a CSV file with the header region,citizen_id,name,card_number.
 

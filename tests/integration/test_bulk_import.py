@@ -352,6 +352,60 @@ async def test_the_same_file_twice_creates_nothing_twice(context: ServiceContext
     assert await report(context, first.job_id) == await report(context, second.job_id)
 
 
+async def test_two_imports_of_one_file_at_once_create_each_row_once(context: ServiceContext, tmp_path: Path) -> None:
+    # Both classify the same rows as new; whichever commits second meets the first's rows (a unique
+    # violation, or the region's lock on PostgreSQL) and classifies its chunk again.
+    prefix = card_prefix()
+    rows = [line(SICHUAN, factories.citizen_id(SICHUAN), "张三", f"{prefix}{i:06d}") for i in range(60)]
+    content = csv_text(rows)
+    results = await asyncio.gather(run(context, tmp_path, content), run(context, tmp_path, content))
+    assert sum(result.progress.created for result in results) == 60
+    assert sum(result.progress.already_present for result in results) == 60
+    assert all(result.progress.rejected == 0 for result in results)
+    assert await count_cards(context, prefix) == (60, 60, 60)
+
+
+async def test_imported_ecards_take_consecutive_status_indexes_in_line_order(
+    context: ServiceContext, tmp_path: Path
+) -> None:
+    # Offline gates read a card's state at its index in the region's status list: no two eCards may share one.
+    prefix = card_prefix()
+    rows = [
+        line((SICHUAN, CHONGQING)[i % 3 == 0], factories.citizen_id(SICHUAN), "张三", f"{prefix}{i:06d}")
+        for i in range(30)
+    ]
+    await run(context, tmp_path, csv_text(rows))
+    async with context.sessions() as session:
+        found = (
+            await session.execute(
+                select(Card.card_number, ECard.region_code, ECard.status_index, ECard.id, Card.id, Person.id)
+                .join(ECard, ECard.card_id == Card.id)
+                .join(Person, Person.id == Card.person_id)
+                .where(Card.card_number.like(f"{prefix}%"))
+                .order_by(Card.card_number)
+            )
+        ).all()
+    assert len(found) == 30
+    for region in (SICHUAN, CHONGQING):
+        indexes = [index for _, code, index, *_ in found if code == region]
+        # In line order within each chunk of 7, and chunk after chunk.
+        assert indexes == sorted(indexes) and len(set(indexes)) == len(indexes)
+    async with context.sessions() as session:
+        shared = await session.scalar(
+            select(func.count())
+            .select_from(ECard)
+            .group_by(ECard.region_code, ECard.status_index)
+            .having(func.count() > 1)
+        )
+    assert shared is None
+    # New ids are UUIDs (v7, time-ordered, on PostgreSQL's bulk path; v4 on SQLite's), none reused.
+    ids = [identifier for *_, ecard_id, card_id, person_id in found for identifier in (ecard_id, card_id, person_id)]
+    assert len(set(ids)) == len(ids)
+    expected_version = 7 if context.engine.dialect.name == "postgresql" else 4
+    assert {identifier.version for identifier in ids} == {expected_version}
+    assert {identifier.variant for identifier in ids} == {uuid.RFC_4122}
+
+
 async def test_a_card_issued_before_to_the_same_person_is_already_present(
     client: httpx.AsyncClient, context: ServiceContext, admin_token: str, tmp_path: Path
 ) -> None:

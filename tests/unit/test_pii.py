@@ -91,3 +91,19 @@ def test_masking() -> None:
     assert mask_citizen_id("11010519491231002X") == "1101**********002X"
     assert mask_name("张三丰") == "张**"
     assert mask_name("李") == "李*"
+
+
+@given(st.from_regex(r"[0-9]{17}", fullmatch=True))
+def test_check_character_is_iso_7064_mod_11_2(first17: str) -> None:
+    # The textbook formula, digit by digit: the fast version must agree on every input.
+    weights = [2 ** (17 - position) % 11 for position in range(17)]
+    total = sum(int(digit) * weight for digit, weight in zip(first17, weights, strict=True))
+    assert check_character(first17) == "10X98765432"[total % 11]
+
+
+@pytest.mark.parametrize(
+    "first17", ["1234567890123456", "123456789012345678", "1234567890123456X", "١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦٧"]
+)
+def test_check_character_needs_17_ascii_digits(first17: str) -> None:
+    with pytest.raises(ValueError, match="17 ASCII digits"):
+        check_character(first17)
