@@ -28,19 +28,21 @@ card reference less the bytes its bucket number already says, the value `A17.<se
 (status letter, mirror version, and "." and the profile if the card has one; "-" for the letter of a
 card with a profile but no status yet). A hash of at most 128 fields of at most 64 bytes (Redis's
 default `hash-max-listpack-entries` and `-value`) is stored as one listpack, a few bytes of overhead
-per field instead of a key's ~50. The bucket number is the top bits of the card reference (random
+per field instead of a key's ~100. The bucket number is the top bits of the card reference (random
 bytes), and how many bits follows the deployment's expected number of cards
 (`MirrorLayout.for_capacity`, setting ECARD_MIRROR_CAPACITY) so that a bucket holds 32 to 64 cards
-on average at that size (at most 93 of 16,384 buckets at 64): under the 128 of a listpack with room
-to grow, and few enough keys to keep their overhead small. A bucket past 128 becomes a plain hash
-table: still correct, but each of its fields and values is then an allocation of its own; a
-deployment that outgrows its capacity raises it and refills. Values stay under 64 bytes because the
-profile is packed before it is sealed (app/domain/verification/disclosure.py: 42 bytes for a
-3-character name). The bucket key carries the card's shard tag, so on a cluster it shares a slot
-with the card's nonces, its shard's event stream and epoch, and one script still decides a scan.
-Nonces (`:n:`), device revocations (`:d:`) and entitlements (`:e`, only park passes) stay keys of
-their own under `card_key`. Changing the layout (the capacity) means refilling the mirror from the
-database, `ecard status reconcile --repair`, like any mirror that lost its data.
+on average at that size (1 M cards: 61 on average, 93 in the fullest of 16,384 buckets): under the
+128 of a listpack with room to grow, and few enough keys to keep their overhead small. A bucket past
+128 becomes a plain hash table: still correct, but each of its fields and values is then an
+allocation of its own (a capacity 20 times too small: 135 bytes per card; 100 times too large, a
+bucket per card: 171); a deployment that outgrows its capacity raises it and refills. Values stay
+under 64 bytes because the profile is packed before it is sealed
+(app/domain/verification/disclosure.py: 42 bytes for a 3-character name). The bucket key carries the
+card's shard tag, so on a cluster it shares a slot with the card's nonces, its shard's event stream
+and epoch, and one script still decides a scan. Nonces (`:n:`), device revocations (`:d:`) and
+entitlements (`:e`, only park passes) stay keys of their own under `card_key`. Changing the layout
+(the capacity) means refilling the mirror from the database, `ecard status reconcile --repair`, like
+any mirror that lost its data.
 """
 
 from __future__ import annotations
