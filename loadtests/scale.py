@@ -293,6 +293,8 @@ class Harness:
     def env(self) -> dict[str, str]:
         env = self.workspace.env(self.options.workers, 300)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        # The mirror's bucket hashes are sized for the deployment's cards (a deployment sets it once).
+        env["ECARD_MIRROR_CAPACITY"] = str(self.options.cards)
         return env
 
     async def run(self) -> None:
