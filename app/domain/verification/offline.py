@@ -154,7 +154,8 @@ class OfflineKits:
                     select(OfflineKitBuild.document).where(OfflineKitBuild.region_code == region)
                 )
                 await session.commit()
-                assert body is not None
+                if body is None:
+                    raise problems.unavailable(f"the offline kit of region {region} is being replaced; retry shortly")
             kit = SignedKit(_etag(body), json.loads(body))
         else:
             kit = held[1]
