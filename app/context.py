@@ -10,17 +10,16 @@ from typing import Any
 
 import redis.asyncio as redis
 from litestar.datastructures import State
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.clock import utcnow
 from app.db.engine import create_engine, create_session_factory
-from app.db.models import ChangeCounter, StatusStore
+from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.ledger.services import MedicalCoverage
-from app.domain.verification.directory import VerifierDirectory
+from app.domain.verification.directory import VerifierDirectory, next_directory_version
 from app.domain.verification.events import EventDrain, consumer_name
 from app.domain.verification.offline import OfflineKits
 from app.domain.verification.service import CredentialVerifier
@@ -60,7 +59,6 @@ class ServiceContext:
     offline_kits: OfflineKits
     outbox: MirrorOutbox
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _directory_seen: int = -1
     _drain_task: asyncio.Task[None] | None = None
     _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -118,7 +116,6 @@ class ServiceContext:
 
     async def start(self) -> None:
         """Load the caches, open the store's epoch, and keep both fresh in the background."""
-        self._directory_seen = await self._directory_counter()
         await self.directory.reload()
         await self.open_store_epochs()
         self._tasks.append(asyncio.create_task(self.bus.run(self._on_invalidation)))
@@ -164,41 +161,26 @@ class ServiceContext:
 
     async def _on_invalidation(self, topic: str) -> None:
         try:
-            self._directory_seen = await self._directory_counter()
-            await self.directory.reload()
+            await self.directory.refresh()
         except Exception:
-            logger.exception("reloading the verifier directory after %r failed", topic)
-
-    async def _directory_counter(self) -> int:
-        async with self.sessions() as session:
-            return int(
-                await session.scalar(select(ChangeCounter.value).where(ChangeCounter.name == DIRECTORY_TOPIC)) or 0
-            )
+            logger.exception("applying the verifier directory's changes after %r failed", topic)
 
     async def _refresh_periodically(self) -> None:
-        """Reload when the directory's change counter moved (a second at most), and in full now and then."""
-        last_full = time.monotonic()
+        """Apply the directory's changes when its counter moved (one row read a second; no full reload)."""
         while True:
             await asyncio.sleep(self.settings.directory_poll_interval)
-            try:
-                moved = await self._directory_counter() != self._directory_seen
-            except Exception:
-                logger.exception("reading the directory's change counter failed")
-                continue
-            if moved or time.monotonic() - last_full >= self.settings.cache_refresh_interval:
-                last_full = time.monotonic()
-                await self._on_invalidation("counter" if moved else "periodic")
+            await self._on_invalidation("counter")
 
     async def directory_changed(self) -> None:
-        """After an operator changed terminals or keys: count it in the database, reload here, tell every worker.
+        """After an operator changed terminals or keys: count it in the database, apply it here, tell every worker.
 
-        The counter reaches every worker within a second through the database; the Redis announcement
-        only makes it quicker (and may be lost while Redis is away).
+        Terminal and organisation changes carry their version already (they raised the counter in their
+        transaction); key changes are counted here. The counter reaches every worker within a second
+        through the database; the Redis announcement only makes it quicker (and may be lost while Redis
+        is away).
         """
         async with self.sessions() as session:
-            await session.execute(
-                update(ChangeCounter).where(ChangeCounter.name == DIRECTORY_TOPIC).values(value=ChangeCounter.value + 1)
-            )
+            await next_directory_version(session)
             await session.commit()
         await self._on_invalidation(DIRECTORY_TOPIC)
         await self.bus.publish(DIRECTORY_TOPIC)

@@ -66,10 +66,8 @@ class Settings:
     refresh_token_ttl: int = 30 * 24 * 3600
     activation_code_ttl: int = 72 * 3600
     activation_max_attempts: int = 5
-    # How often workers look at the directory's change counter (one row) and reload when it moved.
+    # How often workers look at the directory's change counter (one row) and apply the changes since they last did.
     directory_poll_interval: float = 1.0
-    # A full reload of the verifier caches all the same, in case a change bypassed the counter.
-    cache_refresh_interval: float = 300.0
     workers: int = 1
     # The terminal that used a credential gets the same answer again within this many seconds.
     verify_retry_window: int = 10

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql.expression import true
+from sqlalchemy.sql.expression import literal_column, text, true
 
 from app.clock import as_utc
 
@@ -210,7 +210,20 @@ class ECard(Base):
     """The electronic card of a physical card; `card_ref` is the opaque id inside credentials."""
 
     __tablename__ = "ecards"
-    __table_args__ = (UniqueConstraint("region_code", "status_index"),)
+    __table_args__ = (
+        UniqueConstraint("region_code", "status_index"),
+        # The offline kit's status list names only the eCards that are not active (VALID is the default):
+        # this index holds just those, so building a region's list reads ~1 % of its eCards, not all of them.
+        # State changes keep it current in their own transaction.
+        Index(
+            "ix_ecards_not_active",
+            "region_code",
+            "status_index",
+            "state",
+            postgresql_where=text("state <> 'active'"),
+            sqlite_where=text("state <> 'active'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     card_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cards.id"), unique=True)
@@ -229,6 +242,10 @@ class ECard(Base):
     # Raised with every change the status mirror must see: the mirror keeps the version it holds and
     # never lets an older write replace a newer one (an outbox applier racing a request, a repair).
     mirror_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+# The predicate of `ix_ecards_not_active`, written as a literal so PostgreSQL can prove a query uses it.
+ECARD_NOT_ACTIVE = ECard.__table__.c.state != literal_column("'active'")
 
 
 class MirrorChange(Base):
@@ -274,6 +291,31 @@ class ChangeCounter(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class OfflineKitBuild(Base):
+    """A region's signed offline kit, built by one worker per interval and served by all of them.
+
+    `lease_until` is the build in flight: a worker takes it with a conditional update (only when it
+    has lapsed and the kit is the generation it saw), so one build runs at a time in the deployment;
+    a builder that dies frees it when it lapses.
+    """
+
+    __tablename__ = "offline_kits"
+
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), primary_key=True)
+    # The kit's JSON as served ({"region", "jwks", "status_list"}); None until the first build.
+    document: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Strong HTTP validator of `document` (If-None-Match → 304).
+    etag: Mapped[str | None] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When it was built (the next is due `REBUILD_AFTER` later), and until when its signed list is good.
+    built_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    # What the last build cost, for operators: eCards it named (the non-active ones) and milliseconds.
+    entries: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    build_ms: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ActivationCode(Base):
@@ -331,6 +373,8 @@ class VerifierOrganisation(Base):
     created_at: Mapped[datetime]
     # A disabled organisation's terminals are all refused, whatever their own setting.
     enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # The directory counter's value at its last change: workers apply `version > last seen` (change feed).
+    directory_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
 
 
 class Terminal(Base):
@@ -357,6 +401,8 @@ class Terminal(Base):
     # Verifications allowed per minute on average, and how many may come at once.
     rate_per_minute: Mapped[int] = mapped_column(Integer, default=120, server_default="120")
     rate_burst: Mapped[int] = mapped_column(Integer, default=30, server_default="30")
+    # The directory counter's value at its last change: workers apply `version > last seen` (change feed).
+    directory_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
 
 
 class ImportJob(Base):

@@ -439,8 +439,9 @@ KitFetcher = Callable[..., Awaitable[httpx.Response]]
 
 @pytest.fixture
 def fresh_kit(client: httpx.AsyncClient, context: ServiceContext, monkeypatch: pytest.MonkeyPatch) -> KitFetcher:
-    """A function: GET /v1/offline-kits/{region} with the worker's kit cache emptied first (a worker reuses
-    a signed list for up to 30 s), optionally signing lists good for `lifetime` seconds.
+    """A function: GET /v1/offline-kits/{region} with the stored kit made due and the worker's copy emptied
+    first (the deployment reuses a signed list for up to 30 s), optionally signing lists good for `lifetime`
+    seconds.
 
     Not a new worker per fetch: stopping a worker right after it started can hang (see
     test_a_cancelled_invalidation_listener_stops).
@@ -450,6 +451,8 @@ def fresh_kit(client: httpx.AsyncClient, context: ServiceContext, monkeypatch: p
         settings = context.settings
         kits = OfflineKits(settings.status_list_ttl, lifetime or settings.status_list_lifetime)
         monkeypatch.setattr(context, "offline_kits", kits)
+        async with context.sessions() as session:
+            await kits.mark_due(session, region)
         return await client.get(f"/v1/offline-kits/{region}")
 
     return fetch

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from litestar import Request, Response, get
 from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency
-from litestar.params import PathParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import HeaderParameter, PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import ServiceContext, context_of
@@ -41,26 +42,49 @@ class OfflineKitOut(WireModel):
     status_list: str
 
 
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names this ETag (or `*`); weak and strong forms alike (RFC 9110 13.1.2)."""
+    if not if_none_match:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
 @get(
     "/v1/offline-kits/{region:str}",
     tags=["keys"],
     summary="Offline kit of a region",
-    responses=problem_responses(404),
+    responses={
+        304: ResponseSpec(None, description="The kit named by If-None-Match is still the current one (no body)"),
+        **problem_responses(404, 503),
+    },
 )
 async def offline_kit(
     ctx: NamedDependency[ServiceContext],
     session: NamedDependency[AsyncSession],
     region: Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{5}$")],
+    if_none_match: Annotated[
+        str | None,
+        HeaderParameter(
+            name="If-None-Match", required=False, description="The ETag of the kit the gate holds", max_length=1024
+        ),
+    ] = None,
 ) -> Response[OfflineKitOut]:
     """The region's public keys and signed status list; refetch after the list's `ttl` (Cache-Control).
 
-    Single use cannot be checked offline across gates: a gate keeps its own record of the
-    nonces it saw and uploads its scans with `POST /v1/verify/batch` when it is back online.
+    The kit is signed once per interval for the deployment; a gate that sends the ETag it holds in
+    If-None-Match gets 304 while it is current. Single use cannot be checked offline across gates:
+    a gate keeps its own record of the nonces it saw and uploads its scans with
+    `POST /v1/verify/batch` when it is back online.
     """
-    document = await ctx.offline_kits.kit(session, ctx.directory.keys, region)
+    kit = await ctx.offline_kits.kit(session, ctx.directory.keys, region)
+    headers = {"Cache-Control": f"public, max-age={ctx.settings.status_list_ttl}", "ETag": kit.etag}
+    if _matches(if_none_match, kit.etag):
+        return Response(None, status_code=304, headers=headers)  # type: ignore[arg-type]
+    document = kit.document
     return Response(
         OfflineKitOut(region=document["region"], jwks=document["jwks"], status_list=document["status_list"]),
-        headers={"Cache-Control": f"public, max-age={ctx.settings.status_list_ttl}"},
+        headers=headers,
     )
 
 

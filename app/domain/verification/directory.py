@@ -1,8 +1,8 @@
 """The in-process copy of what `/v1/verify` must know without touching the database.
 
 Terminals (by id, with their key hashes, signing key, permissions and rate) and issuer keys are
-loaded in full at start-up and reloaded when an invalidation arrives or the periodic refresh
-comes round.
+loaded in full at start-up; after that a worker applies only what changed (see `VerifierDirectory`),
+when an invalidation arrives or the counter it polls every second moved.
 
 Terminals authenticate in one of two ways:
 
@@ -18,16 +18,19 @@ Terminals authenticate in one of two ways:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.models import Terminal, VerifierOrganisation
+from app.db.models import ChangeCounter, Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.pii import PiiCipher
 from app.stores.status_mirror import RateLimit
@@ -83,48 +86,147 @@ def split_api_key(api_key: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+# The change counter (`change_counters` row) whose value stamps every directory change.
+DIRECTORY_COUNTER = "directory"
+
+# What a worker reads of a terminal and its organisation: columns, not ORM objects (100,000 rows at start-up).
+_TERMINAL_COLUMNS = (
+    Terminal.id,
+    Terminal.allowed_purposes,
+    Terminal.api_key_hash,
+    Terminal.previous_key_hash,
+    Terminal.previous_key_expires_at,
+    Terminal.signing_public_key,
+    Terminal.enabled,
+    Terminal.rate_per_minute,
+    Terminal.rate_burst,
+    VerifierOrganisation.id,
+    VerifierOrganisation.business_type,
+    VerifierOrganisation.region_code,
+    VerifierOrganisation.enabled,
+)
+
+
+async def next_directory_version(session: AsyncSession) -> int:
+    """In a change's transaction: raise the directory counter; the new value is the change's version.
+
+    The counter's row stays locked until the transaction ends, so versions become visible in the order
+    they were given: a worker that saw version v has seen every change below it (PostgreSQL and SQLite).
+    """
+    value = await session.scalar(
+        update(ChangeCounter)
+        .where(ChangeCounter.name == DIRECTORY_COUNTER)
+        .values(value=ChangeCounter.value + 1)
+        .returning(ChangeCounter.value)
+    )
+    if value is None:
+        raise RuntimeError(f"the change counter {DIRECTORY_COUNTER!r} is missing (migration 0007 adds it)")
+    return int(value)
+
+
+async def directory_counter(session: AsyncSession) -> int:
+    """The directory counter's value: every change up to it is committed."""
+    value = await session.scalar(select(ChangeCounter.value).where(ChangeCounter.name == DIRECTORY_COUNTER))
+    return int(value or 0)
+
+
+@lru_cache(maxsize=1024)
+def _purposes(labels: tuple[str, ...]) -> frozenset[Purpose]:
+    """One shared set per combination: 100,000 terminals use a handful (memory and start-up time)."""
+    return frozenset(Purpose.from_label(label) for label in labels)
+
+
+@lru_cache(maxsize=1024)
+def _rate(per_minute: int, burst: int) -> RateLimit:
+    return RateLimit(per_minute, burst)
+
+
+def _entry(row: Any) -> TerminalEntry:
+    (
+        terminal_id, purposes, api_key_hash, previous_key_hash, previous_key_expires_at, signing_public_key,
+        terminal_enabled, rate_per_minute, rate_burst, organisation_id, business_type, region, organisation_enabled,
+    ) = row  # fmt: skip
+    return TerminalEntry(
+        terminal_id=terminal_id,
+        organisation_id=organisation_id,
+        business_type=business_type,
+        region=region,
+        purposes=_purposes(tuple(purposes)),
+        api_key_hash=api_key_hash,
+        previous_key_hash=previous_key_hash,
+        previous_key_until=previous_key_expires_at.timestamp() if previous_key_expires_at else 0.0,
+        signing_key=VerifyKey(signing_public_key, region) if signing_public_key else None,
+        enabled=terminal_enabled and organisation_enabled,
+        rate=_rate(rate_per_minute, rate_burst),
+    )
+
+
 class VerifierDirectory:
-    """Terminals and issuer keys held in memory, replaced wholesale on reload."""
+    """Terminals and issuer keys held in memory: loaded in full at start-up, then kept current by change feed.
+
+    Every change of a terminal or organisation carries the directory counter's value it raised
+    (`directory_version`); `refresh` reads the counter (one row) and, when it moved, only the terminals
+    whose version — or whose organisation's — lies between what this worker applied and it. Terminals
+    are never deleted (they are disabled, and disabling is a change like any other). Issuer keys, a few
+    per region, are read again in full whenever the counter moved.
+    """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], pii: PiiCipher) -> None:
         self._sessions = sessions
         self._pii = pii
         self._terminals: dict[str, TerminalEntry] = {}
         self.keys = IssuerKeys()
+        # The counter value this worker has applied every change up to.
+        self.version = -1
+        self._applying = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self._terminals)
 
     async def reload(self) -> None:
-        """Read every terminal and key again; swap them in at once."""
-        async with self._sessions() as session:
+        """Read every terminal and key (at start-up); swap them in at once."""
+        async with self._applying, self._sessions() as session:
+            # The counter first: every change up to it is committed, so the reads below see it.
+            version = await directory_counter(session)
             keys = await load_issuer_keys(session, self._pii)
             rows = await session.execute(
-                select(Terminal, VerifierOrganisation).join(
+                select(*_TERMINAL_COLUMNS).join(
                     VerifierOrganisation, Terminal.organisation_id == VerifierOrganisation.id
                 )
             )
-            terminals = {
-                terminal.id.hex: TerminalEntry(
-                    terminal_id=terminal.id,
-                    organisation_id=organisation.id,
-                    business_type=organisation.business_type,
-                    region=organisation.region_code,
-                    purposes=frozenset(Purpose.from_label(label) for label in terminal.allowed_purposes),
-                    api_key_hash=terminal.api_key_hash,
-                    previous_key_hash=terminal.previous_key_hash,
-                    previous_key_until=(
-                        terminal.previous_key_expires_at.timestamp() if terminal.previous_key_expires_at else 0.0
-                    ),
-                    signing_key=(
-                        VerifyKey(terminal.signing_public_key, organisation.region_code)
-                        if terminal.signing_public_key
-                        else None
-                    ),
-                    enabled=terminal.enabled and organisation.enabled,
-                    rate=RateLimit(terminal.rate_per_minute, terminal.rate_burst),
-                )
-                for terminal, organisation in rows
-            }
+            terminals = {row[0].hex: _entry(row) for row in rows}
         self._terminals = terminals
         self.keys = keys
+        self.version = version
+
+    async def refresh(self) -> int:
+        """Apply the changes committed since the last reload or refresh; how many terminals were read again."""
+        async with self._applying, self._sessions() as session:
+            version = await directory_counter(session)
+            if version == self.version:
+                return 0
+            since = self.version
+            keys = await load_issuer_keys(session, self._pii)
+            joined = select(*_TERMINAL_COLUMNS).join(
+                VerifierOrganisation, Terminal.organisation_id == VerifierOrganisation.id
+            )
+            # Bounded above too: a change past `version` may not be committed everywhere a later read
+            # looks; it is applied by the next refresh, whole.
+            changed = {
+                row[0].hex: _entry(row)
+                for query in (
+                    joined.where(Terminal.directory_version > since, Terminal.directory_version <= version),
+                    joined.where(
+                        VerifierOrganisation.directory_version > since,
+                        VerifierOrganisation.directory_version <= version,
+                    ),
+                )
+                for row in await session.execute(query)
+            }
+        self._terminals.update(changed)
+        self.keys = keys
+        self.version = version
+        return len(changed)
 
     def authenticate(self, api_key: str | None) -> TerminalEntry | None:
         """The enabled terminal this API key belongs to, or None."""

@@ -1,22 +1,35 @@
 """Offline kits: a region's public keys and its signed status list, for gates that lose their uplink.
 
 The status list (IETF Token Status List, 2 bits per eCard at the index its credentials carry)
-is built from the database and signed with the region's active key. Each worker keeps the
-signed list for a short while, so gates polling every `ttl` seconds cost one query per
-region and interval, not one per gate.
+names only the eCards that are not active: VALID is the list's default, and a partial index of
+the non-active eCards (`ix_ecards_not_active`, kept current by every state change in its own
+transaction) is all a build reads, about 1 % of a region's eCards, never the active ones. An
+index no eCard holds reads VALID too; no credential can carry it (credentials are signed here,
+for an eCard), so that says nothing false.
+
+A kit is signed once per interval for the whole deployment, not per worker: the first worker to
+find the stored kit due takes a lease on its row (`offline_kits`), builds, and stores it; every
+worker serves the stored one meanwhile (and after), reading its ETag from the database at most
+once a second and its body only when the ETag moved.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
-from app.db.models import ECard, ECardState, Region
+from app.clock import utcnow
+from app.db.models import ECARD_NOT_ACTIVE, ECard, ECardState, OfflineKitBuild, Region
 from app.domain.issuers.services import IssuerKeys
 from crypto.offline import kit_document
 from crypto.status_list import CardStatusCode, StatusList, sign_status_list
@@ -28,8 +41,15 @@ STATUS_CODES = {
     ECardState.PENDING_ACTIVATION.value: CardStatusCode.PENDING_ACTIVATION,
 }
 
-# How long a worker reuses a signed list before reading the database again.
+# How old the stored kit may be before a worker builds the next one.
 REBUILD_AFTER = 30.0
+# A build in flight holds the lease at most this long: a builder that died frees it then.
+LEASE = timedelta(seconds=120)
+# How long a worker serves the kit it last read before asking the database for the ETag again.
+RECHECK_AFTER = 1.0
+# How long a request for a region that has no kit yet waits for another worker's first build.
+WAIT_FOR_FIRST_BUILD = 10.0
+POLL = 0.2
 
 
 def status_list_subject(region: str) -> str:
@@ -37,48 +57,180 @@ def status_list_subject(region: str) -> str:
     return f"/v1/offline-kits/{region}"
 
 
-async def region_statuses(session: AsyncSession, region: str) -> StatusList:
-    """Every index the region has handed out, with its eCard's status (unused ones: not yet usable)."""
+def non_active_ecards(region: str, size: int) -> Select[int, str]:
+    """Index and state of the region's eCards that are not active, below size: a range of the partial index."""
+    return select(ECard.status_index, ECard.state).where(
+        ECard.region_code == region, ECARD_NOT_ACTIVE, ECard.status_index < size
+    )
+
+
+async def region_statuses(session: AsyncSession, region: str) -> tuple[StatusList, int]:
+    """Every index the region has handed out, VALID unless its eCard is not active (read through the index),
+    and how many are not."""
     size = await session.scalar(select(Region.next_status_index).where(Region.code == region))
     if size is None:
         raise problems.not_found(f"region {region} is not registered")
-    statuses = [int(CardStatusCode.PENDING_ACTIVATION)] * int(size)
-    rows = await session.execute(select(ECard.status_index, ECard.state).where(ECard.region_code == region))
-    for index, state in rows:
-        statuses[index] = STATUS_CODES[state]
-    return StatusList.from_statuses(statuses)
+    # Read after the size: an eCard given its index since then is beyond the list, not wrongly VALID.
+    rows = await session.execute(non_active_ecards(region, int(size)))
+    named = {index: STATUS_CODES[state] for index, state in rows}
+    return StatusList.from_statuses(named, size=int(size)), len(named)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedKit:
+    """A stored kit as a worker serves it."""
+
+    etag: str
+    document: dict[str, Any]
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 @dataclass(slots=True)
 class OfflineKits:
-    """Signed kits per region, rebuilt when older than REBUILD_AFTER seconds."""
+    """The deployment's signed kits per region, in the database; this worker's copy of the ones it served."""
 
     ttl: int
     lifetime: int
-    _built: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    rebuild_after: float = REBUILD_AFTER
+    _held: dict[str, tuple[float, SignedKit]] = field(default_factory=dict)
 
-    async def kit(self, session: AsyncSession, keys: IssuerKeys, region: str) -> dict[str, Any]:
-        """The region's kit document (see `crypto.offline.OfflineKit`)."""
-        cached = self._built.get(region)
-        now = time.time()
-        if cached is not None and now - cached[0] < min(REBUILD_AFTER, self.ttl):
-            return cached[1]
-        signing_key = keys.signing_keys.get(region)
-        if signing_key is None:
-            raise problems.not_found(f"region {region} has no active signing key")
-        statuses = await region_statuses(session, region)
-        issued_at = int(now)
-        token = sign_status_list(
-            signing_key,
-            region=region,
-            subject=status_list_subject(region),
-            status_list=statuses,
-            issued_at=issued_at,
-            expires_at=issued_at + self.lifetime,
-            ttl=self.ttl,
+    async def kit(self, session: AsyncSession, keys: IssuerKeys, region: str) -> SignedKit:
+        """The region's current kit (see `crypto.offline.OfflineKit`), built here if it is due and no one else is."""
+        held = self._held.get(region)
+        if held is not None and time.monotonic() - held[0] < RECHECK_AFTER:
+            return held[1]
+        give_up = time.monotonic() + WAIT_FOR_FIRST_BUILD
+        while True:
+            row = (
+                await session.execute(
+                    select(
+                        OfflineKitBuild.etag,
+                        OfflineKitBuild.generation,
+                        OfflineKitBuild.built_at,
+                        OfflineKitBuild.expires_at,
+                        OfflineKitBuild.lease_until,
+                    ).where(OfflineKitBuild.region_code == region)
+                )
+            ).first()
+            await session.commit()  # no transaction held open while building or waiting
+            now = utcnow()
+            etag = row.etag if row is not None else None
+            built_at = row.built_at if row is not None and etag is not None else None
+            if etag and built_at and now - built_at < timedelta(seconds=min(self.rebuild_after, self.ttl)):
+                return await self._serve(session, region, etag)
+            if await self._take_lease(session, keys, region, row, now):
+                return await self._build(session, keys, region)
+            if etag and row is not None and row.expires_at and now < row.expires_at:
+                return await self._serve(session, region, etag)  # another worker is building the next one
+            if time.monotonic() > give_up:
+                raise problems.unavailable(f"the offline kit of region {region} is being built; retry shortly")
+            await asyncio.sleep(POLL)
+
+    async def mark_due(self, session: AsyncSession, region: str) -> None:
+        """Make the stored kit due now: the next request builds a new one (after a mass change; tests). Commits."""
+        await session.execute(
+            update(OfflineKitBuild)
+            .where(OfflineKitBuild.region_code == region)
+            .values(built_at=datetime.fromtimestamp(0, UTC))
         )
-        # Every key of the region, retired ones too: credentials they signed may still be shown.
-        region_keys = [key for key in keys.verify_keys.values() if key.region == region]
-        document = kit_document(region, region_keys, token)
-        self._built[region] = (now, document)
-        return document
+        await session.commit()
+        self._held.pop(region, None)
+
+    async def _serve(self, session: AsyncSession, region: str, etag: str) -> SignedKit:
+        """The stored kit with this ETag: this worker's copy, or its body read once."""
+        held = self._held.get(region)
+        if held is None or held[1].etag != etag:
+            body = await session.scalar(
+                select(OfflineKitBuild.document).where(
+                    OfflineKitBuild.region_code == region, OfflineKitBuild.etag == etag
+                )
+            )
+            await session.commit()
+            if body is None:  # replaced between the two reads: serve the newer one
+                body = await session.scalar(
+                    select(OfflineKitBuild.document).where(OfflineKitBuild.region_code == region)
+                )
+                await session.commit()
+                if body is None:
+                    raise problems.unavailable(f"the offline kit of region {region} is being replaced; retry shortly")
+            kit = SignedKit(_etag(body), json.loads(body))
+        else:
+            kit = held[1]
+        self._held[region] = (time.monotonic(), kit)
+        return kit
+
+    async def _take_lease(self, session: AsyncSession, keys: IssuerKeys, region: str, row: Any, now: datetime) -> bool:
+        """Become the one builder of the region's next kit; False when another worker holds the lease."""
+        if region not in keys.signing_keys:
+            if await session.get(Region, region) is None:
+                raise problems.not_found(f"region {region} is not registered")
+            raise problems.not_found(f"region {region} has no active signing key")
+        if row is None:
+            session.add(OfflineKitBuild(region_code=region, lease_until=now + LEASE))
+            try:
+                await session.commit()
+            except IntegrityError:  # another worker created the row first: it builds
+                await session.rollback()
+                return False
+            return True
+        if row.lease_until is not None and row.lease_until > now:
+            return False
+        taken = await session.execute(
+            update(OfflineKitBuild)
+            .where(
+                OfflineKitBuild.region_code == region,
+                OfflineKitBuild.generation == row.generation,
+                (OfflineKitBuild.lease_until.is_(None)) | (OfflineKitBuild.lease_until < now),
+            )
+            .values(lease_until=now + LEASE)
+        )
+        await session.commit()
+        return bool(taken.rowcount)  # type: ignore[attr-defined]
+
+    async def _build(self, session: AsyncSession, keys: IssuerKeys, region: str) -> SignedKit:
+        """Read the non-active eCards, sign the list, store the kit and free the lease (the lease is ours)."""
+        started = time.perf_counter()
+        try:
+            statuses, entries = await region_statuses(session, region)
+            issued_at = int(time.time())
+            token = sign_status_list(
+                keys.signing_keys[region],
+                region=region,
+                subject=status_list_subject(region),
+                status_list=statuses,
+                issued_at=issued_at,
+                expires_at=issued_at + self.lifetime,
+                ttl=self.ttl,
+            )
+            # Every key of the region, retired ones too: credentials they signed may still be shown.
+            region_keys = [key for key in keys.verify_keys.values() if key.region == region]
+            document = kit_document(region, region_keys, token)
+            body = json.dumps(document, separators=(",", ":")).encode()
+            await session.execute(
+                update(OfflineKitBuild)
+                .where(OfflineKitBuild.region_code == region)
+                .values(
+                    document=body,
+                    etag=_etag(body),
+                    generation=OfflineKitBuild.generation + 1,
+                    built_at=utcnow(),
+                    expires_at=datetime.fromtimestamp(issued_at + self.lifetime, UTC),
+                    lease_until=None,
+                    entries=entries,
+                    build_ms=int((time.perf_counter() - started) * 1000),
+                )
+            )
+            await session.commit()
+        except Exception:  # free the lease at once (a cancelled build leaves it to lapse)
+            await session.rollback()
+            await session.execute(
+                update(OfflineKitBuild).where(OfflineKitBuild.region_code == region).values(lease_until=None)
+            )
+            await session.commit()
+            raise
+        kit = SignedKit(_etag(body), document)
+        self._held[region] = (time.monotonic(), kit)
+        return kit

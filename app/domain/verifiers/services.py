@@ -1,4 +1,8 @@
-"""Registering verifier organisations and terminals; terminal API keys are shown once."""
+"""Registering verifier organisations and terminals; terminal API keys are shown once.
+
+Every change stamps the row with the directory counter's next value in its own transaction, so
+workers find it by change feed (app/domain/verification/directory.py).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from app import problems
 from app.clock import utcnow
 from app.db.models import Region, Terminal, VerifierOrganisation
 from app.domain.audit.services import Actor, record
-from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret
+from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret, next_directory_version
 from app.domain.verification.disclosure import BusinessType
 from app.scope import covers, within
 from crypto.credential import Purpose
@@ -49,6 +53,7 @@ async def register_organisation(
     )
     session.add(organisation)
     await session.flush()
+    organisation.directory_version = await next_directory_version(session)
     record(
         session, actor, "verifier_organisation.registered", subject_type="verifier_organisation",
         subject_id=organisation.id, region=region,
@@ -99,6 +104,7 @@ async def register_terminal(
         rate_burst=rate[1],
     )
     session.add(terminal)
+    terminal.directory_version = await next_directory_version(session)
     record(
         session, actor, "terminal.registered", subject_type="terminal", subject_id=terminal_id,
         region=organisation.region_code,
@@ -134,6 +140,7 @@ async def set_organisation_enabled(
         before={"enabled": organisation.enabled}, after={"enabled": enabled},
     )  # fmt: skip
     organisation.enabled = enabled
+    organisation.directory_version = await next_directory_version(session)
     await session.commit()
 
 
@@ -170,6 +177,7 @@ async def update_terminal(
     )  # fmt: skip
     for name, value in changes.items():
         setattr(terminal, name, value)
+    terminal.directory_version = await next_directory_version(session)
     await session.commit()
 
 
@@ -191,6 +199,7 @@ async def rotate_api_key(
         terminal.previous_key_expires_at = None
     terminal.api_key_hash = key_hash
     terminal.signing_public_key = None
+    terminal.directory_version = await next_directory_version(session)
     record(
         session, actor, "terminal.api_key_rotated", subject_type="terminal", subject_id=terminal.id,
         region=organisation.region_code, after={"overlap_seconds": overlap_seconds},
@@ -209,6 +218,7 @@ async def set_signing_key(
     terminal.signing_public_key = public_key
     terminal.previous_key_hash = None
     terminal.previous_key_expires_at = None
+    terminal.directory_version = await next_directory_version(session)
     record(
         session, actor, "terminal.signing_key_registered", subject_type="terminal", subject_id=terminal.id,
         region=organisation.region_code, after={"key_id": kid_for(public_key).hex()},
