@@ -293,12 +293,19 @@ class MirrorRecovery:
     INTERVAL = 1.0
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], mirror: StatusMirror, pii: PiiCipher, prefix: str
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        mirror: StatusMirror,
+        pii: PiiCipher,
+        prefix: str,
+        *,
+        page: int = PAGE,
     ) -> None:
         self._sessions = sessions
         self._mirror = mirror
         self._pii = pii
         self._prefix = prefix
+        self._page = page
         self.holder = process_name()
         self.rebuilds = 0
 
@@ -318,8 +325,13 @@ class MirrorRecovery:
             if busy and state.lease_until is not None and state.lease_until > utcnow():
                 return None
         logger.warning("the status store lost its data (epoch %s); refilling it", epoch)
+        # Every shard starts remembering now, as at start-up (a shard's first scan would open it later).
+        await self._mirror.start_epochs(time.time_ns() // 1_000_000)
+        rebuilder = Rebuilder(
+            self._sessions, self._mirror, self._pii, self._prefix, holder=self.holder, page=self._page
+        )
         try:
-            report = await Rebuilder(self._sessions, self._mirror, self._pii, self._prefix, holder=self.holder).run()
+            report = await rebuilder.run()
         except (RebuildBusy, LeaseLost):
             return None
         self.rebuilds += 1
@@ -359,16 +371,25 @@ class DatabaseFallback:
         self._filled_at = time.monotonic()
         self._flag = False
         self._flag_read_at = -self.FLAG_CACHE
+        self._flag_read: asyncio.Future[None] | None = None
         self.mirrored = 0
         self.over_rate = 0
 
     async def _refilling(self) -> bool:
-        # Read at most every FLAG_CACHE seconds: card_unknown answers of truly unknown cards cost nothing more.
-        now = time.monotonic()
-        if now - self._flag_read_at >= self.FLAG_CACHE:
-            self._flag = await self._mirror.refilling()
-            self._flag_read_at = now
+        # Read at most every FLAG_CACHE seconds, by one call that concurrent scans share: a burst of
+        # card_unknown answers (truly unknown cards too) costs one store call, not one connection each.
+        if time.monotonic() - self._flag_read_at >= self.FLAG_CACHE:
+            if self._flag_read is None:
+                self._flag_read = asyncio.ensure_future(self._read_flag())
+            await asyncio.shield(self._flag_read)
         return self._flag
+
+    async def _read_flag(self) -> None:
+        try:
+            self._flag = await self._mirror.refilling()
+            self._flag_read_at = time.monotonic()
+        finally:
+            self._flag_read = None
 
     def _take(self) -> bool:
         now = time.monotonic()

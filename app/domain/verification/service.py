@@ -174,7 +174,7 @@ class CredentialVerifier:
         fallback: CardFallback | None = None,
     ) -> None:
         self._rules = rules
-        self._fallback = fallback
+        self.fallback = fallback
         self._directory = directory
         self._mirror = mirror
         self._pii = pii
@@ -316,7 +316,7 @@ class CredentialVerifier:
         concurrent scan of the same code keeps its answer, so single use holds); the second scan is a new
         verification (its own id and event) and meets the same rules: rate, single use, epoch, status.
         """
-        if self._fallback is None or not await self._fallback.mirror_missing(claims.card_ref):
+        if self.fallback is None or not await self.fallback.mirror_missing(claims.card_ref):
             return unknown
         if not await self._mirror.reopen(scan):
             return unknown
