@@ -7,9 +7,13 @@ PostgreSQL and SQLite, so it can lose and refill it at will.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -23,8 +27,11 @@ from app.db.models import ECard, Entitlement, MirrorRebuild
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Progress, RebuildBusy, Rebuilder, store_epoch
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile, profile_field
+from app.settings import PROJECT_ROOT
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
 from tests import factories
+
+VENV_BIN = Path(sys.executable).parent
 
 
 class Store:
@@ -106,6 +113,11 @@ async def test_a_rebuild_fills_an_empty_store_with_every_ecard_its_profile_and_i
         # An eCard from before profiles were kept with it: the rebuild seals it on the way.
         await session.execute(update(ECard).where(ECard.id == uuid.UUID(active.ecard_id)).values(sealed_profile=None))
         await session.commit()
+    # Issued eCards keep their sealed profile from the start; the rebuild reads it, never the person.
+    issued = await ecard_of(context, suspended)
+    assert issued.sealed_profile is not None
+    opened = context.pii.decrypt_bytes(issued.sealed_profile, profile_field(issued.card_ref))
+    assert msgspec.json.decode(opened, type=Profile).name == "张三"
     total = await ecard_count(context)
     seen: list[Progress] = []
 
@@ -269,3 +281,34 @@ async def test_the_database_fallback_mirrors_a_card_only_while_refilling_and_wit
     assert not await DatabaseFallback(context.sessions, store.mirror, context.pii, rate=0).mirror_missing(
         rows[1].card_ref
     )
+
+
+async def test_the_cli_rebuilds_with_progress_and_reconcile_keeps_its_report(
+    context: ServiceContext, store: Store, database_url: str, redis_url: str
+) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "ECARD_REDIS_PREFIX": store.prefix}
+    total = await ecard_count(context)
+
+    def ecard(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(VENV_BIN / "litestar"), "--app", "app.asgi:create_app", "ecard", "status", *args]
+        return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    before = await asyncio.to_thread(ecard, "reconcile")
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.strip() == (
+        f"{total} eCards checked: {total} missing from the mirror, 0 different, {total} without their profile, "
+        "0 repaired"
+    )
+    rebuilt = await asyncio.to_thread(ecard, "rebuild", "--page", "2")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.startswith(f"{total} eCards in the mirror: {total} written, 0 already newer there")
+    assert f"rebuild: {total:,} of ~{total:,} eCards" in rebuilt.stderr and "ETA" in rebuilt.stderr
+    after = await asyncio.to_thread(ecard, "reconcile", "--repair", "--quiet")
+    assert after.stdout.strip() == (
+        f"{total} eCards checked: 0 missing from the mirror, 0 different, 0 without their profile, 0 repaired"
+    )
+    # While another process holds the lease, the command says so and changes nothing.
+    holder = Rebuilder(context.sessions, store.mirror, context.pii, store.prefix)
+    await holder._take_lease()
+    busy = await asyncio.to_thread(ecard, "rebuild")
+    assert busy.returncode == 1 and "another process is rebuilding" in busy.stderr
