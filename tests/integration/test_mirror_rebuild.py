@@ -26,7 +26,8 @@ from app.context import ServiceContext
 from app.db.models import ECard, Entitlement, MirrorRebuild
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Progress, RebuildBusy, Rebuilder, store_epoch
 from app.domain.cards.services import reconcile_status_mirror
-from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile, profile_field
+from app.domain.verification import disclosure
+from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile
 from app.settings import PROJECT_ROOT
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
 from tests import factories
@@ -83,6 +84,13 @@ class FailingAfter(RedisStatusMirror):
         return await super().mirror_many(entries)
 
 
+def open_profile(context: ServiceContext, card_ref: bytes, sealed: bytes) -> Profile:
+    """A sealed profile opened as disclosure opens it (JSON before the compact mirror's packing, packed after)."""
+    plaintext = context.pii.decrypt_bytes(sealed, disclosure.profile_field(card_ref))
+    unpack = getattr(disclosure, "unpack_profile", None)
+    return unpack(plaintext) if unpack is not None else msgspec.json.decode(plaintext, type=Profile)
+
+
 async def ecard_count(context: ServiceContext) -> int:
     """How many eCards the shared database holds now."""
     async with context.sessions() as session:
@@ -116,8 +124,7 @@ async def test_a_rebuild_fills_an_empty_store_with_every_ecard_its_profile_and_i
     # Issued eCards keep their sealed profile from the start; the rebuild reads it, never the person.
     issued = await ecard_of(context, suspended)
     assert issued.sealed_profile is not None
-    opened = context.pii.decrypt_bytes(issued.sealed_profile, profile_field(issued.card_ref))
-    assert msgspec.json.decode(opened, type=Profile).name == "张三"
+    assert open_profile(context, issued.card_ref, issued.sealed_profile).name == "张三"
     total = await ecard_count(context)
     seen: list[Progress] = []
 
@@ -134,7 +141,7 @@ async def test_a_rebuild_fills_an_empty_store_with_every_ecard_its_profile_and_i
     assert await store.mirror.get_statuses(refs) == ["A", "S", "P"]
     sealed = await store.mirror.get_record(refs[0], CardRecord.PROFILE)
     assert sealed is not None and rows[0].sealed_profile == sealed  # kept in the database too
-    profile = msgspec.json.decode(context.pii.decrypt_bytes(sealed, profile_field(refs[0])), type=Profile)
+    profile = open_profile(context, refs[0], sealed)
     assert (profile.name, profile.insured_region) == ("张三", "510000")
     passes = await store.mirror.get_record(refs[0], CardRecord.ENTITLEMENTS)
     assert passes is not None and b"510000" in passes
