@@ -24,7 +24,9 @@ from sqlalchemy.engine import make_url
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.migrate import upgrade_to_head
+from app.domain.cards.citizen_id import mask_citizen_id
 from app.domain.cards.rebuild import Progress, Rebuilder
+from app.domain.verification.disclosure import Profile, seal_profile
 from app.keyring import load_keyring
 from app.pii import PiiCipher
 from app.settings import Settings
@@ -44,7 +46,7 @@ DEV_KEYS = Path(__file__).resolve().parent.parent / "keys_dev"
 SERVER = os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 # Persons, cards and eCards from generate_series: ids and references from hashes of the row number, so
-# eCard ids come in random order like uuid4's; a sealed profile is ~110 bytes (nonce, JSON, tag).
+# eCard ids come in random order like uuid4's; sealed profiles are random bytes as long as a real one.
 FILL_SQL = """
 INSERT INTO regions (code, name, created_at, next_status_index) VALUES ('510000', '四川省', now(), $1);
 INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, name_encrypted, created_at)
@@ -58,7 +60,7 @@ INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, act
                     mirror_version, sealed_profile)
   SELECT md5('e' || i)::uuid, md5('k' || i)::uuid, '510000', substring(sha256(('r' || i)::bytea) from 1 for 16),
          i, 'active', now(), now(), 1,
-         CASE WHEN $2 THEN substring(sha512(('s' || i)::bytea) || sha512(('t' || i)::bytea) from 1 for 110) END
+         CASE WHEN $2 THEN substring(sha512(('s' || i)::bytea) || sha512(('t' || i)::bytea) from 1 for $3) END
   FROM generate_series(1, $1) AS i;
 INSERT INTO entitlements (id, ecard_id, kind, region_code, valid_from, valid_until, created_at)
   SELECT md5('a' || i)::uuid, md5('e' || i)::uuid, 'park_annual_pass', '510000', now(), now() + interval '300 days',
@@ -78,12 +80,19 @@ def _dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def fill(url: str, cards: int, sealed: bool) -> None:
+def profile_length(pii: PiiCipher) -> int:
+    """How long a sealed profile of a three-character name is, in the format the code seals today."""
+    profile = Profile("张三丰", mask_citizen_id("510104199001011234"), "510000")
+    return len(seal_profile(pii, bytes(16), profile))
+
+
+async def fill(url: str, cards: int, sealed: bool, profile_bytes: int) -> None:
     """Put the cards in the database (statements one by one: asyncpg runs one with parameters at a time)."""
     connection = await asyncpg.connect(_dsn(url))
     try:
+        markers = (("$1", cards), ("$2", sealed), ("$3", profile_bytes))
         for statement in filter(str.strip, FILL_SQL.split(";")):
-            uses = [value for marker, value in (("$1", cards), ("$2", sealed)) if marker in statement]
+            uses = [value for marker, value in markers if marker in statement]
             await connection.execute(statement, *uses)
     finally:
         await connection.close()
@@ -99,11 +108,11 @@ async def measure(cards: int, sealed: bool, page: int, in_flight: int, null_stor
     engine = create_engine(url)
     try:
         await upgrade_to_head(engine)
-        started = time.monotonic()
-        await fill(url, cards, sealed)
-        print(f"{cards:,} eCards put in the database in {time.monotonic() - started:.1f} s")
         keyring = load_keyring(Settings(keys_dir=DEV_KEYS))
         pii = PiiCipher(keyring.data_key, keyring.index_key)
+        started = time.monotonic()
+        await fill(url, cards, sealed, profile_length(pii))
+        print(f"{cards:,} eCards put in the database in {time.monotonic() - started:.1f} s")
         mirror = (CountingStore if null_store else RedisStatusMirror).from_url(server.url, "rebuild:")
         client = redis.Redis.from_url(server.url)
         before = (await client.info("memory"))["used_memory"]
