@@ -86,11 +86,15 @@ web-vendor:
 	cp var/web-vendor/out/* $(WEB_VENDOR)/
 	rm -rf var/web-vendor
 
+## Verify beside a no-op POST and the naive reference (loadtests/README.md); a calibration line first, to
+## compare machines (docs/performance.md). E.g. BENCH_ARGS="--duration 8 --rounds 3 --credential-lifetime 120"
 bench: install
-	$(VENV)/bin/python -m loadtests.bench_verify
+	$(VENV)/bin/python -m loadtests.bench_verify $(BENCH_ARGS)
 
 ## Locust scenarios headless: starts the service, prepares data, writes CSV/HTML reports; exits 1 on
-## failures or a p99 over the limit (loadtests/README.md). E.g. LOADTEST_ARGS="-u 60 -t 5m --shape rush-hour"
+## failures or a p99 over the limit (loadtests/README.md). A calibration line first; at the end, who used the
+## cores (service, Locust, Redis, other work). E.g. LOADTEST_ARGS="-u 60 -t 5m --shape rush-hour", or
+## LOADTEST_ARGS="--loop-lag" to see the service's event-loop stalls and collector passes
 loadtest: install
 	$(VENV)/bin/python -m loadtests.headless $(LOADTEST_ARGS)
 

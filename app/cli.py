@@ -124,16 +124,18 @@ def region_group() -> None:
 @click.argument("code")
 @click.argument("name")
 def region_add(code: str, name: str) -> None:
-    """Register a region (GB/T 2260 code) and generate its signing key."""
+    """Register a region (GB/T 2260 code) and generate its signing key (of ECARD_CRYPTO_PROFILE's algorithm)."""
     from app.domain.regions.services import register_region
 
-    async def work(context: ServiceContext) -> None:
+    async def work(context: ServiceContext) -> str:
+        algorithm = context.settings.issuer_algorithm
         async with context.sessions() as session:
-            await register_region(session, context.pii, Actor.command("ecard region add"), code, name)
+            await register_region(session, context.pii, Actor.command("ecard region add"), code, name, algorithm)
         await context.directory_changed()
+        return algorithm
 
-    _run(work)
-    click.echo(f"region {code} registered with a fresh signing key")
+    algorithm = _run(work)
+    click.echo(f"region {code} registered with a fresh {algorithm} signing key")
 
 
 @ecard_group.group(name="card")

@@ -78,7 +78,9 @@ class ServiceContext:
         events: EventStream
         if settings.redis_url:
             cluster = settings.redis_cluster
-            mirror = RedisStatusMirror.from_url(settings.redis_url, settings.redis_prefix, cluster)
+            mirror = RedisStatusMirror.from_url(
+                settings.redis_url, settings.redis_prefix, cluster, capacity=settings.mirror_capacity
+            )
             # Its own client: a drain's blocking read must not run into the hot calls' 1 s timeout.
             options: dict[str, Any] = {"socket_timeout": STREAM_SOCKET_TIMEOUT, "socket_connect_timeout": 1.0}
             stream_client = (

@@ -64,6 +64,9 @@ class Settings:
     redis_prefix: str = "ecard:"
     # REDIS_URL names a node of a Redis Cluster (ECARD_REDIS_CLUSTER=1): the client finds the rest.
     redis_cluster: bool = False
+    # How many cards the deployment expects: sizes the mirror's bucket hashes (app/stores/status_mirror.py,
+    # `MirrorLayout`); changing it means refilling the mirror (`ecard status reconcile --repair`).
+    mirror_capacity: int = 1_000_000
     keys_dir: Path = DEV_KEYS_DIR
     credential_lifetime: int = 60
     credential_refresh: int = 30
@@ -100,6 +103,9 @@ class Settings:
     key_publish_lead: int = 600
     # How long a signed trust list is valid; gates and other deployments refetch well before.
     trust_list_lifetime: int = 24 * 3600
+    # "international": new issuer keys are Ed25519; "national": SM2 with SM3 (issue 17, docs/national-crypto.md).
+    # A region's key rotation may also name the algorithm of its next key (POST …/keys).
+    crypto_profile: str = "international"
     # Cooperation agreements between regions (which cards a terminal accepts from elsewhere).
     agreements_file: Path = DATA_DIR / "agreements.json"
     # Insurance shares of medical bills by region and scheme.
@@ -109,6 +115,11 @@ class Settings:
     def drains_events(self) -> bool:
         """Whether this process runs the event drain (see `drain_events`)."""
         return self.drain_events if self.drain_events is not None else not self.redis_url
+
+    @property
+    def issuer_algorithm(self) -> str:
+        """The algorithm of new issuer keys under the deployment's crypto profile."""
+        return "SM2" if self.crypto_profile == "national" else "Ed25519"
 
     @property
     def production(self) -> bool:
@@ -122,12 +133,17 @@ class Settings:
         mode = _env("ECARD_MODE", defaults.mode)
         if mode not in ("development", "production"):
             raise ValueError(f"ECARD_MODE must be 'development' or 'production', got {mode!r}")
+        profile = _env("ECARD_CRYPTO_PROFILE", defaults.crypto_profile)
+        if profile not in ("international", "national"):
+            raise ValueError(f"ECARD_CRYPTO_PROFILE must be 'international' or 'national', got {profile!r}")
         return cls(
             mode=mode,
+            crypto_profile=profile,
             database_url=_env("DATABASE_URL", defaults.database_url),
             redis_url=_env("REDIS_URL", defaults.redis_url),
             redis_prefix=_env("ECARD_REDIS_PREFIX", defaults.redis_prefix),
             redis_cluster=bool(_env_bool("ECARD_REDIS_CLUSTER")),
+            mirror_capacity=_env_int("ECARD_MIRROR_CAPACITY", defaults.mirror_capacity),
             keys_dir=Path(_env("ECARD_KEYS_DIR", str(defaults.keys_dir))),
             credential_lifetime=_env_int("ECARD_CREDENTIAL_LIFETIME", defaults.credential_lifetime),
             credential_refresh=_env_int("ECARD_CREDENTIAL_REFRESH", defaults.credential_refresh),

@@ -1,13 +1,18 @@
-"""COSE_Sign1 (RFC 9052) with EdDSA, as both signed objects here use it.
+"""COSE_Sign1 (RFC 9052) with EdDSA or SM2, as both signed objects here use it.
 
 The QR credential and the status list token are each a tagged COSE_Sign1 (tag 18) whose
-protected header names alg EdDSA (-8) and the signer's 8-byte kid, with an empty unprotected
-header and an attached payload. This module signs such messages and checks their structure;
-what the payload means, and which error a caller reports, is left to the two callers.
+protected header names the signer key's algorithm — EdDSA (-8), or SM2 with SM3 (-65538, private
+use: crypto/keys.py) — and its 8-byte kid, with an empty unprotected header and an attached
+payload. This module signs such messages and checks their structure; what the payload means,
+and which error a caller reports, is left to the two callers.
+
+The algorithm is the key's, not the message's: `Sign1.verifies_with` refuses a key of another
+algorithm than the header names (no algorithm confusion: a kid bound to an Ed25519 key never
+verifies an SM2 signature, nor the reverse).
 
 The header is exact, not merely sufficient. The protected header is precisely the bytes
-`protected_header` makes for the message's kid (and the caller's typ): {1: -8, 4: kid}, or
-{1: -8, 4: kid, 16: typ} for a typed token, canonical CBOR in that order. So a header with
+`protected_header` makes for the message's kid and alg (and the caller's typ): {1: alg, 4: kid},
+or {1: alg, 4: kid, 16: typ} for a typed token, canonical CBOR in that order. So a header with
 any other label — `crit` (2) above all, which RFC 9052 §3.1 says a recipient that does not
 understand the named headers must reject, but also content type, iv, x5chain, a typ where
 none belongs, label 99 — or with alg as text, duplicate keys, or a longer encoding of a
@@ -25,13 +30,12 @@ from typing import Any
 
 import cbor2
 
-from crypto.keys import KID_LENGTH, SigningKey, VerifyKey
+from crypto.keys import ALG_EDDSA, ALGORITHM_NAMES, KID_LENGTH, PrivateKey, PublicKey
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1
 HEADER_KID = 4
 HEADER_TYP = 16  # RFC 9596
-ALG_EDDSA = -8
 
 
 class CoseError(ValueError):
@@ -47,10 +51,12 @@ class Sign1:
     payload: bytes
     signature: bytes
     kid: bytes
+    alg: int = ALG_EDDSA
 
-    def verifies_with(self, key: VerifyKey) -> bool:
-        """True when the signature is the key's signature over the protected header and payload."""
-        return key.verify(self.signature, sig_structure(self.protected, self.payload))
+    def verifies_with(self, key: PublicKey) -> bool:
+        """True when the key is of the header's algorithm and the signature is its signature over the
+        protected header and payload."""
+        return key.alg == self.alg and key.verify(self.signature, sig_structure(self.protected, self.payload))
 
 
 def loads_exact(data: bytes) -> object:
@@ -95,24 +101,26 @@ def sig_structure(protected: bytes, payload: bytes) -> bytes:
     )
 
 
-# cbor2's encoding of {1: -8, 4: <8-byte kid>} up to the kid: the credential's header is this plus
-# the kid, built without cbor2 because every scan compares against it.
-_KID_HEADER_HEAD = bytes.fromhex("a2012704") + bytes((0x40 | KID_LENGTH,))
+# cbor2's encoding of {1: alg, 4: <8-byte kid>} up to the kid, per algorithm: the credential's header
+# is this plus the kid, built without cbor2 because every scan compares against it.
+_KID_HEADER_HEADS = {
+    alg: cbor2.dumps({HEADER_ALG: alg, HEADER_KID: b"\0" * KID_LENGTH})[:-KID_LENGTH] for alg in ALGORITHM_NAMES
+}
 
 
-def protected_header(kid: bytes, typ: str | None = None) -> bytes:
-    """{1: -8, 4: kid}, and {16: typ} after them when a type is given: the only header this profile accepts."""
-    if typ is None and len(kid) == KID_LENGTH:
-        return _KID_HEADER_HEAD + kid
-    header: dict[int, object] = {HEADER_ALG: ALG_EDDSA, HEADER_KID: kid}
+def protected_header(kid: bytes, typ: str | None = None, alg: int = ALG_EDDSA) -> bytes:
+    """{1: alg, 4: kid}, and {16: typ} after them when a type is given: the only header this profile accepts."""
+    if typ is None and len(kid) == KID_LENGTH and alg in _KID_HEADER_HEADS:
+        return _KID_HEADER_HEADS[alg] + kid
+    header: dict[int, object] = {HEADER_ALG: alg, HEADER_KID: kid}
     if typ is not None:
         header[HEADER_TYP] = typ
     return cbor2.dumps(header)
 
 
-def sign1(key: SigningKey, payload: bytes, typ: str | None = None) -> bytes:
-    """A tagged COSE_Sign1 over payload: alg, kid (and typ) protected, unprotected header empty."""
-    protected = protected_header(key.kid, typ)
+def sign1(key: PrivateKey, payload: bytes, typ: str | None = None) -> bytes:
+    """A tagged COSE_Sign1 over payload: the key's alg, its kid (and typ) protected, unprotected header empty."""
+    protected = protected_header(key.kid, typ, key.alg)
     signature = key.sign(sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
@@ -145,8 +153,9 @@ def _header_fault(header: dict[Any, Any], typ: str | None) -> str:
 def decode_sign1(message: object, typ: str | None = None) -> Sign1:
     """Check that a decoded CBOR item is a tagged COSE_Sign1 of this profile; raise CoseError.
 
-    Its protected header must be exactly `protected_header(kid, typ)` and its unprotected
-    header empty (see the module docstring); the signature is not checked here.
+    Its protected header must be exactly `protected_header(kid, typ, alg)` for one of this
+    profile's algorithms, and its unprotected header empty (see the module docstring); the
+    signature (and whether the kid's key is of that algorithm) is not checked here.
     """
     if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
         raise CoseError("not a tagged COSE_Sign1 (CBOR tag 18)")
@@ -165,13 +174,15 @@ def decode_sign1(message: object, typ: str | None = None) -> Sign1:
         header = loads_exact(protected)
     except ValueError:
         raise CoseError("protected header is not CBOR") from None
-    if not isinstance(header, dict) or header.get(HEADER_ALG) != ALG_EDDSA:
-        raise CoseError("protected header must name alg EdDSA (-8)")
+    alg = header.get(HEADER_ALG) if isinstance(header, dict) else None
+    # A -8.0 passes here (it equals -8): the exact bytes below refuse it, with the more telling message.
+    if not isinstance(header, dict) or not isinstance(alg, int | float) or alg not in ALGORITHM_NAMES:
+        raise CoseError("protected header must name alg EdDSA (-8) or SM2 with SM3 (-65538)")
     kid = header.get(HEADER_KID)
     if not isinstance(kid, bytes) or len(kid) != KID_LENGTH:
         raise CoseError("protected header must carry an 8-byte kid")
-    if protected != protected_header(kid, typ):
+    if protected != protected_header(kid, typ, int(alg)):
         raise CoseError(_header_fault(header, typ))
     if unprotected:
         raise CoseError(f"unprotected header must be empty; it carries label {_describe_labels(unprotected)}")
-    return Sign1(protected=protected, header=header, payload=payload, signature=signature, kid=kid)
+    return Sign1(protected=protected, header=header, payload=payload, signature=signature, kid=kid, alg=int(alg))

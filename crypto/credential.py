@@ -54,8 +54,8 @@ from enum import IntEnum, StrEnum
 import cbor2
 
 from crypto.base45 import b45decode, b45encode
-from crypto.cose import CoseError, decode_sign1, loads_exact, sig_structure, sign1
-from crypto.keys import SigningKey, VerifyKey
+from crypto.cose import CoseError, Sign1, decode_sign1, loads_exact, sign1
+from crypto.keys import PrivateKey, PublicKey
 
 PREFIX = "EC1:"
 MAX_TEXT_LENGTH = 512
@@ -135,7 +135,7 @@ class VerifiedCredential:
     """A credential whose signature and validity window have been checked."""
 
     claims: Claims
-    key: VerifyKey
+    key: PublicKey
 
 
 def encode_claims(claims: Claims) -> bytes:
@@ -151,7 +151,7 @@ def encode_claims(claims: Claims) -> bytes:
     )
 
 
-def issue_credential(key: SigningKey, claims: Claims) -> str:
+def issue_credential(key: PrivateKey, claims: Claims) -> str:
     """Sign claims and return the credential text to put in a QR code."""
     return PREFIX + b45encode(sign1(key, encode_claims(claims)))
 
@@ -160,8 +160,8 @@ def _malformed(detail: str) -> CredentialRejected:
     return CredentialRejected(Rejection.MALFORMED, detail)
 
 
-def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """Split credential text into (protected, payload, signature, kid), checking only structure."""
+def parse_sign1(text: str) -> Sign1:
+    """The credential text's COSE_Sign1, checking only structure."""
     if not isinstance(text, str) or len(text) > MAX_TEXT_LENGTH:
         raise _malformed("credential text is missing or too long")
     if not text.startswith(PREFIX):
@@ -171,9 +171,14 @@ def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
     except ValueError as exc:  # Base45Error and every CBOR failure are ValueErrors
         raise _malformed(f"credential is not Base45-encoded CBOR: {exc}") from None
     try:
-        parts = decode_sign1(message)
+        return decode_sign1(message)
     except CoseError as exc:
         raise _malformed(f"credential: {exc}") from None
+
+
+def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """Split credential text into (protected, payload, signature, kid), checking only structure."""
+    parts = parse_sign1(text)
     return parts.protected, parts.payload, parts.signature, parts.kid
 
 
@@ -217,15 +222,21 @@ def decode_claims(payload: bytes) -> Claims:
     )
 
 
-def open_credential(text: str, keys: Mapping[bytes, VerifyKey]) -> VerifiedCredential:
-    """Check a credential's structure, key and signature, but not its validity window."""
-    protected, payload, signature, kid = parse_cose(text)
-    key = keys.get(kid)
+def open_credential(text: str, keys: Mapping[bytes, PublicKey]) -> VerifiedCredential:
+    """Check a credential's structure, key and signature, but not its validity window.
+
+    The kid's key decides the algorithm: a header naming another one than the key's is refused
+    as bad_signature before any signature check.
+    """
+    parts = parse_sign1(text)
+    key = keys.get(parts.kid)
     if key is None:
         raise CredentialRejected(Rejection.UNKNOWN_KEY, "no published key has this kid")
-    if not key.verify(signature, sig_structure(protected, payload)):
+    if key.alg != parts.alg:
+        raise CredentialRejected(Rejection.BAD_SIGNATURE, "the header's algorithm is not the kid's key's")
+    if not parts.verifies_with(key):
         raise CredentialRejected(Rejection.BAD_SIGNATURE, "signature does not verify")
-    claims = decode_claims(payload)
+    claims = decode_claims(parts.payload)
     if claims.region != key.region:
         raise CredentialRejected(Rejection.BAD_SIGNATURE, "key does not sign for the credential's region")
     return VerifiedCredential(claims=claims, key=key)
@@ -259,7 +270,7 @@ def usable_until(claims: Claims, leeway: int, lifetime: int = DEFAULT_LIFETIME) 
 
 
 def verify_credential(
-    text: str, keys: Mapping[bytes, VerifyKey], now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME
+    text: str, keys: Mapping[bytes, PublicKey], now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME
 ) -> VerifiedCredential:
     """Check a credential's structure, key, signature and validity window.
 

@@ -1,7 +1,11 @@
-"""Ed25519 issuer keys and their key ids.
+"""Ed25519 issuer keys and their key ids, and what every issuer key offers (SM2 keys are in crypto/sm.py).
 
 The kid is the first 8 bytes of the key's RFC 7638 JWK thumbprint, so anyone holding the
 public key can recompute it and no registry is needed to agree on it.
+
+An issuer key is Ed25519 or SM2; each names its COSE algorithm (`alg`), and a code is verified
+by the key its kid names, with that key's algorithm, never by what the code's header claims
+alone (crypto/cose.py, crypto/credential.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import nacl.bindings
 import nacl.exceptions
@@ -18,6 +23,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 KID_LENGTH = 8
+# COSE algorithms (RFC 9053): EdDSA is registered; SM2 has no registered value, so it takes one of the
+# private-use range below -65536 (RFC 9052 §16.4; every one costs 5 CBOR bytes, -8 costs 1). -65537
+# already names the credential's private claim, so the algorithm takes the next value.
+ALG_EDDSA = -8
+ALG_SM2_SM3 = -65538
+ALGORITHM_NAMES = {ALG_EDDSA: "EdDSA", ALG_SM2_SM3: "SM2 with SM3"}
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -71,6 +82,55 @@ def private_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
+class PublicKey(Protocol):
+    """What verification needs of an issuer's public key, Ed25519 or SM2."""
+
+    alg: ClassVar[int]
+
+    @property
+    def public(self) -> bytes:
+        """The encoded public key (Ed25519: 32 raw bytes; SM2: the 65-byte point)."""
+        ...
+
+    @property
+    def region(self) -> str:
+        """The region the key signs for."""
+        ...
+
+    @property
+    def kid(self) -> bytes:
+        """The 8-byte key id."""
+        ...
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """True when signature is this key's signature of message; never raises."""
+        ...
+
+
+class PrivateKey(Protocol):
+    """What signing needs of an issuer's private key, Ed25519 or SM2."""
+
+    alg: ClassVar[int]
+
+    @property
+    def public(self) -> bytes:
+        """The encoded public key."""
+        ...
+
+    @property
+    def kid(self) -> bytes:
+        """The 8-byte key id."""
+        ...
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte signature of message."""
+        ...
+
+    def verify_key(self, region: str) -> PublicKey:
+        """The public half, for verification."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SigningKey:
     """An issuer's private key with its kid, ready to sign credentials.
@@ -79,6 +139,7 @@ class SigningKey:
     against 27 µs through OpenSSL, and every open QR screen asks for signatures.
     """
 
+    alg: ClassVar[int] = ALG_EDDSA
     private: Ed25519PrivateKey
     kid: bytes = field(init=False)
     public: bytes = field(init=False)
@@ -118,6 +179,7 @@ class VerifyKey:
     once per scan on the hot path.
     """
 
+    alg: ClassVar[int] = ALG_EDDSA
     public: bytes
     region: str
     kid: bytes = field(init=False)

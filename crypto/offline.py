@@ -51,7 +51,7 @@ from typing import Any, TextIO
 
 from crypto.credential import DEFAULT_LEEWAY, DEFAULT_LIFETIME, CredentialRejected, Rejection, verify_credential
 from crypto.jwk import jwks, parse_jwks
-from crypto.keys import VerifyKey, b64url, b64url_decode
+from crypto.keys import PublicKey, b64url, b64url_decode
 from crypto.status_list import (
     MAX_LIST_BYTES,
     CardStatusCode,
@@ -93,7 +93,7 @@ class OfflineKitError(ValueError):
     """The kit cannot be used: not JSON of the expected shape, a bad JWKS or a bad status list."""
 
 
-def kit_document(region: str, keys: Iterable[VerifyKey], status_list_token: bytes) -> dict[str, Any]:
+def kit_document(region: str, keys: Iterable[PublicKey], status_list_token: bytes) -> dict[str, Any]:
     """The JSON object of an offline kit: region, JWKS and the status list token."""
     return {"region": region, "jwks": jwks(keys), "status_list": b64url(status_list_token)}
 
@@ -103,7 +103,7 @@ class OfflineKit:
     """One region's keys and its verified status list."""
 
     region: str
-    keys: Mapping[bytes, VerifyKey]
+    keys: Mapping[bytes, PublicKey]
     status_list: VerifiedStatusList
 
     @classmethod
@@ -193,10 +193,10 @@ class OfflineResult:
         }
 
 
-def _index_kits(kits: OfflineKit | Iterable[OfflineKit]) -> tuple[dict[str, OfflineKit], dict[bytes, VerifyKey]]:
+def _index_kits(kits: OfflineKit | Iterable[OfflineKit]) -> tuple[dict[str, OfflineKit], dict[bytes, PublicKey]]:
     """Kits by region and every kit's keys by kid; raise ValueError when kits contradict each other."""
     by_region: dict[str, OfflineKit] = {}
-    keys: dict[bytes, VerifyKey] = {}
+    keys: dict[bytes, PublicKey] = {}
     for kit in [kits] if isinstance(kits, OfflineKit) else kits:
         if kit.region in by_region:
             raise ValueError(f"two kits for region {kit.region}")

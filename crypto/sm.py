@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -28,13 +28,11 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gmalglib import sm2 as gm_sm2  # type: ignore[import-untyped]  # ships .pyi files without py.typed
 
-from crypto.keys import KID_LENGTH, b64url, b64url_decode
+from crypto.keys import ALG_SM2_SM3, KID_LENGTH, b64url, b64url_decode
 
-# COSE has no registered SM2 algorithm. Values below -65536 are private use (RFC 9052 §16.4); every one
-# of them costs 5 CBOR bytes (-8 costs 1). -65537 already names the credential's private claim, so the
-# algorithm takes the next value: distinct numbers for distinct private meanings. The verifier binds
-# the algorithm to the kid's key, so another deployment's use of the same number cannot confuse it.
-ALG_SM2_SM3 = -65538
+# ALG_SM2_SM3 (crypto/keys.py) is a private-use COSE value: COSE has no registered SM2 algorithm. The
+# verifier binds the algorithm to the kid's key, so another deployment's use of the same number cannot
+# confuse it.
 DEFAULT_SIGNER_ID = b"1234567812345678"  # GM/T 0009-2012 §10: the ID when none is agreed
 SIGNATURE_LENGTH = 64
 PUBLIC_KEY_LENGTH = 65
@@ -107,6 +105,7 @@ class Sm2SigningKey:
     fixed-base multiplication.
     """
 
+    alg: ClassVar[int] = ALG_SM2_SM3
     private: bytes = field(repr=False)
     signer_id: bytes = DEFAULT_SIGNER_ID
     public: bytes = field(init=False)
@@ -147,6 +146,7 @@ class Sm2VerifyKey:
     not on the first scan.
     """
 
+    alg: ClassVar[int] = ALG_SM2_SM3
     public: bytes
     region: str
     signer_id: bytes = DEFAULT_SIGNER_ID

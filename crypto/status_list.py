@@ -47,7 +47,7 @@ import cbor2
 
 from crypto.cose import CoseError, decode_sign1, loads_exact, sign1
 from crypto.credential import Rejection
-from crypto.keys import SigningKey, VerifyKey
+from crypto.keys import PrivateKey, PublicKey
 
 TYP = "application/statuslist+cwt"
 STATUS_BITS = 2
@@ -225,7 +225,7 @@ class VerifiedStatusList:
     expires_at: int
     ttl: int | None
     status_list: StatusList
-    key: VerifyKey
+    key: PublicKey
 
     @property
     def kid(self) -> bytes:
@@ -242,7 +242,7 @@ def _is_region(value: object) -> TypeGuard[str]:
 
 
 def sign_status_list(
-    key: SigningKey,
+    key: PrivateKey,
     *,
     region: str,
     subject: str,
@@ -279,7 +279,7 @@ def _time(claims: dict[int, object], key: int, name: str) -> int:
 
 
 def open_status_list(
-    token: bytes, keys: Mapping[bytes, VerifyKey], *, max_list_bytes: int = MAX_LIST_BYTES
+    token: bytes, keys: Mapping[bytes, PublicKey], *, max_list_bytes: int = MAX_LIST_BYTES
 ) -> VerifiedStatusList:
     """Check a status list token's structure, key, signature and region, and decompress its list.
 

@@ -2,12 +2,13 @@
 
     python -m loadtests.headless --users 24 --spawn-rate 10 --run-time 60s --out loadtests/reports/run1
 
-Starts the eCard service the way loadtests/bench_verify.py does (uvicorn on a free loopback port,
-a temporary SQLite database or a database of its own on a PostgreSQL server, a Redis key prefix of
-its own, an admin made with the CLI), with the event drain in the service process so that medical
-bills can be settled. Or, with --host, uses a running service and an admin operator of it.
-Prepares terminals and cards through the public API (loadtests/prepare.py), runs Locust headless
-on loadtests/locustfile.py, and removes everything it made (for a service it started).
+Starts the eCard service the way loadtests/bench_verify.py does (loadtests/bench/processes.py: uvicorn
+on a free loopback port, a temporary SQLite database or a database of its own on a PostgreSQL
+server, a Redis key prefix of its own, an admin made with the CLI), with the event drain in the
+service process so that medical bills can be settled. Or, with --host, uses a running service and
+an admin operator of it. Prepares terminals and cards through the public API (loadtests/prepare.py),
+runs Locust headless on loadtests/locustfile.py, and removes everything it made (for a service it
+started).
 
 Exit status: Locust's (0 passed; 1 failures, an exception in a task, or the p99 of /v1/verify over
 --max-p99-ms), 1 also when the server logged errors, 2 when the run could not be set up.
@@ -28,34 +29,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil  # type: ignore[import-untyped]  # comes with locust
 
-from loadtests.bench_verify import (
-    ECARD_FACTORY,
-    HOST,
-    REPO_ROOT,
-    SERVER_QUANTILE,
-    VERIFY_HISTOGRAM,
-    BenchError,
-    ServerProcess,
-    Workspace,
-    parse_histogram,
-    run_cli,
-    run_interruptible,
-)
+from loadtests.bench import HOST, REPO_ROOT, BenchError
+from loadtests.bench.calibration import calibration_line
+from loadtests.bench.cpu_shares import CpuShares
+from loadtests.bench.histograms import SERVER_QUANTILE, VERIFY_HISTOGRAM, parse_histogram
+from loadtests.bench.loop_lag import LAG_DIR_ENV, read_records, summarise
+from loadtests.bench.processes import ECARD_FACTORY, ServerProcess, Workspace, run_cli, run_interruptible
 from loadtests.prepare import PrepareSpec, add_spec_arguments, check_spec, describe, prepare_fixture, spec_from
 
+LOOP_LAG_FACTORY = "loadtests.bench.loop_lag:create_app"
 LOCUSTFILE = "loadtests/locustfile.py"
 RUSH_HOUR = "loadtests/scenarios/rush_hour.py"
 CSV_PREFIX = "ecard"
 # How long Locust may take beyond its run time (start-up, prefill, stopping users) before it is stopped.
 LOCUST_GRACE = 120.0
+# The prefill issues `--prefill` seconds of scans at the service's issuing rate, which a busy machine
+# cuts by several times (535/s instead of ~4,900/s at load 9 to 14): it may take this many times longer.
+PREFILL_SLACK = 4.0
 _TIMESPAN = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -92,6 +91,8 @@ class Options:
     redis_url: str
     redis_prefix: str | None
     database_url: str | None
+    loop_lag: bool = False
+    pin_load: bool = False
     locust_args: list[str] = field(default_factory=list)
 
 
@@ -155,7 +156,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=None,
         help="default: SQLite in a temporary directory; PostgreSQL: a database of its own",
     )
+    parser.add_argument(
+        "--loop-lag",
+        action="store_true",
+        help="serve through loadtests/bench/loop_lag.py: every worker samples its event loop's lag every 10 ms and "
+        "times the collector's passes; the report lists the stalls of the run",
+    )
+    parser.add_argument(
+        "--pin-load",
+        action="store_true",
+        help="pin Locust to the last core and the service started here to the others (taskset); Redis, shared, "
+        "is not pinned",
+    )
     args = parser.parse_args(argv)
+    if args.pin_load and (args.host or len(usable_cores()) < 2):
+        parser.error("--pin-load needs a service started here and at least 2 usable cores")
     gates = args.users - args.holders - args.hospitals
     if gates < 1:
         parser.error(f"--users ({args.users}) must exceed --holders + --hospitals ({args.holders + args.hospitals})")
@@ -188,6 +203,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
         database_url=args.database_url,
+        loop_lag=args.loop_lag,
+        pin_load=args.pin_load,
         locust_args=extra,
     )
 
@@ -207,9 +224,27 @@ def locust_command(options: Options, base_url: str, fixture: Path) -> list[str]:
     ]  # fmt: skip
 
 
-async def run_locust(command: list[str], limit: float) -> int:
-    """Run Locust with our stdout and stderr; its exit status (stopped after limit seconds)."""
+def usable_cores() -> list[int]:
+    """The cores this process may run on, in order."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def pin(pid: int, cores: list[int]) -> None:
+    """Run a process and its children on these cores only (children started later inherit it)."""
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.cpu_affinity(cores)
+
+
+async def run_locust(command: list[str], limit: float, started: Callable[[int], None] | None = None) -> int:
+    """Run Locust with our stdout and stderr; its exit status (stopped after limit seconds).
+
+    `started` is told Locust's process id as soon as it runs.
+    """
     process = await asyncio.create_subprocess_exec(*command, cwd=REPO_ROOT)
+    if started is not None:
+        started(process.pid)
     try:
         return await asyncio.wait_for(process.wait(), limit)
     except TimeoutError:
@@ -299,6 +334,8 @@ class Run:
         self.options = options
         self.workspace: Workspace | None = None
         self.server: ServerProcess | None = None
+        self.lag_directory: Path | None = None
+        self.locust_pid: int | None = None
         self.private = Path(tempfile.mkdtemp(prefix="ecard-locust-"))
         self.record: dict[str, Any] = {
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -325,8 +362,16 @@ class Run:
         username, password = f"loadtest-{workspace.tag}", f"bench-pw-{secrets.token_urlsafe(12)}"
         run_cli(env, "ecard", "operator", "create", "--username", username, "--role", "admin",
                 "--region", "*", "--password", password)  # fmt: skip
-        self.server = ServerProcess.start("ecard", ECARD_FACTORY, options.workers, env, workspace.directory)
+        factory = ECARD_FACTORY
+        if options.loop_lag:
+            factory = LOOP_LAG_FACTORY
+            self.lag_directory = workspace.directory / "loop-lag"
+            self.lag_directory.mkdir()
+            env[LAG_DIR_ENV] = str(self.lag_directory)
+        self.server = ServerProcess.start("ecard", factory, options.workers, env, workspace.directory)
         workspace.servers.append(self.server)
+        if options.pin_load:
+            pin(self.server.process.pid, usable_cores()[:-1])
         await self.server.wait_ready()
         base_url = f"http://{HOST}:{self.server.port}"
         self.record.update(
@@ -359,7 +404,15 @@ class Run:
         print(describe(fixture, time.perf_counter() - started), flush=True)
         command = locust_command(options, base_url, fixture_path)
         print("locust: " + " ".join(command[2:]), flush=True)
-        status = await run_locust(command, options.run_time + options.prefill + LOCUST_GRACE)
+        server = self.server
+        shares = CpuShares(lambda: server.process.pid if server is not None else None, lambda: self.locust_pid)
+        shares.start()
+        try:
+            limit = options.run_time + PREFILL_SLACK * options.prefill + LOCUST_GRACE
+            status = await run_locust(command, limit, self._locust_started)
+        finally:
+            shares.stop()
+        run_ended = time.time()
         self.record.update(host=base_url, locust_exit_code=status, out=str(options.out))
         server_figures = await fetch_metrics(base_url)
         self.record["server_verify"] = server_figures
@@ -377,7 +430,21 @@ class Run:
                 print(f"\nthe server logged errors:\n{trouble}", file=sys.stderr)
                 self.record["server_errors"] = trouble
                 status = max(status, 1)
+        # Locust's last run_time seconds are the run (before them: start-up and the prefill).
+        print(f"  {shares.summary(options.run_time)}")
+        self.record["cpu_shares"] = shares.summary(options.run_time)
+        if self.lag_directory is not None and self.server is not None:
+            self.server.stop()  # each worker writes its record at shutdown
+            lines = summarise(read_records(self.lag_directory), since=run_ended - options.run_time)
+            print("  event-loop lag (loadtests/bench/loop_lag.py):\n" + "\n".join(f"    {line}" for line in lines))
+            self.record["loop_lag"] = lines
         return status
+
+    def _locust_started(self, pid: int) -> None:
+        self.locust_pid = pid
+        if self.options.pin_load:
+            pin(pid, usable_cores()[-1:])
+            print(f"pinned: Locust on core {usable_cores()[-1]}, the service on {usable_cores()[:-1]}", flush=True)
 
     async def close(self) -> list[str]:
         """Stop the service, delete its keys and database, remove temporary files; what went wrong."""
@@ -423,6 +490,8 @@ async def _main(options: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     options = parse_args(argv)
+    # First, so that every figure below can be read against this machine's speed (docs/performance.md).
+    print(calibration_line(), flush=True)
     status = run_interruptible(_main(options))
     if status is None:
         print("\ninterrupted; service stopped, Redis keys and temporary files removed", file=sys.stderr)

@@ -13,6 +13,7 @@ exceeded --max-p99-ms.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -42,6 +43,48 @@ __all__ = ["GateUser", "HolderUser", "HospitalUser"]
 
 VERIFY_NAMES = (VERIFY, HOSPITAL_VERIFY)
 CSV_FINAL_WRITE = 1.2
+# Collector passes of this process kept one by one from this long (seconds).
+COLLECTOR_PASS = 0.001
+
+
+class CollectorPasses:
+    """This process's collector passes of COLLECTOR_PASS or more: each holds every greenlet.
+
+    A pass in the load generator is measured as latency by every request in flight during it,
+    though the server answered in time; counted here, it can be told apart from the server's tail.
+    """
+
+    def __init__(self) -> None:
+        # (generation, wall ms, CPU ms): wall far above CPU means the process was descheduled meanwhile.
+        self.passes: list[tuple[int, float, float]] = []
+        self._started = (0.0, 0.0)
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        """gc.callbacks hook."""
+        if phase == "start":
+            self._started = (time.perf_counter(), time.thread_time())
+            return
+        took = time.perf_counter() - self._started[0]
+        if took >= COLLECTOR_PASS:
+            cpu = time.thread_time() - self._started[1]
+            self.passes.append((int(info.get("generation", -1)), round(took * 1000, 2), round(cpu * 1000, 2)))
+
+    def summary(self) -> dict[str, Any]:
+        """Passes by generation: how many, the longest (wall ms), the most CPU one took (ms)."""
+        by_generation: dict[str, list[tuple[float, float]]] = {}
+        for generation, ms, cpu in self.passes:
+            by_generation.setdefault(str(generation), []).append((ms, cpu))
+        return {
+            gen: {
+                "passes": len(values),
+                "longest_ms": max(ms for ms, _ in values),
+                "most_cpu_ms": max(cpu for _, cpu in values),
+            }
+            for gen, values in by_generation.items()
+        }
+
+
+collector_passes = CollectorPasses()
 
 
 @events.init_command_line_parser.add_listener
@@ -127,6 +170,13 @@ def _init(environment: Environment, **_: Any) -> None:
     if count > 0:
         seconds = shared.supplier.prefill(count)
         print(f"prefill: {count:,} credentials issued in {seconds:.1f} s ({count / seconds:,.0f}/s)", flush=True)
+    # What exists now (the fixture, the sessions, a prefilled supply of up to 100,000s of credentials)
+    # lives for the run: frozen, the collector's passes skip it instead of walking it every few seconds
+    # with every greenlet held (the service does the same after its start-up).
+    gc.collect()
+    gc.freeze()
+    collector_passes.passes.clear()
+    gc.callbacks.append(collector_passes)
 
 
 def _supplier(environment: Environment, shared: Scenario, ends_at: float | None) -> Supplier:
@@ -220,6 +270,7 @@ def verdict(environment: Environment) -> dict[str, Any]:
         },
         "gates_started": shared.gates_started,
         "token_refreshes": sum(session.refreshes for session in shared.sessions),
+        "load_generator_collector": collector_passes.summary(),
     }
 
 
@@ -257,6 +308,12 @@ def _print_summary(result: dict[str, Any]) -> None:
         f"{supply['handed_out']:,} scanned, {supply['expired_unused']:,} expired unused, "
         f"{supply['gate_waits']:,} gate waits (longest {supply['longest_wait_s']} s)"
     )
+    collector = result.get("load_generator_collector") or {}
+    shown = "; ".join(
+        f"gen {gen}: {figures['passes']}, longest {figures['longest_ms']:g} ms, most CPU {figures['most_cpu_ms']:g} ms"
+        for gen, figures in sorted(collector.items())
+    )
+    lines.append(f"  Locust's own collector passes >= {COLLECTOR_PASS * 1000:g} ms: {shown or 'none'}")
     if result["problems"]:
         lines.append("  verdict: FAILED")
         lines += [f"    - {problem}" for problem in result["problems"]]

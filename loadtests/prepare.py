@@ -25,14 +25,14 @@ from typing import TypeVar
 
 import httpx
 
-from loadtests.bench_verify import (
+from loadtests.bench import BenchError
+from loadtests.bench.preparation import (
     REGION,
     REGION_NAME,
-    BenchError,
     Holder,
-    _expect,
     citizen_id,
     device_public_key,
+    expect,
     sanity_check,
 )
 from loadtests.scenarios.fixture import FIXTURE_VERSION, Fixture, HolderEntry, Terminal, write_fixture
@@ -86,7 +86,7 @@ async def _bounded(jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
 
 async def _organisation(client: httpx.AsyncClient, auth: dict[str, str], name: str, business_type: str) -> str:
     body = {"name": name, "business_type": business_type, "region": REGION}
-    created = _expect(await client.post("/v1/operator/verifier-organisations", json=body, headers=auth), 201)
+    created = expect(await client.post("/v1/operator/verifier-organisations", json=body, headers=auth), 201)
     return str(created["id"])
 
 
@@ -100,7 +100,7 @@ async def _terminal(
 ) -> Terminal:
     body = {"name": name, "allowed_purposes": [purpose], "rate_per_minute": rate[0], "rate_burst": rate[1]}
     path = f"/v1/operator/verifier-organisations/{organisation_id}/terminals"
-    created = _expect(await client.post(path, json=body, headers=auth), 201)
+    created = expect(await client.post(path, json=body, headers=auth), 201)
     return Terminal(
         terminal_id=str(created["terminal"]["id"]),
         organisation_id=organisation_id,
@@ -113,14 +113,14 @@ async def _terminal(
 async def _activated_card(client: httpx.AsyncClient, auth: dict[str, str], name: str) -> HolderEntry:
     number = "L" + "".join(secrets.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(8))
     card = {"region": REGION, "citizen_id": citizen_id(REGION), "name": name, "card_number": number}
-    issued = _expect(await client.post("/v1/operator/cards", json=card, headers=auth), 201)
+    issued = expect(await client.post("/v1/operator/cards", json=card, headers=auth), 201)
     activation = {
         "card_number": issued["card"]["card_number"],
         "activation_code": issued["activation_code"],
         "device_public_key": device_public_key(),
         "device_name": "loadtest phone",
     }
-    session = _expect(await client.post("/v1/holder/activation", json=activation), 201)
+    session = expect(await client.post("/v1/holder/activation", json=activation), 201)
     return HolderEntry(
         card_number=str(issued["card"]["card_number"]),
         access_token=str(session["access_token"]),
@@ -138,7 +138,7 @@ async def _wait_known(client: httpx.AsyncClient, terminal: Terminal) -> None:
     while True:
         response = await client.post("/v1/verify", json={"credential": PROBE_CREDENTIAL}, headers=headers)
         if response.status_code != 401:
-            answer = _expect(response, 200)
+            answer = expect(response, 200)
             if answer.get("result") != "rejected":
                 raise BenchError(f"terminal probe: junk was answered {answer}")
             return
@@ -149,12 +149,12 @@ async def _wait_known(client: httpx.AsyncClient, terminal: Terminal) -> None:
 
 async def prepare(client: httpx.AsyncClient, username: str, password: str, spec: PrepareSpec) -> Fixture:
     """Make everything the spec asks for through the public API; the fixture describing it."""
-    signed_in = _expect(
+    signed_in = expect(
         await client.post("/v1/operator/session", json={"username": username, "password": password}), 200
     )
     auth = {"Authorization": f"Bearer {signed_in['access_token']}"}
     region = {"code": REGION, "name": REGION_NAME}
-    _expect(await client.post("/v1/operator/regions", json=region, headers=auth), 201, 409)
+    expect(await client.post("/v1/operator/regions", json=region, headers=auth), 201, 409)
     tag = secrets.token_hex(3)
     metro = await _organisation(client, auth, f"Loadtest Metro {tag}", "transit")
     hospital = await _organisation(client, auth, f"Loadtest Hospital {tag}", "hospital")

@@ -143,13 +143,15 @@ class Region(Base):
 
 
 class IssuerKey(Base):
-    """A region's Ed25519 signing key; the private half encrypted under the data key."""
+    """A region's signing key (Ed25519 or SM2, `algorithm`); the private half encrypted under the data key."""
 
     __tablename__ = "issuer_keys"
 
     kid: Mapped[bytes] = mapped_column(LargeBinary(8), primary_key=True)
     region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
-    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # Ed25519: 32 raw bytes; SM2: the 65-byte uncompressed point.
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(65))
+    algorithm: Mapped[str] = mapped_column(String(16), default="Ed25519", server_default="Ed25519")
     private_key_encrypted: Mapped[bytes]
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]

@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
 import pytest
 import redis.asyncio as redis
+from redis.crc import key_slot
 
 from app.context import ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
+from app.domain.verification.disclosure import Profile, seal_profile
+from app.pii import PiiCipher
+from app.stores.event_stream import EVENT_SHARDS
 from app.stores.status_mirror import (
+    CARDS_PER_BUCKET,
     CardRecord,
     MemoryStatusMirror,
     MirroredStatus,
     MirrorEntry,
+    MirrorLayout,
     RateLimit,
     RedisStatusMirror,
     Scan,
@@ -45,7 +52,8 @@ async def test_drift_is_reported_then_repaired(
         refs.append(open_credential(credential, keys).claims.card_ref)
     await context.mirror.set_status(refs[0], MirroredStatus.SUSPENDED)
     direct = redis.Redis.from_url(redis_url)
-    await direct.delete(f"{card_key(context.settings.redis_prefix, refs[1])}:s")
+    assert isinstance(context.mirror, RedisStatusMirror)
+    assert await direct.hdel(*context.mirror.layout.place(context.settings.redis_prefix, refs[1])) == 1
     await direct.aclose()
 
     async with context.sessions() as session:
@@ -250,3 +258,114 @@ async def test_refilling_flag_and_reopening_a_card_unknown_scan(store: StatusMir
     assert (again.kind, again.result) == ("new", ScanResult.ACCEPTED)
     assert not await store.reopen(unknown)
     assert (await store.scan(card_scan(card, nonce, "other", now_ms=now + 2))).result == ScanResult.REPLAYED
+
+
+async def test_status_and_profile_writes_keep_each_other(store: StatusMirror) -> None:
+    card, now = os.urandom(16), time.time_ns() // 1_000_000
+    # Dots and zero bytes: the card's value separates status and profile with a ".", which must not confuse it.
+    profile = b".sealed\x00.profile."
+    await store.set_record(card, CardRecord.PROFILE, profile)
+    assert await store.get_statuses([card]) == [None]
+    assert (await store.holder_state(card, uuid.uuid4())).status is None
+    assert (
+        await store.get_record(card, CardRecord.PROFILE),
+        await store.missing_records([card], CardRecord.PROFILE),
+    ) == (
+        profile,
+        [False],
+    )
+    hospital = card_scan(card, os.urandom(NONCE_LENGTH), "h", now_ms=now, record=CardRecord.PROFILE)
+    assert (await store.scan(hospital)).result == ScanResult.CARD_UNKNOWN
+    # A versioned write without the record keeps it; a record written alone keeps the status and version.
+    assert await store.mirror_card(card, 7, MirroredStatus.ACTIVE, {})
+    await store.set_record(card, CardRecord.ENTITLEMENTS, b"{}")
+    assert not await store.mirror_card(card, 6, MirroredStatus.REVOKED, {CardRecord.PROFILE: None})
+    accepted = await store.scan(replace(hospital, nonce=os.urandom(NONCE_LENGTH)))
+    assert (accepted.result, accepted.record) == (ScanResult.ACCEPTED, profile)
+    assert (await store.holder_state(card, uuid.uuid4())).status == MirroredStatus.ACTIVE.value
+    park = await store.scan(card_scan(card, os.urandom(NONCE_LENGTH), "p", now_ms=now, record=CardRecord.ENTITLEMENTS))
+    assert (park.result, park.record) == (ScanResult.ACCEPTED, b"{}")
+    # An unversioned status keeps the profile; dropping the profile keeps the status.
+    await store.set_status(card, MirroredStatus.SUSPENDED)
+    assert await store.get_record(card, CardRecord.PROFILE) == profile
+    await store.set_record(card, CardRecord.PROFILE, None)
+    assert await store.get_statuses([card]) == [MirroredStatus.SUSPENDED.value]
+    assert await store.missing_records([card], CardRecord.PROFILE) == [True]
+    assert await store.get_record(card, CardRecord.ENTITLEMENTS) == b"{}"
+    # A card with neither status nor profile is gone.
+    other = os.urandom(16)
+    await store.set_record(other, CardRecord.PROFILE, b"p")
+    await store.set_record(other, CardRecord.PROFILE, None)
+    assert (await store.get_statuses([other]), await store.get_record(other, CardRecord.PROFILE)) == ([None], None)
+
+
+async def test_bulk_writes_of_many_shards_guard_each_card(store: StatusMirror) -> None:
+    cards = [os.urandom(16) for _ in range(2500)]  # more than a pipeline's MIRROR_BATCH, every shard
+    newer = cards[::7]
+    for card in newer:
+        await store.mirror_card(card, 5, MirroredStatus.REVOKED, {})
+    entries = [MirrorEntry(card, 4, MirroredStatus.ACTIVE, {CardRecord.PROFILE: card[::-1]}) for card in cards]
+    assert await store.mirror_many(entries) == len(cards) - len(newer)
+    statuses = await store.get_statuses(cards)
+    assert statuses == ["R" if index % 7 == 0 else "A" for index in range(len(cards))]
+    assert await store.missing_records(cards, CardRecord.PROFILE) == [index % 7 == 0 for index in range(len(cards))]
+    assert await store.get_record(cards[1], CardRecord.PROFILE) == cards[1][::-1]
+
+
+def test_buckets_hold_32_to_64_cards_at_the_capacity_they_were_sized_for() -> None:
+    for capacity in (10_000, 65_536, 1_000_000, 10_000_000, 90_000_000, 100_000_000):
+        per_bucket = capacity / (EVENT_SHARDS * 2 ** MirrorLayout.for_capacity(capacity).bits)
+        assert CARDS_PER_BUCKET / 2 < per_bucket <= CARDS_PER_BUCKET, capacity
+    assert MirrorLayout.for_capacity(100).bits == 0
+
+
+async def test_cards_live_in_listpack_buckets_of_their_shard() -> None:
+    """The layout the memory figure rests on: few keys, each a compact listpack, in the card's slot."""
+    server = RedisServer().start()
+    mirror = RedisStatusMirror.from_url(server.url, "t:", capacity=20_000)
+    direct = redis.Redis.from_url(server.url)
+    try:
+        pii = PiiCipher(os.urandom(32), os.urandom(32))
+        cards = [os.urandom(16) for _ in range(20_000)]
+        entries = [
+            MirrorEntry(
+                card,
+                123_456,
+                MirroredStatus.ACTIVE,
+                {CardRecord.PROFILE: seal_profile(pii, card, Profile("欧阳娜娜", "5101**********123X", "510000"))},
+            )
+            for card in cards
+        ]
+        assert await mirror.mirror_many(entries) == len(cards)
+        keys = [key async for key in direct.scan_iter(match="t:*", count=1000)]
+        assert len(keys) == EVENT_SHARDS * 2**mirror.layout.bits == 512
+        assert {await direct.object("encoding", key) for key in keys} == {b"listpack"}
+        card = cards[0]
+        bucket, field = mirror.layout.place("t:", card)
+        assert key_slot(bucket.encode()) == key_slot(f"{card_key('t:', card)}:n:00".encode())
+        assert field == card[mirror.layout.bits // 8 :] and (await direct.hget(bucket, field) or b"").startswith(
+            b"A123456."
+        )
+        answer = await mirror.scan(replace(scan(card, os.urandom(NONCE_LENGTH), "h"), record=CardRecord.PROFILE))
+        assert answer.result == ScanResult.ACCEPTED and answer.record == entries[0].records[CardRecord.PROFILE]
+    finally:
+        await direct.aclose()
+        await mirror.close()
+        server.stop()
+
+
+async def test_a_refused_bulk_write_fails_whole_and_leaves_no_reply_behind(
+    own_mirror: tuple[RedisStatusMirror, redis.Redis],
+) -> None:
+    """A bulk write's replies are read off a pooled connection: one refused must not leave the others there."""
+    mirror, direct = own_mirror
+    cards = [os.urandom(16) for _ in range(300)]
+    entries = [MirrorEntry(card, 1, MirroredStatus.ACTIVE, {CardRecord.PROFILE: card}) for card in cards]
+    await direct.config_set("maxmemory", 1)  # every write refused (out of memory), so every shard's call fails
+    with pytest.raises(StoreUnavailable):
+        await mirror.mirror_many(entries)
+    await direct.config_set("maxmemory", 0)
+    assert await mirror.get_statuses(cards) == [None] * len(cards)
+    assert await mirror.mirror_many(entries) == len(cards)
+    assert await mirror.get_statuses(cards) == ["A"] * len(cards)
+    assert await mirror.get_record(cards[0], CardRecord.PROFILE) == cards[0]

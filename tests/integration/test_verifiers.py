@@ -33,7 +33,7 @@ from app.asgi import create_app
 from app.context import STATE_KEY, ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.directory import signing_input
-from app.stores.status_mirror import card_key
+from app.stores.status_mirror import RedisStatusMirror, profile_part
 from crypto.credential import open_credential
 from crypto.keys import b64url, public_raw
 from tests import factories
@@ -155,9 +155,14 @@ def card_ref_of(context: ServiceContext, text: str) -> bytes:
 
 async def drop_profile(context: ServiceContext, redis_url: str, card_ref: bytes) -> None:
     """Delete a card's disclosure profile from Redis behind the service's back (as a lossy restart would)."""
+    assert isinstance(context.mirror, RedisStatusMirror)
+    bucket, field = context.mirror.layout.place(context.settings.redis_prefix, card_ref)
     store = redis.Redis.from_url(redis_url)
     try:
-        assert await store.delete(f"{card_key(context.settings.redis_prefix, card_ref)}:p") == 1
+        value = await store.hget(bucket, field)
+        assert value is not None and profile_part(value) is not None
+        # The card's value keeps its status and version, and loses the sealed profile after them.
+        assert await store.hset(bucket, field, value[: value.index(b".")]) == 0
     finally:
         await store.aclose()
 

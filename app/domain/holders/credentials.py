@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import segno
@@ -22,7 +23,7 @@ from crypto.credential import (
     issue_credential,
     open_credential,
 )
-from crypto.keys import SigningKey, VerifyKey
+from crypto.keys import PrivateKey, PublicKey
 
 # Money-moving and medical-data purposes come one at a time, after the PIN step-up.
 STEP_UP_PURPOSES = frozenset({Purpose.MEDICAL})
@@ -55,7 +56,7 @@ SIGNING_SLICE = 4
 async def issue_credentials(
     holder: HolderSession,
     card_status: str | None,
-    signing_keys: dict[str, SigningKey],
+    signing_keys: Mapping[str, PrivateKey],
     settings: Settings,
     purpose: Purpose,
     count: int,
@@ -102,7 +103,7 @@ async def issue_credentials(
 
 
 def render_qr(
-    holder: HolderSession, verify_keys: dict[bytes, VerifyKey], text: str, image_format: str, scale: int
+    holder: HolderSession, verify_keys: Mapping[bytes, PublicKey], text: str, image_format: str, scale: int
 ) -> bytes:
     """PNG or SVG of one of the holder's own credentials (error level M, 4-module quiet zone).
 

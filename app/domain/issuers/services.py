@@ -13,21 +13,27 @@ from app.clock import utcnow
 from app.db.models import IssuerKey, KeyState, Region
 from app.domain.audit.services import Actor, record
 from app.pii import PiiCipher
-from crypto.keys import SigningKey, VerifyKey, private_raw
+from crypto import algorithms
+from crypto.keys import PrivateKey, PublicKey
 
 PRIVATE_KEY_FIELD = "issuer_keys.private_key"
 
 
 async def create_issuer_key(
-    session: AsyncSession, pii: PiiCipher, region_code: str, state: KeyState = KeyState.ACTIVE
+    session: AsyncSession,
+    pii: PiiCipher,
+    region_code: str,
+    state: KeyState = KeyState.ACTIVE,
+    algorithm: str = algorithms.ED25519,
 ) -> IssuerKey:
-    """Generate a region's signing key and store it, private half encrypted (caller commits)."""
-    key = SigningKey.generate()
+    """Generate a region's signing key of the algorithm and store it, private half encrypted (caller commits)."""
+    key = algorithms.generate(algorithm)
     row = IssuerKey(
         kid=key.kid,
         region_code=region_code,
         public_key=key.public,
-        private_key_encrypted=pii.encrypt_bytes(private_raw(key.private), PRIVATE_KEY_FIELD),
+        algorithm=algorithm,
+        private_key_encrypted=pii.encrypt_bytes(algorithms.secret_of(key), PRIVATE_KEY_FIELD),
         state=state.value,
         created_at=utcnow(),
     )
@@ -39,10 +45,15 @@ async def create_issuer_key(
 class IssuerKeys:
     """Every published key by kid, and the newest active signing key of each region."""
 
-    verify_keys: dict[bytes, VerifyKey] = field(default_factory=dict)
-    signing_keys: dict[str, SigningKey] = field(default_factory=dict)
+    verify_keys: dict[bytes, PublicKey] = field(default_factory=dict)
+    signing_keys: dict[str, PrivateKey] = field(default_factory=dict)
     # Rotation state and publication time of every published key, by kid (for the trust list).
     states: dict[bytes, tuple[KeyState, datetime]] = field(default_factory=dict)
+
+
+def public_key_of(row: IssuerKey) -> PublicKey:
+    """The stored key's public half, of its algorithm."""
+    return algorithms.public_key(row.algorithm, row.public_key, row.region_code)
 
 
 async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
@@ -52,12 +63,12 @@ async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
     for row in rows:
         if row.state == KeyState.REVOKED.value:
             continue
-        verify_key = VerifyKey(public=row.public_key, region=row.region_code)
+        verify_key = public_key_of(row)
         keys.verify_keys[verify_key.kid] = verify_key
         keys.states[verify_key.kid] = (KeyState(row.state), row.created_at)
         if row.state == KeyState.ACTIVE.value:
-            seed = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
-            keys.signing_keys[row.region_code] = SigningKey.from_seed(seed)
+            secret = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
+            keys.signing_keys[row.region_code] = algorithms.private_key(row.algorithm, secret)
     return keys
 
 
@@ -74,15 +85,18 @@ async def region_keys(session: AsyncSession, region: str) -> list[IssuerKey]:
     )
 
 
-async def publish_key(session: AsyncSession, pii: PiiCipher, actor: Actor, region: str) -> IssuerKey:
-    """Step 1 of a rotation: a new key, published but not signing yet (commits); one waiting at a time."""
+async def publish_key(
+    session: AsyncSession, pii: PiiCipher, actor: Actor, region: str, algorithm: str = algorithms.ED25519
+) -> IssuerKey:
+    """Step 1 of a rotation: a new key of the algorithm, published but not signing yet (commits); one
+    waiting at a time. A rotation to another algorithm is the same drill (codes of both verify meanwhile)."""
     keys = await region_keys(session, region)
     if any(key.state == KeyState.PUBLISHED.value for key in keys):
         raise problems.conflict("a published key is already waiting to be activated", current_state="published")
-    row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED)
+    row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED, algorithm)
     record(
         session, actor, "issuer_key.published", subject_type="issuer_key", subject_id=row.kid.hex(),
-        region=region, after={"state": KeyState.PUBLISHED.value},
+        region=region, after={"state": KeyState.PUBLISHED.value, "algorithm": algorithm},
     )  # fmt: skip
     await session.commit()
     return row

@@ -12,14 +12,15 @@ from app.context import ServiceContext
 from app.db.models import IssuerKey, Region
 from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
-from app.domain.issuers.services import activate_key, publish_key, region_keys, revoke_key
+from app.domain.issuers.services import activate_key, public_key_of, publish_key, region_keys, revoke_key
 from app.domain.operators.services import Role, require_region, require_role
-from app.domain.regions.schemas import IssuerKeyOut, KeyRevocation, RegionCreate, RegionOut
+from app.domain.regions.schemas import IssuerKeyOut, KeyPublication, KeyRevocation, RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
 from app.problems import problem_responses
 from app.tokens import OperatorSession
+from crypto.algorithms import name_of
 from crypto.jwk import public_jwk
-from crypto.keys import KID_LENGTH, VerifyKey, b64url, b64url_decode
+from crypto.keys import KID_LENGTH, b64url, b64url_decode
 
 
 def _out(region: Region) -> RegionOut:
@@ -27,12 +28,14 @@ def _out(region: Region) -> RegionOut:
 
 
 def _key_out(row: IssuerKey) -> IssuerKeyOut:
+    key = public_key_of(row)
     return IssuerKeyOut(
         kid=b64url(row.kid),
         region=row.region_code,
         state=row.state,
+        algorithm=name_of(key),
         published_at=row.created_at,
-        jwk=public_jwk(VerifyKey(row.public_key, row.region_code)),
+        jwk=public_jwk(key),
     )
 
 
@@ -67,7 +70,10 @@ class RegionController(Controller):
         """Register a region (admins within their scope); its key is published in the JWKS at once."""
         require_role(operator)
         require_region(operator, data.code)
-        region = await register_region(session, ctx.pii, Actor.operator(operator), data.code, data.name.strip())
+        algorithm = data.key_algorithm or ctx.settings.issuer_algorithm
+        region = await register_region(
+            session, ctx.pii, Actor.operator(operator), data.code, data.name.strip(), algorithm
+        )
         await ctx.directory_changed()
         return _out(region)
 
@@ -106,11 +112,17 @@ class RegionController(Controller):
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         code: FromPath[str],
+        data: JSONBody[KeyPublication | None] = None,
     ) -> IssuerKeyOut:
-        """Step 1 of a rotation: the key appears in the JWKS and the trust list but does not sign yet."""
+        """Step 1 of a rotation: the key appears in the JWKS and the trust list but does not sign yet.
+
+        Its algorithm is the body's, else the deployment's profile's: a region moves from Ed25519 to
+        SM2 (or back) by this same drill, codes of both keys verifying until the old one is revoked.
+        """
         require_role(operator)
         require_region(operator, code)
-        row = await publish_key(session, ctx.pii, Actor.operator(operator), code)
+        algorithm = (data.algorithm if data else None) or ctx.settings.issuer_algorithm
+        row = await publish_key(session, ctx.pii, Actor.operator(operator), code, algorithm)
         await ctx.directory_changed()
         return _key_out(row)
 

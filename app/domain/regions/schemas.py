@@ -8,6 +8,11 @@ from typing import Annotated
 import msgspec
 
 from app.schema import WireModel
+from crypto.algorithms import Algorithm
+
+# Absent: the deployment's crypto profile decides (ECARD_CRYPTO_PROFILE: international → Ed25519,
+# national → SM2).
+KeyAlgorithm = Annotated[Algorithm | None, msgspec.Meta(description="Ed25519 or SM2 (SM3); default: the profile's")]
 
 
 class RegionCreate(WireModel):
@@ -15,6 +20,13 @@ class RegionCreate(WireModel):
 
     code: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{5}$", examples=["510000"])]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, examples=["四川省"])]
+    key_algorithm: KeyAlgorithm = None
+
+
+class KeyPublication(WireModel):
+    """The next key of a rotation: of another algorithm than the current one, if so named."""
+
+    algorithm: KeyAlgorithm = None
 
 
 class RegionOut(WireModel):
@@ -31,6 +43,7 @@ class IssuerKeyOut(WireModel):
     kid: str
     region: str
     state: str
+    algorithm: Algorithm
     published_at: datetime
     jwk: dict[str, str]
 

@@ -13,6 +13,7 @@ from app.db.models import Region
 from app.domain.audit.services import Actor, record
 from app.domain.issuers.services import create_issuer_key
 from app.pii import PiiCipher
+from crypto.algorithms import ED25519
 
 REGION_CODE = re.compile(r"^[1-9][0-9]{5}$")
 
@@ -41,18 +42,20 @@ def check_region_code(code: str) -> str:
     return code
 
 
-async def register_region(session: AsyncSession, pii: PiiCipher, actor: Actor, code: str, name: str) -> Region:
-    """Create a region and its first issuer key, in one transaction."""
+async def register_region(
+    session: AsyncSession, pii: PiiCipher, actor: Actor, code: str, name: str, algorithm: str = ED25519
+) -> Region:
+    """Create a region and its first issuer key (of the algorithm), in one transaction."""
     check_region_code(code)
     if await session.get(Region, code) is not None:
         raise problems.conflict(f"region {code} is already registered")
     region = Region(code=code, name=name, created_at=utcnow())
     session.add(region)
     await session.flush()
-    key = await create_issuer_key(session, pii, code)
+    key = await create_issuer_key(session, pii, code, algorithm=algorithm)
     record(
         session, actor, "region.registered", subject_type="region", subject_id=code, region=code,
-        after={"name": name, "kid": key.kid.hex()},
+        after={"name": name, "kid": key.kid.hex(), "algorithm": algorithm},
     )  # fmt: skip
     await session.commit()
     return region

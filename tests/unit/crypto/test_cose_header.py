@@ -105,6 +105,11 @@ PROTECTED_VARIANTS = [
     pytest.param(cbor2.dumps({1: -7, 4: KID}), "alg EdDSA", id="alg-es256"),
     pytest.param(_raw("a2", "f5 27", "04 48", KID), "label True", id="alg-label-true"),
     pytest.param(_raw("a2 01", "f9 c800", "04 48", KID), "canonical", id="alg-as-half-float-minus-8"),
+    pytest.param(cbor2.dumps({1: [-8], 4: KID}), "alg EdDSA", id="alg-as-array"),
+    pytest.param(cbor2.dumps({1: {-8: 1}, 4: KID}), "alg EdDSA", id="alg-as-map"),
+    # SM2's private-use value in a longer encoding than canonical (8 bytes instead of 4).
+    pytest.param(_raw("a2 01 3b 0000000000010001 04 48", KID), "canonical", id="sm2-alg-long-encoding"),
+    pytest.param(cbor2.dumps({1: -65538, 4: KID, 2: [99]}), "label 2 (crit)", id="sm2-alg-with-crit"),
     pytest.param(_raw("a3 01 27 04 48", KID, "04 48", KID), "canonical", id="duplicate-kid"),
     pytest.param(_raw("a3 01 27 04 48", OTHER_KID, "04 48", KID), "canonical", id="duplicate-kid-two-values"),
     pytest.param(_raw("a3 01 27 01 27 04 48", KID), "canonical", id="duplicate-alg"),

@@ -1,0 +1,55 @@
+"""Issuer keys by algorithm name: what the database and the settings say ("Ed25519", "SM2") → keys.
+
+One place maps the stored name to the key classes (crypto/keys.py, crypto/sm.py), so the service
+never branches on the algorithm itself: it stores a name, a public key and an encrypted secret,
+and gets back keys that sign and verify with their own algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from crypto.keys import PrivateKey, PublicKey, SigningKey, VerifyKey, private_raw
+from crypto.sm import Sm2SigningKey, Sm2VerifyKey
+
+Algorithm = Literal["Ed25519", "SM2"]
+ED25519: Final = "Ed25519"
+SM2: Final = "SM2"
+ALGORITHMS: tuple[Algorithm, ...] = (ED25519, SM2)
+
+
+def _known(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown issuer key algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+
+
+def generate(algorithm: str) -> PrivateKey:
+    """A fresh random issuer key of the algorithm."""
+    _known(algorithm)
+    return Sm2SigningKey.generate() if algorithm == SM2 else SigningKey.generate()
+
+
+def secret_of(key: PrivateKey) -> bytes:
+    """The 32 bytes to keep (encrypted) for the key: Ed25519's seed, SM2's private scalar."""
+    if isinstance(key, Sm2SigningKey):
+        return key.private
+    if isinstance(key, SigningKey):
+        return private_raw(key.private)
+    raise TypeError(f"not an issuer key: {type(key).__name__}")
+
+
+def private_key(algorithm: str, secret: bytes) -> PrivateKey:
+    """The key kept as `secret_of` gave it."""
+    _known(algorithm)
+    return Sm2SigningKey(secret) if algorithm == SM2 else SigningKey.from_seed(secret)
+
+
+def public_key(algorithm: str, public: bytes, region: str) -> PublicKey:
+    """The public key of the algorithm, signing for region."""
+    _known(algorithm)
+    return Sm2VerifyKey(public=public, region=region) if algorithm == SM2 else VerifyKey(public=public, region=region)
+
+
+def name_of(key: PublicKey | PrivateKey) -> Algorithm:
+    """The stored name of a key's algorithm."""
+    return SM2 if isinstance(key, Sm2SigningKey | Sm2VerifyKey) else ED25519
