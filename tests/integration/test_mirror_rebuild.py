@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 import redis.asyncio as redis
 from sqlalchemy import func, select, update
@@ -26,8 +25,7 @@ from app.context import ServiceContext
 from app.db.models import ECard, Entitlement, MirrorRebuild
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Progress, RebuildBusy, Rebuilder, store_epoch
 from app.domain.cards.services import reconcile_status_mirror
-from app.domain.verification import disclosure
-from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile
+from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile, profile_field, unpack_profile
 from app.settings import PROJECT_ROOT
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
 from tests import factories
@@ -85,10 +83,8 @@ class FailingAfter(RedisStatusMirror):
 
 
 def open_profile(context: ServiceContext, card_ref: bytes, sealed: bytes) -> Profile:
-    """A sealed profile opened as disclosure opens it (JSON before the compact mirror's packing, packed after)."""
-    plaintext = context.pii.decrypt_bytes(sealed, disclosure.profile_field(card_ref))
-    unpack = getattr(disclosure, "unpack_profile", None)
-    return unpack(plaintext) if unpack is not None else msgspec.json.decode(plaintext, type=Profile)
+    """A sealed profile opened as disclosure opens it."""
+    return unpack_profile(context.pii.decrypt_bytes(sealed, profile_field(card_ref)))
 
 
 async def ecard_count(context: ServiceContext) -> int:

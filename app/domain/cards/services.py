@@ -284,7 +284,7 @@ async def entitlements_between(session: AsyncSession, first: uuid.UUID, last: uu
 async def seal_missing_profiles(
     session: AsyncSession, pii: PiiCipher, ecard_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, bytes]:
-    """Seal the profiles of these eCards and keep them in their rows (eCards made before 0008, or by bulk
+    """Seal the profiles of these eCards and keep them in their rows (eCards made before 0009, or by bulk
     import); the caller commits. Only where none is kept yet: a concurrent writer's profile stays."""
     rows = await session.execute(
         select(ECard.id, ECard.card_ref, Person)
