@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -220,18 +221,82 @@ def status_group() -> None:
     """The card-status mirror in Redis."""
 
 
+def _progress_printer(label: str, every: float = 2.0) -> Callable[[int, int, float], None]:
+    """A callback that prints cards done, rate and ETA to stderr, at most every `every` seconds."""
+    last = [0.0]
+
+    def show(done: int, total: int, seconds: float) -> None:
+        if seconds - last[0] < every and done < total:
+            return
+        last[0] = seconds
+        rate = done / seconds if seconds > 0 else 0.0
+        eta = f"{max(total - done, 0) / rate:,.0f} s" if rate > 0 else "?"
+        click.echo(f"{label}: {done:,} of ~{total:,} eCards, {rate:,.0f}/s, ETA {eta}", err=True)
+
+    return show
+
+
 @status_group.command(name="reconcile")
 @click.option("--repair", is_flag=True, help="Set every missing or different mirror entry from the database.")
-def status_reconcile(repair: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def status_reconcile(repair: bool, quiet: bool) -> None:
     """Compare every eCard's state in the database with the status mirror; report (and repair) drift."""
+    from sqlalchemy import func, select
+
+    from app.db.models import ECard
     from app.domain.cards.services import reconcile_status_mirror
 
     async def work(context: ServiceContext) -> str:
         async with context.sessions() as session:
-            found = await reconcile_status_mirror(session, context.mirror, context.pii, repair=repair)
+            total = int(await session.scalar(select(func.count()).select_from(ECard)) or 0)
+            show = _progress_printer("reconcile")
+            started = time.monotonic()
+            found = await reconcile_status_mirror(
+                session, context.mirror, context.pii, repair=repair, batch=5000,
+                on_page=None if quiet else lambda done: show(done, total, time.monotonic() - started),
+            )  # fmt: skip
         return (
             f"{found.checked} eCards checked: {found.missing} missing from the mirror, "
             f"{found.different} different, {found.profiles_missing} without their profile, {found.repaired} repaired"
+        )
+
+    click.echo(_run(work))
+
+
+@status_group.command(name="rebuild")
+@click.option("--restart", is_flag=True, help="Start from the first eCard, not from the last checkpoint.")
+@click.option("--page", default=10_000, show_default=True, help="eCards per page read and per bulk write.")
+@click.option("--in-flight", default=3, show_default=True, help="Pages being written to the store at once.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def status_rebuild(restart: bool, page: int, in_flight: int, quiet: bool) -> None:
+    """Write every eCard to the status mirror (a store that came back empty): resumable, beside the service.
+
+    Writes carry each eCard's version, so changes made meanwhile win. Workers do this by themselves after
+    a loss (one at a time, through a lease in the database); this command takes the same lease.
+    """
+    from app.domain.cards.rebuild import Progress, RebuildBusy, Rebuilder
+
+    if page < 1 or in_flight < 1:
+        raise click.BadParameter("--page and --in-flight must be at least 1")
+    show = _progress_printer("rebuild")
+
+    def progress(state: Progress) -> None:
+        show(state.done - state.resumed_from, state.total - state.resumed_from, state.seconds)
+
+    async def work(context: ServiceContext) -> str:
+        rebuilder = Rebuilder(
+            context.sessions, context.mirror, context.pii, context.settings.redis_prefix,
+            page=page, in_flight=in_flight, on_progress=None if quiet else progress,
+        )  # fmt: skip
+        try:
+            report = await rebuilder.run(restart=restart)
+        except RebuildBusy as exc:
+            raise click.ClickException(str(exc)) from None
+        resumed = f", resumed after {report.resumed_from}" if report.resumed_from else ""
+        return (
+            f"{report.cards} eCards in the mirror{resumed}: {report.written} written, "
+            f"{report.cards - report.resumed_from - report.written} already newer there, "
+            f"{report.profiles_sealed} profiles sealed; {report.seconds:.1f} s, {report.rate:,.0f} eCards/s"
         )
 
     click.echo(_run(work))

@@ -18,6 +18,7 @@ from app.db.engine import create_engine, create_session_factory
 from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
+from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery
 from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import VerifierDirectory, next_directory_version
 from app.domain.verification.events import EventDrain, consumer_name
@@ -58,6 +59,7 @@ class ServiceContext:
     events: EventStream
     offline_kits: OfflineKits
     outbox: MirrorOutbox
+    recovery: MirrorRecovery
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _drain_task: asyncio.Task[None] | None = None
     _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -95,7 +97,8 @@ class ServiceContext:
         directory = VerifierDirectory(sessions, pii)
         pseudonym_key = pii.blind_index("card-pseudonym", "verification.pseudonym_key")
         rules = load_rules(settings.agreements_file)
-        verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules)
+        fallback = DatabaseFallback(sessions, mirror, pii, settings.verify_fallback_rate)
+        verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules, fallback)
         return cls(
             settings,
             keyring,
@@ -112,6 +115,7 @@ class ServiceContext:
             events=events,
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
             outbox=MirrorOutbox(sessions, mirror, pii),
+            recovery=MirrorRecovery(sessions, mirror, pii, settings.redis_prefix),
         )
 
     async def start(self) -> None:
@@ -122,6 +126,9 @@ class ServiceContext:
         self._tasks.append(asyncio.create_task(self._refresh_periodically()))
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="mirror-outbox"))
         self._tasks.append(asyncio.create_task(self.verifier.voids.run(), name="scan-voids"))
+        if self.settings.redis_url and self.settings.mirror_recovery:
+            # The in-process store is filled at start-up instead (it dies with the process).
+            self._tasks.append(asyncio.create_task(self.recovery.run(), name="mirror-recovery"))
         if self.settings.drains_events:
             self._drain_task = asyncio.create_task(self.event_drain().run(self._stop_draining))
 

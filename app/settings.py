@@ -30,6 +30,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
 def _env_bool(name: str) -> bool | None:
     raw = os.environ.get(name, "").strip().lower()
     if raw == "":
@@ -74,6 +84,11 @@ class Settings:
     # A used nonce is remembered this long past its credential's expiry, so a gate's batch of
     # offline scans uploaded a little later still meets the online use (older: the event log).
     nonce_memory: int = 300
+    # While the mirror is refilled after a store loss: scans of cards it lacks answered from the
+    # database, at most this many per second per worker (0: never; they stay card_unknown).
+    verify_fallback_rate: float = 200.0
+    # Whether workers watch the store for a loss and refill it from the database themselves (one at a time).
+    mirror_recovery: bool = True
     # How old a queued offline scan may be when its gate uploads it.
     offline_scan_window: int = 24 * 3600
     # Whether this process drains the verification event stream into the database. Default: yes
@@ -138,6 +153,8 @@ class Settings:
             workers=_env_int("WEB_CONCURRENCY", defaults.workers),
             verify_retry_window=_env_int("ECARD_VERIFY_RETRY_WINDOW", defaults.verify_retry_window),
             nonce_memory=_env_int("ECARD_NONCE_MEMORY", defaults.nonce_memory),
+            verify_fallback_rate=_env_float("ECARD_VERIFY_FALLBACK_RATE", defaults.verify_fallback_rate),
+            mirror_recovery=_env_bool("ECARD_MIRROR_RECOVERY") is not False,
             offline_scan_window=_env_int("ECARD_OFFLINE_SCAN_WINDOW", defaults.offline_scan_window),
             drain_events=_env_bool("ECARD_DRAIN_EVENTS"),
             status_list_ttl=_env_int("ECARD_STATUS_LIST_TTL", defaults.status_list_ttl),

@@ -242,6 +242,9 @@ class ECard(Base):
     # Raised with every change the status mirror must see: the mirror keeps the version it holds and
     # never lets an older write replace a newer one (an outbox applier racing a request, a repair).
     mirror_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The disclosure profile as the mirror keeps it (sealed: AES-GCM under the data key, bound to
+    # card_ref), so refilling the mirror decrypts and encrypts nothing; None until first written.
+    sealed_profile: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 # The predicate of `ix_ecards_not_active`, written as a literal so PostgreSQL can prove a query uses it.
@@ -278,6 +281,30 @@ class StatusStore(Base):
 
     prefix: Mapped[str] = mapped_column(String(100), primary_key=True)
     first_used_at: Mapped[datetime]
+
+
+class MirrorRebuild(Base):
+    """The state of refilling a status store (by its key prefix) from the database: checkpoint and lease.
+
+    `epoch_ms` is the epoch of the store being filled (its probe shard's): a store that lost its data
+    again has another, so a checkpoint of the earlier one is not resumed. `filled_epoch_ms` is the epoch
+    of the last complete fill: a store whose epoch differs lost what was filled. One process at a time
+    holds the lease (`holder` until `lease_until`) and renews it with every checkpoint.
+    """
+
+    __tablename__ = "mirror_rebuilds"
+
+    prefix: Mapped[str] = mapped_column(String(100), primary_key=True)
+    filled_epoch_ms: Mapped[int | None] = mapped_column(BigInteger)
+    epoch_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # The last eCard (by id) written to the mirror; the next page starts after it.
+    after_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    cards_done: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    started_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    holder: Mapped[str | None] = mapped_column(String(120))
+    lease_until: Mapped[datetime | None]
 
 
 class ChangeCounter(Base):

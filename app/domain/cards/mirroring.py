@@ -89,8 +89,11 @@ class MirrorOutbox:
             ).first()
             if row is not None:
                 ecard, person = row
+                if ecard.sealed_profile is None:
+                    # Kept with the eCard from now on (committed with the deletion below): a refill reads it.
+                    ecard.sealed_profile = profile_record(self._pii, ecard.card_ref, person)
                 records = {
-                    CardRecord.PROFILE: profile_record(self._pii, ecard.card_ref, person),
+                    CardRecord.PROFILE: ecard.sealed_profile,
                     CardRecord.ENTITLEMENTS: await entitlements_of(session, ecard.id),
                 }
                 status = MIRRORED[ECardState(ecard.state)]

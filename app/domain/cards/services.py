@@ -6,10 +6,12 @@ import os
 import re
 import secrets
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import problems
@@ -26,7 +28,7 @@ from app.domain.verification.disclosure import (
 )
 from app.pii import PiiCipher
 from app.scope import covers, within
-from app.stores.status_mirror import CardRecord, MirroredStatus, StatusMirror
+from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, StatusMirror
 
 CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")
 CITIZEN_ID_FIELD = "persons.citizen_id"
@@ -157,13 +159,16 @@ async def issue_card(
     )
     session.add(card)
     await session.flush()
+    card_ref = os.urandom(16)
     ecard = ECard(
         card_id=card.id,
         region_code=region,
-        card_ref=os.urandom(16),
+        card_ref=card_ref,
         status_index=await allocate_status_indexes(session, region, 1),
         state=ECardState.PENDING_ACTIVATION,
         updated_at=now,
+        # Sealed once here (the person's data never changes), so refilling the mirror seals nothing.
+        sealed_profile=profile_record(pii, card_ref, person),
     )
     session.add(ecard)
     await session.flush()
@@ -225,44 +230,149 @@ async def entitlements_of(session: AsyncSession, ecard_id: uuid.UUID) -> bytes |
     return entitlements_record([(region, until.date()) for region, until in rows])
 
 
+# eCard state → mirrored status, by the stored value (rows of a Core select carry plain strings).
+STATUS_OF_STATE = {state.value: status for state, status in MIRRORED.items()}
+
+
+MirrorRow = tuple[uuid.UUID, bytes, str, int, bytes | None]
+
+# The same page as `mirror_rows_query`, for asyncpg itself: its records cost a fraction of ORM rows per card.
+_MIRROR_ROWS_SQL = "SELECT id, card_ref, state, mirror_version, sealed_profile FROM ecards {where} ORDER BY id LIMIT $1"
+
+
+def mirror_rows_query(after: uuid.UUID | None, limit: int) -> Select[uuid.UUID, bytes, str, int, bytes | None]:
+    """A page of eCards in id order after `after` (keyset: no OFFSET), as tuples: what the mirror needs of each."""
+    query = (
+        select(ECard.id, ECard.card_ref, ECard.state, ECard.mirror_version, ECard.sealed_profile)
+        .order_by(ECard.id)
+        .limit(limit)
+    )
+    return query if after is None else query.where(ECard.id > after)
+
+
+async def mirror_rows(session: AsyncSession, after: uuid.UUID | None, limit: int) -> Sequence[MirrorRow]:
+    """`mirror_rows_query`'s page; on PostgreSQL through asyncpg directly (the rebuild's hot loop)."""
+    connection = await session.connection()
+    if connection.dialect.driver != "asyncpg":
+        return cast("list[MirrorRow]", (await session.execute(mirror_rows_query(after, limit))).all())
+    raw = (await connection.get_raw_connection()).driver_connection
+    assert raw is not None
+    if after is None:
+        records = await raw.fetch(_MIRROR_ROWS_SQL.format(where=""), limit)
+    else:
+        records = await raw.fetch(_MIRROR_ROWS_SQL.format(where="WHERE id > $2"), limit, after)
+    return cast("list[MirrorRow]", records)
+
+
+async def entitlements_between(session: AsyncSession, first: uuid.UUID, last: uuid.UUID) -> dict[uuid.UUID, bytes]:
+    """The current entitlements records of the eCards with ids in [first, last], in one query (absent: none)."""
+    rows = await session.execute(
+        select(Entitlement.ecard_id, Entitlement.region_code, Entitlement.valid_until).where(
+            Entitlement.ecard_id >= first,
+            Entitlement.ecard_id <= last,
+            Entitlement.kind == PARK_ANNUAL_PASS,
+            Entitlement.revoked_at.is_(None),
+            Entitlement.valid_until >= utcnow(),
+        )
+    )
+    passes: dict[uuid.UUID, list[tuple[str, date]]] = {}
+    for ecard_id, region, until in rows:
+        passes.setdefault(ecard_id, []).append((region, until.date()))
+    return {ecard_id: record for ecard_id, found in passes.items() if (record := entitlements_record(found))}
+
+
+async def seal_missing_profiles(
+    session: AsyncSession, pii: PiiCipher, ecard_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, bytes]:
+    """Seal the profiles of these eCards and keep them in their rows (eCards made before 0009, or by bulk
+    import); the caller commits. Only where none is kept yet: a concurrent writer's profile stays."""
+    rows = await session.execute(
+        select(ECard.id, ECard.card_ref, Person)
+        .join(Card, Card.id == ECard.card_id)
+        .join(Person, Person.id == Card.person_id)
+        .where(ECard.id.in_(ecard_ids))
+    )
+    sealed = {ecard_id: profile_record(pii, card_ref, person) for ecard_id, card_ref, person in rows}
+    if sealed:
+        table = ECard.__table__
+        assert isinstance(table, Table)
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("ecard_id"), table.c.sealed_profile.is_(None))
+            .values(sealed_profile=bindparam("profile")),
+            [{"ecard_id": ecard_id, "profile": profile} for ecard_id, profile in sealed.items()],
+        )
+    return sealed
+
+
+async def mirror_entries(
+    session: AsyncSession, pii: PiiCipher, rows: Sequence[MirrorRow]
+) -> tuple[list[MirrorEntry], int]:
+    """What `mirror_many` writes for rows of `mirror_rows_query` (sorted by id), and how many profiles had to be
+    sealed (the caller commits them): entitlements in one query, profiles from the rows."""
+    if not rows:
+        return [], 0
+    passes = await entitlements_between(session, rows[0][0], rows[-1][0])
+    unsealed = [row[0] for row in rows if row[4] is None]
+    sealed = await seal_missing_profiles(session, pii, unsealed) if unsealed else {}
+    profile, entitlements = CardRecord.PROFILE, CardRecord.ENTITLEMENTS
+    entries = [
+        MirrorEntry(
+            card_ref,
+            version,
+            STATUS_OF_STATE[state],
+            {profile: stored if stored is not None else sealed.get(ecard_id), entitlements: passes.get(ecard_id)},
+        )
+        for ecard_id, card_ref, state, version, stored in rows
+    ]
+    return entries, len(sealed)
+
+
 async def reconcile_status_mirror(
-    session: AsyncSession, mirror: StatusMirror, pii: PiiCipher, *, repair: bool, batch: int = 1000
+    session: AsyncSession,
+    mirror: StatusMirror,
+    pii: PiiCipher,
+    *,
+    repair: bool,
+    batch: int = 1000,
+    on_page: Callable[[int], None] | None = None,
 ) -> Reconciliation:
-    """Compare every eCard's state and profile with the mirror, in batches; with repair, fix drift.
+    """Compare every eCard's state and profile with the mirror, page by page; with repair, fix drift.
 
     The database is the truth: a missing or different mirror entry is set from it (with the
     card's entitlements), under the eCard's mirror version, so a repair running beside the service
     never replaces a newer change. Drift comes from a Redis restart (it keeps nothing on disk).
+    Pages follow the id (keyset); a page costs two store round trips and, with drift, one bulk write.
+    `on_page` is told the eCards checked so far (progress).
     """
     checked = missing = different = repaired = profiles_missing = 0
-    result = await session.stream(
-        select(ECard, Person)
-        .join(Card, Card.id == ECard.card_id)
-        .join(Person, Person.id == Card.person_id)
-        .execution_options(yield_per=batch)
-    )
-    async for rows in result.partitions(batch):
-        cards = [(ecard, person, MIRRORED[ECardState(ecard.state)]) for ecard, person in rows]
-        refs = [ecard.card_ref for ecard, _, _ in cards]
+    after: uuid.UUID | None = None
+    while rows := await mirror_rows(session, after, batch):
+        after = rows[-1][0]
+        refs = [row[1] for row in rows]
         actual = await mirror.get_statuses(refs)
         no_profile = await mirror.missing_records(refs, CardRecord.PROFILE)
-        for (ecard, person, status), seen, absent in zip(cards, actual, no_profile, strict=True):
+        drifted = []
+        for row, seen, absent in zip(rows, actual, no_profile, strict=True):
             checked += 1
             profiles_missing += absent
-            if seen == status.value and not absent:
+            status = STATUS_OF_STATE[row[2]].value
+            if seen == status and not absent:
                 continue
             if seen is None:
                 missing += 1
-            elif seen != status.value:
+            elif seen != status:
                 different += 1
-            if repair:
-                # Records and status in one call: a card is never active in the mirror without its profile.
-                records = {
-                    CardRecord.PROFILE: profile_record(pii, ecard.card_ref, person),
-                    CardRecord.ENTITLEMENTS: await entitlements_of(session, ecard.id),
-                }
-                await mirror.mirror_card(ecard.card_ref, ecard.mirror_version, status, records)
-                repaired += 1
+            drifted.append(row)
+        if repair and drifted:
+            # Records and status in one write per card: a card is never active in the mirror without its profile.
+            entries, sealed = await mirror_entries(session, pii, drifted)
+            if sealed:
+                await session.commit()
+            await mirror.mirror_many(entries)
+            repaired += len(entries)
+        if on_page is not None:
+            on_page(checked)
     return Reconciliation(checked, missing, different, repaired, profiles_missing)
 
 

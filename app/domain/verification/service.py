@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -151,6 +152,14 @@ class VoidQueue:
 VOID_RETRY = 0.2
 
 
+class CardFallback(Protocol):
+    """Where a card the mirror lacks may be found while the mirror is refilled (see app/domain/cards/rebuild.py)."""
+
+    async def mirror_missing(self, card_ref: bytes) -> bool:
+        """Mirror the card from the database if that is allowed now (refilling, within the rate); whether it was."""
+        ...
+
+
 class CredentialVerifier:
     """Decides scans for terminals."""
 
@@ -162,8 +171,10 @@ class CredentialVerifier:
         pseudonym_key: bytes,
         settings: Settings,
         rules: AcceptanceRules,
+        fallback: CardFallback | None = None,
     ) -> None:
         self._rules = rules
+        self.fallback = fallback
         self._directory = directory
         self._mirror = mirror
         self._pii = pii
@@ -288,11 +299,34 @@ class CredentialVerifier:
         claims, decided = self._check(terminal, text, now_ms // 1000)
         scan = self._scan(terminal, verification_id, now_ms, claims, decided)
         try:
-            return await self._decide(terminal, claims, scan)
+            outcome = await self._decide(terminal, claims, scan)
+            if outcome.reason is Reason.CARD_UNKNOWN and not outcome.repeated and claims is not None:
+                outcome = await self._from_database(terminal, claims, scan, outcome)
+            return outcome
         except StoreUnavailable as exc:
             if exc.sent and scan.card_ref:
                 # The script may still run: mark its answer undelivered, or cancel it, once the store is back.
                 self.voids.add(scan)
+            raise
+
+    async def _from_database(self, terminal: TerminalEntry, claims: Claims, scan: Scan, unknown: Outcome) -> Outcome:
+        """A card_unknown while the mirror is refilled: mirror the card from the database, and scan once more.
+
+        The first scan's use of the nonce is forgotten only if it is still this scan's card_unknown (a
+        concurrent scan of the same code keeps its answer, so single use holds); the second scan is a new
+        verification (its own id and event) and meets the same rules: rate, single use, epoch, status.
+        """
+        if self.fallback is None or not await self.fallback.mirror_missing(claims.card_ref):
+            return unknown
+        if not await self._mirror.reopen(scan):
+            return unknown
+        now_ms = time.time_ns() // 1_000_000
+        again = self._scan(terminal, _new_verification_id(), now_ms, claims, "")
+        try:
+            return await self._decide(terminal, claims, again)
+        except StoreUnavailable as exc:
+            if exc.sent:
+                self.voids.add(again)
             raise
 
     async def verify_batch(
