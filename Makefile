@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps
+.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps scale
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -97,6 +97,13 @@ bench: install
 ## LOADTEST_ARGS="--loop-lag" to see the service's event-loop stalls and collector passes
 loadtest: install
 	$(VENV)/bin/python -m loadtests.headless $(LOADTEST_ARGS)
+
+## One region at provincial scale in one run (loadtests/scale.py, docs/scale.md): import, activation,
+## mirror refill and its Redis memory, terminals, start-up, offline kit, verify at a baseline and at CARDS.
+## Needs PostgreSQL ($$DATABASE_URL or the local `test` server) and redis-server. E.g. CARDS=3000000
+CARDS ?= 1000000
+scale: install
+	$(VENV)/bin/python -m loadtests.scale --cards $(CARDS) $(SCALE_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,12 +10,16 @@ one), then, for the baseline and then for all --cards cards of region 510000:
 - activates the eCards the fastest correct way there is for a harness: one UPDATE (an activation
   through the API binds a device; the verify path only needs the eCard's state and the mirror),
   1 % of them suspended or revoked, as the offline kit's status list sees in the field;
-- refills the mirror with `ecard status reconcile --repair` and reads Redis's used_memory;
+- fills the mirror with `ecard status rebuild` (the first one also seals every profile into the
+  database), empties Redis and refills it (what a lost Redis costs), reads Redis's used_memory, and
+  times `ecard status reconcile` (the drift check);
 - registers the terminals (one INSERT … SELECT) and starts the service: time until /ready,
   memory per worker;
 - fetches `GET /v1/offline-kits/510000` twice (the build, then the kit kept);
 - activates --holders cards through the API and measures verify (server CPU per scan, the
-  service's own p99) with a fresh credential per request, as `make bench` does.
+  service's own p99) with a fresh credential per request, as `make bench` does;
+- kills its redis-server (SIGKILL) and starts it again empty under the running service: the seconds
+  until the workers have refilled the mirror by themselves.
 
 It prints a Markdown table of every figure (docs/scale.md keeps the ones measured here) and a
 calibration line. Everything it made is removed at the end (--keep leaves the database).
@@ -94,11 +98,7 @@ class OwnRedis:
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
         self.directory = directory
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-             "--dir", str(directory), "--logfile", str(directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        self._start()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.client = redis.Redis.from_url(self.url, socket_timeout=30)
         for _ in range(200):
@@ -107,6 +107,25 @@ class OwnRedis:
                     return
             time.sleep(0.05)
         raise BenchError("the harness's redis-server did not start")
+
+    def _start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def restart_empty(self) -> None:
+        """SIGKILL the server and start it again with nothing (no persistence): a lost Redis."""
+        self.process.kill()
+        self.process.wait(10)
+        self._start()
+        for _ in range(200):
+            with contextlib.suppress(redis.RedisError):
+                if self.client.ping():
+                    return
+            time.sleep(0.05)
+        raise BenchError("the harness's redis-server did not come back")
 
     def used_memory(self) -> int:
         """INFO memory's used_memory, bytes."""
@@ -335,14 +354,20 @@ class Harness:
         point.add(
             "activation (one UPDATE)", f"{activated:,} eCards, {non_active:,} suspended or revoked, {seconds:.1f} s"
         )
-        self.redis.client.flushdb()
-        empty = self.redis.used_memory()
-        output, seconds = _cli(self.env, "status", "reconcile", "--repair")
         total = point.cards
-        point.add("`ecard status reconcile --repair` (empty mirror)",
-                  f"{total / seconds:,.0f} cards/s ({total:,} in {seconds:.1f} s)", seconds)  # fmt: skip
+        for what in ("`ecard status rebuild`, first (seals the new cards' profiles)",
+                     "`ecard status rebuild` into an empty Redis (a lost store)"):  # fmt: skip
+            self.redis.client.flushdb()
+            empty = self.redis.used_memory()
+            output, seconds = _cli(self.env, "status", "rebuild", "--restart", "--quiet")
+            own = re.search(r"([\d,]+) eCards/s", output)
+            point.add(
+                what, f"{own.group(1) if own else '?'} eCards/s by its own count ({total:,} in {seconds:.1f} s wall)"
+            )
         used = self.redis.used_memory() - empty
         point.add("Redis used_memory per card (INFO memory)", f"{used / total:,.0f} B ({_human(used)} in all)")
+        output, seconds = _cli(self.env, "status", "reconcile", "--quiet")
+        point.add("`ecard status reconcile` (drift check, nothing to repair)", f"{total / seconds:,.0f} cards/s wall")
         print(f"    reconcile said: {output.strip()[-300:]}")
         point.add("PostgreSQL database size", _human(await database_bytes(self.dsn)))
 
@@ -370,8 +395,24 @@ class Harness:
             cpu, p99, scans = await measure_verify(server, api_keys, holders, self.options.verify_seconds)
             point.add("verify: server CPU per scan", f"{cpu:,.0f} µs ({scans:,} scans)")
             point.add("verify: service p99", f"{p99:.2f} ms")
+            point.add("Redis lost (SIGKILL, back empty) until the mirror is full again", await self._lose_redis())
         finally:
             server.stop()
+
+    async def _lose_redis(self, limit: float = 1800.0) -> str:
+        """Kill Redis under the running service and time the workers' own refill (the refilling flag's life)."""
+        flag = self.workspace.redis_prefix + "refilling"
+        self.redis.restart_empty()
+        started = time.perf_counter()
+        seen = None
+        while time.perf_counter() - started < limit:
+            up = bool(self.redis.client.exists(flag))
+            if up and seen is None:
+                seen = time.perf_counter() - started
+            if seen is not None and not up:
+                return f"{time.perf_counter() - started:.1f} s (refill began after {seen:.1f} s)"
+            await asyncio.sleep(0.1)
+        return f"not refilled within {limit:.0f} s"
 
     def _report(self) -> None:
         """The Markdown table: one row per figure, one column per number of cards."""
