@@ -209,17 +209,31 @@ async def test_lines_logged_while_answering_carry_the_request_id(
 
 def test_redaction_replaces_values_and_fields() -> None:
     citizen_id, number = factories.citizen_id(), factories.card_number()
+    letters_only = "TYFJJFKSC"  # a card number may have no digit
     token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
     message = (
-        f"person {citizen_id} 张三 card {number} Bearer {token} key ecv1.{'ab' * 16}.s3cr3t-x code 1234-5678 "
+        f"person {citizen_id} 张三 card {number} and {letters_only} Bearer {token} "
+        f"key ecv1.{'ab' * 16}.s3cr3t-x code 1234-5678 "
         "QR EC1:6BFOXN*TS0BI$ZD-PHRTW refresh rt_abcDEF [SQL: INSERT x]\n[parameters: ('王五', 'x')]\n(Background)"
     )
     record = logs.redact(None, "info", {"event": message, "name": "Li Lei", "pin": "1234", "nested": {"token": "t"}})
     assert record["name"] == record["pin"] == logs.REDACTED and record["nested"] == {"token": logs.REDACTED}
-    for value in (citizen_id, number, token, "s3cr3t", "1234-5678", "EC1:", "rt_abc", "张三", "王五", "parameters: ("):
+    for value in (
+        citizen_id,
+        number,
+        letters_only,
+        token,
+        "s3cr3t",
+        "1234-5678",
+        "EC1:",
+        "rt_abc",
+        "张三",
+        "王五",
+        "parameters: (",
+    ):
         assert value not in record["event"], value
     # Ordinary words, ids and numbers stay readable.
-    kept = "verify took 1.5 ms for terminal 6f1c2a3b4c5d6e7f region 510000 at 1764680000123 (SUSPENDED)"
+    kept = "verify took 1.5 ms for terminal 6f1c2a3b4c5d6e7f region 510000 at 1764680000123 (suspended, HTTP 503)"
     assert logs.redact_text(kept) == kept
 
 
