@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -141,13 +141,16 @@ def json_formatter() -> JsonLineFormatter:
 class LineWriter(logging.Handler):
     """Formats each record in the caller (where the request id is known); a thread writes the lines, in batches.
 
-    A slow or blocked stderr then holds no request, and under load one write carries many lines.
+    The thread wakes every FLUSH_INTERVAL and writes whatever accumulated in one call: a request
+    never waits for stderr, and a line costs no thread switch (waking a writer per line cost a
+    scan ~20 us of CPU). A line reaches stderr within FLUSH_INTERVAL; at exit the rest is written.
     """
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         super().__init__()
         self._stream = stream or sys.stderr
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._lines: deque[str] = deque()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.stop)
@@ -155,39 +158,39 @@ class LineWriter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         """Queue the record's line."""
         try:
-            self._lines.put(self.format(record))
+            self._lines.append(self.format(record))
         except Exception:
             self.handleError(record)
 
+    def append(self, line: str) -> None:
+        """Queue a line rendered by its maker (the access line)."""
+        self._lines.append(line)
+
     def _write(self) -> None:
-        while True:
-            line = self._lines.get()
-            batch = []
-            while line is not None:
-                batch.append(line)
-                if len(batch) >= _WRITE_BATCH:
-                    break
-                try:
-                    line = self._lines.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                try:
-                    self._stream.write("\n".join(batch) + "\n")
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    pass  # stderr closed: nowhere to say so
-            if line is None:
-                return
+        while not self._stopping.wait(FLUSH_INTERVAL):
+            self._flush_lines()
+        self._flush_lines()
+
+    def _flush_lines(self) -> None:
+        lines = self._lines
+        batch = []
+        while lines:
+            batch.append(lines.popleft())
+        if batch:
+            try:
+                self._stream.write("\n".join(batch) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed: nowhere to say so
 
     def stop(self) -> None:
         """Write what is queued, then end the thread (at exit)."""
         if self._thread.is_alive():
-            self._lines.put(None)
+            self._stopping.set()
             self._thread.join(timeout=2.0)
 
 
-_WRITE_BATCH = 256
+FLUSH_INTERVAL = 0.05
 _writer: LineWriter | None = None
 
 
@@ -238,6 +241,7 @@ def logging_plugin(settings: Settings) -> StructlogPlugin:
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
+_root = logging.getLogger()
 _encode = msgspec.json.Encoder().encode
 
 
@@ -256,5 +260,17 @@ def access_line(method: str, route: str, status: int, seconds: float, request_id
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
     }
-    # Handed to the handlers directly: Logger.info would also look up the caller's frame (a microsecond or two).
-    _access.handle(logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 0, _encode(line).decode(), None, None))
+    text = _encode(line).decode()
+    writer = _writer
+    handlers = _root.handlers
+    if (
+        writer is not None
+        and len(handlers) == 1
+        and handlers[0] is writer
+        and _access.propagate
+        and not _access.handlers
+    ):
+        # The usual set-up: straight to the writer, without a LogRecord (they cost a scan several microseconds).
+        writer.append(text)
+        return
+    _access.handle(logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 0, text, None, None))
