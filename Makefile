@@ -33,7 +33,7 @@ serve: install
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(METRICS_DIR) WEB_CONCURRENCY=$(WORKERS) \
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
-		--workers $(WORKERS) --no-access-log --loop uvloop --http app.http_limits:LimitedHttpToolsProtocol
+		--workers $(WORKERS) --no-access-log --log-config deploy/logging.json --loop uvloop --http app.http_limits:LimitedHttpToolsProtocol
 
 ## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
 test: browser-deps install lint

@@ -50,6 +50,7 @@ class NotReadyProblem(msgspec.Struct, kw_only=True):
     detail: str
     code: str
     missing: list[str]
+    request_id: str | None = None
 
 
 @get("/health", tags=["service"], summary="Liveness: the process answers")

@@ -29,10 +29,13 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 from litestar.routes import HTTPRoute
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app import metrics, problems
-from app.context import STATE_KEY, ServiceContext
+from app import logs, metrics, problems
+from app.context import STATE_KEY, ServiceContext, context_of
+from app.db.models import MirrorChange
 from app.dependencies import DEPENDENCIES
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
@@ -60,9 +63,12 @@ from app.health import health, ready
 from app.hot_paths import HotPaths
 from app.json_bodies import StrictJsonRequest
 from app.nul_text import refuse_nul_in_url
+from app.request_ids import RequestIds
+from app.request_observer import RequestObserver
 from app.schema import WireModelSchemaPlugin
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
+from app.tracing import RequestTracer, tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +103,32 @@ def _lock_single_worker(path: Path) -> IO[str]:
     return handle
 
 
+# A scrape waits this long for each state it samples (the stream's backlog, the outbox), then answers.
+SAMPLE_TIMEOUT = 1.0
+
+
+async def _sample_backlogs(context: ServiceContext) -> None:
+    """Set the gauges of shared state that only a query can tell: events waiting, outbox changes waiting."""
+    try:
+        async with asyncio.timeout(SAMPLE_TIMEOUT):
+            backlog = await context.events.backlog()
+        metrics.EVENT_BACKLOG.set(backlog.length)
+        metrics.EVENT_PENDING.set(backlog.pending)
+    except Exception as exc:  # a scrape during an outage answers with what it has
+        logger.warning("event stream backlog not sampled: %r", exc)
+    try:
+        async with asyncio.timeout(SAMPLE_TIMEOUT), context.sessions() as session:
+            pending = await session.scalar(select(func.count()).select_from(MirrorChange))
+        metrics.OUTBOX_PENDING.set(pending or 0)
+    except Exception as exc:
+        logger.warning("mirror outbox not sampled: %r", exc)
+
+
 @get("/metrics", tags=["service"], summary="Prometheus metrics", media_type=MediaType.TEXT, include_in_schema=True)
-async def prometheus_metrics() -> Response[bytes]:
-    """The verify path's latency histogram and results by reason, in the Prometheus text format."""
+async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Routes, verification, issuing, the event drain and the status mirror, in the Prometheus text format."""
+    if STATE_KEY in request.app.state:
+        await _sample_backlogs(context_of(request.app.state))
     body, content_type = metrics.exposition()
     # Litestar appends the charset to every text/* type itself: the exposition's own would come twice.
     return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
@@ -173,8 +202,11 @@ def _store_unavailable(exc: StoreUnavailable) -> ProblemDetailsException:
 class EcardPlugin(InitPlugin, CLIPlugin):
     """Everything the eCard app is made of."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, traces: TracerProvider | None = None) -> None:
         self.settings = settings
+        # Spans go to the given provider (tests), else to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+        provider = traces or tracer_provider(settings)
+        self.tracer = RequestTracer(provider) if provider is not None else None
 
     def on_cli_init(self, cli: Group) -> None:
         """Add `litestar ecard …` commands."""
@@ -202,7 +234,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 async with context.sessions() as session:
                     await mirror_all_statuses(session, context.mirror, context.pii)
             app.state[STATE_KEY] = context
-            HotPaths.install(app, [HOT_VERIFY, HOT_ISSUE])
+            self.install_front(app)
             # What exists now (app, routes, caches, tables) lives as long as the process: frozen, the
             # collector's full passes skip it (they took ~50 ms, several a minute under load).
             gc.collect()
@@ -212,6 +244,15 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             await context.close()
             if lock is not None:
                 lock.close()
+
+    def install_front(self, app: Litestar) -> None:
+        """Hot paths in front of the router, the observer in front of both (once, however often the lifespan runs)."""
+        if isinstance(app.asgi_handler, RequestObserver):
+            return
+        routes = [HOT_VERIFY, HOT_ISSUE]
+        HotPaths.install(app, routes)
+        ids = RequestIds(self.settings.trusted_proxies)
+        app.asgi_handler = RequestObserver(app.asgi_handler, ids, [route.path for route in routes], self.tracer)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Register routes, dependencies, error handling and the OpenAPI document."""
@@ -262,6 +303,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             )
         )
         app_config.exception_handlers[Exception] = problems.unexpected
+        app_config.plugins.append(logs.logging_plugin(self.settings))
         # Consulted before Litestar's own msgspec schema plugin, which comes after this plugin.
         app_config.plugins.insert(app_config.plugins.index(self) + 1, WireModelSchemaPlugin())
         app_config.before_request = AllowEveryMethod()

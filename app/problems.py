@@ -12,14 +12,28 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
+from app.request_ids import REQUEST_ID
+
 PROBLEM_BASE = "https://ecard.example/problems/"
 
 logger = logging.getLogger(__name__)
 
 
+class Problem(ProblemDetailsException):
+    """A problem details exception whose answer names the request (`request_id`, as in its logs)."""
+
+    def to_response(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """The problem answer, with the request's id when it has one."""
+        response = super().to_response(request)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            response.content["request_id"] = request_id
+        return response
+
+
 def problem(status: int, code: str, detail: str, **extra: Any) -> ProblemDetailsException:
     """A problem whose `type` ends in a stable code that clients can switch on."""
-    return ProblemDetailsException(
+    return Problem(
         status_code=status,
         type_=PROBLEM_BASE + code,
         title=HTTPStatus(status).phrase,
@@ -94,7 +108,7 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     detail = exc.detail
     if status >= 500:
         detail = "internal error"
-    return ProblemDetailsException(
+    return Problem(
         status_code=status,
         type_=PROBLEM_BASE + code,
         title=HTTPStatus(status).phrase,
@@ -114,6 +128,8 @@ class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     code: str
     errors: list[dict[str, Any]] | None = None
     current_state: str | None = None
+    # The request's id, as in the service's log lines and the `X-Request-Id` answer header.
+    request_id: str | None = None
 
 
 _DESCRIPTIONS = {

@@ -6,6 +6,8 @@ nonce store (single worker only) and the development keys in keys_dev/.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +51,42 @@ def _env_bool(name: str) -> bool | None:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+def _ratio(name: str, default: float) -> float:
+    value = _env_float(name, default)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    return value
+
+
+def _networks(name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks, e.g. `10.0.0.0/8,127.0.0.1` (checked, kept as text)."""
+    items = tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+    try:
+        for item in items:
+            ipaddress.ip_network(item)
+    except ValueError as exc:
+        raise ValueError(f"{name} must list IP addresses or networks: {exc}") from None
+    return items
+
+
+def _log_levels(name: str) -> tuple[tuple[str, str], ...]:
+    """`logger=LEVEL` pairs, comma-separated, e.g. `app.domain.imports=DEBUG,uvicorn=WARNING`."""
+    levels: list[tuple[str, str]] = []
+    for item in os.environ.get(name, "").split(","):
+        if not item.strip():
+            continue
+        logger, _, level = item.partition("=")
+        levels.append((logger.strip(), _log_level(name, level)))
+    return tuple(levels)
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError(f"{name}: unknown log level {raw!r}")
+    return level
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +146,15 @@ class Settings:
     agreements_file: Path = DATA_DIR / "agreements.json"
     # Insurance shares of medical bills by region and scheme.
     medical_coverage_file: Path = DATA_DIR / "medical_coverage.json"
+    # The root logger's level, and levels of named loggers over it (ECARD_LOG_LEVELS).
+    log_level: str = "INFO"
+    log_levels: tuple[tuple[str, str], ...] = ()
+    # Peers whose X-Request-Id is taken as the request's id (the load balancer); others get a new one.
+    trusted_proxies: tuple[str, ...] = ()
+    # OpenTelemetry traces go to this OTLP/HTTP collector; empty: no tracing at all.
+    otlp_endpoint: str = ""
+    # The share of requests traced (a parent's decision, sent in `traceparent`, is followed).
+    trace_sample_ratio: float = 0.01
 
     @property
     def drains_events(self) -> bool:
@@ -163,6 +210,11 @@ class Settings:
             trust_list_lifetime=_env_int("ECARD_TRUST_LIST_LIFETIME", defaults.trust_list_lifetime),
             agreements_file=Path(_env("ECARD_AGREEMENTS_FILE", str(defaults.agreements_file))),
             medical_coverage_file=Path(_env("ECARD_MEDICAL_COVERAGE_FILE", str(defaults.medical_coverage_file))),
+            log_level=_log_level("ECARD_LOG_LEVEL", _env("ECARD_LOG_LEVEL", defaults.log_level)),
+            log_levels=_log_levels("ECARD_LOG_LEVELS"),
+            trusted_proxies=_networks("ECARD_TRUSTED_PROXIES"),
+            otlp_endpoint=_env("OTEL_EXPORTER_OTLP_ENDPOINT", defaults.otlp_endpoint),
+            trace_sample_ratio=_ratio("ECARD_TRACE_SAMPLE_RATIO", defaults.trace_sample_ratio),
         )
 
 

@@ -52,7 +52,8 @@ def _by_kind(kind: str) -> list[dict[str, Any]]:
 def _variables_read() -> set[str]:
     """Every variable the service, its entrypoint or prometheus-client reads."""
     settings = (PROJECT_ROOT / "app" / "settings.py").read_text()
-    read = set(re.findall(r"""_env(?:_int|_bool)?\("([A-Z0-9_]+)\"""", settings))
+    # Every reader there is a private helper called with the variable's name: _env, _env_int, _networks…
+    read = set(re.findall(r"""\b_[a-z_]+\("([A-Z][A-Z0-9_]+)\"""", settings))
     read |= set(re.findall(r"\$\{([A-Z0-9_]+)", ENTRYPOINT.read_text()))
     return read | {"PROMETHEUS_MULTIPROC_DIR"}
 

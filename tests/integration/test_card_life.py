@@ -281,7 +281,9 @@ async def test_everything_on_a_replaced_cards_old_id_is_404(
         old = await client.request(method, path.format(id=setup.card_id), json=body, headers=bearer(officer))
         missing = await client.request(method, path.format(id=uuid.uuid4()), json=body, headers=bearer(officer))
         assert problem(old, 404)["code"] == "not_found", f"{method} {suffix}"
-        assert old.content == missing.content, f"{method} {suffix}: {old.text} != {missing.text}"
+        assert factories.without_request_id(old) == factories.without_request_id(missing), (
+            f"{method} {suffix}: {old.text} != {missing.text}"
+        )
 
     # Nothing reached the eCard through the old id.
     assert await read_card(client, officer, setup.new_card_id) == new_before
@@ -855,8 +857,8 @@ async def test_card_of_another_region_answers_like_a_missing_one(
     hidden = await client.post(f"/v1/operator/cards/{foreign.card_id}/{suffix}", json=body, headers=bearer(officer))
     missing = await client.post(f"/v1/operator/cards/{uuid.uuid4()}/{suffix}", json=body, headers=bearer(officer))
     assert problem(hidden, 404)["code"] == "not_found"
-    assert hidden.content == missing.content
-    assert dict(hidden.headers) == dict(missing.headers)
+    assert factories.without_request_id(hidden) == factories.without_request_id(missing)
+    assert factories.headers_without_request_id(hidden) == factories.headers_without_request_id(missing)
     assert await read_card(client, admin_token, foreign.card_id) == before
     assert (await client.get("/v1/holder/card", headers=bearer(foreign.access_token))).status_code == 200
 

@@ -20,10 +20,12 @@ from litestar import Litestar
 from app.context import ServiceContext
 from app.domain.verification.service import CredentialVerifier
 from app.hot_paths import HotPaths
+from app.plugin import EcardPlugin
+from app.request_observer import RequestObserver
 from tests import factories
 from tests.factories import Gate, Holder
 
-VOLATILE = ("verification_id", "first_used_at")
+VOLATILE = ("verification_id", "first_used_at", "request_id")
 JSON_TYPE = (b"content-type", b"application/json")
 
 
@@ -60,10 +62,13 @@ def comparable(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
 
 
 def test_the_hot_paths_are_installed_once(app: Litestar, client: httpx.AsyncClient) -> None:
-    handler = app.asgi_handler
+    observer = app.asgi_handler
+    # The request observer sits in front of the hot paths, which sit in front of Litestar's handler.
+    assert isinstance(observer, RequestObserver)
+    handler = observer._next
     assert isinstance(handler, HotPaths)
-    HotPaths.install(app, [])
-    assert app.asgi_handler is handler
+    app.plugins.get(EcardPlugin).install_front(app)
+    assert app.asgi_handler is observer and observer._next is handler
 
 
 async def test_same_answers_both_ways(client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate) -> None:
@@ -104,7 +109,10 @@ async def test_rate_limited_problem_is_the_same_both_ways(
         assert response.status_code == 429
         assert response.headers["content-type"].startswith("application/problem+json")
         assert int(response.headers["retry-after"]) >= 1
-    bodies = [{k: v for k, v in r.json().items() if k != "retry_after_ms"} for r in refusals]
+    # Each answer names its own request, in its body and its header.
+    for response in refusals:
+        assert response.json()["request_id"] == response.headers["x-request-id"]
+    bodies = [{k: v for k, v in r.json().items() if k not in ("retry_after_ms", "request_id")} for r in refusals]
     assert bodies[0] == bodies[1] and bodies[0]["code"] == "rate_limited"
 
 
@@ -215,6 +223,8 @@ def bundle_shape(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
             "server_time": type(body["server_time"]).__name__,
             "credentials": [{key: type(value).__name__ for key, value in item.items()} for item in body["credentials"]],
         }
+    else:
+        body = {key: value for key, value in body.items() if key != "request_id"}
     return response.status_code, response.headers["content-type"], body
 
 

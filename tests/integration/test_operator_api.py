@@ -102,8 +102,10 @@ async def same_as_missing(
     body = problem(hidden, 404)
     assert body["code"] == "not_found"
     assert hidden.status_code == missing.status_code
-    assert dict(hidden.headers) == dict(missing.headers)
-    assert hidden.content == missing.content, f"{hidden.text} != {missing.text}"
+    assert factories.headers_without_request_id(hidden) == factories.headers_without_request_id(missing)
+    assert factories.without_request_id(hidden) == factories.without_request_id(missing), (
+        f"{hidden.text} != {missing.text}"
+    )
 
 
 def random_region() -> str:
@@ -163,8 +165,8 @@ async def test_wrong_password_and_unknown_user_get_the_same_answer(
         "/v1/operator/session", json={"username": f"nobody-{uuid.uuid4().hex[:8]}", "password": password}
     )
     assert problem(wrong, 401)["code"] == "unauthorized"
-    assert wrong.content == unknown.content
-    assert dict(wrong.headers) == dict(unknown.headers)
+    assert factories.without_request_id(wrong) == factories.without_request_id(unknown)
+    assert factories.headers_without_request_id(wrong) == factories.headers_without_request_id(unknown)
     assert wrong.headers["www-authenticate"] == "Bearer"
 
     right = await client.post("/v1/operator/session", json={"username": username, "password": password})

@@ -30,6 +30,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import metrics
 from app.clock import utcnow
 from app.db.models import ECard, MirrorRebuild
 from app.domain.cards.services import (
@@ -263,6 +264,7 @@ class Rebuilder:
             raise StoreLostAgain
         await self._checkpoint(after_id=None, cards_done=self._done, finished_at=utcnow(), filled_epoch_ms=epoch)
         await self._mirror.set_refilling(False)
+        metrics.rebuild_progress(self._done, max(total, self._done))
         seconds = time.monotonic() - self._started
         if self._on_progress is not None:
             self._on_progress(Progress(self._done, max(total, self._done), self._resumed_from, seconds))
@@ -273,6 +275,7 @@ class Rebuilder:
         self._written += await task
         self._done += count
         await self._checkpoint(after_id=page_last, cards_done=self._done)
+        metrics.rebuild_progress(self._done, max(self._total, self._done))
         if time.monotonic() - self._renewed >= RENEW_EVERY:
             self._renewed = time.monotonic()
             await self._renew(self._epoch)

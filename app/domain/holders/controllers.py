@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
+from app import metrics, problems
 from app.clock import as_utc
 from app.context import ServiceContext, context_of
 from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
@@ -316,6 +317,7 @@ async def credential_bundle(
 ) -> CredentialBundle:
     """The credentials asked for, signed (the routed handler and the hot path share this)."""
     purpose = Purpose.from_label(data.purpose)
+    started = time.perf_counter()
     kid, issued = await issue_credentials(
         holder.session,
         holder.card_status,
@@ -326,6 +328,7 @@ async def credential_bundle(
         stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
         store_epoch_ms=holder.store_epoch_ms,
     )
+    metrics.count_issued(data.purpose, len(issued), time.perf_counter() - started)
     return CredentialBundle(
         kid=b64url(kid),
         purpose=data.purpose,

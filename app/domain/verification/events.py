@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import msgspec
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import metrics
 from app.db.engine import insert_or_ignore
 from app.db.models import Terminal, VerificationEvent, VerifierOrganisation
 from app.stores.event_stream import EventStream, StreamEntry, StreamUnavailable
@@ -135,6 +137,7 @@ class EventDrain:
         async with self.sessions() as session:
             await store_events(session, entries)
         await self.stream.ack(entries)
+        metrics.count_drained(len(entries), _oldest_age(entries))
         return len(entries)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -152,6 +155,18 @@ class EventDrain:
             except Exception:
                 logger.exception("draining verification events failed; retrying")
                 await _pause(stop)
+
+
+def _oldest_age(entries: list[StreamEntry]) -> float | None:
+    """Seconds since the oldest event of a batch was appended (the drain's lag); None without events."""
+    oldest: int | None = None
+    for entry in entries:
+        if entry.marker:
+            continue
+        with contextlib.suppress(msgspec.DecodeError):
+            at_ms = _decoder.decode(entry.event).at_ms
+            oldest = at_ms if oldest is None else min(oldest, at_ms)
+    return None if oldest is None else time.time() - oldest / 1000
 
 
 async def _pause(stop: asyncio.Event) -> None:
