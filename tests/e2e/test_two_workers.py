@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -48,27 +49,31 @@ async def server_env(
 def base_url(server_env: dict[str, str]) -> Iterator[str]:
     """Two workers serving the app."""
     port = free_port()
-    process = subprocess.Popen(
-        [str(VENV_BIN / "uvicorn"), "--factory", "app.asgi:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2", "--no-access-log"],
-        cwd=PROJECT_ROOT, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            _, errors = process.communicate()
-            raise RuntimeError(f"server did not start: {errors.decode()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(20)
+    # The log goes to a file: a pipe nobody reads fills with the workers' JSON lines (one per request)
+    # and then blocks them, in the middle of the tests or at shutdown.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "uvicorn"), "--factory", "app.asgi:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "2", "--no-access-log"],
+            cwd=PROJECT_ROOT, env=server_env, stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read()[-4000:].decode(errors='replace')}")
+            time.sleep(0.2)
+        yield url
+        process.terminate()
+        process.wait(20)
 
 
 @pytest.fixture(scope="module")
