@@ -182,14 +182,16 @@ async def activate(dsn: str) -> tuple[int, int, float]:
         )
         await connection.execute("UPDATE cards SET state = 'active' WHERE state = 'issued'")
         modulus = round(1 / NON_ACTIVE_SHARE)
-        # status_index is dense per region: every modulus-th card is suspended, the next one revoked.
+        # Scattered as in the field (a hash of the id, not every n-th index: a regular pattern would
+        # compress the status list to nothing): one in `modulus` suspended, another one revoked.
+        scatter = "('x' || substr(md5(id::text), 1, 8))::bit(32)::bigint"
         suspended = await connection.execute(
             "UPDATE ecards SET state = 'suspended', suspension_cause = 'operator', updated_at = now(),"
-            f" mirror_version = mirror_version + 1 WHERE state = 'active' AND status_index % {modulus} = 0"
+            f" mirror_version = mirror_version + 1 WHERE state = 'active' AND {scatter} % {modulus} = 0"
         )
         revoked = await connection.execute(
             "UPDATE ecards SET state = 'revoked', updated_at = now(),"
-            f" mirror_version = mirror_version + 1 WHERE state = 'active' AND status_index % {modulus} = 1"
+            f" mirror_version = mirror_version + 1 WHERE state = 'active' AND {scatter} % {modulus} = 1"
         )
         await connection.execute("ANALYZE")
     finally:
