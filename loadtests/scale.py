@@ -419,7 +419,7 @@ class Harness:
     def _report(self) -> None:
         """The Markdown table: one row per figure, one column per number of cards."""
         print(f"\n{self.calibration or calibration()}")
-        print(f"machine: {os.cpu_count()} cores, loadavg {' '.join(map(str, os.getloadavg()))}\n")
+        print(f"machine: {os.cpu_count()} cores, loadavg {' '.join(f'{load:.2f}' for load in os.getloadavg())}\n")
         whats: list[str] = []
         for point in self.points:
             whats += [stage.what for stage in point.stages if stage.what not in whats]
