@@ -186,15 +186,18 @@ async def test_redis_restarted_empty_is_refilled_while_scans_go_on_and_single_us
 
     # Fresh codes (issuing starts their windows after the store's new epoch, skew included) of cards the
     # refill has not reached yet are answered from the database, within the fallback's rate.
-    epoch_s = -(-(await context.mirror.holder_state(bytes(16), uuid.UUID(int=0))).epoch_ms // 1000)
-    not_before = max(int(time.time()), epoch_s + context.settings.clock_skew)
-    await asyncio.sleep(max(0.0, not_before - context.settings.clock_skew - time.time()))
     fallback = context.verifier.fallback
     assert isinstance(fallback, DatabaseFallback)
     mirrored_before, over_before = fallback.mirrored, fallback.over_rate
     mirror_has = await context.mirror.get_statuses([card[0] for card in cards])
     fresh_cards = [card for card, seen in zip(cards, mirror_has, strict=True) if seen is None][-400:]
     assert len(fresh_cards) == 400, "the refill was done before the fresh scans: nothing to fall back for"
+    # Each shard has its own epoch (opened by its first scan after the loss, or by the refill): the
+    # windows start after the latest of the fresh cards' shards, as issuing does per card.
+    states = await asyncio.gather(*(context.mirror.holder_state(card[0], uuid.UUID(int=0)) for card in fresh_cards))
+    epoch_s = -(-max(state.epoch_ms for state in states) // 1000)
+    not_before = max(int(time.time()), epoch_s + context.settings.clock_skew)
+    await asyncio.sleep(max(0.0, not_before - context.settings.clock_skew - time.time()))
     fresh = [deployment.code(card, not_before) for card in fresh_cards]
     during = await deployment.scan_all(fresh)
     through_database = fallback.mirrored - mirrored_before
