@@ -21,7 +21,7 @@ install: $(STAMP)
 ## Serve on embedded defaults: SQLite under var/, in-process nonce store, dev keys, one worker.
 run: install
 	$(VENV)/bin/litestar $(APP) ecard db upgrade
-	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) --http app.http_limits:LimitedHttpToolsProtocol
+	$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) --http app.server.http_limits:LimitedHttpToolsProtocol
 
 ## Production-style: several workers; needs REDIS_URL (and DATABASE_URL, ECARD_KEYS_DIR, ECARD_MODE=production).
 ## /metrics sums the workers through PROMETHEUS_MULTIPROC_DIR (emptied at each start). Run
@@ -33,7 +33,7 @@ serve: install
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(METRICS_DIR) WEB_CONCURRENCY=$(WORKERS) \
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
-		--workers $(WORKERS) --no-access-log --log-config deploy/logging.json --loop uvloop --http app.http_limits:LimitedHttpToolsProtocol
+		--workers $(WORKERS) --no-access-log --log-config deploy/logging.json --loop uvloop --http app.server.http_limits:LimitedHttpToolsProtocol
 
 ## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
 test: browser-deps install lint
@@ -57,7 +57,7 @@ migration: install
 
 ## Rewrite openapi/openapi.json from the code (a test fails when they differ).
 openapi: install
-	$(VENV)/bin/python -m app.openapi_export
+	$(VENV)/bin/python -m app.server.openapi_export
 
 ## Set up a region, an admin, a gate and a card to try the loop by hand (see README).
 demo: install

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Litestar
 
-from app.plugin import EcardPlugin
+from app.server.plugin import EcardPlugin
 from app.settings import Settings, get_settings
 
 

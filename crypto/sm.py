@@ -12,7 +12,7 @@ Formats:
 - JWK: {"kty": "EC", "crv": "SM2", "x": …, "y": …} (base64url of the 32-byte coordinates, as
   RFC 7518 §6.2 writes P-256 keys; "SM2" is not in the IANA JOSE curve registry). The kid is the
   first 8 bytes of the RFC 7638 thumbprint of those four members, hashed with SM3 instead of SHA-256;
-- SM4-GCM blob: nonce (12) ‖ ciphertext ‖ tag (16), like app/pii.py's AES-GCM.
+- SM4-GCM blob: nonce (12) ‖ ciphertext ‖ tag (16), like app/security/pii.py's AES-GCM.
 """
 
 from __future__ import annotations

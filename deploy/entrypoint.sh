@@ -14,7 +14,7 @@ HOST="${HOST:-0.0.0.0}"
 PORT="${PORT:-8000}"
 WEB_CONCURRENCY="${WEB_CONCURRENCY:-2}"
 PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-var/prometheus}"
-ECARD_UVICORN_FLAGS="${ECARD_UVICORN_FLAGS:---no-access-log --log-config deploy/logging.json --loop uvloop --http app.http_limits:LimitedHttpToolsProtocol}"
+ECARD_UVICORN_FLAGS="${ECARD_UVICORN_FLAGS:---no-access-log --log-config deploy/logging.json --loop uvloop --http app.server.http_limits:LimitedHttpToolsProtocol}"
 APP="app.asgi:create_app"
 export WEB_CONCURRENCY PROMETHEUS_MULTIPROC_DIR
 

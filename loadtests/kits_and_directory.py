@@ -28,13 +28,13 @@ import asyncpg
 from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 
-from app.context import ServiceContext
 from app.db.migrate import upgrade_to_head
 from app.db.models import OfflineKitBuild, Terminal
 from app.domain.audit.services import Actor
 from app.domain.regions.services import register_region
 from app.domain.verification.directory import directory_counter, next_directory_version
 from app.domain.verification.offline import OfflineKits, non_active_ecards
+from app.server.context import ServiceContext
 from app.settings import Settings
 
 DATABASE = "ecard_kits_figures"

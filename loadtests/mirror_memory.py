@@ -34,7 +34,7 @@ import redis
 
 from app.domain.cards.citizen_id import check_character, mask_citizen_id
 from app.domain.verification.disclosure import Profile, seal_profile
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import MIRROR_BATCH, CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
 from loadtests.redis_cluster import free_port
 

@@ -27,8 +27,8 @@ from app.db.migrate import upgrade_to_head
 from app.domain.cards.citizen_id import mask_citizen_id
 from app.domain.cards.rebuild import Progress, Rebuilder
 from app.domain.verification.disclosure import Profile, seal_profile
-from app.keyring import load_keyring
-from app.pii import PiiCipher
+from app.security.keyring import load_keyring
+from app.security.pii import PiiCipher
 from app.settings import Settings
 from app.stores.status_mirror import MirrorEntry, RedisStatusMirror
 from tests.servers import RedisServer

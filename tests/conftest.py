@@ -21,12 +21,12 @@ from litestar import Litestar
 from sqlalchemy.engine import URL, make_url
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_to_head
 from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, create_operator
-from app.plugin import EcardPlugin
+from app.server.context import STATE_KEY, ServiceContext
+from app.server.plugin import EcardPlugin
 from app.settings import DEV_KEYS_DIR, Settings
 from loadtests.redis_cluster import ClusterError, RedisCluster
 from tests import factories

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from loadtests.bench.processes import ServerProcess
 
 METRICS_PATH = "/metrics"
-# The service's verify-handler histogram (app/metrics.py) and the quantile the reports show from it.
+# The service's verify-handler histogram (app/observability/metrics.py) and the quantile the reports show from it.
 VERIFY_HISTOGRAM = "ecard_verify_duration_seconds"
 SERVER_QUANTILE = 0.99
 METRICS_TIMEOUT = 10.0

@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from app import metrics
+from app.observability import metrics
 from app.settings import PROJECT_ROOT
 
 DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "ecard.json"
@@ -16,7 +16,7 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
 
 
 def exported_series() -> set[str]:
-    """The names of the series app.metrics registers, as Prometheus stores them (with their suffixes)."""
+    """The names of the series app.observability.metrics registers, as Prometheus stores them (with their suffixes)."""
     assert metrics.VERIFY_SECONDS is not None  # imported for its registrations
     names: set[str] = set()
     for family in REGISTRY.collect():

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from app.domain.imports.controllers import MAX_UPLOAD_BYTES
-from app.http_limits import HttpLimits
+from app.server.http_limits import HttpLimits
 from app.settings import PROJECT_ROOT
 from tests.servers import free_port
 

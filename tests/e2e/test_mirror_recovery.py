@@ -23,14 +23,14 @@ import pytest
 from sqlalchemy import insert
 
 from app.asgi import create_app
-from app.clock import utcnow
-from app.context import STATE_KEY, ServiceContext
+from app.db.clock import utcnow
 from app.db.models import Card, ECard, Person
 from app.domain.cards.citizen_id import check_character
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Rebuilder
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, reconcile_status_mirror
 from app.domain.operators.services import Role
 from app.domain.regions.services import allocate_status_indexes
+from app.server.context import STATE_KEY, ServiceContext
 from crypto.credential import NONCE_LENGTH, Claims, Purpose, issue_credential
 from tests import factories
 from tests.conftest import make_settings, operator_token, serve

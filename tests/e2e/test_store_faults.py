@@ -22,10 +22,10 @@ from litestar import Litestar
 from sqlalchemy import func, select
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.db.models import ECard, MirrorChange, VerificationEvent
 from app.domain.cards.services import mirror_all_statuses
 from app.domain.operators.services import Role
+from app.server.context import STATE_KEY, ServiceContext
 from crypto.credential import open_credential
 from tests import factories
 from tests.conftest import make_settings, operator_token, serve

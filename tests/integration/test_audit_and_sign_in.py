@@ -30,11 +30,11 @@ from argon2.exceptions import VerificationError
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
-from app.clock import as_utc, utcnow
-from app.context import ServiceContext
+from app.db.clock import as_utc, utcnow
 from app.db.models import AuditEvent, Operator
 from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, create_operator
+from app.server.context import ServiceContext
 from tests import factories
 from tests.conftest import operator_token
 from tests.factories import Holder, bearer, problem
@@ -498,7 +498,7 @@ ARGON2_ON_THE_LOOP = (
 
 def server_error(caplog: pytest.LogCaptureFixture) -> str:
     """What the app logged about its last unhandled error, with a diagnosis where one is known."""
-    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "app.problems"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "app.http.problems"]
     if not errors:
         return "no unhandled error was logged"
     detail = (errors[-1].exc_text or errors[-1].getMessage()).strip().splitlines()[-1]

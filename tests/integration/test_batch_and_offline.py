@@ -30,11 +30,11 @@ import pytest
 import redis.asyncio as redis
 from sqlalchemy import select
 
-from app.clock import as_utc
-from app.context import ServiceContext
+from app.db.clock import as_utc
 from app.db.models import ECard, VerificationEvent
 from app.domain.verification.events import BATCH
 from app.domain.verification.offline import OfflineKits
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from app.stores.invalidation import RedisInvalidationBus
 from app.stores.status_mirror import card_key

@@ -33,7 +33,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 
-from app.context import ServiceContext
 from app.db.models import ActivationCode, AuditEvent, Card, ECard, ImportJob, ImportRejection, Person
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import check_character
@@ -42,6 +41,7 @@ from app.domain.imports import controllers as import_controllers
 from app.domain.imports.services import ImportFileError, ImportResult, import_file, rejection_report
 from app.domain.operators.services import Role
 from app.domain.regions.services import register_region
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from tests import factories
 from tests.conftest import BACKENDS, _drop_postgres_database, make_settings, migrated_database, operator_token

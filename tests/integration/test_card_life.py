@@ -26,11 +26,11 @@ import jwt
 import pytest
 from sqlalchemy import func, select, update
 
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import Card, ECard, Person
 from app.domain.cards.services import CITIZEN_ID_FIELD
 from app.domain.operators.services import Role
+from app.server.context import ServiceContext
 from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token

@@ -23,12 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 
 from app.asgi import create_app
-from app.context import ServiceContext
 from app.db.models import AuditEvent, CatalogService, CatalogVersion, RegionService
 from app.domain.audit.services import Actor
 from app.domain.catalog.document import read_catalog, read_regions
 from app.domain.catalog.services import DEFAULT_REGIONS_FILE, DEFAULT_SERVICES_FILE, load_catalog
 from app.domain.operators.services import Role
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from tests import factories
 from tests.conftest import BACKENDS, _drop_postgres_database, make_settings, migrated_database, operator_token, serve

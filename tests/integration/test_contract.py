@@ -15,9 +15,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
-from app.context import ServiceContext
 from app.db.models import Base
-from app.openapi_export import OPENAPI_PATH, openapi_document
+from app.server.context import ServiceContext
+from app.server.openapi_export import OPENAPI_PATH, openapi_document
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}

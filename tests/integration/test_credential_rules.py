@@ -22,8 +22,8 @@ import pytest
 import redis.asyncio as redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from app.context import ServiceContext
 from app.domain.verification.directory import signing_input
+from app.server.context import ServiceContext
 from app.stores.status_mirror import card_key
 from crypto.base45 import b45encode
 from crypto.cose import protected_header

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from app.context import ServiceContext
 from app.db.models import Terminal
 from app.domain.verification.directory import directory_counter, next_directory_version
+from app.server.context import ServiceContext
 from tests import factories
 from tests.factories import Gate, bearer
 

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy.engine import URL
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.domain.operators.services import Role
-from app.plugin import SingleWorkerError
+from app.server.context import STATE_KEY, ServiceContext
+from app.server.plugin import SingleWorkerError
 from tests import factories
 from tests.conftest import make_settings, migrated_database, operator_token, serve
 from tests.factories import bearer

@@ -26,10 +26,10 @@ import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import select, text
 
-from app.context import ServiceContext
 from app.db.models import Base, ECard
 from app.domain.operators.services import Role
-from app.tokens import HolderSession
+from app.security.tokens import HolderSession
+from app.server.context import ServiceContext
 from crypto.credential import Purpose, open_credential
 from crypto.keys import b64url_decode
 from tests import factories

@@ -20,10 +20,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import ActivationCode, Device
-from app.tokens import HolderSession
+from app.security.tokens import HolderSession
+from app.server.context import ServiceContext
 from crypto.credential import open_credential
 from crypto.keys import b64url_decode
 from tests import factories

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from app.context import ServiceContext
 from app.domain.verification.service import CredentialVerifier
-from app.hot_paths import HotPaths
-from app.plugin import EcardPlugin
-from app.request_observer import RequestObserver
+from app.http.hot_paths import HotPaths
+from app.server.context import ServiceContext
+from app.server.plugin import EcardPlugin
+from app.server.request_observer import RequestObserver
 from tests import factories
 from tests.factories import Gate, Holder
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from app.json_bodies import decode_json_body, is_json_content_type
+from app.http.json_bodies import decode_json_body, is_json_content_type
 from tests import factories
 from tests.factories import Gate, Holder, bearer, problem
 

@@ -6,7 +6,7 @@ from datetime import date
 
 import httpx
 
-from app.context import ServiceContext
+from app.server.context import ServiceContext
 from tests import factories
 from tests.factories import bearer, problem
 from tests.integration.test_money import drain, key, verified

@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from app import logs
 from app.domain.holders import controllers as holder_controllers
 from app.domain.imports import controllers as import_controllers
-from app.request_ids import RequestIds
+from app.observability import logs
+from app.observability.request_ids import RequestIds
 from app.settings import Settings
 from tests import factories
 from tests.factories import Gate, bearer

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from app import metrics
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import MirrorChange
+from app.observability import metrics
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from tests import factories
 from tests.factories import Gate, Holder
@@ -144,7 +144,7 @@ async def test_the_mirror_outbox_and_a_rebuild_are_gauged(client: httpx.AsyncCli
 
 _WORKER = """
 import sys
-from app import metrics
+from app.observability import metrics
 metrics.count_request("POST", "/v1/verify", 200, 0.002)
 metrics.count_issued("transit", 20, 0.001)
 metrics.rebuild_progress(int(sys.argv[1]), 10)

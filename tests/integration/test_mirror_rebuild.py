@@ -20,12 +20,12 @@ import pytest
 import redis.asyncio as redis
 from sqlalchemy import func, select, update
 
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import ECard, Entitlement, MirrorRebuild
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Progress, RebuildBusy, Rebuilder, store_epoch
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.disclosure import PARK_ANNUAL_PASS, Profile, profile_field, unpack_profile
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
 from tests import factories

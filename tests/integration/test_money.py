@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import IdempotencyRecord, LedgerPosting, LedgerTransaction
 from app.domain.ledger.idempotency import request_hash
+from app.server.context import ServiceContext
 from tests import factories
 from tests.factories import Gate, Holder, bearer, problem
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.asgi import create_app
-from app.context import ServiceContext
+from app.server.context import ServiceContext
 from crypto.base45 import b45decode
 from crypto.credential import PREFIX
 from crypto.keys import ALG_EDDSA, ALG_SM2_SM3

@@ -1,7 +1,7 @@
 """U+0000 (NUL) in a request's text is a 400 problem on both backends, never a 500 and never a write.
 
 PostgreSQL cannot store NUL in text, so these were 500s there (schemathesis found the first);
-SQLite stored them. app.nul_text refuses them before a handler runs.
+SQLite stored them. app.http.nul_text refuses them before a handler runs.
 """
 
 from __future__ import annotations

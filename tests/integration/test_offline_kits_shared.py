@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlalchemy import select, text, update
 
-from app import problems
-from app.clock import utcnow
-from app.context import ServiceContext
+from app.db.clock import utcnow
 from app.db.models import OfflineKitBuild
 from app.domain.verification import offline
 from app.domain.verification.offline import OfflineKits, SignedKit, non_active_ecards
+from app.http import problems
+from app.server.context import ServiceContext
 from crypto.offline import OfflineKit, verify_offline
 from crypto.status_list import CardStatusCode
 from tests import factories

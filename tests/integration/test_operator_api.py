@@ -20,12 +20,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from app.context import ServiceContext
 from app.db.models import Base, Card, Person
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import check_character
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD
 from app.domain.operators.services import Role, create_operator
+from app.server.context import ServiceContext
 from tests import factories
 from tests.conftest import operator_token
 from tests.factories import Gate, Holder, bearer, problem

@@ -19,9 +19,9 @@ from litestar import Litestar
 from sqlalchemy import select
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.db.models import VerificationEvent
 from app.domain.operators.services import Role
+from app.server.context import STATE_KEY, ServiceContext
 from app.stores.event_stream import EVENT_SHARDS, SHARD_TAGS, Backlog, stream_keys
 from app.stores.status_mirror import MirroredStatus, RedisStatusMirror, ScanResult
 from crypto.credential import NONCE_LENGTH

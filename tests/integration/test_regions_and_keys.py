@@ -10,8 +10,8 @@ import pytest
 from jwt.algorithms import OKPAlgorithm
 
 from app.asgi import create_app
-from app.context import ServiceContext
 from app.domain.agreements.rules import AgreementsError, load_rules
+from app.server.context import ServiceContext
 from app.settings import DATA_DIR
 from crypto.credential import Purpose, open_credential
 from crypto.keys import b64url

@@ -46,7 +46,7 @@ from app.domain.audit.services import Actor
 from app.domain.catalog.document import read_catalog, read_regions
 from app.domain.catalog.services import DEFAULT_REGIONS_FILE, DEFAULT_SERVICES_FILE, load_catalog
 from app.domain.operators.services import Role, create_operator
-from app.openapi_export import OPENAPI_PATH
+from app.server.openapi_export import OPENAPI_PATH
 from tests import factories
 from tests.conftest import BACKENDS, _drop_postgres_database, make_settings, migrated_database
 from tests.servers import free_port

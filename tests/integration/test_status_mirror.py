@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as redis
 from redis.crc import key_slot
 
-from app.context import ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.disclosure import Profile, seal_profile
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
+from app.server.context import ServiceContext
 from app.stores.event_stream import EVENT_SHARDS
 from app.stores.status_mirror import (
     CARDS_PER_BUCKET,

@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from app.plugin import EcardPlugin
+from app.observability.tracing import tracer_provider
+from app.server.plugin import EcardPlugin
 from app.settings import Settings
-from app.tracing import tracer_provider
 from tests import factories
 from tests.conftest import make_settings, serve
 
@@ -86,7 +86,7 @@ async def test_a_proxy_request_id_and_trace_are_continued(
 async def test_a_server_error_marks_its_span(
     traced: httpx.AsyncClient, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import health
+    from app.server import health
 
     def broken() -> None:
         raise RuntimeError("probe failed")

@@ -37,11 +37,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 
 from app.asgi import create_app
-from app.clock import as_utc
-from app.context import STATE_KEY, ServiceContext
+from app.db.clock import as_utc
 from app.db.models import VerificationEvent, VerifierOrganisation
 from app.domain.operators.services import Role
 from app.domain.verification.events import ONLINE, EventRecord, encode_event
+from app.server.context import STATE_KEY, ServiceContext
 from app.settings import PROJECT_ROOT
 from app.stores.event_stream import GROUP, stream_keys
 from app.stores.status_mirror import RateLimit, Scan

@@ -30,9 +30,9 @@ import redis.asyncio as redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.directory import signing_input
+from app.server.context import STATE_KEY, ServiceContext
 from app.stores.status_mirror import RedisStatusMirror, profile_part
 from crypto.credential import open_credential
 from crypto.keys import b64url, public_raw

@@ -14,9 +14,9 @@ import pytest
 from litestar import Litestar
 
 from app.asgi import create_app
-from app.context import STATE_KEY, ServiceContext
 from app.domain.cards.services import mirror_all_statuses
 from app.domain.operators.services import Role
+from app.server.context import STATE_KEY, ServiceContext
 from crypto.base45 import b45decode, b45encode
 from crypto.credential import NONCE_LENGTH, PREFIX, Claims, issue_credential, open_credential
 from crypto.keys import SigningKey

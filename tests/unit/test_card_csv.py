@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from app.domain.imports.services import CardFileReader
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.settings import PROJECT_ROOT
 from loadtests import card_csv
 

@@ -22,7 +22,7 @@ from app.domain.imports.services import (
     remove_stale_uploads,
     report_card_number,
 )
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 
 CIPHER = PiiCipher(os.urandom(32), os.urandom(32))
 FIRST17 = "51000019900101123"

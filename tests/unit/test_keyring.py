@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.keyring import KeyringError, generate_keyring, load_keyring, read_keyring
+from app.security.keyring import KeyringError, generate_keyring, load_keyring, read_keyring
 from app.settings import DEV_KEYS_DIR, Settings
 
 

@@ -16,7 +16,7 @@ from app.domain.cards.citizen_id import (
     mask_name,
     normalise_citizen_id,
 )
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 
 CIPHER = PiiCipher(os.urandom(32), os.urandom(32))
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from app.domain.cards.citizen_id import mask_citizen_id
 from app.domain.verification.disclosure import PACKED_OTHER, Profile, pack_profile, seal_profile, unpack_profile
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 
 # The CJK block as far as GB 18030 writes it in two bytes (U+9FA6 and up take four).
 CJK = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FA5)

@@ -11,12 +11,12 @@ from litestar.params import QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import AuditEvent
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.schemas import AuditEventOut
 from app.domain.audit.services import list_events
 from app.domain.operators.services import Role, require_role
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import problem_responses
+from app.security.tokens import OperatorSession
 
 
 def _out(event: AuditEvent) -> AuditEventOut:

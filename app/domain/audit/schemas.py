@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 
 class AuditEventOut(WireModel):

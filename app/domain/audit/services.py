@@ -10,10 +10,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import AuditEvent
-from app.scope import within
-from app.tokens import HolderSession, OperatorSession
+from app.domain.regions.scope import within
+from app.security.tokens import HolderSession, OperatorSession
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext
 from app.db.models import Card, ECard, ECardState, Person
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import (
@@ -43,9 +41,11 @@ from app.domain.cards.services import (
 )
 from app.domain.holders.pin import reset_pin
 from app.domain.operators.services import Role, require_region, require_role
-from app.pii import PiiCipher
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import problem_responses
+from app.security.pii import PiiCipher
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 
 
 def card_out(pii: PiiCipher, card: Card, ecard: ECard, person: Person) -> CardOut:

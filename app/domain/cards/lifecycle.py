@@ -22,13 +22,13 @@ from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Card, CardState, Device, ECard, ECardState, RefreshToken, SuspensionCause
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_card, stage_device
 from app.domain.cards.services import new_activation_code, normalise_card_number
-from app.pii import PiiCipher
+from app.http import problems
+from app.security.pii import PiiCipher
 
 ECARD_TRANSITIONS: dict[ECardState, frozenset[ECardState]] = {
     ECardState.PENDING_ACTIVATION: frozenset({ECardState.REVOKED}),

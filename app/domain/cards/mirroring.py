@@ -22,10 +22,10 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Card, ECard, ECardState, MirrorChange, Person
 from app.domain.cards.services import MIRRORED, entitlements_of, profile_record
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import CardRecord, StatusMirror, StoreUnavailable
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import metrics
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import ECard, MirrorRebuild
 from app.domain.cards.services import (
     STATUS_OF_STATE,
@@ -40,7 +39,8 @@ from app.domain.cards.services import (
     mirror_rows,
     seal_missing_profiles,
 )
-from app.pii import PiiCipher
+from app.observability import metrics
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import CardRecord, MirrorEntry, StatusMirror, StoreUnavailable
 
 logger = logging.getLogger(__name__)

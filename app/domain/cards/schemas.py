@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 
 class CardIssue(WireModel):

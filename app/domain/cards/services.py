@@ -14,11 +14,11 @@ from typing import cast
 from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Entitlement, Person, Region
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, mask_citizen_id, normalise_citizen_id
+from app.domain.regions.scope import covers, within
 from app.domain.regions.services import allocate_status_indexes
 from app.domain.verification.disclosure import (
     PARK_ANNUAL_PASS,
@@ -26,8 +26,8 @@ from app.domain.verification.disclosure import (
     entitlements_record,
     seal_profile,
 )
-from app.pii import PiiCipher
-from app.scope import covers, within
+from app.http import problems
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, StatusMirror
 
 CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")

@@ -10,9 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext
 from app.db.models import CatalogService
-from app.dependencies import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
 from app.domain.catalog.document import ApplicationType, Domain, PurposeName
 from app.domain.catalog.schemas import (
     ApplicationTypeOut,
@@ -34,7 +32,9 @@ from app.domain.catalog.services import (
 )
 from app.domain.regions.services import REGION_CODE
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
-from app.problems import problem_responses
+from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.http.problems import problem_responses
+from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 # The document states what a region code is, so a client (and schemathesis) knows which codes are well formed.

@@ -12,7 +12,7 @@ from app.domain.catalog.document import (
     ProvenanceStatus,
     PurposeName,
 )
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 
 class ProvenanceOut(WireModel):

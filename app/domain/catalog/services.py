@@ -20,13 +20,13 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import CatalogService, CatalogVersion, Region, RegionService
 from app.domain.agreements.rules import AcceptanceRules
 from app.domain.audit.services import Actor, record
 from app.domain.catalog.document import ALL_REGIONS, Catalog, CatalogEntry, RegionAvailability
 from app.domain.regions.services import check_region_code
+from app.http import problems
 from app.settings import DATA_DIR
 from crypto.credential import Purpose
 

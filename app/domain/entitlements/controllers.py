@@ -9,17 +9,17 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext
 from app.db.models import Entitlement
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
 from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import find_card
 from app.domain.entitlements.schemas import EntitlementGrant, EntitlementOut
 from app.domain.entitlements.services import grant_entitlement, list_entitlements, revoke_entitlement
 from app.domain.operators.services import Role, require_role
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import problem_responses
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 
 
 def _out(entitlement: Entitlement) -> EntitlementOut:

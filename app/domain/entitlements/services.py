@@ -8,11 +8,11 @@ from datetime import UTC, date, datetime, time
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import ECard, Entitlement, Region
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
+from app.http import problems
 
 
 def _end_of(day: date) -> datetime:

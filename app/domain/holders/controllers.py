@@ -12,10 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import metrics, problems
-from app.clock import as_utc
-from app.context import ServiceContext, context_of
-from app.dependencies import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
+from app.db.clock import as_utc
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
@@ -44,9 +41,13 @@ from app.domain.holders.schemas import (
 )
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
 from app.domain.verification.events import card_usage
-from app.hot_paths import HotRoute, body_decoder
-from app.problems import problem_responses
-from app.tokens import HolderSession, InvalidToken
+from app.http import problems
+from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
+from app.http.hot_paths import HotRoute, body_decoder
+from app.http.problems import problem_responses
+from app.observability import metrics
+from app.security.tokens import HolderSession, InvalidToken
+from app.server.context import ServiceContext, context_of
 from crypto.credential import Purpose
 from crypto.keys import b64url, b64url_decode
 
@@ -360,7 +361,7 @@ async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes) -> Cr
     return await credential_bundle(ctx, await holder_on_device(ctx, session), data)
 
 
-# Every open QR screen refreshes through this: served in front of the router (app.hot_paths).
+# Every open QR screen refreshes through this: served in front of the router (app.http.hot_paths).
 HOT_ISSUE = HotRoute("/v1/holder/credentials", HOLDER_BODY_MAX_BYTES, b"authorization", _hot_issue)
 
 

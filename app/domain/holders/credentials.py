@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import segno
 
-from app import problems
+from app.http import problems
+from app.security.tokens import HolderSession
 from app.settings import Settings
 from app.stores.status_mirror import MirroredStatus
-from app.tokens import HolderSession
 from crypto.credential import (
     NONCE_LENGTH,
     Claims,

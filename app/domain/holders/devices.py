@@ -7,12 +7,12 @@ import uuid
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Device, ECard, RefreshToken
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_device
-from app.tokens import HolderSession
+from app.http import problems
+from app.security.tokens import HolderSession
 
 
 async def list_devices(session: AsyncSession, holder: HolderSession) -> list[Device]:

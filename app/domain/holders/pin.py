@@ -13,11 +13,11 @@ import re
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
 from app.db.models import ECard
 from app.domain.audit.services import Actor, record
-from app.secrets import hash_secret, verify_secret
-from app.tokens import HolderSession
+from app.http import problems
+from app.security.passwords import hash_secret, verify_secret
+from app.security.tokens import HolderSession
 
 MAX_PIN_ATTEMPTS = 5
 _PIN = re.compile(r"^[0-9]{6}$")

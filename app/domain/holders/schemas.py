@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 from crypto.credential import MAX_TEXT_LENGTH
 
 PurposeName = Literal["transit", "medical", "park", "library", "general"]

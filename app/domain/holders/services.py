@@ -11,14 +11,14 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
 from app.domain.cards.services import activation_code_hash, normalise_activation_code
-from app.pii import PiiCipher
+from app.http import problems
+from app.security.pii import PiiCipher
+from app.security.tokens import HolderSession, SessionTokens
 from app.settings import Settings
-from app.tokens import HolderSession, SessionTokens
 from crypto.keys import b64url
 
 REFRESH_TOKEN_PREFIX = "rt_"

@@ -15,10 +15,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.context import ServiceContext
 from app.db.models import ImportJob
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
 from app.domain.imports.schemas import ImportJobOut
 from app.domain.imports.services import (
@@ -33,9 +30,12 @@ from app.domain.imports.services import (
     store_upload,
 )
 from app.domain.operators.services import Role, require_role
-from app.problems import ProblemBody, problem_responses
+from app.http import problems
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import ProblemBody, problem_responses
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
-from app.tokens import OperatorSession
 
 CSV_MEDIA_TYPE = "text/csv"
 # About 700,000 rows; larger batches go through the CLI.

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 
 from app.domain.imports.services import ImportSource, ImportStatus
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 
 class ImportJobOut(WireModel):

@@ -44,14 +44,14 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportRejection, Person, Region
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
+from app.domain.regions.scope import ALL_REGIONS
 from app.domain.regions.services import REGION_CODE, allocate_status_indexes
-from app.pii import PiiCipher
-from app.scope import ALL_REGIONS
+from app.security.pii import PiiCipher
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from litestar.openapi import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext, context_of
 from app.domain.issuers.trust_list import sign_trust_list, signer_jwk
-from app.problems import problem_responses
-from app.schema import WireModel
+from app.http.problems import problem_responses
+from app.http.schema import WireModel
+from app.server.context import ServiceContext, context_of
 from crypto.jwk import jwks
 
 

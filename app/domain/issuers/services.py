@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import IssuerKey, KeyState, Region
 from app.domain.audit.services import Actor, record
-from app.pii import PiiCipher
+from app.http import problems
+from app.security.pii import PiiCipher
 from crypto import algorithms
 from crypto.keys import PrivateKey, PublicKey
 

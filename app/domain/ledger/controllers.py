@@ -12,10 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import as_utc, utcnow
-from app.context import ServiceContext
-from app.dependencies import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
+from app.db.clock import as_utc, utcnow
 from app.domain.audit.services import Actor, record
 from app.domain.ledger.requests import IdempotencyKey, run_once
 from app.domain.ledger.schemas import (
@@ -40,8 +37,11 @@ from app.domain.ledger.services import (
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.domain.verifiers.services import get_organisation
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http import problems
+from app.http.auth import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
+from app.http.problems import problem_responses
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 

@@ -18,9 +18,9 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import IdempotencyRecord
+from app.http import problems
 
 # A claim this old whose request never completed belongs to a request that died before its commit.
 STALE_AFTER = timedelta(seconds=30)

@@ -11,8 +11,6 @@ from litestar.params import HeaderParameter
 from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.context import ServiceContext
 from app.db.models import IdempotencyRecord
 from app.domain.ledger.idempotency import (
     MAX_KEY_LENGTH,
@@ -25,6 +23,8 @@ from app.domain.ledger.idempotency import (
     release,
     request_hash,
 )
+from app.http import problems
+from app.server.context import ServiceContext
 
 T = TypeVar("T", bound=msgspec.Struct)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 VerificationId = Annotated[str, msgspec.Meta(pattern=r"^vf_[A-Za-z0-9_-]{16}$")]
 # Up to 100,000 CNY in fen: far above any fare or bill a terminal should send in one piece.

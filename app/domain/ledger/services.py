@@ -20,8 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.engine import insert_or_ignore
 from app.db.models import (
     Card,
@@ -34,6 +33,7 @@ from app.db.models import (
     VerifierOrganisation,
 )
 from app.domain.agreements.rules import province
+from app.http import problems
 
 
 class AccountKind:

@@ -9,16 +9,16 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.context import ServiceContext
 from app.db.models import LibraryLoan, VerifierOrganisation
-from app.dependencies import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
 from app.domain.ledger.requests import IdempotencyKey, run_once
 from app.domain.ledger.services import accepted_verification
 from app.domain.lending.schemas import LoanOut, LoanRequest, ParkEntryOut, ParkEntryRequest, ReturnRequest
 from app.domain.lending.services import card_loans, enter_park, lend, take_back
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
-from app.problems import problem_responses
+from app.http import problems
+from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.http.problems import problem_responses
+from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 
 from app.domain.ledger.schemas import VerificationId
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 ItemId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
 

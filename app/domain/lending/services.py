@@ -14,12 +14,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Entitlement, LibraryLoan, ParkEntry, VerifierOrganisation
 from app.domain.agreements.rules import AcceptanceRules, province
 from app.domain.ledger.services import Verified
 from app.domain.verification.disclosure import PARK_ANNUAL_PASS
+from app.http import problems
 from crypto.credential import Purpose
 
 

@@ -7,10 +7,10 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.context import ServiceContext
 from app.domain.operators.schemas import OperatorToken, SignInRequest
 from app.domain.operators.services import authenticate
-from app.problems import problem_responses
+from app.http.problems import problem_responses
+from app.server.context import ServiceContext
 
 OPERATOR_TOKEN_TTL = 8 * 3600
 

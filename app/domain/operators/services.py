@@ -8,14 +8,14 @@ from enum import StrEnum
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Operator
 from app.domain.audit.services import Actor, record
+from app.domain.regions.scope import ALL_REGIONS, covers
 from app.domain.regions.services import check_region_code
-from app.scope import ALL_REGIONS, covers
-from app.secrets import DUMMY_HASH, hash_secret, verify_secret
-from app.tokens import OperatorSession
+from app.http import problems
+from app.security.passwords import DUMMY_HASH, hash_secret, verify_secret
+from app.security.tokens import OperatorSession
 
 MIN_PASSWORD_LENGTH = 12
 MAX_FAILED_SIGN_INS = 5

@@ -7,17 +7,17 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.context import ServiceContext
 from app.db.models import IssuerKey, Region
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
 from app.domain.issuers.services import activate_key, public_key_of, publish_key, region_keys, revoke_key
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.regions.schemas import IssuerKeyOut, KeyPublication, KeyRevocation, RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http import problems
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import problem_responses
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 from crypto.algorithms import name_of
 from crypto.jwk import public_jwk
 from crypto.keys import KID_LENGTH, b64url, b64url_decode

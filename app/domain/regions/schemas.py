@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 from crypto.algorithms import Algorithm
 
 # Absent: the deployment's crypto profile decides (ECARD_CRYPTO_PROFILE: international → Ed25519,

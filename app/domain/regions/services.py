@@ -7,12 +7,12 @@ import re
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Region
 from app.domain.audit.services import Actor, record
 from app.domain.issuers.services import create_issuer_key
-from app.pii import PiiCipher
+from app.http import problems
+from app.security.pii import PiiCipher
 from crypto.algorithms import ED25519
 
 REGION_CODE = re.compile(r"^[1-9][0-9]{5}$")

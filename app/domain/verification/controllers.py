@@ -10,9 +10,6 @@ from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import metrics, problems
-from app.context import ServiceContext, context_of
-from app.dependencies import TERMINAL_SECURITY
 from app.domain.verification.directory import TerminalEntry
 from app.domain.verification.schemas import (
     BatchItemResult,
@@ -22,7 +19,11 @@ from app.domain.verification.schemas import (
     VerifyResponse,
 )
 from app.domain.verification.service import MAX_BATCH, BatchScan, CredentialVerifier, Outcome, RateLimited
-from app.hot_paths import HotRoute, body_decoder
+from app.http import problems
+from app.http.auth import TERMINAL_SECURITY
+from app.http.hot_paths import HotRoute, body_decoder
+from app.observability import metrics
+from app.server.context import ServiceContext, context_of
 from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
@@ -160,7 +161,7 @@ async def _hot_verify(ctx: ServiceContext, api_key: str, body: bytes) -> VerifyR
     return await answer_scan(ctx.verifier, terminal, data.credential, started)
 
 
-# A plain scan (API key, a body that decodes) served in front of the router; see app.hot_paths.
+# A plain scan (API key, a body that decodes) served in front of the router; see app.http.hot_paths.
 HOT_VERIFY = HotRoute("/v1/verify", MAX_BODY_BYTES, b"x-api-key", _hot_verify)
 
 

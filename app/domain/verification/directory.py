@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import ChangeCounter, Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import RateLimit
 from crypto.credential import Purpose
 from crypto.keys import VerifyKey, b64url_decode

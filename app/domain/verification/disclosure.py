@@ -21,7 +21,7 @@ from enum import StrEnum
 import msgspec
 
 from app.domain.verification.directory import TerminalEntry
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.stores.status_mirror import CardRecord
 from crypto.credential import Claims
 from crypto.keys import b64url

@@ -24,9 +24,9 @@ import msgspec
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import metrics
 from app.db.engine import insert_or_ignore
 from app.db.models import Terminal, VerificationEvent, VerifierOrganisation
+from app.observability import metrics
 from app.stores.event_stream import EventStream, StreamEntry, StreamUnavailable
 from app.stores.status_mirror import ScanResult
 

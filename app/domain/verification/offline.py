@@ -27,10 +27,10 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import ECARD_NOT_ACTIVE, ECard, ECardState, OfflineKitBuild, Region
 from app.domain.issuers.services import IssuerKeys
+from app.http import problems
 from crypto.offline import kit_document
 from crypto.status_list import CardStatusCode, StatusList, sign_status_list
 

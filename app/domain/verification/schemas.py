@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 from crypto.credential import MAX_TEXT_LENGTH
 
 Credential = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LENGTH)]

@@ -24,7 +24,7 @@ from app.domain.agreements.rules import AcceptanceRules
 from app.domain.verification.directory import TerminalEntry, VerifierDirectory
 from app.domain.verification.disclosure import Disclosing, disclose, policy_for
 from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_uses, encode_event, moment_of
-from app.pii import PiiCipher
+from app.security.pii import PiiCipher
 from app.settings import Settings
 from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror, StoreUnavailable
 from crypto.credential import Claims, CredentialRejected, check_window, open_credential, usable_until

@@ -11,11 +11,8 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import as_utc, utcnow
-from app.context import ServiceContext
+from app.db.clock import as_utc, utcnow
 from app.db.models import Terminal, VerifierOrganisation
-from app.dependencies import OPERATOR_SECURITY, provide_operator
 from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.disclosure import BusinessType
@@ -44,8 +41,11 @@ from app.domain.verifiers.services import (
     set_signing_key,
     update_terminal,
 )
-from app.problems import problem_responses
-from app.tokens import OperatorSession
+from app.http import problems
+from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.problems import problem_responses
+from app.security.tokens import OperatorSession
+from app.server.context import ServiceContext
 from crypto.keys import b64url_decode
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from app.schema import WireModel
+from app.http.schema import WireModel
 
 BusinessTypeName = Literal["transit", "park", "library", "hospital", "hrss_office", "other"]
 PurposeName = Literal["transit", "medical", "park", "library", "general"]

@@ -14,13 +14,13 @@ import nacl.bindings
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.models import Region, Terminal, VerifierOrganisation
 from app.domain.audit.services import Actor, record
+from app.domain.regions.scope import covers, within
 from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret, next_directory_version
 from app.domain.verification.disclosure import BusinessType
-from app.scope import covers, within
+from app.http import problems
 from crypto.credential import Purpose
 from crypto.keys import kid_for
 

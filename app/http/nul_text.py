@@ -13,7 +13,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app import problems
+from app.http import problems
 
 NUL = "\x00"
 

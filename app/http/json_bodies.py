@@ -1,7 +1,7 @@
 """Strict JSON request bodies: `application/json` only, each key once, nesting the decoder survives.
 
 Every route that takes a JSON `data:` body reads it through `StrictJsonRequest.json` (the app's
-request class), and the hot paths (app/hot_paths.py) check the same rules before they answer, so
+request class), and the hot paths (app/http/hot_paths.py) check the same rules before they answer, so
 a body is judged the same way wherever it lands:
 
 - 415 unless the Content-Type is `application/json` (parameters allowed; a charset, if given, must
@@ -12,7 +12,7 @@ a body is judged the same way wherever it lands:
 - 400 for a key given twice in one object, at any depth, compared after unescaping
   (`"cred\\u0065ntial"` is `credential`): a last-one-wins decoder would otherwise let a body say
   two things to two readers.
-- 400 for a NUL (`\\u0000`) in any string or key (app.nul_text: PostgreSQL cannot store one).
+- 400 for a NUL (`\\u0000`) in any string or key (app.http.nul_text: PostgreSQL cannot store one).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import msgspec
 from litestar import Request
 from litestar.types import Empty
 
-from app import problems
-from app.nul_text import contains_nul
+from app.http import problems
+from app.http.nul_text import contains_nul
 
 JSON_MEDIA_TYPE = "application/json"
 

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing of requests: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set, then sampled.
 
-One server span per HTTP request, made by app.request_observer in front of the hot paths, so a
+One server span per HTTP request, made by app.server.request_observer in front of the hot paths, so a
 scan answered on plain ASGI is traced like a routed request. The span is named by method and
 route template and carries the request id; never the path or a header value, which can hold a
 card number or a key. A `traceparent` from the caller continues its trace and its sampling decision.
@@ -75,7 +75,7 @@ class RequestTracer:
 
     def __init__(self, provider: TracerProvider) -> None:
         self._provider = provider
-        self._tracer = provider.get_tracer("app.request_observer")
+        self._tracer = provider.get_tracer("app.server.request_observer")
 
     def start(self, scope: HTTPScope, request_id: str) -> RequestSpan:
         """The span of the request whose scope this is, child of the caller's `traceparent` if it sent one."""

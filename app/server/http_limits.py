@@ -1,6 +1,6 @@
 """Limits at the HTTP layer: uvicorn's httptools protocol with a header size cap, read timeouts and a connection cap.
 
-Served with `uvicorn --http app.http_limits:LimitedHttpToolsProtocol` (`make run`, `make serve`). Without it a
+Served with `uvicorn --http app.server.http_limits:LimitedHttpToolsProtocol` (`make run`, `make serve`). Without it a
 64 MB header held the event loop for seconds (httptools joins a header value's pieces quadratically), slow
 clients were never closed and their sockets ran the process out of file descriptors.
 """
@@ -22,7 +22,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.problems import PROBLEM_BASE
+from app.http.problems import PROBLEM_BASE
 
 logger = logging.getLogger("ecard.http")
 

@@ -17,8 +17,8 @@ from litestar import Request, get
 from litestar.openapi import ResponseSpec
 from sqlalchemy import text
 
-from app import problems
-from app.context import STATE_KEY, ServiceContext
+from app.http import problems
+from app.server.context import STATE_KEY, ServiceContext
 
 logger = logging.getLogger(__name__)
 

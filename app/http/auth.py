@@ -10,9 +10,9 @@ from litestar import Request
 from litestar.di import Provide
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import problems
-from app.context import ServiceContext, context_of
-from app.tokens import HolderSession, InvalidToken, OperatorSession
+from app.http import problems
+from app.security.tokens import HolderSession, InvalidToken, OperatorSession
+from app.server.context import ServiceContext, context_of
 
 HOLDER_SECURITY: list[dict[str, list[str]]] = [{"holderToken": []}]
 OPERATOR_SECURITY: list[dict[str, list[str]]] = [{"operatorToken": []}]

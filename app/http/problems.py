@@ -12,7 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from app.request_ids import REQUEST_ID
+from app.observability.request_ids import REQUEST_ID
 
 PROBLEM_BASE = "https://ecard.example/problems/"
 
@@ -170,7 +170,7 @@ def document_problem_answers(document: dict[str, Any]) -> None:
     """Make the OpenAPI document say what every error answer is: an RFC 9457 problem (`ProblemBody`).
 
     Litestar documents its own 400 (validation) as `application/json` with a schema of its own;
-    every body can be refused as too large (413), every JSON body with 415 (app.json_bodies), every
+    every body can be refused as too large (413), every JSON body with 415 (app.http.json_bodies), every
     reused Idempotency-Key with 422. Applied to the whole document once, so no route can forget it.
     """
     for item in document.get("paths", {}).values():

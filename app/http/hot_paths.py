@@ -9,7 +9,7 @@ function the routed handler calls, its answer encoded from the same response Str
 
 Everything else is handed on to the routed handler unchanged, body included: signed requests,
 unknown keys or tokens, chunked, oversized or malformed bodies, a Content-Type other than
-`application/json`, a key given twice (app/json_bodies.py has the rules). Their problem answers
+`application/json`, a key given twice (app/http/json_bodies.py has the rules). Their problem answers
 keep one source. Problems raised while answering (403, 409, 429, 503…) are rendered by Litestar's
 problem-details response; an unexpected error by the app's own 500 handler.
 
@@ -29,9 +29,9 @@ from litestar import Request
 from litestar.enums import ScopeType
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from app import problems
-from app.context import ServiceContext, context_of
-from app.json_bodies import duplicate_key, is_json_content_type
+from app.http import problems
+from app.http.json_bodies import duplicate_key, is_json_content_type
+from app.server.context import ServiceContext, context_of
 
 if TYPE_CHECKING:
     from litestar import Litestar

@@ -25,7 +25,7 @@ from litestar.logging.config import LoggingConfig, StructLoggingConfig
 from litestar.plugins.structlog import StructlogConfig, StructlogPlugin
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from app.request_ids import REQUEST_ID
+from app.observability.request_ids import REQUEST_ID
 from app.settings import Settings
 
 ACCESS_LOGGER = "ecard.access"

@@ -15,10 +15,10 @@ from typing import TypeVar
 import click
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from app.context import ServiceContext
 from app.db.engine import create_engine
 from app.domain.audit.services import Actor
-from app.keyring import KeyringError, generate_keyring
+from app.security.keyring import KeyringError, generate_keyring
+from app.server.context import ServiceContext
 from app.settings import get_settings
 
 T = TypeVar("T")

@@ -33,10 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app import logs, metrics, problems
-from app.context import STATE_KEY, ServiceContext, context_of
 from app.db.models import MirrorChange
-from app.dependencies import DEPENDENCIES
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
@@ -59,16 +56,20 @@ from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.docs_page import docs_render_plugins
 from app.domain.web.pages import web_routers
-from app.health import health, ready
-from app.hot_paths import HotPaths
-from app.json_bodies import StrictJsonRequest
-from app.nul_text import refuse_nul_in_url
-from app.request_ids import RequestIds
-from app.request_observer import RequestObserver
-from app.schema import WireModelSchemaPlugin
+from app.http import problems
+from app.http.auth import DEPENDENCIES
+from app.http.hot_paths import HotPaths
+from app.http.json_bodies import StrictJsonRequest
+from app.http.nul_text import refuse_nul_in_url
+from app.http.schema import WireModelSchemaPlugin
+from app.observability import logs, metrics
+from app.observability.request_ids import RequestIds
+from app.observability.tracing import RequestTracer, tracer_provider
+from app.server.context import STATE_KEY, ServiceContext, context_of
+from app.server.health import health, ready
+from app.server.request_observer import RequestObserver
 from app.settings import PROJECT_ROOT, Settings
 from app.stores.status_mirror import StoreUnavailable
-from app.tracing import RequestTracer, tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def drop_no_content_bodies(document: dict[str, Any]) -> None:
 
 @dataclass
 class ContractDocument(OpenAPI):
-    """The OpenAPI document, its error answers documented as the problems they are (app.problems), its 204s empty."""
+    """The OpenAPI document, its error answers documented as problems (app.http.problems), its 204s empty."""
 
     def to_schema(self) -> dict[str, Any]:
         """The document as JSON data, every 4xx/5xx answer an `application/problem+json` ProblemBody."""
@@ -210,7 +211,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
 
     def on_cli_init(self, cli: Group) -> None:
         """Add `litestar ecard …` commands."""
-        from app.cli import ecard_group
+        from app.server.cli import ecard_group
 
         cli.add_command(ecard_group)
 
@@ -286,7 +287,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             ]
         )
         app_config.dependencies.update(DEPENDENCIES)
-        # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.json_bodies).
+        # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.http.json_bodies).
         app_config.request_class = StrictJsonRequest
         app_config.middleware.append(refuse_nul_in_url)
         app_config.lifespan.append(self.lifespan)

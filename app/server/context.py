@@ -13,7 +13,7 @@ from litestar.datastructures import State
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.clock import utcnow
+from app.db.clock import utcnow
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
@@ -24,13 +24,13 @@ from app.domain.verification.directory import VerifierDirectory, next_directory_
 from app.domain.verification.events import EventDrain, consumer_name
 from app.domain.verification.offline import OfflineKits
 from app.domain.verification.service import CredentialVerifier
-from app.keyring import Keyring, load_keyring
-from app.pii import PiiCipher
+from app.security.keyring import Keyring, load_keyring
+from app.security.pii import PiiCipher
+from app.security.tokens import SessionTokens
 from app.settings import Settings
 from app.stores.event_stream import EventStream, RedisEventStream
 from app.stores.invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
 from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, StatusMirror, StoreUnavailable
-from app.tokens import SessionTokens
 
 logger = logging.getLogger(__name__)
 

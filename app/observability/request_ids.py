@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from litestar.types import Scope
 
 HEADER = b"x-request-id"
-# The request being answered in this task (set by app.request_observer, None outside a request).
+# The request being answered in this task (set by app.server.request_observer, None outside a request).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 # A proxy's id is taken as it is only when it cannot carry anything else: a log line, a card number.
 _ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{8,64}")

@@ -1,6 +1,6 @@
 """The ASGI app in front of everything, the hot paths included: request id, access line, route metrics, span.
 
-It runs once per request, before app.hot_paths decides who answers, so a gate's scan answered
+It runs once per request, before app.http.hot_paths decides who answers, so a gate's scan answered
 on plain ASGI is logged, counted and traced like any routed request. Its cost per request is a
 few microseconds (docs/performance.md has the figures): no body is read, no header parsed but
 `X-Request-Id` from a trusted proxy and, with tracing on, `traceparent`.
@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 
 from litestar.enums import ScopeType
 
-from app import logs, metrics
-from app.request_ids import REQUEST_ID, RequestIds
+from app.observability import logs, metrics
+from app.observability.request_ids import REQUEST_ID, RequestIds
 
 if TYPE_CHECKING:
     from collections.abc import Collection
 
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-    from app.tracing import RequestTracer
+    from app.observability.tracing import RequestTracer
 
 # A request no route matched: its path is not a label (it can be anything a client sends, a card number).
 UNMATCHED = "unmatched"
