@@ -10,7 +10,7 @@ from litestar import Request
 from litestar.di import Provide
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.http import problems
+from app.domain import errors
 from app.security.tokens import HolderSession, InvalidToken, OperatorSession
 from app.server.context import ServiceContext, context_of
 
@@ -23,7 +23,7 @@ def _bearer(request: Request[Any, Any, Any]) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise problems.unauthorized("send 'Authorization: Bearer <token>'")
+        raise errors.Unauthenticated("send 'Authorization: Bearer <token>'")
     return token.strip()
 
 
@@ -43,7 +43,7 @@ async def current_holder(request: Request[Any, Any, Any]) -> AuthenticatedHolder
     try:
         session = context.tokens.read_holder(_bearer(request))
     except InvalidToken as exc:
-        raise problems.unauthorized(f"access token rejected: {exc}") from None
+        raise errors.Unauthenticated(f"access token rejected: {exc}") from None
     return await holder_on_device(context, session)
 
 
@@ -51,7 +51,7 @@ async def holder_on_device(context: ServiceContext, session: HolderSession) -> A
     """The holder of a valid access token, with the card's status; 401 when the device was removed."""
     state = await context.mirror.holder_state(session.card_ref, session.device_id)
     if state.device_revoked:
-        raise problems.unauthorized("this device was removed from the card; activate it again")
+        raise errors.Unauthenticated("this device was removed from the card; activate it again")
     return AuthenticatedHolder(session, state.status, state.epoch_ms)
 
 
@@ -60,7 +60,7 @@ def current_operator(request: Request[Any, Any, Any]) -> OperatorSession:
     try:
         return context_of(request.app.state).tokens.read_operator(_bearer(request))
     except InvalidToken as exc:
-        raise problems.unauthorized(f"operator token rejected: {exc}") from None
+        raise errors.Unauthenticated(f"operator token rejected: {exc}") from None
 
 
 def service_context(request: Request[Any, Any, Any]) -> ServiceContext:

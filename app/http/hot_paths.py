@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from litestar import Request
 from litestar.enums import ScopeType
-from litestar.plugins.problem_details import ProblemDetailsException
 
+from app.domain import errors
 from app.http import problems
 from app.http.json_bodies import duplicate_key, is_json_content_type
 from app.server.context import ServiceContext, context_of
@@ -50,8 +50,8 @@ class HotRoute:
 
     `answer(context, credential, body)` gets the value of `credential_header` and the raw body; it
     returns the response Struct (sent with 200), or None to hand the request on to the
-    routed handler — only before it did anything. It raises `ProblemDetailsException` for a
-    problem to send.
+    routed handler — only before it did anything. It raises a domain error
+    (app.domain.errors) for a problem to send.
     """
 
     path: str
@@ -129,9 +129,13 @@ class HotPaths:
             return
         try:
             answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body)
-        except ProblemDetailsException as exc:
+        except errors.DomainError as exc:
             request: Request[Any, Any, Any] = Request(scope, receive, send)
-            await exc.to_response(request).to_asgi_response(app=None, request=request)(scope, receive, send)
+            await (
+                problems.from_domain_error(exc)
+                .to_response(request)
+                .to_asgi_response(app=None, request=request)(scope, receive, send)
+            )
             return
         except Exception as exc:
             request = Request(scope, receive, send)

@@ -24,6 +24,7 @@ import msgspec
 from litestar import Request
 from litestar.types import Empty
 
+from app.domain import errors
 from app.http import problems
 from app.http.nul_text import contains_nul
 
@@ -83,14 +84,14 @@ def decode_json_body(body: bytes) -> Any:
         value = _decode(body)
         key = duplicate_key(body)
     except msgspec.DecodeError as exc:
-        raise problems.bad_request(f"the body is not valid JSON: {exc}") from None
+        raise errors.Invalid(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise problems.bad_request("the JSON body is nested too deeply") from None
+        raise errors.Invalid("the JSON body is nested too deeply") from None
     if key is not None:
-        raise problems.bad_request(f"the JSON body gives the key {key!r} more than once")
+        raise errors.Invalid(f"the JSON body gives the key {key!r} more than once")
     # A NUL can only come escaped (JSON refuses raw control characters), so most bodies skip the walk.
     if b"\\u0000" in body and contains_nul(value):
-        raise problems.bad_request("text in the JSON body must not contain U+0000 (NUL)")
+        raise errors.Invalid("text in the JSON body must not contain U+0000 (NUL)")
     return value
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.http import problems
+from app.domain import errors
 
 NUL = "\x00"
 
@@ -34,7 +34,7 @@ def refuse_nul_in_url(app: ASGIApp) -> ASGIApp:
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and (NUL in scope["path"] or b"%00" in scope.get("query_string", b"")):
-            raise problems.bad_request("the URL must not contain U+0000 (NUL)")
+            raise errors.Invalid("the URL must not contain U+0000 (NUL)")
         await app(scope, receive, send)
 
     return middleware

@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
+from app.domain import errors
 from app.observability.request_ids import REQUEST_ID
 
 PROBLEM_BASE = "https://ecard.example/problems/"
@@ -42,38 +43,33 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> ProblemDetails
     )
 
 
-def bad_request(detail: str, **extra: Any) -> ProblemDetailsException:
-    """400: the request is malformed."""
-    return problem(400, "bad_request", detail, **extra)
+# The status of each kind of domain refusal: the one place where the domain's words become HTTP.
+_STATUS_BY_KIND: dict[type[errors.DomainError], int] = {
+    errors.Invalid: 400,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.Reused: 422,
+    errors.Throttled: 429,
+    errors.Unavailable: 503,
+}
 
 
-def unauthorized(detail: str = "missing or invalid credentials") -> ProblemDetailsException:
-    """401: who is asking could not be established."""
-    exc = problem(401, "unauthorized", detail)
-    exc.headers = {"WWW-Authenticate": "Bearer"}
-    return exc
-
-
-def forbidden(detail: str) -> ProblemDetailsException:
-    """403: known caller, action not allowed."""
-    return problem(403, "forbidden", detail)
-
-
-def not_found(detail: str) -> ProblemDetailsException:
-    """404: no such thing (or not one the caller may know of)."""
-    return problem(404, "not_found", detail)
-
-
-def conflict(detail: str, **extra: Any) -> ProblemDetailsException:
-    """409: the request conflicts with the current state."""
-    return problem(409, "conflict", detail, **extra)
-
-
-def unavailable(detail: str) -> ProblemDetailsException:
-    """503: a dependency is down; nothing was accepted."""
-    exc = problem(503, "unavailable", detail)
-    exc.headers = {"Retry-After": "1"}
-    return exc
+def from_domain_error(exc: errors.DomainError) -> ProblemDetailsException:
+    """A domain refusal as the problem the API answers: its kind's status, its code, detail and facts."""
+    status = next((_STATUS_BY_KIND[kind] for kind in type(exc).__mro__ if kind in _STATUS_BY_KIND), None)
+    if status is None:  # a bare DomainError is a bug of ours, not the caller's
+        logger.error("domain error of no known kind: %r", exc)
+        return problem(500, "internal_error", "internal error")
+    answer = problem(status, exc.code, exc.detail, **exc.facts)
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    answer.headers = headers or None
+    return answer
 
 
 _CODES_BY_STATUS = {

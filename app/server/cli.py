@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-from litestar.plugins.problem_details import ProblemDetailsException
 
 from app.db.engine import create_engine
 from app.domain.audit.services import Actor
+from app.domain.errors import DomainError
 from app.security.keyring import KeyringError, generate_keyring
 from app.server.context import ServiceContext
 from app.settings import get_settings
@@ -37,8 +37,8 @@ def _run(work: Callable[[ServiceContext], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
-    except ProblemDetailsException as exc:
-        raise click.ClickException(str(exc.detail)) from None
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from None
     except KeyringError as exc:
         raise click.ClickException(str(exc)) from None
 

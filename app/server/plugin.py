@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.db.models import MirrorChange
+from app.domain import errors
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
 from app.domain.cards.services import mirror_all_statuses
@@ -193,11 +194,11 @@ class AllowEveryMethod:
 
 
 def _integrity_error(exc: IntegrityError) -> ProblemDetailsException:
-    return problems.conflict("the request conflicts with existing data (a duplicate?)")
+    return problems.from_domain_error(errors.Conflict("the request conflicts with existing data (a duplicate?)"))
 
 
 def _store_unavailable(exc: StoreUnavailable) -> ProblemDetailsException:
-    return problems.unavailable("card status store is unreachable; nothing was changed there")
+    return problems.from_domain_error(errors.Unavailable("card status store is unreachable; nothing was changed there"))
 
 
 class EcardPlugin(InitPlugin, CLIPlugin):
@@ -297,6 +298,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                     enable_for_all_http_exceptions=True,
                     exception_to_problem_detail_map={
                         HTTPException: problems.from_http_exception,
+                        errors.DomainError: problems.from_domain_error,
                         IntegrityError: _integrity_error,
                         StoreUnavailable: _store_unavailable,
                     },

@@ -17,9 +17,9 @@ from sqlalchemy import select, text, update
 
 from app.db.clock import utcnow
 from app.db.models import OfflineKitBuild
+from app.domain import errors
 from app.domain.verification import offline
 from app.domain.verification.offline import OfflineKits, SignedKit, non_active_ecards
-from app.http import problems
 from app.server.context import ServiceContext
 from crypto.offline import OfflineKit, verify_offline
 from crypto.status_list import CardStatusCode
@@ -119,9 +119,9 @@ async def test_a_region_whose_first_build_is_in_flight_elsewhere_answers_503_aft
         )
         await session.commit()
     monkeypatch.setattr(offline, "WAIT_FOR_FIRST_BUILD", 0.3)
-    with pytest.raises(problems.ProblemDetailsException) as raised:
+    with pytest.raises(errors.Unavailable) as raised:
         await fetch(context, worker(context), "440000")
-    assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "1"}
+    assert raised.value.code == "unavailable" and raised.value.retry_after == 1
     async with context.sessions() as session:  # the builder is back: it finishes
         await session.execute(
             update(OfflineKitBuild).where(OfflineKitBuild.region_code == "440000").values(lease_until=None)
@@ -182,9 +182,9 @@ async def test_the_build_reads_the_non_active_ecards_through_their_partial_index
 
 
 async def test_an_unknown_region_is_404_and_writes_nothing(context: ServiceContext, admin_token: str) -> None:
-    with pytest.raises(problems.ProblemDetailsException) as raised:
+    with pytest.raises(errors.NotFound) as raised:
         await fetch(context, worker(context), "659999")
-    assert raised.value.status_code == 404
+    assert raised.value.code == "not_found"
     async with context.sessions() as session:
         assert await session.scalar(select(OfflineKitBuild).where(OfflineKitBuild.region_code == "659999")) is None
 

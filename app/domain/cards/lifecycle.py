@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Card, CardState, Device, ECard, ECardState, RefreshToken, SuspensionCause
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_card, stage_device
 from app.domain.cards.services import new_activation_code, normalise_card_number
-from app.http import problems
 from app.security.pii import PiiCipher
 
 ECARD_TRANSITIONS: dict[ECardState, frozenset[ECardState]] = {
@@ -58,8 +57,8 @@ def _snapshot(card: Card, ecard: ECard) -> dict[str, Any]:
     }
 
 
-def _conflict(detail: str, current: str) -> ProblemDetailsException:
-    return problems.conflict(detail, current_state=current)
+def _conflict(detail: str, current: str) -> errors.Conflict:
+    return errors.Conflict(detail, current_state=current)
 
 
 def _require_card_transition(card: Card, target: CardState) -> None:
@@ -195,9 +194,9 @@ async def undo_loss(
         raise _conflict("the card is not reported lost", card.state)
     if holder_window is not None:
         if card.loss_reported_by != LOSS_BY_HOLDER:
-            raise problems.forbidden("the loss was reported at the card office; undo it there")
+            raise errors.Forbidden("the loss was reported at the card office; undo it there")
         if card.lost_at is None or utcnow() - card.lost_at > holder_window:
-            raise problems.forbidden("too late to undo the loss from the app; visit the card office")
+            raise errors.Forbidden("too late to undo the loss from the app; visit the card office")
     before = _snapshot(card, ecard)
     # Activated on this card (a replacement waits for re-activation in pending_activation)?
     restored = CardState.ISSUED if ecard.state == ECardState.PENDING_ACTIVATION else CardState.ACTIVE

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, ECard, ECardState, Entitlement, Person, Region
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, mask_citizen_id, normalise_citizen_id
 from app.domain.regions.scope import covers, within
@@ -26,7 +27,6 @@ from app.domain.verification.disclosure import (
     entitlements_record,
     seal_profile,
 )
-from app.http import problems
 from app.security.pii import PiiCipher
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, StatusMirror
 
@@ -70,7 +70,7 @@ def normalise_card_number(raw: str) -> str:
     try:
         return parse_card_number(raw)
     except InvalidCardNumber as exc:
-        raise problems.bad_request(str(exc)) from None
+        raise errors.Invalid(str(exc)) from None
 
 
 def activation_code_hash(pii: PiiCipher, ecard_id: uuid.UUID, code: str) -> str:
@@ -127,15 +127,15 @@ async def issue_card(
     try:
         citizen_id = normalise_citizen_id(citizen_id)
     except InvalidCitizenId as exc:
-        raise problems.bad_request(str(exc)) from None
+        raise errors.Invalid(str(exc)) from None
     card_number = normalise_card_number(card_number)
     name = name.strip()
     if not name:
-        raise problems.bad_request("name must not be empty")
+        raise errors.Invalid("name must not be empty")
     if await session.get(Region, region) is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     if await session.scalar(select(Card.id).where(Card.card_number == card_number)) is not None:
-        raise problems.conflict(f"card number {card_number} is already issued")
+        raise errors.Conflict(f"card number {card_number} is already issued")
     index = pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
     person = await session.scalar(select(Person).where(Person.citizen_id_index == index))
     now = utcnow()
@@ -153,7 +153,7 @@ async def issue_card(
     elif await session.scalar(
         select(Card.id).where(Card.person_id == person.id, Card.state.in_([CardState.ISSUED, CardState.ACTIVE]))
     ):
-        raise problems.conflict("this person already holds a card in use")
+        raise errors.Conflict("this person already holds a card in use")
     card = Card(
         person_id=person.id, region_code=region, card_number=card_number, state=CardState.ISSUED, created_at=now
     )
@@ -194,7 +194,7 @@ async def find_card(session: AsyncSession, card_id: uuid.UUID, regions: tuple[st
     ).first()
     if row is None or not covers(regions, row[0].region_code):
         # The same answer whether the card is missing or outside the operator's regions.
-        raise problems.not_found("no such card")
+        raise errors.NotFound("no such card")
     return row[0], row[1], row[2]
 
 
@@ -391,7 +391,7 @@ async def find_cards(
 ) -> list[tuple[Card, ECard, Person]]:
     """Cards (with eCard and person) by card number or citizen ID, within regions; newest first."""
     if not card_number and not citizen_id:
-        raise problems.bad_request("give card_number or citizen_id")
+        raise errors.Invalid("give card_number or citizen_id")
     query = (
         select(Card, ECard, Person)
         .join(Person, Person.id == Card.person_id)

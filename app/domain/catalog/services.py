@@ -22,11 +22,11 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from app.db.clock import utcnow
 from app.db.models import CatalogService, CatalogVersion, Region, RegionService
+from app.domain import errors
 from app.domain.agreements.rules import AcceptanceRules
 from app.domain.audit.services import Actor, record
 from app.domain.catalog.document import ALL_REGIONS, Catalog, CatalogEntry, RegionAvailability
 from app.domain.regions.services import check_region_code
-from app.http import problems
 from app.settings import DATA_DIR
 from crypto.credential import Purpose
 
@@ -117,7 +117,7 @@ async def _refuse_reused_version(
         select(func.count()).select_from(CatalogVersion).where(version_column == version, digest_column != sha256)
     )
     if clash:
-        raise problems.conflict(
+        raise errors.Conflict(
             f"{what} version {version} was loaded before with different content: give the file a new version"
         )
 
@@ -250,9 +250,9 @@ async def get_service(session: AsyncSession, code: str) -> CatalogService:
     """A service in force by code; 404 if unknown or withdrawn."""
     row = await session.get(CatalogService, code)
     if row is None:
-        raise problems.not_found(f"no service {code!r} in the catalogue")
+        raise errors.NotFound(f"no service {code!r} in the catalogue")
     if row.withdrawn_at is not None:
-        raise problems.not_found(f"service {code} was withdrawn from the catalogue in version {row.version}")
+        raise errors.NotFound(f"service {code} was withdrawn from the catalogue in version {row.version}")
     return row
 
 
@@ -260,7 +260,7 @@ async def registered_region(session: AsyncSession, code: str) -> str:
     """code, if it is a well-formed (400 otherwise) and registered (404 otherwise) region."""
     check_region_code(code)
     if await session.get(Region, code) is None:
-        raise problems.not_found(f"region {code} is not registered")
+        raise errors.NotFound(f"region {code} is not registered")
     return code
 
 

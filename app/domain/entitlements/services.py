@@ -10,9 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import ECard, Entitlement, Region
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
-from app.http import problems
 
 
 def _end_of(day: date) -> datetime:
@@ -32,9 +32,9 @@ async def grant_entitlement(
     """Grant kind in region until the end of valid_until (UTC); commits, then mirrors (False: not yet, queued)."""
     now = utcnow()
     if _end_of(valid_until) <= now:
-        raise problems.bad_request("valid_until must not be in the past")
+        raise errors.Invalid("valid_until must not be in the past")
     if await session.get(Region, region) is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     entitlement = Entitlement(
         ecard_id=ecard.id,
         kind=kind,
@@ -67,9 +67,9 @@ async def revoke_entitlement(
     """End an entitlement now (commits, then mirrors; False: not yet, queued); 404 if it is not this card's."""
     entitlement = await session.get(Entitlement, entitlement_id)
     if entitlement is None or entitlement.ecard_id != ecard.id:
-        raise problems.not_found("no such entitlement")
+        raise errors.NotFound("no such entitlement")
     if entitlement.revoked_at is not None:
-        raise problems.conflict("the entitlement is already revoked")
+        raise errors.Conflict("the entitlement is already revoked")
     entitlement.revoked_at = utcnow()
     record(
         session, actor, "entitlement.revoked", subject_type="entitlement", subject_id=entitlement.id,

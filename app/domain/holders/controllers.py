@@ -13,6 +13,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import as_utc
+from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
@@ -41,7 +42,6 @@ from app.domain.holders.schemas import (
 )
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
 from app.domain.verification.events import card_usage
-from app.http import problems
 from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
 from app.http.hot_paths import HotRoute, body_decoder
 from app.http.problems import problem_responses
@@ -196,7 +196,7 @@ class HolderCardController(Controller):
         """The card was found: within 7 days of the holder's own report, with a PIN step-up if a PIN is set."""
         card, ecard, _person = await own_card(session, holder.session)
         if ecard.pin_hash is not None and not _stepped_up(ctx, holder.session, data.step_up_token):
-            raise problems.problem(403, "step_up_required", "undoing a loss report needs a fresh PIN step-up")
+            raise errors.Forbidden("undoing a loss report needs a fresh PIN step-up", code="step_up_required")
         mirrored = await undo_loss(
             session,
             ctx.outbox,

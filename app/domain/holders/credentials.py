@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import segno
 
-from app.http import problems
+from app.domain import errors
 from app.security.tokens import HolderSession
 from app.settings import Settings
 from app.stores.status_mirror import MirroredStatus
@@ -70,19 +70,19 @@ async def issue_credentials(
     so one issued just after a store reset starts a few seconds ahead instead.
     """
     if count < 1 or count > settings.credential_bundle_max:
-        raise problems.bad_request(f"count must be between 1 and {settings.credential_bundle_max}")
+        raise errors.Invalid(f"count must be between 1 and {settings.credential_bundle_max}")
     if purpose in STEP_UP_PURPOSES:
         if count != 1:
-            raise problems.bad_request(f"{purpose.label} credentials are issued one at a time")
+            raise errors.Invalid(f"{purpose.label} credentials are issued one at a time")
         if not stepped_up:
-            raise problems.problem(
-                403, "step_up_required", f"{purpose.label} credentials need a fresh PIN step-up (step_up_token)"
+            raise errors.Forbidden(
+                f"{purpose.label} credentials need a fresh PIN step-up (step_up_token)", code="step_up_required"
             )
     if card_status != MirroredStatus.ACTIVE.value:
-        raise problems.conflict("the eCard is not active; no credentials can be issued")
+        raise errors.Conflict("the eCard is not active; no credentials can be issued")
     key = signing_keys.get(holder.region)
     if key is None:
-        raise problems.unavailable(f"no signing key is loaded for region {holder.region}")
+        raise errors.Unavailable(f"no signing key is loaded for region {holder.region}")
     now = max(int(time.time()), -(-store_epoch_ms // 1000) + settings.clock_skew)
     issued = []
     windows = plan_windows(now, count, settings.credential_lifetime, settings.credential_refresh)
@@ -112,9 +112,9 @@ def render_qr(
     try:
         verified = open_credential(text, verify_keys)
     except CredentialRejected as exc:
-        raise problems.bad_request(f"not a credential of this service: {exc.detail}") from None
+        raise errors.Invalid(f"not a credential of this service: {exc.detail}") from None
     if verified.claims.card_ref != holder.card_ref:
-        raise problems.forbidden("the credential belongs to another card")
+        raise errors.Forbidden("the credential belongs to another card")
     qr = segno.make(text, error="m", micro=False, boost_error=False)
     out = io.BytesIO()
     if image_format == "svg":

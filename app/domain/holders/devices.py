@@ -9,9 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Device, ECard, RefreshToken
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.cards.mirroring import MirrorOutbox, stage_device
-from app.http import problems
 from app.security.tokens import HolderSession
 
 
@@ -28,7 +28,7 @@ async def list_devices(session: AsyncSession, holder: HolderSession) -> list[Dev
 async def _own_device(session: AsyncSession, holder: HolderSession, device_id: uuid.UUID) -> Device:
     device = await session.get(Device, device_id)
     if device is None or device.ecard_id != holder.ecard_id or device.revoked_at is not None:
-        raise problems.not_found("no such device")
+        raise errors.NotFound("no such device")
     return device
 
 

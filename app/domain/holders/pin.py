@@ -14,8 +14,8 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import ECard
+from app.domain import errors
 from app.domain.audit.services import Actor, record
-from app.http import problems
 from app.security.passwords import hash_secret, verify_secret
 from app.security.tokens import HolderSession
 
@@ -26,16 +26,16 @@ _PIN = re.compile(r"^[0-9]{6}$")
 def check_pin_rules(pin: str) -> None:
     """Six digits, not one digit repeated, not a run like 123456 or 987654."""
     if not _PIN.fullmatch(pin):
-        raise problems.bad_request("the PIN must be exactly 6 digits")
+        raise errors.Invalid("the PIN must be exactly 6 digits")
     steps = {int(b) - int(a) for a, b in itertools.pairwise(pin)}
     if len(set(pin)) == 1 or steps in ({1}, {-1}):
-        raise problems.bad_request("the PIN is too easy to guess (repeated or consecutive digits)")
+        raise errors.Invalid("the PIN is too easy to guess (repeated or consecutive digits)")
 
 
 async def _check(session: AsyncSession, ecard: ECard, pin: str) -> None:
     """Take a try, compare, and reset the count on success; 401 or 403 (locked) otherwise."""
     if ecard.pin_hash is None:
-        raise problems.problem(409, "pin_not_set", "no PIN is set for this card")
+        raise errors.Conflict("no PIN is set for this card", code="pin_not_set")
     reserved = await session.execute(
         update(ECard)
         .where(ECard.id == ecard.id, ECard.pin_attempts < MAX_PIN_ATTEMPTS)
@@ -45,12 +45,12 @@ async def _check(session: AsyncSession, ecard: ECard, pin: str) -> None:
     taken = reserved.scalar_one_or_none()
     await session.commit()
     if taken is None:
-        raise problems.problem(403, "pin_locked", "the PIN is locked after 5 wrong tries; ask the card office")
+        raise errors.Forbidden("the PIN is locked after 5 wrong tries; ask the card office", code="pin_locked")
     if not await verify_secret(ecard.pin_hash, pin):
         left = MAX_PIN_ATTEMPTS - taken
         if left == 0:
-            raise problems.problem(403, "pin_locked", "wrong PIN; the PIN is now locked, ask the card office") from None
-        raise problems.problem(401, "pin_wrong", "wrong PIN", attempts_left=left) from None
+            raise errors.Forbidden("wrong PIN; the PIN is now locked, ask the card office", code="pin_locked") from None
+        raise errors.Unauthenticated("wrong PIN", code="pin_wrong", attempts_left=left) from None
     await session.execute(update(ECard).where(ECard.id == ecard.id).values(pin_attempts=0))
     await session.commit()
 
@@ -62,7 +62,7 @@ async def set_pin(
     check_pin_rules(new_pin)
     if ecard.pin_hash is not None:
         if current_pin is None:
-            raise problems.bad_request("changing the PIN needs current_pin")
+            raise errors.Invalid("changing the PIN needs current_pin")
         await _check(session, ecard, current_pin)
     await session.execute(
         update(ECard).where(ECard.id == ecard.id).values(pin_hash=await hash_secret(new_pin), pin_attempts=0)
@@ -77,7 +77,7 @@ async def set_pin(
 async def verify_pin(session: AsyncSession, ecard: ECard, pin: str) -> None:
     """Check the PIN (the caller then issues a step-up token)."""
     if not _PIN.fullmatch(pin):
-        raise problems.bad_request("the PIN must be exactly 6 digits")
+        raise errors.Invalid("the PIN must be exactly 6 digits")
     await _check(session, ecard, pin)
 
 

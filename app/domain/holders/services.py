@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
+from app.domain import errors
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
 from app.domain.cards.services import activation_code_hash, normalise_activation_code
-from app.http import problems
 from app.security.pii import PiiCipher
 from app.security.tokens import HolderSession, SessionTokens
 from app.settings import Settings
@@ -89,7 +89,7 @@ async def activate(
 
     An unknown card, a wrong code, an expired or used-up code all get the same answer.
     """
-    failed = problems.problem(401, "activation_failed", ACTIVATION_FAILED)
+    failed = errors.Unauthenticated(ACTIVATION_FAILED, code="activation_failed")
     row = (
         await session.execute(
             select(Card, ECard).join(ECard, ECard.card_id == Card.id).where(Card.card_number == card_number)
@@ -125,9 +125,9 @@ async def activate(
     if not code or code_row.code_hash != activation_code_hash(pii, ecard.id, code):
         raise failed
     if ecard.state not in (ECardState.PENDING_ACTIVATION, ECardState.ACTIVE):
-        raise problems.conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)
+        raise errors.Conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)
     if card.state not in (CardState.ISSUED, CardState.ACTIVE):
-        raise problems.conflict(f"the card is {card.state}; ask the card office", current_state=card.state)
+        raise errors.Conflict(f"the card is {card.state}; ask the card office", current_state=card.state)
     # Consume the code exactly once, even when two devices race with it.
     consumed = await session.execute(
         update(ActivationCode)
@@ -158,7 +158,7 @@ async def refresh_session(
     session: AsyncSession, tokens: SessionTokens, settings: Settings, refresh_token: str
 ) -> IssuedSession:
     """Trade a refresh token for a new pair. Presenting a token twice revokes its whole family."""
-    invalid = problems.problem(401, "invalid_refresh_token", "refresh token is invalid, expired or revoked")
+    invalid = errors.Unauthenticated("refresh token is invalid, expired or revoked", code="invalid_refresh_token")
     stored = await session.scalar(
         select(RefreshToken).where(RefreshToken.token_hash == _hash_refresh_token(refresh_token))
     )
@@ -176,10 +176,9 @@ async def refresh_session(
             .values(revoked_at=now)
         )
         await session.commit()
-        raise problems.problem(
-            401,
-            "refresh_token_reused",
+        raise errors.Unauthenticated(
             "refresh token was already used; all sessions of this device sign-in are revoked",
+            code="refresh_token_reused",
         )
     if stored.expires_at <= now:
         await session.rollback()
@@ -209,5 +208,5 @@ async def own_card(session: AsyncSession, holder: HolderSession) -> tuple[Card, 
         )
     ).first()
     if row is None:
-        raise problems.unauthorized("the card of this session no longer exists")
+        raise errors.Unauthenticated("the card of this session no longer exists")
     return row[0], row[1], row[2]

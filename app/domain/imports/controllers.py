@@ -16,6 +16,7 @@ from litestar.response import Stream
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import ImportJob
+from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.imports.schemas import ImportJobOut
 from app.domain.imports.services import (
@@ -132,7 +133,7 @@ class ImportController(Controller):
             await asyncio.to_thread(check_header, upload.path)
         except ImportFileError as exc:
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
-            raise problems.bad_request(str(exc)) from None
+            raise errors.Invalid(str(exc)) from None
         actor = Actor.operator(operator)
         job = await create_job(
             session,
@@ -157,7 +158,7 @@ class ImportController(Controller):
         require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         job = await find_job(session, job_id, operator.regions)
         if job is None:
-            raise problems.not_found("no such import job")
+            raise errors.NotFound("no such import job")
         return job_out(job)
 
     @get(
@@ -176,7 +177,7 @@ class ImportController(Controller):
         """The rejected rows so far as CSV (line, card_number, reason); no citizen ID or name, masked or not."""
         require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         if await find_job(session, job_id, operator.regions) is None:
-            raise problems.not_found("no such import job")
+            raise errors.NotFound("no such import job")
         return Stream(
             rejection_report(ctx.sessions, job_id),
             media_type=f"{CSV_MEDIA_TYPE}; charset=utf-8",

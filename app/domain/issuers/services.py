@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import IssuerKey, KeyState, Region
+from app.domain import errors
 from app.domain.audit.services import Actor, record
-from app.http import problems
 from app.security.pii import PiiCipher
 from crypto import algorithms
 from crypto.keys import PrivateKey, PublicKey
@@ -75,7 +75,7 @@ async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
 async def region_keys(session: AsyncSession, region: str) -> list[IssuerKey]:
     """The region's keys, oldest first; 404 for an unknown region."""
     if await session.get(Region, region) is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     return list(
         (
             await session.scalars(
@@ -92,7 +92,7 @@ async def publish_key(
     waiting at a time. A rotation to another algorithm is the same drill (codes of both verify meanwhile)."""
     keys = await region_keys(session, region)
     if any(key.state == KeyState.PUBLISHED.value for key in keys):
-        raise problems.conflict("a published key is already waiting to be activated", current_state="published")
+        raise errors.Conflict("a published key is already waiting to be activated", current_state="published")
     row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED, algorithm)
     record(
         session, actor, "issuer_key.published", subject_type="issuer_key", subject_id=row.kid.hex(),
@@ -105,7 +105,7 @@ async def publish_key(
 async def _key(session: AsyncSession, region: str, kid: bytes) -> IssuerKey:
     row = await session.get(IssuerKey, kid)
     if row is None or row.region_code != region:
-        raise problems.not_found("no such key in this region")
+        raise errors.NotFound("no such key in this region")
     return row
 
 
@@ -117,12 +117,12 @@ async def activate_key(session: AsyncSession, actor: Actor, region: str, kid: by
     """
     row = await _key(session, region, kid)
     if row.state != KeyState.PUBLISHED.value:
-        raise problems.conflict(
+        raise errors.Conflict(
             f"only a published key can be activated; this one is {row.state}", current_state=row.state
         )
     ready_at = row.created_at + timedelta(seconds=lead)
     if utcnow() < ready_at:
-        raise problems.conflict(
+        raise errors.Conflict(
             f"the key was published less than {lead} s ago: gates may not know it yet; activate after "
             f"{ready_at.isoformat()}",
             current_state=row.state,
@@ -140,7 +140,7 @@ async def activate_key(session: AsyncSession, actor: Actor, region: str, kid: by
     )
     if activated.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
-        raise problems.conflict("the key changed meanwhile; read it again")
+        raise errors.Conflict("the key changed meanwhile; read it again")
     record(
         session, actor, "issuer_key.activated", subject_type="issuer_key", subject_id=kid.hex(), region=region,
         before={"state": KeyState.PUBLISHED.value},
@@ -155,9 +155,9 @@ async def revoke_key(session: AsyncSession, actor: Actor, region: str, kid: byte
     """Withdraw a published or retired key at once (e.g. suspected compromise): credentials it signed fail."""
     row = await _key(session, region, kid)
     if row.state == KeyState.ACTIVE.value:
-        raise problems.conflict("the active key cannot be revoked: activate another one first", current_state=row.state)
+        raise errors.Conflict("the active key cannot be revoked: activate another one first", current_state=row.state)
     if row.state == KeyState.REVOKED.value:
-        raise problems.conflict("the key is already revoked", current_state=row.state)
+        raise errors.Conflict("the key is already revoked", current_state=row.state)
     record(
         session, actor, "issuer_key.revoked", subject_type="issuer_key", subject_id=kid.hex(), region=region,
         reason=reason, before={"state": row.state}, after={"state": KeyState.REVOKED.value},

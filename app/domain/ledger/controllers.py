@@ -13,8 +13,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import as_utc, utcnow
+from app.domain import errors
 from app.domain.audit.services import Actor, record
-from app.domain.ledger.requests import IdempotencyKey, run_once
 from app.domain.ledger.schemas import (
     FareOut,
     FareRequest,
@@ -37,8 +37,8 @@ from app.domain.ledger.services import (
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
 from app.domain.verifiers.services import get_organisation
-from app.http import problems
 from app.http.auth import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
+from app.http.idempotent import IdempotencyKey, run_once
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
 from app.server.context import ServiceContext
@@ -70,7 +70,7 @@ class TerminalMoneyController(Controller):
         """The card pays the transit operator, once per verification (409 for a second fare on it)."""
         terminal = await terminal_of(request, api_key)
         if Purpose.TRANSIT not in terminal.purposes:
-            raise problems.forbidden("this terminal does not take transit fares")
+            raise errors.Forbidden("this terminal does not take transit fares")
 
         async def work(session: AsyncSession) -> FareOut:
             verified = await accepted_verification(
@@ -84,7 +84,7 @@ class TerminalMoneyController(Controller):
             transaction = await charge_fare(session, verified, data.amount_fen, {"route": data.route}, entry)
             return FareOut(transaction.id, data.verification_id, data.amount_fen, transaction.created_at)
 
-        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)
+        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)
 
     @post(
         "/medical-settlements",
@@ -109,7 +109,7 @@ class TerminalMoneyController(Controller):
         """
         terminal = await terminal_of(request, api_key)
         if Purpose.MEDICAL not in terminal.purposes:
-            raise problems.forbidden("this terminal does not settle medical bills")
+            raise errors.Forbidden("this terminal does not settle medical bills")
 
         async def work(session: AsyncSession) -> SettlementOut:
             verified = await accepted_verification(
@@ -128,7 +128,7 @@ class TerminalMoneyController(Controller):
                 created_at=settled.transaction.created_at,
             )
 
-        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, SettlementOut, work)
+        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, SettlementOut, work)
 
 
 class OperatorMoneyController(Controller):
@@ -170,7 +170,9 @@ class OperatorMoneyController(Controller):
             )  # fmt: skip
             return SubsidyBatchOut(batch_id, data.region, len(payouts), total)
 
-        return await run_once(ctx, request, f"operator:{operator.operator_id}", idempotency_key, SubsidyBatchOut, work)
+        return await run_once(
+            ctx.sessions, request, f"operator:{operator.operator_id}", idempotency_key, SubsidyBatchOut, work
+        )
 
     @get(
         "/verifier-organisations/{organisation_id:uuid}/reconciliation",

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.clock import utcnow
 from app.db.models import IdempotencyRecord
-from app.http import problems
+from app.domain import errors
 
 # A claim this old whose request never completed belongs to a request that died before its commit.
 STALE_AFTER = timedelta(seconds=30)
@@ -60,7 +60,7 @@ def request_hash(method: str, path: str, body: bytes) -> bytes:
 def check_key(key: str | None) -> str:
     """The Idempotency-Key header's value; 400 when it is missing or unusable."""
     if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
-        raise problems.bad_request(f"send an Idempotency-Key header: 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+        raise errors.Invalid(f"send an Idempotency-Key header: 1 to {MAX_KEY_LENGTH} printable ASCII characters")
     return key
 
 
@@ -83,11 +83,9 @@ async def claim(
                 await session.commit()
                 return Claim(caller, key, now)
             except IntegrityError:
-                raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly") from None
+                raise errors.Conflict("a request with this Idempotency-Key is in progress; retry shortly") from None
         if record.request_hash != fingerprint:
-            raise problems.problem(
-                422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
-            )
+            raise errors.Reused("this Idempotency-Key was used for a different request")
         if record.completed_at is not None and record.status_code is not None and record.response_body is not None:
             return Replay(record.status_code, record.response_body)
         # In flight: a concurrent duplicate, unless the first attempt died before its commit.
@@ -105,7 +103,7 @@ async def claim(
         if taken.rowcount == 1:  # type: ignore[attr-defined]
             await session.commit()
             return Claim(caller, key, now)
-        raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly")
+        raise errors.Conflict("a request with this Idempotency-Key is in progress; retry shortly")
 
 
 async def complete(session: AsyncSession, claimed: Claim, status_code: int, body: bytes) -> None:

@@ -32,8 +32,8 @@ from app.db.models import (
     VerificationEvent,
     VerifierOrganisation,
 )
+from app.domain import errors
 from app.domain.agreements.rules import province
-from app.http import problems
 
 
 class AccountKind:
@@ -120,7 +120,7 @@ async def post(
         await session.flush()
     except IntegrityError:
         await session.rollback()
-        raise problems.conflict(
+        raise errors.Conflict(
             f"this verification (or the trip's entry) has already been charged ({kind})",
             verification_id=verification_id,
         ) from None
@@ -153,15 +153,13 @@ async def accepted_verification(
     """
     event = await session.get(VerificationEvent, verification_id)
     if event is None:
-        error = problems.problem(
-            409, "verification_not_recorded", "no such verification recorded (yet): retry in a second"
+        raise errors.Conflict(
+            "no such verification recorded (yet): retry in a second", code="verification_not_recorded", retry_after=1
         )
-        error.headers = {"Retry-After": "1"}
-        raise error
     if event.organisation_id != organisation_id:
-        raise problems.not_found("no such verification for this organisation")
+        raise errors.NotFound("no such verification for this organisation")
     if event.result != "accepted" or event.purpose != purpose or event.card_ref is None:
-        raise problems.conflict(
+        raise errors.Conflict(
             f"the verification must be an accepted {purpose} one; it was {event.result} ({event.purpose})"
         )
     row = (
@@ -174,7 +172,7 @@ async def accepted_verification(
         )
     ).first()
     if row is None:
-        raise problems.not_found("the verification's card is unknown")
+        raise errors.NotFound("the verification's card is unknown")
     return Verified(event, row[0], row[1], row[2])
 
 
@@ -194,9 +192,9 @@ async def charge_fare(
     reference = None
     if entry is not None:
         if entry.event.card_ref != verification.event.card_ref:
-            raise problems.conflict("the entry and exit verifications are of different cards")
+            raise errors.Conflict("the entry and exit verifications are of different cards")
         if entry.event.occurred_at >= verification.event.occurred_at or entry.event.id == verification.event.id:
-            raise problems.conflict("the entry verification must come before the exit")
+            raise errors.Conflict("the entry verification must come before the exit")
         reference = f"entry:{entry.event.id}"
         details = {**details, "entry_verification_id": entry.event.id}
     card = await account(session, AccountKind.CARD, str(verification.ecard.id), verification.ecard.region_code)
@@ -266,7 +264,7 @@ async def pay_subsidies(
     fund = await account(session, AccountKind.SUBSIDY_FUND, region, region)
     card_ids = [card_id for card_id, _ in payouts]
     if len(set(card_ids)) != len(card_ids):
-        raise problems.bad_request("a card appears twice in the batch")
+        raise errors.Invalid("a card appears twice in the batch")
     ecards = {
         card_id: ecard
         for card_id, ecard in await session.execute(
@@ -275,7 +273,7 @@ async def pay_subsidies(
     }
     missing = [str(card_id) for card_id in card_ids if card_id not in ecards or ecards[card_id].region_code != region]
     if missing:
-        raise problems.bad_request(f"cards not found in region {region}: {missing[:10]}", missing=missing[:100])
+        raise errors.Invalid(f"cards not found in region {region}: {missing[:10]}", missing=missing[:100])
     transactions = []
     for card_id, amount_fen in payouts:
         ecard = ecards[card_id]

@@ -10,13 +10,13 @@ from litestar.params import JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import LibraryLoan, VerifierOrganisation
-from app.domain.ledger.requests import IdempotencyKey, run_once
+from app.domain import errors
 from app.domain.ledger.services import accepted_verification
 from app.domain.lending.schemas import LoanOut, LoanRequest, ParkEntryOut, ParkEntryRequest, ReturnRequest
 from app.domain.lending.services import card_loans, enter_park, lend, take_back
 from app.domain.verification.controllers import TerminalApiKey, terminal_of
-from app.http import problems
 from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.http.idempotent import IdempotencyKey, run_once
 from app.http.problems import problem_responses
 from app.server.context import ServiceContext
 from crypto.credential import Purpose
@@ -49,7 +49,7 @@ class LendingController(Controller):
         """One item per library verification; 409 while the item is out."""
         terminal = await terminal_of(request, api_key)
         if Purpose.LIBRARY not in terminal.purposes:
-            raise problems.forbidden("this terminal does not lend")
+            raise errors.Forbidden("this terminal does not lend")
 
         async def work(session: AsyncSession) -> LoanOut:
             verified = await accepted_verification(
@@ -58,7 +58,7 @@ class LendingController(Controller):
             loan = await lend(session, verified, data.item_id, data.days)
             return _loan_out(loan, verified.organisation.name)
 
-        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
 
     @post(
         "/library-returns",
@@ -77,14 +77,14 @@ class LendingController(Controller):
         """At any library of the lending library's network (its province, or an agreement covering libraries)."""
         terminal = await terminal_of(request, api_key)
         if Purpose.LIBRARY not in terminal.purposes:
-            raise problems.forbidden("this terminal does not take returns")
+            raise errors.Forbidden("this terminal does not take returns")
 
         async def work(session: AsyncSession) -> LoanOut:
             organisation = await session.get_one(VerifierOrganisation, terminal.organisation_id)
             loan, lender = await take_back(session, ctx.rules, organisation, data.item_id)
             return _loan_out(loan, lender.name)
 
-        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
 
     @post(
         "/park-entries", status_code=201, summary="Count a park entry", responses=problem_responses(401, 403, 404, 409)
@@ -100,7 +100,7 @@ class LendingController(Controller):
         """Count the entry against the card's annual pass valid in this province; 409 without one."""
         terminal = await terminal_of(request, api_key)
         if Purpose.PARK not in terminal.purposes:
-            raise problems.forbidden("this terminal is not a park gate")
+            raise errors.Forbidden("this terminal is not a park gate")
 
         async def work(session: AsyncSession) -> ParkEntryOut:
             verified = await accepted_verification(
@@ -109,7 +109,7 @@ class LendingController(Controller):
             entered = await enter_park(session, verified)
             return ParkEntryOut(entered.entry.id, entered.pass_valid_until, entered.entries_on_pass)
 
-        return await run_once(ctx, request, f"terminal:{terminal.key}", idempotency_key, ParkEntryOut, work)
+        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, ParkEntryOut, work)
 
 
 class HolderLoansController(Controller):

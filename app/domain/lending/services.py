@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Entitlement, LibraryLoan, ParkEntry, VerifierOrganisation
+from app.domain import errors
 from app.domain.agreements.rules import AcceptanceRules, province
 from app.domain.ledger.services import Verified
 from app.domain.verification.disclosure import PARK_ANNUAL_PASS
-from app.http import problems
 from crypto.credential import Purpose
 
 
@@ -29,7 +29,7 @@ async def lend(session: AsyncSession, verification: Verified, item_id: str, days
         select(LibraryLoan.id).where(LibraryLoan.item_id == item_id, LibraryLoan.returned_at.is_(None))
     )
     if active is not None:
-        raise problems.conflict(f"item {item_id} is on loan; return it first")
+        raise errors.Conflict(f"item {item_id} is on loan; return it first")
     now = utcnow()
     loan = LibraryLoan(
         ecard_id=verification.ecard.id,
@@ -44,7 +44,7 @@ async def lend(session: AsyncSession, verification: Verified, item_id: str, days
         await session.flush()
     except IntegrityError:
         await session.rollback()
-        raise problems.conflict("this verification has already been used for a loan") from None
+        raise errors.Conflict("this verification has already been used for a loan") from None
     return loan
 
 
@@ -60,10 +60,10 @@ async def take_back(
         )
     ).first()
     if row is None:
-        raise problems.not_found(f"item {item_id} is not on loan")
+        raise errors.NotFound(f"item {item_id} is not on loan")
     loan, lender = row
     if not rules.accepts(organisation.region_code, lender.region_code, Purpose.LIBRARY):
-        raise problems.forbidden(
+        raise errors.Forbidden(
             f"item {item_id} was lent in region {lender.region_code}, outside this library's network"
         )
     closed = await session.execute(
@@ -73,7 +73,7 @@ async def take_back(
         .execution_options(synchronize_session=False)
     )
     if closed.rowcount != 1:  # type: ignore[attr-defined]
-        raise problems.conflict(f"item {item_id} was returned meanwhile")
+        raise errors.Conflict(f"item {item_id} was returned meanwhile")
     await session.refresh(loan)
     return loan, lender
 
@@ -106,7 +106,7 @@ async def enter_park(session: AsyncSession, verification: Verified) -> Entry:
     ).all()
     annual_pass = next((p for p in passes if province(p.region_code) == park_province), None)
     if annual_pass is None:
-        raise problems.conflict("the card holds no annual pass valid here; sell a ticket instead")
+        raise errors.Conflict("the card holds no annual pass valid here; sell a ticket instead")
     entry = ParkEntry(
         entitlement_id=annual_pass.id,
         verification_id=verification.event.id,
@@ -118,7 +118,7 @@ async def enter_park(session: AsyncSession, verification: Verified) -> Entry:
         await session.flush()
     except IntegrityError:
         await session.rollback()
-        raise problems.conflict("this verification has already been counted as an entry") from None
+        raise errors.Conflict("this verification has already been counted as an entry") from None
     count = await session.scalar(
         select(func.count()).select_from(ParkEntry).where(ParkEntry.entitlement_id == annual_pass.id)
     )

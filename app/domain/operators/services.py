@@ -10,10 +10,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Operator
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.regions.scope import ALL_REGIONS, covers
 from app.domain.regions.services import check_region_code
-from app.http import problems
 from app.security.passwords import DUMMY_HASH, hash_secret, verify_secret
 from app.security.tokens import OperatorSession
 
@@ -34,7 +34,7 @@ class Role(StrEnum):
 def check_regions(regions: list[str]) -> list[str]:
     """Region codes or '*' (all regions); at least one."""
     if not regions:
-        raise problems.bad_request("an operator needs at least one region (or '*')")
+        raise errors.Invalid("an operator needs at least one region (or '*')")
     return [region if region == ALL_REGIONS else check_region_code(region) for region in regions]
 
 
@@ -43,9 +43,9 @@ async def create_operator(
 ) -> Operator:
     """Create an operator account (commits)."""
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise problems.bad_request(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+        raise errors.Invalid(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     if await session.scalar(select(Operator.id).where(Operator.username == username)) is not None:
-        raise problems.conflict(f"operator {username!r} exists")
+        raise errors.Conflict(f"operator {username!r} exists")
     operator = Operator(
         username=username,
         password_hash=await hash_secret(password),
@@ -71,7 +71,7 @@ async def authenticate(session: AsyncSession, username: str, password: str) -> O
     locks the account for 15 minutes. A locked account gets the same answer as a wrong
     password, so the lock tells a guesser nothing either.
     """
-    failed = problems.unauthorized("username or password is wrong, or the account is locked for a while")
+    failed = errors.Unauthenticated("username or password is wrong, or the account is locked for a while")
     operator = await session.scalar(select(Operator).where(Operator.username == username))
     if operator is None:
         await verify_secret(DUMMY_HASH, password)
@@ -116,10 +116,10 @@ async def authenticate(session: AsyncSession, username: str, password: str) -> O
 def require_role(operator: OperatorSession, *roles: Role) -> None:
     """403 unless the operator has one of roles (admins may do everything)."""
     if operator.role != Role.ADMIN and operator.role not in roles:
-        raise problems.forbidden(f"role {operator.role} may not do this")
+        raise errors.Forbidden(f"role {operator.role} may not do this")
 
 
 def require_region(operator: OperatorSession, region: str) -> None:
     """403 unless region lies in the operator's scope."""
     if not covers(operator.regions, region):
-        raise problems.forbidden(f"region {region} is outside this operator's scope")
+        raise errors.Forbidden(f"region {region} is outside this operator's scope")

@@ -8,12 +8,12 @@ from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import IssuerKey, Region
+from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.issuers.services import activate_key, public_key_of, publish_key, region_keys, revoke_key
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.regions.schemas import IssuerKeyOut, KeyPublication, KeyRevocation, RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
-from app.http import problems
 from app.http.auth import OPERATOR_SECURITY, provide_operator
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
@@ -46,7 +46,7 @@ def _kid(text: str) -> bytes:
     except ValueError:
         kid = b""
     if len(kid) != KID_LENGTH:
-        raise problems.not_found("no such key in this region")
+        raise errors.NotFound("no such key in this region")
     return kid
 
 

@@ -9,9 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Region
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.issuers.services import create_issuer_key
-from app.http import problems
 from app.security.pii import PiiCipher
 from crypto.algorithms import ED25519
 
@@ -31,14 +31,14 @@ async def allocate_status_indexes(session: AsyncSession, region: str, count: int
         .returning(Region.next_status_index)
     )
     if next_free is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     return int(next_free) - count
 
 
 def check_region_code(code: str) -> str:
     """A GB/T 2260 administrative division code: six digits, not starting with 0."""
     if not REGION_CODE.fullmatch(code):
-        raise problems.bad_request(f"region code {code!r} is not a 6-digit GB/T 2260 code")
+        raise errors.Invalid(f"region code {code!r} is not a 6-digit GB/T 2260 code")
     return code
 
 
@@ -48,7 +48,7 @@ async def register_region(
     """Create a region and its first issuer key (of the algorithm), in one transaction."""
     check_region_code(code)
     if await session.get(Region, code) is not None:
-        raise problems.conflict(f"region {code} is already registered")
+        raise errors.Conflict(f"region {code} is already registered")
     region = Region(code=code, name=name, created_at=utcnow())
     session.add(region)
     await session.flush()

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.domain import errors
 from app.domain.verification.directory import TerminalEntry
 from app.domain.verification.schemas import (
     BatchItemResult,
@@ -44,11 +45,9 @@ def _store_unavailable(exc: StoreUnavailable, retry_window: int) -> Exception:
     """503: "not accepted" when nothing reached the store, "outcome unknown" when the scan may have run."""
     if not exc.outcome_unknown:
         metrics.REFUSED_UNAVAILABLE.inc()
-        return problems.unavailable(_UNAVAILABLE)
+        return errors.Unavailable(_UNAVAILABLE)
     metrics.REFUSED_OUTCOME_UNKNOWN.inc()
-    error = problems.problem(503, "outcome_unknown", _OUTCOME_UNKNOWN.format(window=retry_window))
-    error.headers = {"Retry-After": "1"}
-    return error
+    return errors.Unavailable(_OUTCOME_UNKNOWN.format(window=retry_window), code="outcome_unknown")
 
 
 async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
@@ -57,7 +56,7 @@ async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> T
     if api_key is not None:
         terminal = directory.authenticate(api_key)
         if terminal is None:
-            raise problems.unauthorized(
+            raise errors.Unauthenticated(
                 "unknown, disabled or malformed terminal API key (X-Api-Key), or the terminal signs its requests"
             )
         return terminal
@@ -66,21 +65,19 @@ async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> T
     signature = headers.get("x-signature")
     timestamp = headers.get("x-signature-timestamp")
     if not (terminal_id and signature and timestamp):
-        raise problems.unauthorized("send X-Api-Key, or X-Terminal-Id, X-Signature-Timestamp and X-Signature")
+        raise errors.Unauthenticated("send X-Api-Key, or X-Terminal-Id, X-Signature-Timestamp and X-Signature")
     body = await request.body()
     terminal = directory.authenticate_signed(terminal_id, timestamp, signature, request.method, request.url.path, body)
     if terminal is None:
-        raise problems.unauthorized("request signature does not verify, is too old, or the terminal is disabled")
+        raise errors.Unauthenticated("request signature does not verify, is too old, or the terminal is disabled")
     return terminal
 
 
 def _rate_limited(exc: RateLimited) -> Exception:
-    error = problems.problem(
-        429, "rate_limited", "this terminal is over its verification rate; nothing was consumed",
-        retry_after_ms=exc.retry_after_ms,
+    return errors.Throttled(
+        "this terminal is over its verification rate; nothing was consumed",
+        retry_after=max(1, -(-exc.retry_after_ms // 1000)), retry_after_ms=exc.retry_after_ms,
     )  # fmt: skip
-    error.headers = {"Retry-After": str(max(1, -(-exc.retry_after_ms // 1000)))}
-    return error
 
 
 Answer = TypeVar("Answer", VerifyResponse, BatchItemResult)
@@ -194,7 +191,7 @@ async def verify_batch(
     try:
         outcomes = await ctx.verifier.verify_batch(session, terminal, scans)
     except StoreUnavailable:
-        raise problems.unavailable(
+        raise errors.Unavailable(
             "card status store is unreachable or answered too late; upload the same batch again: its answers "
             "and verification ids do not change"
         ) from None

@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import ECARD_NOT_ACTIVE, ECard, ECardState, OfflineKitBuild, Region
+from app.domain import errors
 from app.domain.issuers.services import IssuerKeys
-from app.http import problems
 from crypto.offline import kit_document
 from crypto.status_list import CardStatusCode, StatusList, sign_status_list
 
@@ -69,7 +69,7 @@ async def region_statuses(session: AsyncSession, region: str) -> tuple[StatusLis
     and how many are not."""
     size = await session.scalar(select(Region.next_status_index).where(Region.code == region))
     if size is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     # Read after the size: an eCard given its index since then is beyond the list, not wrongly VALID.
     rows = await session.execute(non_active_ecards(region, int(size)))
     named = {index: STATUS_CODES[state] for index, state in rows}
@@ -126,7 +126,7 @@ class OfflineKits:
             if etag and row is not None and row.expires_at and now < row.expires_at:
                 return await self._serve(session, region, etag)  # another worker is building the next one
             if time.monotonic() > give_up:
-                raise problems.unavailable(f"the offline kit of region {region} is being built; retry shortly")
+                raise errors.Unavailable(f"the offline kit of region {region} is being built; retry shortly")
             await asyncio.sleep(POLL)
 
     async def mark_due(self, session: AsyncSession, region: str) -> None:
@@ -155,7 +155,7 @@ class OfflineKits:
                 )
                 await session.commit()
                 if body is None:
-                    raise problems.unavailable(f"the offline kit of region {region} is being replaced; retry shortly")
+                    raise errors.Unavailable(f"the offline kit of region {region} is being replaced; retry shortly")
             kit = SignedKit(_etag(body), json.loads(body))
         else:
             kit = held[1]
@@ -166,8 +166,8 @@ class OfflineKits:
         """Become the one builder of the region's next kit; False when another worker holds the lease."""
         if region not in keys.signing_keys:
             if await session.get(Region, region) is None:
-                raise problems.not_found(f"region {region} is not registered")
-            raise problems.not_found(f"region {region} has no active signing key")
+                raise errors.NotFound(f"region {region} is not registered")
+            raise errors.NotFound(f"region {region} has no active signing key")
         if row is None:
             session.add(OfflineKitBuild(region_code=region, lease_until=now + LEASE))
             try:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import as_utc, utcnow
 from app.db.models import Terminal, VerifierOrganisation
+from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, require_region, require_role
 from app.domain.verification.disclosure import BusinessType
@@ -41,7 +42,6 @@ from app.domain.verifiers.services import (
     set_signing_key,
     update_terminal,
 )
-from app.http import problems
 from app.http.auth import OPERATOR_SECURITY, provide_operator
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
@@ -195,7 +195,7 @@ class VerifierController(Controller):
         until = as_utc(until) if until else utcnow()
         since = as_utc(since) if since else until - timedelta(days=1)
         if since >= until:
-            raise problems.bad_request("since must be before until")
+            raise errors.Invalid("since must be before until")
         counts = await terminal_counts(session, organisation.id, since, until)
         return VerificationCounts(
             organisation_id=organisation.id,

@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
 from app.db.models import Region, Terminal, VerifierOrganisation
+from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.regions.scope import covers, within
 from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret, next_directory_version
 from app.domain.verification.disclosure import BusinessType
-from app.http import problems
 from crypto.credential import Purpose
 from crypto.keys import kid_for
 
@@ -34,11 +34,11 @@ def new_api_key(terminal_id: uuid.UUID) -> tuple[str, bytes]:
 def check_purposes(labels: list[str]) -> list[str]:
     """Known purpose names, without repeats, at least one."""
     if not labels:
-        raise problems.bad_request("a terminal needs at least one allowed purpose")
+        raise errors.Invalid("a terminal needs at least one allowed purpose")
     known = {purpose.label for purpose in Purpose}
     unknown = [label for label in labels if label not in known]
     if unknown:
-        raise problems.bad_request(f"unknown purposes {unknown}; known: {sorted(known)}")
+        raise errors.Invalid(f"unknown purposes {unknown}; known: {sorted(known)}")
     return sorted(set(labels))
 
 
@@ -47,7 +47,7 @@ async def register_organisation(
 ) -> VerifierOrganisation:
     """Create a verifier organisation in a registered region (commits)."""
     if await session.get(Region, region) is None:
-        raise problems.not_found(f"region {region} is not registered")
+        raise errors.NotFound(f"region {region} is not registered")
     organisation = VerifierOrganisation(
         name=name.strip(), business_type=business_type.value, region_code=region, created_at=utcnow()
     )
@@ -69,7 +69,7 @@ async def get_organisation(
     """The organisation if it lies in regions ('*' = all); otherwise 404."""
     organisation = await session.get(VerifierOrganisation, organisation_id)
     if organisation is None or not covers(regions, organisation.region_code):
-        raise problems.not_found("no such verifier organisation")
+        raise errors.NotFound("no such verifier organisation")
     return organisation
 
 
@@ -126,7 +126,7 @@ async def get_terminal(
         )
     ).first()
     if row is None or not covers(regions, row[1].region_code):
-        raise problems.not_found("no such terminal")
+        raise errors.NotFound("no such terminal")
     return row[0], row[1]
 
 
@@ -166,7 +166,7 @@ async def update_terminal(
     if rate_burst is not None:
         changes["rate_burst"] = rate_burst
     if not changes:
-        raise problems.bad_request("nothing to change: give enabled, allowed_purposes, rate_per_minute or rate_burst")
+        raise errors.Invalid("nothing to change: give enabled, allowed_purposes, rate_per_minute or rate_burst")
     if set(changes) == {"enabled"}:
         action = "terminal.enabled" if enabled else "terminal.disabled"
     else:
@@ -214,7 +214,7 @@ async def set_signing_key(
     """Register the terminal's Ed25519 key; its API keys stop working (commits)."""
     if len(public_key) != 32 or not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
         # A small-order or non-canonical point would lock the terminal out: nothing verifies under it.
-        raise problems.bad_request("public_key must be a valid 32-byte Ed25519 public key")
+        raise errors.Invalid("public_key must be a valid 32-byte Ed25519 public key")
     terminal.signing_public_key = public_key
     terminal.previous_key_hash = None
     terminal.previous_key_expires_at = None

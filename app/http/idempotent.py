@@ -9,9 +9,10 @@ import msgspec
 from litestar import Request, Response
 from litestar.params import HeaderParameter
 from litestar.plugins.problem_details import ProblemDetailsException
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import IdempotencyRecord
+from app.domain import errors
 from app.domain.ledger.idempotency import (
     MAX_KEY_LENGTH,
     Claim,
@@ -24,7 +25,6 @@ from app.domain.ledger.idempotency import (
     request_hash,
 )
 from app.http import problems
-from app.server.context import ServiceContext
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -66,17 +66,19 @@ def _replayed(replay: Replay, answer_type: type[T]) -> Response[T]:
     return Response(answer, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
 
 
-async def _answer_of_the_takeover(ctx: ServiceContext, claimed: Claim, answer_type: type[T]) -> Response[T]:
+async def _answer_of_the_takeover(
+    sessions: async_sessionmaker[AsyncSession], claimed: Claim, answer_type: type[T]
+) -> Response[T]:
     """This attempt lost its claim to a retry: give the retry's answer if it has one, else 409 in progress."""
-    async with ctx.sessions() as session:
+    async with sessions() as session:
         record = await session.get(IdempotencyRecord, (claimed.caller, claimed.key))
         if record is not None and record.status_code is not None and record.response_body is not None:
             return _replayed(Replay(record.status_code, record.response_body), answer_type)
-    raise problems.conflict("a request with this Idempotency-Key is in progress; retry shortly")
+    raise errors.Conflict("a request with this Idempotency-Key is in progress; retry shortly")
 
 
 async def run_once(
-    ctx: ServiceContext,
+    sessions: async_sessionmaker[AsyncSession],
     request: Request[Any, Any, Any],
     caller: str,
     key: str | None,
@@ -85,31 +87,31 @@ async def run_once(
 ) -> Response[T]:
     """Do work once per Idempotency-Key; its answer is stored in work's own transaction."""
     fingerprint = request_hash(request.method, request.url.path, await request.body())
-    claimed = await claim(ctx.sessions, caller, check_key(key), fingerprint)
+    claimed = await claim(sessions, caller, check_key(key), fingerprint)
     if isinstance(claimed, Replay):
         return _replayed(claimed, answer_type)
     try:
-        async with ctx.sessions() as session:
+        async with sessions() as session:
             answer = await work(session)
             # Fenced: if a retry took the claim over meanwhile, this raises and the work rolls back.
             await complete(session, claimed, 201, msgspec.json.encode(answer))
             await session.commit()
     except ClaimLost:
-        return await _answer_of_the_takeover(ctx, claimed, answer_type)
-    except ProblemDetailsException as exc:
-        code = exc.extra.get("code") if isinstance(exc.extra, dict) else None
-        if code in _TRANSIENT:
-            await release(ctx.sessions, claimed)
+        return await _answer_of_the_takeover(sessions, claimed, answer_type)
+    except errors.DomainError as exc:
+        if exc.code in _TRANSIENT:
+            await release(sessions, claimed)
         else:
+            refusal = problems.from_domain_error(exc)
             try:
-                async with ctx.sessions() as session:
-                    await complete(session, claimed, exc.status_code, _problem_body(exc))
+                async with sessions() as session:
+                    await complete(session, claimed, refusal.status_code, _problem_body(refusal))
                     await session.commit()
             except ClaimLost:
                 # E.g. "already charged" because the retry that took the claim over charged it.
-                return await _answer_of_the_takeover(ctx, claimed, answer_type)
+                return await _answer_of_the_takeover(sessions, claimed, answer_type)
         raise
     except BaseException:
-        await release(ctx.sessions, claimed)
+        await release(sessions, claimed)
         raise
     return Response(answer, status_code=201)
