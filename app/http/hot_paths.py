@@ -13,13 +13,18 @@ unknown keys or tokens, chunked, oversized or malformed bodies, a Content-Type o
 keep one source. Problems raised while answering (403, 409, 429, 503…) are rendered by Litestar's
 problem-details response; an unexpected error by the app's own 500 handler.
 
-The OpenAPI document describes the routed handlers; tests hold both ways to the same answers.
+Each hot route is declared with the routed handler it stands in for: its path and body limit are
+read from the app's routes at start-up (renaming the route moves its hot path along; a handler the
+app does not route stops the start-up instead of silently turning the fast path off). The OpenAPI
+document describes the routed handlers; tests hold both ways to the same answers.
 App-wide middleware (CORS, tracing…) added to Litestar later does not see the requests answered
 here: give them the same treatment in this class, or leave the route out of it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,11 +32,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from litestar import Request
 from litestar.enums import ScopeType
+from litestar.handlers import HTTPRouteHandler
+from litestar.routes import HTTPRoute
 
 from app.domain import errors
 from app.http import problems
 from app.http.json_bodies import duplicate_key, is_json_content_type
-from app.server.context import ServiceContext, context_of
 
 if TYPE_CHECKING:
     from litestar import Litestar
@@ -44,20 +50,53 @@ _JSON_TYPE = b"application/json"
 _encode = msgspec.json.Encoder().encode
 
 
+Answer = Callable[..., Awaitable[msgspec.Struct | None]]
+
+
 @dataclass(frozen=True, slots=True)
 class HotRoute:
-    """A POST route answered in front of the router when the request is plain.
+    """A POST handler's plain requests, answered in front of the router.
 
-    `answer(context, credential, body)` gets the value of `credential_header` and the raw body; it
-    returns the response Struct (sent with 200), or None to hand the request on to the
-    routed handler — only before it did anything. It raises a domain error
-    (app.domain.errors) for a problem to send.
+    `answer(credential, body, **wired)` gets the value of `credential_header`, the raw body and, by
+    the names of its other parameters, the wired objects it needs (bound once at start-up); it
+    returns the response Struct (sent with 200), or None to hand the request on to the routed
+    handler — only before it did anything. It raises a domain error (app.domain.errors) for a
+    problem to send.
     """
+
+    handler: HTTPRouteHandler
+    credential_header: bytes
+    answer: Answer
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """A hot route as the app routes its handler: path, body limit, and its answer with what it needs."""
 
     path: str
     max_body: int
     credential_header: bytes
-    answer: Callable[[ServiceContext, str, bytes], Awaitable[msgspec.Struct | None]]
+    answer: Callable[[str, bytes], Awaitable[msgspec.Struct | None]]
+
+
+def _bind(app: Litestar, route: HotRoute, wired: object) -> _Bound:
+    routed = [
+        (http_route.path, handler)
+        for http_route in app.routes
+        if isinstance(http_route, HTTPRoute)
+        for handler in http_route.route_handlers
+        # (a controller's handlers are copies, their function bound to the controller)
+        if getattr(handler.fn, "__func__", handler.fn) is route.handler.fn and "POST" in handler.http_methods
+    ]
+    if len(routed) != 1:
+        raise RuntimeError(f"hot route for {route.handler.handler_name!r}: the app routes it {len(routed)} times")
+    path, handler = routed[0]
+    max_body = handler.resolve_request_max_body_size()
+    if not max_body:
+        raise RuntimeError(f"hot route {path}: its handler needs a request body limit")
+    needs = [name for name in inspect.signature(route.answer).parameters if name not in ("credential", "body")]
+    answer = functools.partial(route.answer, **{name: getattr(wired, name) for name in needs})
+    return _Bound(path, max_body, route.credential_header, answer)
 
 
 def body_decoder(body_type: type[Body]) -> Callable[[bytes], Body | None]:
@@ -80,16 +119,26 @@ class HotPaths:
 
     __slots__ = ("_app", "_next", "_routes")
 
-    def __init__(self, app: Litestar, next_app: ASGIApp, routes: Sequence[HotRoute]) -> None:
+    def __init__(self, app: Litestar, next_app: ASGIApp) -> None:
         self._app = app
         self._next = next_app
-        self._routes = {route.path: route for route in routes}
+        self._routes: dict[str, _Bound] = {}
+
+    @property
+    def paths(self) -> list[str]:
+        """The paths answered here (the request observer names their route in metrics and spans)."""
+        return list(self._routes)
 
     @classmethod
-    def install(cls, app: Litestar, routes: Sequence[HotRoute]) -> None:
-        """Put the hot paths in front of the app's handler (once, however often the lifespan runs)."""
-        if not isinstance(app.asgi_handler, cls):
-            app.asgi_handler = cls(app, app.asgi_handler, routes)
+    def install(cls, app: Litestar) -> HotPaths:
+        """Put the hot paths in front of the app's handler; they answer nothing until bound."""
+        front = cls(app, app.asgi_handler)
+        app.asgi_handler = front
+        return front
+
+    def bind(self, routes: Sequence[HotRoute], wired: object) -> None:
+        """Answer these routes with the objects of `wired` (each lifespan binds its own)."""
+        self._routes = {bound.path: bound for bound in (_bind(self._app, route, wired) for route in routes)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -128,7 +177,7 @@ class HotPaths:
             await self._next(scope, _replaying(body, receive), send)
             return
         try:
-            answer = await route.answer(context_of(self._app.state), credential.decode("latin-1"), body)
+            answer = await route.answer(credential.decode("latin-1"), body)
         except errors.DomainError as exc:
             request: Request[Any, Any, Any] = Request(scope, receive, send)
             await (

@@ -131,7 +131,7 @@ def region_add(code: str, name: str) -> None:
         algorithm = context.settings.issuer_algorithm
         async with context.sessions() as session:
             await register_region(session, context.pii, Actor.command("ecard region add"), code, name, algorithm)
-        await context.directory_changed()
+        await context.directory_changes.announce()
         return algorithm
 
     algorithm = _run(work)
@@ -438,7 +438,7 @@ def demo(region: str) -> None:
                 code_ttl=context.settings.activation_code_ttl,
                 actor=actor,
             )
-        await context.directory_changed()
+        await context.directory_changes.announce()
         return {
             "operator username": username,
             "operator password": password,

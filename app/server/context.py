@@ -1,15 +1,22 @@
-"""The process-wide objects a running service (or a CLI command) works with, built once."""
+"""The composition root: the process-wide objects a running service (or a CLI command) works with, built once.
+
+Nothing below imports this module. Handlers name what they need (`pii`, `mirror`, `settings`…,
+see `WIRED`) and get that one object through Litestar's dependency injection; the callers object
+(app.http.auth) is put in the application state for guards and hot paths.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as redis
 from litestar.datastructures import State
+from litestar.di import Provide
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -20,10 +27,11 @@ from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery
 from app.domain.ledger.services import MedicalCoverage
-from app.domain.verification.directory import VerifierDirectory, next_directory_version
+from app.domain.verification.directory import DirectoryChanges, VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
 from app.domain.verification.offline import OfflineKits
 from app.domain.verification.service import CredentialVerifier
+from app.http.auth import CALLER_DEPENDENCIES, Callers
 from app.security.keyring import Keyring, load_keyring
 from app.security.pii import PiiCipher
 from app.security.tokens import SessionTokens
@@ -35,7 +43,6 @@ from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, Stat
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "ecard"
-DIRECTORY_TOPIC = "directory"
 # The event stream's client waits this long for a reply: longer than a drain's blocking read (1 s).
 STREAM_SOCKET_TIMEOUT = 3.0
 
@@ -60,6 +67,8 @@ class ServiceContext:
     offline_kits: OfflineKits
     outbox: MirrorOutbox
     recovery: MirrorRecovery
+    callers: Callers
+    directory_changes: DirectoryChanges
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _drain_task: asyncio.Task[None] | None = None
     _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -99,11 +108,12 @@ class ServiceContext:
         rules = load_rules(settings.agreements_file)
         fallback = DatabaseFallback(sessions, mirror, pii, settings.verify_fallback_rate)
         verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules, fallback)
+        tokens = SessionTokens(keyring.session_key)
         return cls(
             settings,
             keyring,
             pii,
-            tokens=SessionTokens(keyring.session_key),
+            tokens=tokens,
             engine=engine,
             sessions=sessions,
             mirror=mirror,
@@ -116,13 +126,20 @@ class ServiceContext:
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
             outbox=MirrorOutbox(sessions, mirror, pii),
             recovery=MirrorRecovery(sessions, mirror, pii, settings.redis_prefix),
+            callers=Callers(tokens, mirror, directory),
+            directory_changes=DirectoryChanges(sessions, directory, bus),
         )
+
+    def install(self, state: State) -> None:
+        """Make this context what the app's dependencies, guards and hot paths get."""
+        state[STATE_KEY] = self
+        state[Callers.STATE_KEY] = self.callers
 
     async def start(self) -> None:
         """Load the caches, open the store's epoch, and keep both fresh in the background."""
         await self.directory.reload()
         await self.open_store_epochs()
-        self._tasks.append(asyncio.create_task(self.bus.run(self._on_invalidation)))
+        self._tasks.append(asyncio.create_task(self.bus.run(self.directory_changes.apply)))
         self._tasks.append(asyncio.create_task(self._refresh_periodically()))
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="mirror-outbox"))
         self._tasks.append(asyncio.create_task(self.verifier.voids.run(), name="scan-voids"))
@@ -166,31 +183,11 @@ class ServiceContext:
         """A drain of the verification event stream into this context's database."""
         return EventDrain(self.events, self.sessions, consumer_name(), **options)
 
-    async def _on_invalidation(self, topic: str) -> None:
-        try:
-            await self.directory.refresh()
-        except Exception:
-            logger.exception("applying the verifier directory's changes after %r failed", topic)
-
     async def _refresh_periodically(self) -> None:
         """Apply the directory's changes when its counter moved (one row read a second; no full reload)."""
         while True:
             await asyncio.sleep(self.settings.directory_poll_interval)
-            await self._on_invalidation("counter")
-
-    async def directory_changed(self) -> None:
-        """After an operator changed terminals or keys: count it in the database, apply it here, tell every worker.
-
-        Terminal and organisation changes carry their version already (they raised the counter in their
-        transaction); key changes are counted here. The counter reaches every worker within a second
-        through the database; the Redis announcement only makes it quicker (and may be lost while Redis
-        is away).
-        """
-        async with self.sessions() as session:
-            await next_directory_version(session)
-            await session.commit()
-        await self._on_invalidation(DIRECTORY_TOPIC)
-        await self.bus.publish(DIRECTORY_TOPIC)
+            await self.directory_changes.apply("counter")
 
     async def _drain_remaining_events(self) -> None:
         """At shutdown, store what the stream still holds (in memory it would be lost)."""
@@ -237,3 +234,40 @@ def context_of(state: State) -> ServiceContext:
     """The context stored in the application state."""
     context: ServiceContext = state[STATE_KEY]
     return context
+
+
+# What handlers may name as a dependency: each is the context's object of that name.
+WIRED = (
+    "settings",
+    "keyring",
+    "pii",
+    "tokens",
+    "sessions",
+    "mirror",
+    "directory",
+    "directory_changes",
+    "verifier",
+    "rules",
+    "coverage",
+    "offline_kits",
+    "outbox",
+)
+
+
+def _wired(name: str) -> Provide:
+    def provide(state: State) -> Any:
+        return getattr(state[STATE_KEY], name)
+
+    provide.__name__ = provide.__qualname__ = f"provide_{name}"
+    return Provide(provide, sync_to_thread=False)
+
+
+async def db_session(state: State) -> AsyncIterator[AsyncSession]:
+    """A database session for one request; whatever it did not commit is rolled back."""
+    async with context_of(state).sessions() as session:
+        yield session
+
+
+def dependencies() -> dict[str, Provide]:
+    """Every dependency a handler may name: the wired objects, a database `session`, the callers."""
+    return {**{name: _wired(name) for name in WIRED}, "session": Provide(db_session), **CALLER_DEPENDENCIES}

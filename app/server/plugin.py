@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import gc
-import hashlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from click import Group
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response
 from litestar.config.app import AppConfig
 from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
@@ -30,10 +26,8 @@ from litestar.plugins.problem_details import (
 )
 from litestar.routes import HTTPRoute
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app.db.models import MirrorChange
 from app.domain import errors
 from app.domain.audit.controllers import AuditController
 from app.domain.cards.controllers import CardController
@@ -58,82 +52,24 @@ from app.domain.verifiers.controllers import VerifierController
 from app.domain.web.docs_page import docs_render_plugins
 from app.domain.web.pages import web_routers
 from app.http import problems
-from app.http.auth import DEPENDENCIES
 from app.http.hot_paths import HotPaths
 from app.http.json_bodies import StrictJsonRequest
 from app.http.nul_text import refuse_nul_in_url
 from app.http.schema import WireModelSchemaPlugin
-from app.observability import logs, metrics
+from app.observability import logs
 from app.observability.request_ids import RequestIds
 from app.observability.tracing import RequestTracer, tracer_provider
-from app.server.context import STATE_KEY, ServiceContext, context_of
-from app.server.health import health, ready
+from app.server.context import ServiceContext, dependencies
+from app.server.probes import health, prometheus_metrics, ready
 from app.server.request_observer import RequestObserver
-from app.settings import PROJECT_ROOT, Settings
+from app.server.single_worker import SingleWorkerError, lock_single_worker, memory_store_lock_path
+from app.settings import Settings
 from app.stores.status_mirror import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
-LOCK_DIR = PROJECT_ROOT / "var"
 STALE_UPLOAD_AGE = timedelta(hours=6)
-
-
-class SingleWorkerError(RuntimeError):
-    """The in-process nonce store is in use by another worker."""
-
-
-def memory_store_lock_path(database_url: str) -> Path:
-    """One lock per database: the workers of one deployment share it, test runs do not."""
-    return LOCK_DIR / f"memory-store-{hashlib.sha256(database_url.encode()).hexdigest()[:16]}.lock"
-
-
-def _lock_single_worker(path: Path) -> IO[str]:
-    """Hold an exclusive lock for the life of the process: a second worker cannot start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise SingleWorkerError(
-            "another worker already uses the in-process nonce store; without REDIS_URL the service "
-            "runs one worker only (set REDIS_URL to run more)"
-        ) from None
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-# A scrape waits this long for each state it samples (the stream's backlog, the outbox), then answers.
-SAMPLE_TIMEOUT = 1.0
-
-
-async def _sample_backlogs(context: ServiceContext) -> None:
-    """Set the gauges of shared state that only a query can tell: events waiting, outbox changes waiting."""
-    try:
-        async with asyncio.timeout(SAMPLE_TIMEOUT):
-            backlog = await context.events.backlog()
-        metrics.EVENT_BACKLOG.set(backlog.length)
-        metrics.EVENT_PENDING.set(backlog.pending)
-    except Exception as exc:  # a scrape during an outage answers with what it has
-        logger.warning("event stream backlog not sampled: %r", exc)
-    try:
-        async with asyncio.timeout(SAMPLE_TIMEOUT), context.sessions() as session:
-            pending = await session.scalar(select(func.count()).select_from(MirrorChange))
-        metrics.OUTBOX_PENDING.set(pending or 0)
-    except Exception as exc:
-        logger.warning("mirror outbox not sampled: %r", exc)
-
-
-@get("/metrics", tags=["service"], summary="Prometheus metrics", media_type=MediaType.TEXT, include_in_schema=True)
-async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Routes, verification, issuing, the event drain and the status mirror, in the Prometheus text format."""
-    if STATE_KEY in request.app.state:
-        await _sample_backlogs(context_of(request.app.state))
-    body, content_type = metrics.exposition()
-    # Litestar appends the charset to every text/* type itself: the exposition's own would come twice.
-    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
 def drop_no_content_bodies(document: dict[str, Any]) -> None:
@@ -209,6 +145,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
         # Spans go to the given provider (tests), else to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
         provider = traces or tracer_provider(settings)
         self.tracer = RequestTracer(provider) if provider is not None else None
+        self._hot_paths: HotPaths | None = None
 
     def on_cli_init(self, cli: Group) -> None:
         """Add `litestar ecard …` commands."""
@@ -225,7 +162,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 raise RuntimeError("production mode needs REDIS_URL: the in-process nonce store serves one worker only")
             if self.settings.workers > 1:
                 raise SingleWorkerError("without REDIS_URL the service runs one worker only (WEB_CONCURRENCY=1)")
-            lock = _lock_single_worker(memory_store_lock_path(self.settings.database_url))
+            lock = lock_single_worker(memory_store_lock_path(self.settings.database_url))
         context = ServiceContext.build(self.settings)
         try:
             removed = await asyncio.to_thread(remove_stale_uploads, UPLOAD_DIR, STALE_UPLOAD_AGE)
@@ -235,8 +172,8 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             if not self.settings.redis_url:
                 async with context.sessions() as session:
                     await mirror_all_statuses(session, context.mirror, context.pii)
-            app.state[STATE_KEY] = context
-            self.install_front(app)
+            context.install(app.state)
+            self.install_front(app, context)
             # What exists now (app, routes, caches, tables) lives as long as the process: frozen, the
             # collector's full passes skip it (they took ~50 ms, several a minute under load).
             gc.collect()
@@ -247,14 +184,15 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             if lock is not None:
                 lock.close()
 
-    def install_front(self, app: Litestar) -> None:
-        """Hot paths in front of the router, the observer in front of both (once, however often the lifespan runs)."""
-        if isinstance(app.asgi_handler, RequestObserver):
-            return
-        routes = [HOT_VERIFY, HOT_ISSUE]
-        HotPaths.install(app, routes)
-        ids = RequestIds(self.settings.trusted_proxies)
-        app.asgi_handler = RequestObserver(app.asgi_handler, ids, [route.path for route in routes], self.tracer)
+    def install_front(self, app: Litestar, context: ServiceContext) -> None:
+        """Hot paths in front of the router, the observer in front of both; each lifespan binds its context."""
+        first = self._hot_paths is None
+        if self._hot_paths is None:
+            self._hot_paths = HotPaths.install(app)
+        self._hot_paths.bind([HOT_VERIFY, HOT_ISSUE], context)
+        if first:
+            ids = RequestIds(self.settings.trusted_proxies)
+            app.asgi_handler = RequestObserver(app.asgi_handler, ids, self._hot_paths.paths, self.tracer)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Register routes, dependencies, error handling and the OpenAPI document."""
@@ -287,7 +225,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                 *web_routers(),
             ]
         )
-        app_config.dependencies.update(DEPENDENCIES)
+        app_config.dependencies.update(dependencies())
         # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.http.json_bodies).
         app_config.request_class = StrictJsonRequest
         app_config.middleware.append(refuse_nul_in_url)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL
 from app.asgi import create_app
 from app.domain.operators.services import Role
 from app.server.context import STATE_KEY, ServiceContext
-from app.server.plugin import SingleWorkerError
+from app.server.single_worker import SingleWorkerError
 from tests import factories
 from tests.conftest import make_settings, migrated_database, operator_token, serve
 from tests.factories import bearer

@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL
 from app.asgi import create_app
 from app.domain.operators.services import Role
 from app.server.context import STATE_KEY, ServiceContext
-from app.server.health import CHECK_TIMEOUT, CHECKS, missing_dependencies
+from app.server.probes import CHECK_TIMEOUT, CHECKS, missing_dependencies
 from tests.conftest import make_settings, migrated_database, operator_token, serve
 from tests.factories import bearer
 from tests.servers import RedisServer, free_port

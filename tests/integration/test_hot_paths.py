@@ -15,11 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar import Litestar
+from litestar import Litestar, post
 
+from app.domain.verification.controllers import HOT_VERIFY
 from app.domain.verification.service import CredentialVerifier
-from app.http.hot_paths import HotPaths
-from app.server.context import ServiceContext
+from app.http.hot_paths import HotPaths, HotRoute
+from app.server.context import STATE_KEY, ServiceContext
 from app.server.plugin import EcardPlugin
 from app.server.request_observer import RequestObserver
 from tests import factories
@@ -67,8 +68,20 @@ def test_the_hot_paths_are_installed_once(app: Litestar, client: httpx.AsyncClie
     assert isinstance(observer, RequestObserver)
     handler = observer._next
     assert isinstance(handler, HotPaths)
-    app.plugins.get(EcardPlugin).install_front(app)
+    app.plugins.get(EcardPlugin).install_front(app, app.state[STATE_KEY])
     assert app.asgi_handler is observer and observer._next is handler
+    # Their paths are the routed handlers' own, read from the app's routes.
+    assert handler.paths == ["/v1/verify", "/v1/holder/credentials"]
+
+
+def test_a_hot_route_for_a_handler_the_app_does_not_route_stops_the_start_up(app: Litestar) -> None:
+    @post("/v1/elsewhere", request_max_body_size=100)
+    async def unrouted() -> None:
+        return None
+
+    front = HotPaths(app, app.asgi_handler)
+    with pytest.raises(RuntimeError, match="routes it 0 times"):
+        front.bind([HotRoute(unrouted, b"x-api-key", HOT_VERIFY.answer)], app.state[STATE_KEY])
 
 
 async def test_same_answers_both_ways(client: httpx.AsyncClient, admin_token: str, holder: Holder, gate: Gate) -> None:

@@ -86,12 +86,12 @@ async def test_a_proxy_request_id_and_trace_are_continued(
 async def test_a_server_error_marks_its_span(
     traced: httpx.AsyncClient, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.server import health
+    from app.server import probes
 
     def broken() -> None:
         raise RuntimeError("probe failed")
 
-    monkeypatch.setattr(health, "Liveness", broken)
+    monkeypatch.setattr(probes, "Liveness", broken)
     response = await traced.get("/health")
     assert response.status_code == 500
     span = _span_of(spans, response.headers["x-request-id"])

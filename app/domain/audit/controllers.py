@@ -13,8 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import AuditEvent
 from app.domain.audit.schemas import AuditEventOut
 from app.domain.audit.services import list_events
-from app.domain.operators.services import Role, require_role
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.domain.operators.services import Role
+from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
 
@@ -42,9 +42,8 @@ class AuditController(Controller):
     path = "/v1/operator/audit-events"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
 
-    @get("/", summary="Query the audit log", responses=problem_responses(401, 403))
+    @get("/", summary="Query the audit log", responses=problem_responses(401, 403), guards=[requires(Role.AUDITOR)])
     async def index(
         self,
         session: NamedDependency[AsyncSession],
@@ -60,7 +59,6 @@ class AuditController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> list[AuditEventOut]:
         """Newest first; filter by subject (card, eCard, terminal… id), action, actor and time."""
-        require_role(operator, Role.AUDITOR)
         events = await list_events(
             session,
             operator.regions,

@@ -20,6 +20,7 @@ from app.domain.cards.lifecycle import (
     set_ecard_state,
     undo_loss,
 )
+from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.schemas import (
     ActivationCodeOut,
@@ -40,12 +41,12 @@ from app.domain.cards.services import (
     new_activation_code,
 )
 from app.domain.holders.pin import reset_pin
-from app.domain.operators.services import Role, require_region, require_role
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.domain.operators.services import Role, require_region
+from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import problem_responses
 from app.security.pii import PiiCipher
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
+from app.settings import Settings
 
 
 def card_out(pii: PiiCipher, card: Card, ecard: ECard, person: Person) -> CardOut:
@@ -71,42 +72,48 @@ class CardController(Controller):
     path = "/v1/operator/cards"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Issue a card", responses=WRITE_PROBLEMS)
+    @post("/", status_code=201, summary="Issue a card", responses=WRITE_PROBLEMS, guards=[requires(Role.CARD_OFFICER)])
     async def create(
         self,
-        ctx: NamedDependency[ServiceContext],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         data: JSONBody[CardIssue],
     ) -> IssuedCardOut:
         """Register the person (or find them by citizen ID), issue the card and its eCard, return an activation code."""
-        require_role(operator, Role.CARD_OFFICER)
         require_region(operator, data.region)
         issued = await issue_card(
             session,
-            ctx.pii,
+            pii,
             region=data.region,
             citizen_id=data.citizen_id,
             name=data.name,
             card_number=data.card_number,
-            code_ttl=ctx.settings.activation_code_ttl,
-            actor=Actor.operator(operator),
+            code_ttl=settings.activation_code_ttl,
+            actor=actor,
             insurance_scheme=data.insurance_scheme,
         )
         card, ecard, person = await find_card(session, issued.card.id, operator.regions)
         return IssuedCardOut(
-            card=card_out(ctx.pii, card, ecard, person),
+            card=card_out(pii, card, ecard, person),
             activation_code=issued.activation_code,
             activation_expires_at=issued.activation_expires_at,
         )
 
-    @post("/search", status_code=200, summary="Find cards", responses=problem_responses(401, 403, 413))
+    @post(
+        "/search",
+        status_code=200,
+        summary="Find cards",
+        responses=problem_responses(401, 403, 413),
+        guards=[requires(Role.CARD_OFFICER, Role.AUDITOR)],
+    )
     async def search(
         self,
-        ctx: NamedDependency[ServiceContext],
+        pii: NamedDependency[PiiCipher],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         data: JSONBody[CardSearch],
@@ -115,43 +122,48 @@ class CardController(Controller):
 
         A search, not a change: POST only so that the personal data it looks for stays out of URLs.
         """
-        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         card_number = data.card_number if isinstance(data.card_number, str) else None
         citizen_id = data.citizen_id if isinstance(data.citizen_id, str) else None
-        rows = await find_cards(session, ctx.pii, operator.regions, card_number=card_number, citizen_id=citizen_id)
-        return [card_out(ctx.pii, *row) for row in rows]
+        rows = await find_cards(session, pii, operator.regions, card_number=card_number, citizen_id=citizen_id)
+        return [card_out(pii, *row) for row in rows]
 
-    @get("/{card_id:uuid}", summary="Read a card", responses=problem_responses(401, 403, 404))
+    @get(
+        "/{card_id:uuid}",
+        summary="Read a card",
+        responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.CARD_OFFICER, Role.AUDITOR)],
+    )
     async def read(
         self,
-        ctx: NamedDependency[ServiceContext],
+        pii: NamedDependency[PiiCipher],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
     ) -> CardOut:
         """A card and its eCard, personal data masked."""
-        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
-        return card_out(ctx.pii, *await find_card(session, card_id, operator.regions))
+        return card_out(pii, *await find_card(session, card_id, operator.regions))
 
     @post(
         "/{card_id:uuid}/activation-code",
         status_code=201,
         summary="Issue a new activation code",
         responses=WRITE_PROBLEMS,
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def activation_code(
         self,
-        ctx: NamedDependency[ServiceContext],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
     ) -> ActivationCodeOut:
         """Replace the card's open activation code (to activate on a new device, or after expiry)."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, _person = await find_card(session, card_id, operator.regions)
-        code, expires_at = await new_activation_code(session, ctx.pii, ecard, ctx.settings.activation_code_ttl)
+        code, expires_at = await new_activation_code(session, pii, ecard, settings.activation_code_ttl)
         record(
-            session, Actor.operator(operator), "card.activation_code", subject_type="card", subject_id=card.id,
+            session, actor, "card.activation_code", subject_type="card", subject_id=card.id,
             region=card.region_code, after={"activation_expires_at": expires_at.isoformat()},
         )  # fmt: skip
         await session.commit()
@@ -164,105 +176,110 @@ class CardController(Controller):
         status_code=200,
         summary="Change the eCard's state",
         responses=WRITE_PROBLEMS | pending_response(CardOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def ecard_state(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[ECardStateChange],
     ) -> Response[CardOut]:
         """Suspend, resume or revoke the eCard; verification sees the change at once (202: once the store is back)."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        mirrored = await set_ecard_state(
-            session, ctx.outbox, Actor.operator(operator), card, ecard, ECardState(data.state), data.reason
-        )
-        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
+        mirrored = await set_ecard_state(session, outbox, actor, card, ecard, ECardState(data.state), data.reason)
+        return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
     @post(
         "/{card_id:uuid}/loss",
         status_code=200,
         summary="Report the card lost",
         responses=WRITE_PROBLEMS | pending_response(CardOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def loss(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """挂失: the card is lost and its eCard suspended at once (202: once the store is back)."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
-        mirrored = await report_loss(
-            session, ctx.outbox, Actor.operator(operator), card, ecard, LOSS_BY_OFFICE, data.reason
-        )
-        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
+        mirrored = await report_loss(session, outbox, actor, card, ecard, LOSS_BY_OFFICE, data.reason)
+        return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
     @post(
         "/{card_id:uuid}/loss/undo",
         status_code=200,
         summary="Undo a loss report",
         responses=WRITE_PROBLEMS | pending_response(CardOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def undo_loss(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """The card was found: back in use, and the eCard resumes if the loss was what suspended it."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
         mirrored = await undo_loss(
             session,
-            ctx.outbox,
-            Actor.operator(operator),
+            outbox,
+            actor,
             card,
             ecard,
             holder_window=None,
             reason=data.reason,
         )
-        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
+        return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
     @post(
         "/{card_id:uuid}/replacement",
         status_code=201,
         summary="Issue a replacement card",
         responses=WRITE_PROBLEMS | pending_response(IssuedCardOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def replacement(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardReplacement],
     ) -> Response[IssuedCardOut]:
         """A new card for a lost or damaged one: the eCard moves over, devices are unbound, a new code is issued."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, _person = await find_card(session, card_id, operator.regions)
         replacement = await replace_card(
             session,
-            ctx.pii,
-            ctx.outbox,
-            Actor.operator(operator),
+            pii,
+            outbox,
+            actor,
             card,
             ecard,
             new_card_number=data.card_number,
-            code_ttl=ctx.settings.activation_code_ttl,
-            session_ttl=ctx.settings.access_token_ttl,
+            code_ttl=settings.activation_code_ttl,
+            session_ttl=settings.access_token_ttl,
             reason=data.reason,
         )
         new_card, new_ecard, person = await find_card(session, replacement.card.id, operator.regions)
         issued = IssuedCardOut(
-            card=card_out(ctx.pii, new_card, new_ecard, person),
+            card=card_out(pii, new_card, new_ecard, person),
             activation_code=replacement.activation_code,
             activation_expires_at=replacement.activation_expires_at,
         )
@@ -273,33 +290,42 @@ class CardController(Controller):
         status_code=200,
         summary="Cancel the card",
         responses=WRITE_PROBLEMS | pending_response(CardOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def cancellation(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """Withdraw the card for good; its eCard is revoked and every device unbound."""
-        require_role(operator, Role.CARD_OFFICER)
         card, ecard, person = await find_card(session, card_id, operator.regions)
         mirrored = await cancel_card(
-            session, ctx.outbox, Actor.operator(operator), card, ecard,
-            session_ttl=ctx.settings.access_token_ttl, reason=data.reason,
+            session, outbox, actor, card, ecard,
+            session_ttl=settings.access_token_ttl, reason=data.reason,
         )  # fmt: skip
-        return mirror_answer(card_out(ctx.pii, card, ecard, person), mirrored)
+        return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
-    @post("/{card_id:uuid}/pin-reset", status_code=204, summary="Reset the holder's PIN", responses=WRITE_PROBLEMS)
+    @post(
+        "/{card_id:uuid}/pin-reset",
+        status_code=204,
+        summary="Reset the holder's PIN",
+        responses=WRITE_PROBLEMS,
+        guards=[requires(Role.CARD_OFFICER)],
+    )
     async def pin_reset(
         self,
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[CardAction],
     ) -> None:
         """Clear a forgotten or locked PIN after checking the holder's identity at the counter."""
-        require_role(operator, Role.CARD_OFFICER)
         _card, ecard, _person = await find_card(session, card_id, operator.regions)
-        await reset_pin(session, Actor.operator(operator), ecard, data.reason)
+        await reset_pin(session, actor, ecard, data.reason)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, get
+from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath, PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import CatalogService
+from app.domain.agreements.rules import AcceptanceRules
 from app.domain.catalog.document import ApplicationType, Domain, PurposeName
 from app.domain.catalog.schemas import (
     ApplicationTypeOut,
@@ -31,10 +32,9 @@ from app.domain.catalog.services import (
     list_services,
 )
 from app.domain.regions.services import REGION_CODE
-from app.domain.verification.controllers import TerminalApiKey, terminal_of
-from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.domain.verification.directory import TerminalEntry
+from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder
 from app.http.problems import problem_responses
-from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 # The document states what a region code is, so a client (and schemathesis) knows which codes are well formed.
@@ -134,7 +134,7 @@ class CatalogController(Controller):
     )
     async def region_services(
         self,
-        ctx: NamedDependency[ServiceContext],
+        rules: NamedDependency[AcceptanceRules],
         session: NamedDependency[AsyncSession],
         region: RegionPath,
         card_region: RegionQuery = None,
@@ -145,7 +145,7 @@ class CatalogController(Controller):
         Across provinces only the purposes a cooperation agreement covers count; `purpose` narrows
         the answer to one. 400 for a malformed region code, 404 for one not registered.
         """
-        reach = await card_reach(session, ctx.rules, region, card_region or region, purposes=_purposes(purpose))
+        reach = await card_reach(session, rules, region, card_region or region, purposes=_purposes(purpose))
         return _reach_out(reach)
 
     @get(
@@ -153,12 +153,11 @@ class CatalogController(Controller):
         summary="What my card may do in a region",
         tags=["holder"],
         security=HOLDER_SECURITY,
-        dependencies={"holder": provide_holder},
         responses=problem_responses(401, 404),
     )
     async def holder_services(
         self,
-        ctx: NamedDependency[ServiceContext],
+        rules: NamedDependency[AcceptanceRules],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         region: RegionQuery = None,
@@ -166,7 +165,7 @@ class CatalogController(Controller):
     ) -> CardReachOut:
         """The services of `region` (default: the card's own) that this card reaches with its credentials."""
         card_region = holder.session.region
-        reach = await card_reach(session, ctx.rules, region or card_region, card_region, purposes=_purposes(purpose))
+        reach = await card_reach(session, rules, region or card_region, card_region, purposes=_purposes(purpose))
         return _reach_out(reach)
 
     @get(
@@ -177,19 +176,17 @@ class CatalogController(Controller):
     )
     async def terminal_services(
         self,
-        request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
+        rules: NamedDependency[AcceptanceRules],
+        terminal: NamedDependency[TerminalEntry],
         session: NamedDependency[AsyncSession],
         card_region: RegionQuery = None,
-        api_key: TerminalApiKey = None,
     ) -> CardReachOut:
         """The services of the terminal's region that its kind of verifier offers, through the purposes it
         accepts, for a card of `card_region` (default: the terminal's region). Authenticated like `/v1/verify`.
         """
-        terminal = await terminal_of(request, api_key)
         reach = await card_reach(
             session,
-            ctx.rules,
+            rules,
             terminal.region,
             card_region or terminal.region,
             purposes=terminal.purposes,

@@ -11,15 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Entitlement
 from app.domain.audit.services import Actor
+from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import find_card
 from app.domain.entitlements.schemas import EntitlementGrant, EntitlementOut
 from app.domain.entitlements.services import grant_entitlement, list_entitlements, revoke_entitlement
-from app.domain.operators.services import Role, require_role
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.domain.operators.services import Role
+from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
 
 
 def _out(entitlement: Entitlement) -> EntitlementOut:
@@ -39,7 +39,6 @@ class EntitlementController(Controller):
     path = "/v1/operator/cards/{card_id:uuid}/entitlements"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
     @post(
@@ -47,25 +46,31 @@ class EntitlementController(Controller):
         status_code=201,
         summary="Grant an entitlement",
         responses=problem_responses(401, 403, 404, 413, 503) | pending_response(EntitlementOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def grant(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         data: JSONBody[EntitlementGrant],
     ) -> Response[EntitlementOut]:
         """E.g. a park annual pass valid in a province through a date; park gates see it at once."""
-        require_role(operator, Role.CARD_OFFICER)
         _, ecard, _ = await find_card(session, card_id, operator.regions)
         entitlement, mirrored = await grant_entitlement(
-            session, ctx.outbox, Actor.operator(operator), ecard,
+            session, outbox, actor, ecard,
             kind=data.kind, region=data.region, valid_until=data.valid_until,
         )  # fmt: skip
         return mirror_answer(_out(entitlement), mirrored, 201)
 
-    @get("/", summary="List a card's entitlements", responses=problem_responses(401, 403, 404))
+    @get(
+        "/",
+        summary="List a card's entitlements",
+        responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.CARD_OFFICER, Role.AUDITOR)],
+    )
     async def list_all(
         self,
         session: NamedDependency[AsyncSession],
@@ -73,7 +78,6 @@ class EntitlementController(Controller):
         card_id: FromPath[uuid.UUID],
     ) -> list[EntitlementOut]:
         """Newest first, revoked and expired ones included."""
-        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         _, ecard, _ = await find_card(session, card_id, operator.regions)
         return [_out(entitlement) for entitlement in await list_entitlements(session, ecard)]
 
@@ -82,19 +86,18 @@ class EntitlementController(Controller):
         status_code=200,
         summary="Revoke an entitlement",
         responses=problem_responses(401, 403, 404, 409, 503) | pending_response(EntitlementOut),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def revoke(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         card_id: FromPath[uuid.UUID],
         entitlement_id: FromPath[uuid.UUID],
     ) -> Response[EntitlementOut]:
         """Ends it now; park gates stop seeing it at once."""
-        require_role(operator, Role.CARD_OFFICER)
         _, ecard, _ = await find_card(session, card_id, operator.regions)
-        entitlement, mirrored = await revoke_entitlement(
-            session, ctx.outbox, Actor.operator(operator), ecard, entitlement_id
-        )
+        entitlement, mirrored = await revoke_entitlement(session, outbox, actor, ecard, entitlement_id)
         return mirror_answer(_out(entitlement), mirrored)

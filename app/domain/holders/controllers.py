@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
-from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +17,7 @@ from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
+from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, normalise_card_number
 from app.domain.holders.credentials import issue_credentials, render_qr
@@ -41,13 +42,15 @@ from app.domain.holders.schemas import (
     UsageOut,
 )
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
+from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import card_usage
-from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, holder_on_device, provide_holder
+from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, Callers, bearer_token
 from app.http.hot_paths import HotRoute, body_decoder
 from app.http.problems import problem_responses
 from app.observability import metrics
-from app.security.tokens import HolderSession, InvalidToken
-from app.server.context import ServiceContext, context_of
+from app.security.pii import PiiCipher
+from app.security.tokens import HolderSession, InvalidToken, SessionTokens
+from app.settings import Settings
 from crypto.credential import Purpose
 from crypto.keys import b64url, b64url_decode
 
@@ -72,11 +75,11 @@ def _session_response(issued: IssuedSession) -> SessionResponse:
     )
 
 
-def _stepped_up(ctx: ServiceContext, holder: HolderSession, token: str | None) -> bool:
+def _stepped_up(tokens: SessionTokens, holder: HolderSession, token: str | None) -> bool:
     if token is None:
         return False
     try:
-        ctx.tokens.check_step_up(token, holder)
+        tokens.check_step_up(token, holder)
     except InvalidToken:
         return False
     return True
@@ -97,7 +100,10 @@ class HolderAuthController(Controller):
     )
     async def activation(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        tokens: NamedDependency[SessionTokens],
         session: NamedDependency[AsyncSession],
         data: JSONBody[ActivationRequest],
     ) -> SessionResponse:
@@ -108,10 +114,10 @@ class HolderAuthController(Controller):
         """
         issued = await activate(
             session,
-            ctx.pii,
-            ctx.tokens,
-            ctx.outbox,
-            ctx.settings,
+            pii,
+            tokens,
+            outbox,
+            settings,
             card_number=normalise_card_number(data.card_number),
             activation_code=data.activation_code,
             device_public_key=b64url_decode(data.device_public_key),
@@ -122,12 +128,13 @@ class HolderAuthController(Controller):
     @post("/token", status_code=200, summary="Refresh the session", responses=problem_responses(401, 413))
     async def token(
         self,
-        ctx: NamedDependency[ServiceContext],
+        settings: NamedDependency[Settings],
+        tokens: NamedDependency[SessionTokens],
         session: NamedDependency[AsyncSession],
         data: JSONBody[RefreshRequest],
     ) -> SessionResponse:
         """Rotate the refresh token. Presenting an already used one revokes that sign-in's whole token family."""
-        return _session_response(await refresh_session(session, ctx.tokens, ctx.settings, data.refresh_token))
+        return _session_response(await refresh_session(session, tokens, settings, data.refresh_token))
 
 
 class HolderCardController(Controller):
@@ -136,13 +143,12 @@ class HolderCardController(Controller):
     path = "/v1/holder"
     tags = ["holder"]
     security = HOLDER_SECURITY
-    dependencies = {"holder": provide_holder}
     request_max_body_size = HOLDER_BODY_MAX_BYTES
 
     @get("/card", summary="The holder's card", responses=problem_responses(401, 503))
     async def card(
         self,
-        ctx: NamedDependency[ServiceContext],
+        pii: NamedDependency[PiiCipher],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
     ) -> HolderCardOut:
@@ -154,8 +160,8 @@ class HolderCardController(Controller):
             card_number="*****" + card.card_number[-4:],
             card_state=card.state,
             region=card.region_code,
-            holder_name=mask_name(ctx.pii.decrypt(person.name_encrypted, NAME_FIELD)),
-            citizen_id=mask_citizen_id(ctx.pii.decrypt(person.citizen_id_encrypted, CITIZEN_ID_FIELD)),
+            holder_name=mask_name(pii.decrypt(person.name_encrypted, NAME_FIELD)),
+            citizen_id=mask_citizen_id(pii.decrypt(person.citizen_id_encrypted, CITIZEN_ID_FIELD)),
             pin_set=ecard.pin_hash is not None,
             pin_locked=ecard.pin_attempts >= MAX_PIN_ATTEMPTS,
         )
@@ -168,7 +174,7 @@ class HolderCardController(Controller):
     )
     async def report_loss(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[LossReport],
@@ -176,7 +182,7 @@ class HolderCardController(Controller):
         """Suspend the eCard at once: from this moment no gate accepts its credentials (202: once the store is back)."""
         card, ecard, _person = await own_card(session, holder.session)
         mirrored = await report_loss(
-            session, ctx.outbox, Actor.holder(holder.session), card, ecard, LOSS_BY_HOLDER, data.reason
+            session, outbox, Actor.holder(holder.session), card, ecard, LOSS_BY_HOLDER, data.reason
         )
         return mirror_answer(None, mirrored, 204)
 
@@ -188,18 +194,19 @@ class HolderCardController(Controller):
     )
     async def undo_loss(
         self,
-        ctx: NamedDependency[ServiceContext],
+        tokens: NamedDependency[SessionTokens],
+        outbox: NamedDependency[MirrorOutbox],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[LossUndo],
     ) -> Response[None]:
         """The card was found: within 7 days of the holder's own report, with a PIN step-up if a PIN is set."""
         card, ecard, _person = await own_card(session, holder.session)
-        if ecard.pin_hash is not None and not _stepped_up(ctx, holder.session, data.step_up_token):
+        if ecard.pin_hash is not None and not _stepped_up(tokens, holder.session, data.step_up_token):
             raise errors.Forbidden("undoing a loss report needs a fresh PIN step-up", code="step_up_required")
         mirrored = await undo_loss(
             session,
-            ctx.outbox,
+            outbox,
             Actor.holder(holder.session),
             card,
             ecard,
@@ -274,13 +281,14 @@ class HolderCardController(Controller):
     )
     async def remove_device(
         self,
-        ctx: NamedDependency[ServiceContext],
+        outbox: NamedDependency[MirrorOutbox],
+        settings: NamedDependency[Settings],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         device_id: FromPath[uuid.UUID],
     ) -> Response[None]:
         """Unbind a device (a lost phone): its sessions end at once, on every worker."""
-        mirrored = await remove_device(session, ctx.outbox, holder.session, device_id, ctx.settings.access_token_ttl)
+        mirrored = await remove_device(session, outbox, holder.session, device_id, settings.access_token_ttl)
         return mirror_answer(None, mirrored, 204)
 
     @put("/pin", status_code=204, summary="Set or change the PIN", responses=problem_responses(401, 403, 503))
@@ -302,7 +310,7 @@ class HolderCardController(Controller):
     )
     async def verify_pin(
         self,
-        ctx: NamedDependency[ServiceContext],
+        tokens: NamedDependency[SessionTokens],
         session: NamedDependency[AsyncSession],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[PinVerification],
@@ -310,11 +318,15 @@ class HolderCardController(Controller):
         """A step-up token valid for 5 minutes on this device; 5 wrong PINs lock it until the office resets it."""
         _card, ecard, _person = await own_card(session, holder.session)
         await verify_pin(session, ecard, data.pin)
-        return StepUp(step_up_token=ctx.tokens.issue_step_up(holder.session, STEP_UP_TTL), expires_in=STEP_UP_TTL)
+        return StepUp(step_up_token=tokens.issue_step_up(holder.session, STEP_UP_TTL), expires_in=STEP_UP_TTL)
 
 
 async def credential_bundle(
-    ctx: ServiceContext, holder: AuthenticatedHolder, data: CredentialRequest
+    directory: VerifierDirectory,
+    settings: Settings,
+    tokens: SessionTokens,
+    holder: AuthenticatedHolder,
+    data: CredentialRequest,
 ) -> CredentialBundle:
     """The credentials asked for, signed (the routed handler and the hot path share this)."""
     purpose = Purpose.from_label(data.purpose)
@@ -322,11 +334,11 @@ async def credential_bundle(
     kid, issued = await issue_credentials(
         holder.session,
         holder.card_status,
-        ctx.directory.keys.signing_keys,
-        ctx.settings,
+        directory.keys.signing_keys,
+        settings,
         purpose,
         data.count,
-        stepped_up=_stepped_up(ctx, holder.session, data.step_up_token),
+        stepped_up=_stepped_up(tokens, holder.session, data.step_up_token),
         store_epoch_ms=holder.store_epoch_ms,
     )
     metrics.count_issued(data.purpose, len(issued), time.perf_counter() - started)
@@ -349,20 +361,19 @@ async def credential_bundle(
 _credential_request = body_decoder(CredentialRequest)
 
 
-async def _hot_issue(ctx: ServiceContext, authorization: str, body: bytes) -> CredentialBundle | None:
-    scheme, _, token = authorization.partition(" ")
+async def _hot_issue(
+    credential: str, body: bytes, callers: Callers, directory: VerifierDirectory, settings: Settings
+) -> CredentialBundle | None:
+    token = bearer_token(credential)
     data = _credential_request(body)
-    if data is None or scheme.lower() != "bearer" or not token:
+    if data is None or token is None:
         return None
     try:
-        session = ctx.tokens.read_holder(token.strip())
+        session = callers.tokens.read_holder(token)
     except InvalidToken:
         return None
-    return await credential_bundle(ctx, await holder_on_device(ctx, session), data)
-
-
-# Every open QR screen refreshes through this: served in front of the router (app.http.hot_paths).
-HOT_ISSUE = HotRoute("/v1/holder/credentials", HOLDER_BODY_MAX_BYTES, b"authorization", _hot_issue)
+    holder = await callers.holder_on_device(session)
+    return await credential_bundle(directory, settings, callers.tokens, holder, data)
 
 
 class HolderCredentialController(Controller):
@@ -371,20 +382,19 @@ class HolderCredentialController(Controller):
     path = "/v1/holder/credentials"
     tags = ["holder"]
     security = HOLDER_SECURITY
-    dependencies = {"holder": provide_holder}
     request_max_body_size = HOLDER_BODY_MAX_BYTES
 
     @post("/", status_code=200, summary="Issue QR credentials", responses=problem_responses(401, 403, 409, 503))
     async def issue(
         self,
-        request: Request[Any, Any, Any],
+        directory: NamedDependency[VerifierDirectory],
+        settings: NamedDependency[Settings],
+        tokens: NamedDependency[SessionTokens],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[CredentialRequest],
     ) -> CredentialBundle:
         """Sign `count` credentials with consecutive windows (one per `refresh_at` step)."""
-        # Every open QR screen calls this: the context comes from the app state rather than a second
-        # dependency, which Litestar would resolve in an anyio task group (~90 µs a request).
-        return await credential_bundle(context_of(request.app.state), holder, data)
+        return await credential_bundle(directory, settings, tokens, holder, data)
 
     @post(
         "/qr",
@@ -395,10 +405,14 @@ class HolderCredentialController(Controller):
     )
     async def qr(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory: NamedDependency[VerifierDirectory],
         holder: NamedDependency[AuthenticatedHolder],
         data: JSONBody[QrRequest],
     ) -> Response[bytes]:
         """The QR image of one of this card's credentials, for clients that do not draw QR codes themselves."""
-        image = render_qr(holder.session, ctx.directory.keys.verify_keys, data.credential, data.format, data.scale)
+        image = render_qr(holder.session, directory.keys.verify_keys, data.credential, data.format, data.scale)
         return Response(image, media_type=QR_MEDIA_TYPES[data.format], headers={"Cache-Control": "no-store"})
+
+
+# Every open QR screen refreshes through this: served in front of the router (app.http.hot_paths).
+HOT_ISSUE = HotRoute(HolderCredentialController.issue, b"authorization", _hot_issue)

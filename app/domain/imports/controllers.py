@@ -13,7 +13,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath
 from litestar.response import Stream
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import ImportJob
 from app.domain import errors
@@ -30,12 +30,12 @@ from app.domain.imports.services import (
     start_import,
     store_upload,
 )
-from app.domain.operators.services import Role, require_role
+from app.domain.operators.services import Role
 from app.http import problems
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import ProblemBody, problem_responses
+from app.security.pii import PiiCipher
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 
 CSV_MEDIA_TYPE = "text/csv"
@@ -101,7 +101,6 @@ class ImportController(Controller):
     path = "/v1/operator/imports"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
 
     @post(
         "/",
@@ -110,11 +109,14 @@ class ImportController(Controller):
         request_max_body_size=MAX_UPLOAD_BYTES,
         operation_class=CsvUploadOperation,
         responses={**problem_responses(401, 403, 413), **UPLOAD_PROBLEMS},
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def create(
         self,
+        pii: NamedDependency[PiiCipher],
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        actor: NamedDependency[Actor],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
     ) -> ImportJobOut:
@@ -124,7 +126,6 @@ class ImportController(Controller):
         twice, so a job that stopped is completed by uploading its file again. Imported eCards wait for
         activation without a code: issue each one with POST /v1/operator/cards/{id}/activation-code.
         """
-        require_role(operator, Role.CARD_OFFICER)
         media_type, _options = request.content_type
         if media_type != CSV_MEDIA_TYPE:
             raise problems.problem(415, "unsupported_media_type", f"send the file as {CSV_MEDIA_TYPE}")
@@ -134,7 +135,7 @@ class ImportController(Controller):
         except ImportFileError as exc:
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
             raise errors.Invalid(str(exc)) from None
-        actor = Actor.operator(operator)
+        actor = actor
         job = await create_job(
             session,
             actor,
@@ -144,10 +145,15 @@ class ImportController(Controller):
             file_sha256=upload.sha256,
             size_bytes=upload.size_bytes,
         )
-        start_import(ctx.sessions, ctx.pii, job.id, upload.path, actor)
+        start_import(sessions, pii, job.id, upload.path, actor)
         return job_out(job)
 
-    @get("/{job_id:uuid}", summary="Read an import job", responses=problem_responses(401, 403, 404))
+    @get(
+        "/{job_id:uuid}",
+        summary="Read an import job",
+        responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.CARD_OFFICER, Role.AUDITOR)],
+    )
     async def read(
         self,
         session: NamedDependency[AsyncSession],
@@ -155,7 +161,6 @@ class ImportController(Controller):
         job_id: FromPath[uuid.UUID],
     ) -> ImportJobOut:
         """The job's status and counts so far: created, already present, rejected."""
-        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         job = await find_job(session, job_id, operator.regions)
         if job is None:
             raise errors.NotFound("no such import job")
@@ -166,20 +171,20 @@ class ImportController(Controller):
         summary="Download an import's rejected rows",
         media_type=CSV_MEDIA_TYPE,
         responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.CARD_OFFICER, Role.AUDITOR)],
     )
     async def rejections(
         self,
-        ctx: NamedDependency[ServiceContext],
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         job_id: FromPath[uuid.UUID],
     ) -> Stream:
         """The rejected rows so far as CSV (line, card_number, reason); no citizen ID or name, masked or not."""
-        require_role(operator, Role.CARD_OFFICER, Role.AUDITOR)
         if await find_job(session, job_id, operator.regions) is None:
             raise errors.NotFound("no such import job")
         return Stream(
-            rejection_report(ctx.sessions, job_id),
+            rejection_report(sessions, job_id),
             media_type=f"{CSV_MEDIA_TYPE}; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="import-{job_id}-rejections.csv"'},
         )

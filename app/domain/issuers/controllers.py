@@ -12,9 +12,12 @@ from litestar.params import HeaderParameter, PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.issuers.trust_list import sign_trust_list, signer_jwk
+from app.domain.verification.directory import VerifierDirectory
+from app.domain.verification.offline import OfflineKits
 from app.http.problems import problem_responses
 from app.http.schema import WireModel
-from app.server.context import ServiceContext, context_of
+from app.server.context import context_of
+from app.settings import Settings
 from crypto.jwk import jwks
 
 
@@ -60,7 +63,9 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     },
 )
 async def offline_kit(
-    ctx: NamedDependency[ServiceContext],
+    directory: NamedDependency[VerifierDirectory],
+    offline_kits: NamedDependency[OfflineKits],
+    settings: NamedDependency[Settings],
     session: NamedDependency[AsyncSession],
     region: Annotated[str, PathParameter(pattern=r"^[1-9][0-9]{5}$")],
     if_none_match: Annotated[
@@ -77,8 +82,8 @@ async def offline_kit(
     a gate keeps its own record of the nonces it saw and uploads its scans with
     `POST /v1/verify/batch` when it is back online.
     """
-    kit = await ctx.offline_kits.kit(session, ctx.directory.keys, region)
-    headers = {"Cache-Control": f"public, max-age={ctx.settings.status_list_ttl}", "ETag": kit.etag}
+    kit = await offline_kits.kit(session, directory.keys, region)
+    headers = {"Cache-Control": f"public, max-age={settings.status_list_ttl}", "ETag": kit.etag}
     if _matches(if_none_match, kit.etag):
         return Response(None, status_code=304, headers=headers)  # type: ignore[arg-type]
     document = kit.document

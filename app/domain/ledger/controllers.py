@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.clock import as_utc, utcnow
 from app.domain import errors
@@ -27,6 +27,7 @@ from app.domain.ledger.schemas import (
     SubsidyBatchOut,
 )
 from app.domain.ledger.services import (
+    MedicalCoverage,
     accepted_verification,
     card_statement,
     charge_fare,
@@ -34,14 +35,13 @@ from app.domain.ledger.services import (
     pay_subsidies,
     settle_medical_bill,
 )
-from app.domain.operators.services import Role, require_region, require_role
-from app.domain.verification.controllers import TerminalApiKey, terminal_of
+from app.domain.operators.services import Role, require_region
+from app.domain.verification.directory import TerminalEntry
 from app.domain.verifiers.services import get_organisation
-from app.http.auth import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, provide_holder, provide_operator
+from app.http.auth import HOLDER_SECURITY, OPERATOR_SECURITY, AuthenticatedHolder, requires
 from app.http.idempotent import IdempotencyKey, run_once
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 
@@ -61,14 +61,13 @@ class TerminalMoneyController(Controller):
     )
     async def fare(
         self,
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        terminal: NamedDependency[TerminalEntry],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         data: JSONBody[FareRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: TerminalApiKey = None,
     ) -> Response[FareOut]:
         """The card pays the transit operator, once per verification (409 for a second fare on it)."""
-        terminal = await terminal_of(request, api_key)
         if Purpose.TRANSIT not in terminal.purposes:
             raise errors.Forbidden("this terminal does not take transit fares")
 
@@ -84,7 +83,7 @@ class TerminalMoneyController(Controller):
             transaction = await charge_fare(session, verified, data.amount_fen, {"route": data.route}, entry)
             return FareOut(transaction.id, data.verification_id, data.amount_fen, transaction.created_at)
 
-        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)
+        return await run_once(sessions, request, f"terminal:{terminal.key}", idempotency_key, FareOut, work)
 
     @post(
         "/medical-settlements",
@@ -94,11 +93,12 @@ class TerminalMoneyController(Controller):
     )
     async def settlement(
         self,
+        coverage: NamedDependency[MedicalCoverage],
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        terminal: NamedDependency[TerminalEntry],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         data: JSONBody[SettlementRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: TerminalApiKey = None,
     ) -> Response[SettlementOut]:
         """Split the bill: the card's insurance fund pays its share, the holder the rest.
 
@@ -107,7 +107,6 @@ class TerminalMoneyController(Controller):
         Needs an accepted `medical` verification of this hospital: medical credentials are only
         issued after the holder's PIN step-up.
         """
-        terminal = await terminal_of(request, api_key)
         if Purpose.MEDICAL not in terminal.purposes:
             raise errors.Forbidden("this terminal does not settle medical bills")
 
@@ -115,7 +114,7 @@ class TerminalMoneyController(Controller):
             verified = await accepted_verification(
                 session, data.verification_id, terminal.organisation_id, Purpose.MEDICAL.label
             )
-            settled = await settle_medical_bill(session, ctx.coverage, verified, data.total_fen)
+            settled = await settle_medical_bill(session, coverage, verified, data.total_fen)
             details = settled.transaction.details
             return SettlementOut(
                 transaction_id=settled.transaction.id,
@@ -128,7 +127,7 @@ class TerminalMoneyController(Controller):
                 created_at=settled.transaction.created_at,
             )
 
-        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, SettlementOut, work)
+        return await run_once(sessions, request, f"terminal:{terminal.key}", idempotency_key, SettlementOut, work)
 
 
 class OperatorMoneyController(Controller):
@@ -137,7 +136,6 @@ class OperatorMoneyController(Controller):
     path = "/v1/operator"
     tags = ["money"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
 
     @post(
         "/subsidy-batches",
@@ -145,17 +143,18 @@ class OperatorMoneyController(Controller):
         summary="Pay a batch of subsidies",
         request_max_body_size=200_000,
         responses=problem_responses(401, 403, 409, 413),
+        guards=[requires(Role.CARD_OFFICER)],
     )
     async def subsidies(
         self,
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        actor: NamedDependency[Actor],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         operator: NamedDependency[OperatorSession],
         data: JSONBody[SubsidyBatch],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[SubsidyBatchOut]:
         """Up to 1,000 payouts from the region's subsidy fund to cards of the region, all or nothing."""
-        require_role(operator, Role.CARD_OFFICER)
         require_region(operator, data.region)
         batch_id = "sb_" + secrets.token_urlsafe(9)
 
@@ -164,20 +163,21 @@ class OperatorMoneyController(Controller):
             await pay_subsidies(session, data.region, batch_id, payouts, data.reason)
             total = sum(amount for _, amount in payouts)
             record(
-                session, Actor.operator(operator), "subsidy_batch.paid", subject_type="subsidy_batch",
+                session, actor, "subsidy_batch.paid", subject_type="subsidy_batch",
                 subject_id=batch_id, region=data.region, reason=data.reason,
                 after={"payouts": len(payouts), "total_fen": total},
             )  # fmt: skip
             return SubsidyBatchOut(batch_id, data.region, len(payouts), total)
 
         return await run_once(
-            ctx.sessions, request, f"operator:{operator.operator_id}", idempotency_key, SubsidyBatchOut, work
+            sessions, request, f"operator:{operator.operator_id}", idempotency_key, SubsidyBatchOut, work
         )
 
     @get(
         "/verifier-organisations/{organisation_id:uuid}/reconciliation",
         summary="An organisation's daily reconciliation",
         responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.VERIFIER_MANAGER, Role.AUDITOR)],
     )
     async def reconciliation(
         self,
@@ -187,7 +187,6 @@ class OperatorMoneyController(Controller):
         day: Annotated[date | None, QueryParameter(name="day", required=False)] = None,
     ) -> ReconciliationOut:
         """The day's (UTC, default today) movements of the organisation by kind and account; they sum to zero."""
-        require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
         organisation = await get_organisation(session, organisation_id, operator.regions)
         found = await daily_reconciliation(session, organisation.id, day or utcnow().date())
         return ReconciliationOut(
@@ -206,7 +205,6 @@ class HolderMoneyController(Controller):
     path = "/v1/holder"
     tags = ["holder"]
     security = HOLDER_SECURITY
-    dependencies = {"holder": provide_holder}
 
     @get("/transactions", summary="Balance and transactions", responses=problem_responses(401, 503))
     async def transactions(

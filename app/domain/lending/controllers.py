@@ -7,18 +7,18 @@ from typing import Annotated, Any
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import LibraryLoan, VerifierOrganisation
 from app.domain import errors
+from app.domain.agreements.rules import AcceptanceRules
 from app.domain.ledger.services import accepted_verification
 from app.domain.lending.schemas import LoanOut, LoanRequest, ParkEntryOut, ParkEntryRequest, ReturnRequest
 from app.domain.lending.services import card_loans, enter_park, lend, take_back
-from app.domain.verification.controllers import TerminalApiKey, terminal_of
-from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder, provide_holder
+from app.domain.verification.directory import TerminalEntry
+from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder
 from app.http.idempotent import IdempotencyKey, run_once
 from app.http.problems import problem_responses
-from app.server.context import ServiceContext
 from crypto.credential import Purpose
 
 
@@ -40,14 +40,13 @@ class LendingController(Controller):
     @post("/library-loans", status_code=201, summary="Lend an item", responses=problem_responses(401, 403, 404, 409))
     async def loan(
         self,
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        terminal: NamedDependency[TerminalEntry],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         data: JSONBody[LoanRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: TerminalApiKey = None,
     ) -> Response[LoanOut]:
         """One item per library verification; 409 while the item is out."""
-        terminal = await terminal_of(request, api_key)
         if Purpose.LIBRARY not in terminal.purposes:
             raise errors.Forbidden("this terminal does not lend")
 
@@ -58,7 +57,7 @@ class LendingController(Controller):
             loan = await lend(session, verified, data.item_id, data.days)
             return _loan_out(loan, verified.organisation.name)
 
-        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+        return await run_once(sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
 
     @post(
         "/library-returns",
@@ -68,37 +67,36 @@ class LendingController(Controller):
     )
     async def give_back(
         self,
+        rules: NamedDependency[AcceptanceRules],
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        terminal: NamedDependency[TerminalEntry],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         data: JSONBody[ReturnRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: TerminalApiKey = None,
     ) -> Response[LoanOut]:
         """At any library of the lending library's network (its province, or an agreement covering libraries)."""
-        terminal = await terminal_of(request, api_key)
         if Purpose.LIBRARY not in terminal.purposes:
             raise errors.Forbidden("this terminal does not take returns")
 
         async def work(session: AsyncSession) -> LoanOut:
             organisation = await session.get_one(VerifierOrganisation, terminal.organisation_id)
-            loan, lender = await take_back(session, ctx.rules, organisation, data.item_id)
+            loan, lender = await take_back(session, rules, organisation, data.item_id)
             return _loan_out(loan, lender.name)
 
-        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
+        return await run_once(sessions, request, f"terminal:{terminal.key}", idempotency_key, LoanOut, work)
 
     @post(
         "/park-entries", status_code=201, summary="Count a park entry", responses=problem_responses(401, 403, 404, 409)
     )
     async def park_entry(
         self,
+        sessions: NamedDependency[async_sessionmaker[AsyncSession]],
+        terminal: NamedDependency[TerminalEntry],
         request: Request[Any, Any, Any],
-        ctx: NamedDependency[ServiceContext],
         data: JSONBody[ParkEntryRequest],
         idempotency_key: IdempotencyKey = None,
-        api_key: TerminalApiKey = None,
     ) -> Response[ParkEntryOut]:
         """Count the entry against the card's annual pass valid in this province; 409 without one."""
-        terminal = await terminal_of(request, api_key)
         if Purpose.PARK not in terminal.purposes:
             raise errors.Forbidden("this terminal is not a park gate")
 
@@ -109,7 +107,7 @@ class LendingController(Controller):
             entered = await enter_park(session, verified)
             return ParkEntryOut(entered.entry.id, entered.pass_valid_until, entered.entries_on_pass)
 
-        return await run_once(ctx.sessions, request, f"terminal:{terminal.key}", idempotency_key, ParkEntryOut, work)
+        return await run_once(sessions, request, f"terminal:{terminal.key}", idempotency_key, ParkEntryOut, work)
 
 
 class HolderLoansController(Controller):
@@ -118,7 +116,6 @@ class HolderLoansController(Controller):
     path = "/v1/holder"
     tags = ["holder"]
     security = HOLDER_SECURITY
-    dependencies = {"holder": provide_holder}
 
     @get("/loans", summary="Library loans", responses=problem_responses(401, 503))
     async def loans(

@@ -11,13 +11,15 @@ from app.db.models import IssuerKey, Region
 from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.issuers.services import activate_key, public_key_of, publish_key, region_keys, revoke_key
-from app.domain.operators.services import Role, require_region, require_role
+from app.domain.operators.services import Role, require_region
 from app.domain.regions.schemas import IssuerKeyOut, KeyPublication, KeyRevocation, RegionCreate, RegionOut
 from app.domain.regions.services import list_regions, register_region
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.domain.verification.directory import DirectoryChanges
+from app.http.auth import OPERATOR_SECURITY, requires, signed_in
 from app.http.problems import problem_responses
+from app.security.pii import PiiCipher
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
+from app.settings import Settings
 from crypto.algorithms import name_of
 from crypto.jwk import public_jwk
 from crypto.keys import KID_LENGTH, b64url, b64url_decode
@@ -56,31 +58,34 @@ class RegionController(Controller):
     path = "/v1/operator/regions"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
-    @post("/", status_code=201, summary="Register a region", responses=problem_responses(401, 403, 404, 409, 413))
+    @post(
+        "/",
+        status_code=201,
+        summary="Register a region",
+        responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires()],
+    )
     async def create(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         data: JSONBody[RegionCreate],
     ) -> RegionOut:
         """Register a region (admins within their scope); its key is published in the JWKS at once."""
-        require_role(operator)
         require_region(operator, data.code)
-        algorithm = data.key_algorithm or ctx.settings.issuer_algorithm
-        region = await register_region(
-            session, ctx.pii, Actor.operator(operator), data.code, data.name.strip(), algorithm
-        )
-        await ctx.directory_changed()
+        algorithm = data.key_algorithm or settings.issuer_algorithm
+        region = await register_region(session, pii, actor, data.code, data.name.strip(), algorithm)
+        await directory_changes.announce()
         return _out(region)
 
-    @get("/", summary="List regions", responses=problem_responses(401))
-    async def index(
-        self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
-    ) -> list[RegionOut]:
+    @get("/", summary="List regions", responses=problem_responses(401), guards=[signed_in])
+    async def index(self, session: NamedDependency[AsyncSession]) -> list[RegionOut]:
         """Every registered region."""
         return [_out(region) for region in await list_regions(session)]
 
@@ -88,6 +93,7 @@ class RegionController(Controller):
         "/{code:str}/keys",
         summary="A region's signing keys",
         responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.AUDITOR)],
     )
     async def keys(
         self,
@@ -96,7 +102,6 @@ class RegionController(Controller):
         code: FromPath[str],
     ) -> list[IssuerKeyOut]:
         """Every key of the region with its rotation state (published, active, retired, revoked)."""
-        require_role(operator, Role.AUDITOR)
         require_region(operator, code)
         return [_key_out(row) for row in await region_keys(session, code)]
 
@@ -105,10 +110,14 @@ class RegionController(Controller):
         status_code=201,
         summary="Publish a new signing key",
         responses=problem_responses(401, 403, 404, 409),
+        guards=[requires()],
     )
     async def publish(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        pii: NamedDependency[PiiCipher],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         code: FromPath[str],
@@ -119,11 +128,10 @@ class RegionController(Controller):
         Its algorithm is the body's, else the deployment's profile's: a region moves from Ed25519 to
         SM2 (or back) by this same drill, codes of both keys verifying until the old one is revoked.
         """
-        require_role(operator)
         require_region(operator, code)
-        algorithm = (data.algorithm if data else None) or ctx.settings.issuer_algorithm
-        row = await publish_key(session, ctx.pii, Actor.operator(operator), code, algorithm)
-        await ctx.directory_changed()
+        algorithm = (data.algorithm if data else None) or settings.issuer_algorithm
+        row = await publish_key(session, pii, actor, code, algorithm)
+        await directory_changes.announce()
         return _key_out(row)
 
     @post(
@@ -131,10 +139,13 @@ class RegionController(Controller):
         status_code=200,
         summary="Activate a published key",
         responses=problem_responses(401, 403, 404, 409),
+        guards=[requires()],
     )
     async def activate(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        settings: NamedDependency[Settings],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         code: FromPath[str],
@@ -145,10 +156,9 @@ class RegionController(Controller):
         409 until the key has been published for `ECARD_KEY_PUBLISH_LEAD` seconds (default 600:
         twice the JWKS cache time), so no gate meets a credential of a key it does not know.
         """
-        require_role(operator)
         require_region(operator, code)
-        row = await activate_key(session, Actor.operator(operator), code, _kid(kid), ctx.settings.key_publish_lead)
-        await ctx.directory_changed()
+        row = await activate_key(session, actor, code, _kid(kid), settings.key_publish_lead)
+        await directory_changes.announce()
         return _key_out(row)
 
     @post(
@@ -156,10 +166,12 @@ class RegionController(Controller):
         status_code=200,
         summary="Revoke a key",
         responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires()],
     )
     async def revoke(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         code: FromPath[str],
@@ -167,8 +179,7 @@ class RegionController(Controller):
         data: JSONBody[KeyRevocation],
     ) -> IssuerKeyOut:
         """Withdraw a published or retired key now (suspected compromise): its credentials stop verifying."""
-        require_role(operator)
         require_region(operator, code)
-        row = await revoke_key(session, Actor.operator(operator), code, _kid(kid), data.reason)
-        await ctx.directory_changed()
+        row = await revoke_key(session, actor, code, _kid(kid), data.reason)
+        await directory_changes.announce()
         return _key_out(row)

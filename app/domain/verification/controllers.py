@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, TypeVar
+from typing import TypeVar
 
-from litestar import Request, post
+from litestar import post
 from litestar.di import NamedDependency
-from litestar.params import HeaderParameter, JSONBody
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain import errors
@@ -21,17 +21,13 @@ from app.domain.verification.schemas import (
 )
 from app.domain.verification.service import MAX_BATCH, BatchScan, CredentialVerifier, Outcome, RateLimited
 from app.http import problems
-from app.http.auth import TERMINAL_SECURITY
+from app.http.auth import TERMINAL_SECURITY, Callers
 from app.http.hot_paths import HotRoute, body_decoder
 from app.observability import metrics
-from app.server.context import ServiceContext, context_of
 from app.stores.status_mirror import StoreUnavailable
 
 MAX_BODY_BYTES = 2048
 MAX_BATCH_BODY_BYTES = MAX_BATCH * 700
-
-# A terminal's API key; absent when the terminal signs its requests instead.
-TerminalApiKey = Annotated[str | None, HeaderParameter(name="X-Api-Key", required=False)]
 
 _UNAVAILABLE = "card status store is unreachable; the credential was not accepted"
 _OUTCOME_UNKNOWN = (
@@ -48,29 +44,6 @@ def _store_unavailable(exc: StoreUnavailable, retry_window: int) -> Exception:
         return errors.Unavailable(_UNAVAILABLE)
     metrics.REFUSED_OUTCOME_UNKNOWN.inc()
     return errors.Unavailable(_OUTCOME_UNKNOWN.format(window=retry_window), code="outcome_unknown")
-
-
-async def terminal_of(request: Request[Any, Any, Any], api_key: str | None) -> TerminalEntry:
-    """The terminal making the request, by API key or by its request signature; 401 otherwise."""
-    directory = context_of(request.app.state).directory
-    if api_key is not None:
-        terminal = directory.authenticate(api_key)
-        if terminal is None:
-            raise errors.Unauthenticated(
-                "unknown, disabled or malformed terminal API key (X-Api-Key), or the terminal signs its requests"
-            )
-        return terminal
-    headers = request.headers
-    terminal_id = headers.get("x-terminal-id")
-    signature = headers.get("x-signature")
-    timestamp = headers.get("x-signature-timestamp")
-    if not (terminal_id and signature and timestamp):
-        raise errors.Unauthenticated("send X-Api-Key, or X-Terminal-Id, X-Signature-Timestamp and X-Signature")
-    body = await request.body()
-    terminal = directory.authenticate_signed(terminal_id, timestamp, signature, request.method, request.url.path, body)
-    if terminal is None:
-        raise errors.Unauthenticated("request signature does not verify, is too old, or the terminal is disabled")
-    return terminal
 
 
 def _rate_limited(exc: RateLimited) -> Exception:
@@ -106,9 +79,9 @@ def _answer(outcome: Outcome, answer_type: type[Answer]) -> Answer:
     responses=problems.problem_responses(401, 413, 429, 503),
 )
 async def verify(
-    request: Request[Any, Any, Any],
+    verifier: NamedDependency[CredentialVerifier],
+    terminal: NamedDependency[TerminalEntry],
     data: JSONBody[VerifyRequest],
-    api_key: TerminalApiKey = None,
 ) -> VerifyResponse:
     """Accept or reject a scanned credential, once.
 
@@ -121,9 +94,7 @@ async def verify(
     `outcome_unknown` when it answered too late (the credential may have been used up; sending the
     same credential again within the retry window gets the first answer).
     """
-    started = time.perf_counter()
-    terminal = await terminal_of(request, api_key)
-    return await answer_scan(context_of(request.app.state).verifier, terminal, data.credential, started)
+    return await answer_scan(verifier, terminal, data.credential, time.perf_counter())
 
 
 async def answer_scan(
@@ -149,17 +120,19 @@ async def answer_scan(
 _verify_request = body_decoder(VerifyRequest)
 
 
-async def _hot_verify(ctx: ServiceContext, api_key: str, body: bytes) -> VerifyResponse | None:
+async def _hot_verify(
+    credential: str, body: bytes, callers: Callers, verifier: CredentialVerifier
+) -> VerifyResponse | None:
     started = time.perf_counter()
-    terminal = ctx.directory.authenticate(api_key)
+    terminal = callers.terminal_by_key(credential)
     data = _verify_request(body) if terminal is not None else None
     if terminal is None or data is None:
         return None
-    return await answer_scan(ctx.verifier, terminal, data.credential, started)
+    return await answer_scan(verifier, terminal, data.credential, started)
 
 
 # A plain scan (API key, a body that decodes) served in front of the router; see app.http.hot_paths.
-HOT_VERIFY = HotRoute("/v1/verify", MAX_BODY_BYTES, b"x-api-key", _hot_verify)
+HOT_VERIFY = HotRoute(verify, b"x-api-key", _hot_verify)
 
 
 @post(
@@ -172,11 +145,10 @@ HOT_VERIFY = HotRoute("/v1/verify", MAX_BODY_BYTES, b"x-api-key", _hot_verify)
     responses=problems.problem_responses(401, 413, 503),
 )
 async def verify_batch(
-    request: Request[Any, Any, Any],
-    ctx: NamedDependency[ServiceContext],
+    verifier: NamedDependency[CredentialVerifier],
+    terminal: NamedDependency[TerminalEntry],
     session: NamedDependency[AsyncSession],
     data: JSONBody[BatchVerifyRequest],
-    api_key: TerminalApiKey = None,
 ) -> BatchVerifyResponse:
     """Decide each queued scan at its scan time, in order; report double use across gates.
 
@@ -186,10 +158,9 @@ async def verify_batch(
     the same batch again gives the same answers and verification ids. Items over the upload
     budget come back as `rate_limited` with nothing consumed: send those again later.
     """
-    terminal = await terminal_of(request, api_key)
     scans = [BatchScan(item.credential, int(item.scanned_at.timestamp() * 1000)) for item in data.scans]
     try:
-        outcomes = await ctx.verifier.verify_batch(session, terminal, scans)
+        outcomes = await verifier.verify_batch(session, terminal, scans)
     except StoreUnavailable:
         raise errors.Unavailable(
             "card status store is unreachable or answered too late; upload the same batch again: its answers "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,9 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.models import ChangeCounter, Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.security.pii import PiiCipher
+from app.stores.invalidation import InvalidationBus
 from app.stores.status_mirror import RateLimit
 from crypto.credential import Purpose
 from crypto.keys import VerifyKey, b64url_decode
+
+logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "ecv1"
 SIGNATURE_SCHEME = b"ecard-terminal-v1"
@@ -267,3 +271,37 @@ class VerifierDirectory:
         if not entry.signing_key.verify(raw_signature, signing_input(method, path, timestamp, body)):
             return None
         return entry
+
+
+class DirectoryChanges:
+    """Tells every worker that terminals, organisations or keys changed, and applies the change here.
+
+    Terminal and organisation changes carry their version already (they raised the counter in their
+    transaction); key changes are counted by `announce`. The counter reaches every worker within a
+    second through the database (each polls it); the bus's announcement only makes it quicker (and
+    may be lost while Redis is away).
+    """
+
+    TOPIC = "directory"
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], directory: VerifierDirectory, bus: InvalidationBus
+    ) -> None:
+        self._sessions = sessions
+        self._directory = directory
+        self._bus = bus
+
+    async def announce(self) -> None:
+        """After an operator's change: count it in the database, apply it here, tell every worker."""
+        async with self._sessions() as session:
+            await next_directory_version(session)
+            await session.commit()
+        await self.apply(self.TOPIC)
+        await self._bus.publish(self.TOPIC)
+
+    async def apply(self, topic: str) -> None:
+        """Apply the directory's changes since this worker's version (a failure is logged: the next poll retries)."""
+        try:
+            await self._directory.refresh()
+        except Exception:
+            logger.exception("applying the verifier directory's changes after %r failed", topic)

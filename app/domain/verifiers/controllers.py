@@ -15,7 +15,8 @@ from app.db.clock import as_utc, utcnow
 from app.db.models import Terminal, VerifierOrganisation
 from app.domain import errors
 from app.domain.audit.services import Actor
-from app.domain.operators.services import Role, require_region, require_role
+from app.domain.operators.services import Role, require_region
+from app.domain.verification.directory import DirectoryChanges
 from app.domain.verification.disclosure import BusinessType
 from app.domain.verification.events import terminal_counts
 from app.domain.verifiers.schemas import (
@@ -42,10 +43,9 @@ from app.domain.verifiers.services import (
     set_signing_key,
     update_terminal,
 )
-from app.http.auth import OPERATOR_SECURITY, provide_operator
+from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import problem_responses
 from app.security.tokens import OperatorSession
-from app.server.context import ServiceContext
 from crypto.keys import b64url_decode
 
 
@@ -81,7 +81,6 @@ class VerifierController(Controller):
     path = "/v1/operator"
     tags = ["operator"]
     security = OPERATOR_SECURITY
-    dependencies = {"operator": provide_operator}
     request_max_body_size = 4096
 
     @post(
@@ -89,31 +88,36 @@ class VerifierController(Controller):
         status_code=201,
         summary="Register a verifier organisation",
         responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def create_organisation(
         self,
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         data: JSONBody[OrganisationCreate],
     ) -> OrganisationOut:
         """A transit company, park, library, hospital… in a region of the operator's scope."""
-        require_role(operator, Role.VERIFIER_MANAGER)
         require_region(operator, data.region)
         organisation = await register_organisation(
             session,
-            Actor.operator(operator),
+            actor,
             name=data.name,
             business_type=BusinessType(data.business_type),
             region=data.region,
         )
         return _organisation_out(organisation)
 
-    @get("/verifier-organisations", summary="List verifier organisations", responses=problem_responses(401, 403))
+    @get(
+        "/verifier-organisations",
+        summary="List verifier organisations",
+        responses=problem_responses(401, 403),
+        guards=[requires(Role.VERIFIER_MANAGER, Role.AUDITOR)],
+    )
     async def list_organisations(
         self, session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession]
     ) -> list[OrganisationOut]:
         """Organisations in the operator's regions."""
-        require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
         return [_organisation_out(org) for org in await list_organisations(session, operator.regions)]
 
     @post(
@@ -121,53 +125,56 @@ class VerifierController(Controller):
         status_code=201,
         summary="Register a terminal",
         responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def create_terminal(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         organisation_id: FromPath[uuid.UUID],
         data: JSONBody[TerminalCreate],
     ) -> TerminalWithKey:
         """Create a terminal; its API key is in this answer and nowhere else."""
-        require_role(operator, Role.VERIFIER_MANAGER)
         organisation = await get_organisation(session, organisation_id, operator.regions)
         terminal, api_key = await register_terminal(
             session,
-            Actor.operator(operator),
+            actor,
             organisation,
             name=data.name,
             purposes=list(data.allowed_purposes),
             rate=(data.rate_per_minute, data.rate_burst),
         )
-        await ctx.directory_changed()
+        await directory_changes.announce()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)
 
     @patch(
         "/verifier-organisations/{organisation_id:uuid}",
         summary="Enable or disable a verifier organisation",
         responses=problem_responses(401, 403, 404, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def update_organisation(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         organisation_id: FromPath[uuid.UUID],
         data: JSONBody[OrganisationUpdate],
     ) -> OrganisationOut:
         """A disabled organisation's terminals are refused on every worker within a second."""
-        require_role(operator, Role.VERIFIER_MANAGER)
         organisation = await get_organisation(session, organisation_id, operator.regions)
-        await set_organisation_enabled(session, Actor.operator(operator), organisation, data.enabled)
-        await ctx.directory_changed()
+        await set_organisation_enabled(session, actor, organisation, data.enabled)
+        await directory_changes.announce()
         return _organisation_out(organisation)
 
     @get(
         "/verifier-organisations/{organisation_id:uuid}/verification-counts",
         summary="Verification counts per terminal",
         responses=problem_responses(401, 403, 404),
+        guards=[requires(Role.VERIFIER_MANAGER, Role.AUDITOR)],
     )
     async def verification_counts(
         self,
@@ -190,7 +197,6 @@ class VerifierController(Controller):
         Default: the last 24 hours. `since` must be before `until` (400 otherwise). Counts come
         from the drained event log, a few seconds behind the gates.
         """
-        require_role(operator, Role.VERIFIER_MANAGER, Role.AUDITOR)
         organisation = await get_organisation(session, organisation_id, operator.regions)
         until = as_utc(until) if until else utcnow()
         since = as_utc(since) if since else until - timedelta(days=1)
@@ -217,21 +223,22 @@ class VerifierController(Controller):
         "/terminals/{terminal_id:uuid}",
         summary="Change a terminal",
         responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def update_terminal(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         terminal_id: FromPath[uuid.UUID],
         data: JSONBody[TerminalUpdate],
     ) -> TerminalOut:
         """Enable or disable it (refused on every worker within a second), change its purposes or rate."""
-        require_role(operator, Role.VERIFIER_MANAGER)
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
         await update_terminal(
             session,
-            Actor.operator(operator),
+            actor,
             terminal,
             organisation,
             enabled=data.enabled,
@@ -239,27 +246,28 @@ class VerifierController(Controller):
             rate_per_minute=data.rate_per_minute,
             rate_burst=data.rate_burst,
         )
-        await ctx.directory_changed()
+        await directory_changes.announce()
         return _terminal_out(terminal)
 
     @put(
         "/terminals/{terminal_id:uuid}/signing-key",
         summary="Register a terminal's request-signing key",
         responses=problem_responses(401, 403, 404, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def register_signing_key(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         terminal_id: FromPath[uuid.UUID],
         data: JSONBody[SigningKeyIn],
     ) -> TerminalOut:
         """From now on the terminal must sign its requests with this Ed25519 key; its API keys stop working."""
-        require_role(operator, Role.VERIFIER_MANAGER)
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        await set_signing_key(session, Actor.operator(operator), terminal, organisation, b64url_decode(data.public_key))
-        await ctx.directory_changed()
+        await set_signing_key(session, actor, terminal, organisation, b64url_decode(data.public_key))
+        await directory_changes.announce()
         return _terminal_out(terminal)
 
     @post(
@@ -267,10 +275,12 @@ class VerifierController(Controller):
         status_code=201,
         summary="Replace a terminal's API key",
         responses=problem_responses(401, 403, 404, 409, 413),
+        guards=[requires(Role.VERIFIER_MANAGER)],
     )
     async def rotate_key(
         self,
-        ctx: NamedDependency[ServiceContext],
+        directory_changes: NamedDependency[DirectoryChanges],
+        actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
         terminal_id: FromPath[uuid.UUID],
@@ -282,8 +292,7 @@ class VerifierController(Controller):
         terminal's operator time to install the new key, e.g. 86400 for a day. A terminal that
         signs its requests has no API key: this also returns it to API-key authentication.
         """
-        require_role(operator, Role.VERIFIER_MANAGER)
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        api_key = await rotate_api_key(session, Actor.operator(operator), terminal, organisation, overlap_seconds)
-        await ctx.directory_changed()
+        api_key = await rotate_api_key(session, actor, terminal, organisation, overlap_seconds)
+        await directory_changes.announce()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)

@@ -1,4 +1,4 @@
-"""Liveness and readiness probes for load balancers and orchestrators.
+"""Liveness and readiness probes for load balancers and orchestrators, and the Prometheus scrape.
 
 `/health` only says the process answers: a liveness probe that checked Redis would have every
 worker killed and restarted during a Redis outage, which helps nothing. `/ready` says whether
@@ -13,12 +13,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from litestar import Request, get
+from litestar import Request, Response, get
+from litestar.enums import MediaType
 from litestar.openapi import ResponseSpec
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
+from app.db.models import MirrorChange
 from app.http import problems
-from app.server.context import STATE_KEY, ServiceContext
+from app.observability import metrics
+from app.server.context import STATE_KEY, ServiceContext, context_of
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +128,34 @@ async def ready(request: Request[Any, Any, Any]) -> Readiness:
         exc.headers = {"Retry-After": "1"}
         raise exc
     return Readiness(status="ready", store="redis" if context.settings.redis_url else "memory", checked=list(CHECKS))
+
+
+# A scrape waits this long for each state it samples (the stream's backlog, the outbox), then answers.
+SAMPLE_TIMEOUT = 1.0
+
+
+async def _sample_backlogs(context: ServiceContext) -> None:
+    """Set the gauges of shared state that only a query can tell: events waiting, outbox changes waiting."""
+    try:
+        async with asyncio.timeout(SAMPLE_TIMEOUT):
+            backlog = await context.events.backlog()
+        metrics.EVENT_BACKLOG.set(backlog.length)
+        metrics.EVENT_PENDING.set(backlog.pending)
+    except Exception as exc:  # a scrape during an outage answers with what it has
+        logger.warning("event stream backlog not sampled: %r", exc)
+    try:
+        async with asyncio.timeout(SAMPLE_TIMEOUT), context.sessions() as session:
+            pending = await session.scalar(select(func.count()).select_from(MirrorChange))
+        metrics.OUTBOX_PENDING.set(pending or 0)
+    except Exception as exc:
+        logger.warning("mirror outbox not sampled: %r", exc)
+
+
+@get("/metrics", tags=["service"], summary="Prometheus metrics", media_type=MediaType.TEXT, include_in_schema=True)
+async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Routes, verification, issuing, the event drain and the status mirror, in the Prometheus text format."""
+    if STATE_KEY in request.app.state:
+        await _sample_backlogs(context_of(request.app.state))
+    body, content_type = metrics.exposition()
+    # Litestar appends the charset to every text/* type itself: the exposition's own would come twice.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
