@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import Literal, get_args
 
 import cbor2
 
@@ -92,6 +93,10 @@ class Purpose(IntEnum):
         """Look a purpose up by its API name."""
         return cls[label.upper()]
 
+
+# The purposes' API names, as a type wire models are checked and documented with (one list, checked here).
+PurposeName = Literal["transit", "medical", "park", "library", "general"]
+assert set(get_args(PurposeName)) == {purpose.label for purpose in Purpose}
 
 _PURPOSE_VALUES = frozenset(int(purpose) for purpose in Purpose)
 

@@ -26,6 +26,7 @@ from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery
+from app.domain.cards.services import card_in_scope
 from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import DirectoryChanges, VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
@@ -269,5 +270,11 @@ async def db_session(state: State) -> AsyncIterator[AsyncSession]:
 
 
 def dependencies() -> dict[str, Provide]:
-    """Every dependency a handler may name: the wired objects, a database `session`, the callers."""
-    return {**{name: _wired(name) for name in WIRED}, "session": Provide(db_session), **CALLER_DEPENDENCIES}
+    """Every dependency a handler may name: the wired objects, a database `session`, the callers, a scoped card."""
+    return {
+        **{name: _wired(name) for name in WIRED},
+        "session": Provide(db_session),
+        **CALLER_DEPENDENCIES,
+        # The card a `/…/{card_id}/…` path names, within the operator's regions.
+        "scoped_card": Provide(card_in_scope),
+    }

@@ -49,8 +49,6 @@ from app.domain.operators.controllers import OperatorSessionController
 from app.domain.regions.controllers import RegionController
 from app.domain.verification.controllers import HOT_VERIFY, verify, verify_batch
 from app.domain.verifiers.controllers import VerifierController
-from app.domain.web.docs_page import docs_render_plugins
-from app.domain.web.pages import web_routers
 from app.http import problems
 from app.http.hot_paths import HotPaths
 from app.http.json_bodies import StrictJsonRequest
@@ -60,9 +58,11 @@ from app.observability import logs
 from app.observability.request_ids import RequestIds
 from app.observability.tracing import RequestTracer, tracer_provider
 from app.server.context import ServiceContext, dependencies
+from app.server.docs_page import docs_render_plugins
 from app.server.probes import health, prometheus_metrics, ready
 from app.server.request_observer import RequestObserver
 from app.server.single_worker import SingleWorkerError, lock_single_worker, memory_store_lock_path
+from app.server.web_pages import web_routers
 from app.settings import Settings
 from app.stores.status_mirror import StoreUnavailable
 

@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from app.domain.web.docs_page import DOCS_CONTENT_SECURITY_POLICY
+from app.server.docs_page import DOCS_CONTENT_SECURITY_POLICY
 
 _URL_ATTRIBUTE = re.compile(r"""(?:src|href|data-url)="([^"]*)\"""")
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Card, ECard, ECardState, Person
@@ -21,7 +19,6 @@ from app.domain.cards.lifecycle import (
     undo_loss,
 )
 from app.domain.cards.mirroring import MirrorOutbox
-from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.schemas import (
     ActivationCodeOut,
     CardAction,
@@ -35,6 +32,7 @@ from app.domain.cards.schemas import (
 from app.domain.cards.services import (
     CITIZEN_ID_FIELD,
     NAME_FIELD,
+    ScopedCard,
     find_card,
     find_cards,
     issue_card,
@@ -43,6 +41,7 @@ from app.domain.cards.services import (
 from app.domain.holders.pin import reset_pin
 from app.domain.operators.services import Role, require_region
 from app.http.auth import OPERATOR_SECURITY, requires
+from app.http.pending import mirror_answer, pending_response
 from app.http.problems import problem_responses
 from app.security.pii import PiiCipher
 from app.security.tokens import OperatorSession
@@ -136,12 +135,10 @@ class CardController(Controller):
     async def read(
         self,
         pii: NamedDependency[PiiCipher],
-        session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
     ) -> CardOut:
         """A card and its eCard, personal data masked."""
-        return card_out(pii, *await find_card(session, card_id, operator.regions))
+        return card_out(pii, *scoped_card)
 
     @post(
         "/{card_id:uuid}/activation-code",
@@ -156,11 +153,10 @@ class CardController(Controller):
         settings: NamedDependency[Settings],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
     ) -> ActivationCodeOut:
         """Replace the card's open activation code (to activate on a new device, or after expiry)."""
-        card, ecard, _person = await find_card(session, card_id, operator.regions)
+        card, ecard, _person = scoped_card
         code, expires_at = await new_activation_code(session, pii, ecard, settings.activation_code_ttl)
         record(
             session, actor, "card.activation_code", subject_type="card", subject_id=card.id,
@@ -184,12 +180,11 @@ class CardController(Controller):
         pii: NamedDependency[PiiCipher],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[ECardStateChange],
     ) -> Response[CardOut]:
         """Suspend, resume or revoke the eCard; verification sees the change at once (202: once the store is back)."""
-        card, ecard, person = await find_card(session, card_id, operator.regions)
+        card, ecard, person = scoped_card
         mirrored = await set_ecard_state(session, outbox, actor, card, ecard, ECardState(data.state), data.reason)
         return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
@@ -206,12 +201,11 @@ class CardController(Controller):
         pii: NamedDependency[PiiCipher],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """挂失: the card is lost and its eCard suspended at once (202: once the store is back)."""
-        card, ecard, person = await find_card(session, card_id, operator.regions)
+        card, ecard, person = scoped_card
         mirrored = await report_loss(session, outbox, actor, card, ecard, LOSS_BY_OFFICE, data.reason)
         return mirror_answer(card_out(pii, card, ecard, person), mirrored)
 
@@ -228,12 +222,11 @@ class CardController(Controller):
         pii: NamedDependency[PiiCipher],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """The card was found: back in use, and the eCard resumes if the loss was what suspended it."""
-        card, ecard, person = await find_card(session, card_id, operator.regions)
+        card, ecard, person = scoped_card
         mirrored = await undo_loss(
             session,
             outbox,
@@ -259,12 +252,12 @@ class CardController(Controller):
         settings: NamedDependency[Settings],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
+        scoped_card: NamedDependency[ScopedCard],
         operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
         data: JSONBody[CardReplacement],
     ) -> Response[IssuedCardOut]:
         """A new card for a lost or damaged one: the eCard moves over, devices are unbound, a new code is issued."""
-        card, ecard, _person = await find_card(session, card_id, operator.regions)
+        card, ecard, _person = scoped_card
         replacement = await replace_card(
             session,
             pii,
@@ -299,12 +292,11 @@ class CardController(Controller):
         settings: NamedDependency[Settings],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[CardAction],
     ) -> Response[CardOut]:
         """Withdraw the card for good; its eCard is revoked and every device unbound."""
-        card, ecard, person = await find_card(session, card_id, operator.regions)
+        card, ecard, person = scoped_card
         mirrored = await cancel_card(
             session, outbox, actor, card, ecard,
             session_ttl=settings.access_token_ttl, reason=data.reason,
@@ -322,10 +314,9 @@ class CardController(Controller):
         self,
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[CardAction],
     ) -> None:
         """Clear a forgotten or locked PIN after checking the holder's identity at the counter."""
-        _card, ecard, _person = await find_card(session, card_id, operator.regions)
+        _card, ecard, _person = scoped_card
         await reset_pin(session, actor, ecard, data.reason)

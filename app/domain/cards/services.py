@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import cast
+from typing import NamedTuple, cast
 
 from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +28,7 @@ from app.domain.verification.disclosure import (
     seal_profile,
 )
 from app.security.pii import PiiCipher
+from app.security.tokens import OperatorSession
 from app.stores.status_mirror import CardRecord, MirroredStatus, MirrorEntry, StatusMirror
 
 CARD_NUMBER = re.compile(r"^[A-Z0-9]{9}$")
@@ -180,6 +181,19 @@ async def issue_card(
         )  # fmt: skip
     await session.commit()
     return IssuedCard(card=card, ecard=ecard, activation_code=code, activation_expires_at=expires_at)
+
+
+class ScopedCard(NamedTuple):
+    """A card with its eCard and person, found within an operator's regions."""
+
+    card: Card
+    ecard: ECard
+    person: Person
+
+
+async def card_in_scope(session: AsyncSession, operator: OperatorSession, card_id: uuid.UUID) -> ScopedCard:
+    """The card a path names (`card_id`), if it lies in the operator's regions; else 404, as for a missing one."""
+    return ScopedCard(*await find_card(session, card_id, operator.regions))
 
 
 async def find_card(session: AsyncSession, card_id: uuid.UUID, regions: tuple[str, ...]) -> tuple[Card, ECard, Person]:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import CatalogService
 from app.domain.agreements.rules import AcceptanceRules
-from app.domain.catalog.document import ApplicationType, Domain, PurposeName
+from app.domain.catalog.document import ApplicationType, Domain
 from app.domain.catalog.schemas import (
     ApplicationTypeOut,
     CardReachOut,
@@ -35,7 +35,7 @@ from app.domain.regions.services import REGION_CODE
 from app.domain.verification.directory import TerminalEntry
 from app.http.auth import HOLDER_SECURITY, TERMINAL_SECURITY, AuthenticatedHolder
 from app.http.problems import problem_responses
-from crypto.credential import Purpose
+from crypto.credential import Purpose, PurposeName
 
 # The document states what a region code is, so a client (and schemathesis) knows which codes are well formed.
 RegionPath = Annotated[str, PathParameter(pattern=REGION_CODE.pattern)]

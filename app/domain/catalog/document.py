@@ -22,6 +22,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from app.domain.verification.disclosure import BusinessTypeName
+from crypto.credential import PurposeName
+
 HRSS_TOTAL = 95
 
 Domain = Literal["hrss", "livelihood"]
@@ -38,8 +41,6 @@ CardForm = Literal["physical", "electronic"]
 ProvenanceStatus = Literal["confirmed", "illustrative"]
 # The credential purposes (crypto.credential.Purpose labels) and verifier business types
 # (app.domain.verification.disclosure.BusinessType); a unit test keeps them equal.
-PurposeName = Literal["transit", "medical", "park", "library", "general"]
-BusinessTypeName = Literal["transit", "park", "library", "hospital", "hrss_office", "other"]
 
 DOMAIN_PREFIXES: dict[str, str] = {"hrss": "HRSS", "livelihood": "LIVE"}
 # The four uses of the 95 services (xinhua-2024-10) and the application type each stands for.

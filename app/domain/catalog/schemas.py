@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from app.domain.catalog.document import (
-    ApplicationType,
-    BusinessTypeName,
-    CardForm,
-    Domain,
-    ProvenanceStatus,
-    PurposeName,
-)
+from app.domain.catalog.document import ApplicationType, CardForm, Domain, ProvenanceStatus
+from app.domain.verification.disclosure import BusinessTypeName
 from app.http.schema import WireModel
+from crypto.credential import PurposeName
 
 
 class ProvenanceOut(WireModel):

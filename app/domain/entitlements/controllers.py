@@ -12,14 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import Entitlement
 from app.domain.audit.services import Actor
 from app.domain.cards.mirroring import MirrorOutbox
-from app.domain.cards.pending import mirror_answer, pending_response
-from app.domain.cards.services import find_card
+from app.domain.cards.services import ScopedCard
 from app.domain.entitlements.schemas import EntitlementGrant, EntitlementOut
 from app.domain.entitlements.services import grant_entitlement, list_entitlements, revoke_entitlement
 from app.domain.operators.services import Role
 from app.http.auth import OPERATOR_SECURITY, requires
+from app.http.pending import mirror_answer, pending_response
 from app.http.problems import problem_responses
-from app.security.tokens import OperatorSession
 
 
 def _out(entitlement: Entitlement) -> EntitlementOut:
@@ -53,12 +52,11 @@ class EntitlementController(Controller):
         outbox: NamedDependency[MirrorOutbox],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         data: JSONBody[EntitlementGrant],
     ) -> Response[EntitlementOut]:
         """E.g. a park annual pass valid in a province through a date; park gates see it at once."""
-        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        _, ecard, _ = scoped_card
         entitlement, mirrored = await grant_entitlement(
             session, outbox, actor, ecard,
             kind=data.kind, region=data.region, valid_until=data.valid_until,
@@ -74,11 +72,10 @@ class EntitlementController(Controller):
     async def list_all(
         self,
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
     ) -> list[EntitlementOut]:
         """Newest first, revoked and expired ones included."""
-        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        _, ecard, _ = scoped_card
         return [_out(entitlement) for entitlement in await list_entitlements(session, ecard)]
 
     @delete(
@@ -93,11 +90,10 @@ class EntitlementController(Controller):
         outbox: NamedDependency[MirrorOutbox],
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
-        operator: NamedDependency[OperatorSession],
-        card_id: FromPath[uuid.UUID],
+        scoped_card: NamedDependency[ScopedCard],
         entitlement_id: FromPath[uuid.UUID],
     ) -> Response[EntitlementOut]:
         """Ends it now; park gates stop seeing it at once."""
-        _, ecard, _ = await find_card(session, card_id, operator.regions)
+        _, ecard, _ = scoped_card
         entitlement, mirrored = await revoke_entitlement(session, outbox, actor, ecard, entitlement_id)
         return mirror_answer(_out(entitlement), mirrored)

@@ -18,7 +18,6 @@ from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.lifecycle import LOSS_BY_HOLDER, report_loss, undo_loss
 from app.domain.cards.mirroring import MirrorOutbox
-from app.domain.cards.pending import mirror_answer, pending_response
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, normalise_card_number
 from app.domain.holders.credentials import issue_credentials, render_qr
 from app.domain.holders.devices import list_devices, remove_device, rename_device
@@ -46,6 +45,7 @@ from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import card_usage
 from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, Callers, bearer_token
 from app.http.hot_paths import HotRoute, body_decoder
+from app.http.pending import mirror_answer, pending_response
 from app.http.problems import problem_responses
 from app.observability import metrics
 from app.security.pii import PiiCipher

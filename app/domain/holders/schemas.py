@@ -9,9 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from app.http.schema import WireModel
-from crypto.credential import MAX_TEXT_LENGTH
-
-PurposeName = Literal["transit", "medical", "park", "library", "general"]
+from crypto.credential import MAX_TEXT_LENGTH, PurposeName
 
 
 class ActivationRequest(WireModel):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
@@ -16,7 +16,7 @@ from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.offline import OfflineKits
 from app.http.problems import problem_responses
 from app.http.schema import WireModel
-from app.server.context import context_of
+from app.security.keyring import Keyring
 from app.settings import Settings
 from crypto.jwk import jwks
 
@@ -27,9 +27,9 @@ from crypto.jwk import jwks
     summary="Issuer public keys (JWKS)",
     cache_control=CacheControlHeader(max_age=300, public=True),
 )
-async def issuer_jwks(request: Request[Any, Any, Any]) -> dict[str, list[dict[str, str]]]:
+async def issuer_jwks(directory: NamedDependency[VerifierDirectory]) -> dict[str, list[dict[str, str]]]:
     """Ed25519 OKP keys (RFC 8037) with `kid` and the `region` each signs for."""
-    return jwks(context_of(request.app.state).directory.keys.verify_keys.values())
+    return jwks(directory.keys.verify_keys.values())
 
 
 class OfflineKitOut(WireModel):
@@ -110,12 +110,15 @@ class TrustListOut(WireModel):
     summary="Signed trust list of every region's keys",
     cache_control=CacheControlHeader(max_age=300, public=True),
 )
-async def trust_list(request: Request[Any, Any, Any]) -> TrustListOut:
+async def trust_list(
+    keyring: NamedDependency[Keyring],
+    directory: NamedDependency[VerifierDirectory],
+    settings: NamedDependency[Settings],
+) -> TrustListOut:
     """Every region's issuer keys with their rotation state (published, active, retired), signed.
 
     A key is listed before it signs and after it stops, so a relying party that refetches this
     list every few minutes never rejects a genuine credential during a rotation.
     """
-    ctx = context_of(request.app.state)
-    token = sign_trust_list(ctx.keyring.trust_key, ctx.directory.keys, ctx.settings.trust_list_lifetime)
-    return TrustListOut(trust_list=token, signer=signer_jwk(ctx.keyring.trust_key))
+    token = sign_trust_list(keyring.trust_key, directory.keys, settings.trust_list_lifetime)
+    return TrustListOut(trust_list=token, signer=signer_jwk(keyring.trust_key))

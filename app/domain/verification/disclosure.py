@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date
 from enum import StrEnum
+from typing import Literal, get_args
 
 import msgspec
 
@@ -36,6 +37,11 @@ class BusinessType(StrEnum):
     HOSPITAL = "hospital"
     HRSS_OFFICE = "hrss_office"
     OTHER = "other"
+
+
+# The business types' API names, as a type wire models are checked and documented with (checked here).
+BusinessTypeName = Literal["transit", "park", "library", "hospital", "hrss_office", "other"]
+assert set(get_args(BusinessTypeName)) == {kind.value for kind in BusinessType}
 
 
 class Profile(msgspec.Struct, frozen=True):

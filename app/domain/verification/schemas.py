@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from app.domain.verification.service import MAX_BATCH
 from app.http.schema import WireModel
 from crypto.credential import MAX_TEXT_LENGTH
 
@@ -45,7 +46,7 @@ class BatchScanItem(WireModel):
 class BatchVerifyRequest(WireModel):
     """Scans a gate queued while its uplink was down, oldest first (at most 500)."""
 
-    scans: Annotated[list[BatchScanItem], msgspec.Meta(min_length=1, max_length=500)]
+    scans: Annotated[list[BatchScanItem], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 class BatchItemResult(WireModel):

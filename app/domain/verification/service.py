@@ -27,34 +27,34 @@ from app.domain.verification.events import BATCH, ONLINE, EventRecord, earlier_u
 from app.security.pii import PiiCipher
 from app.settings import Settings
 from app.stores.status_mirror import RateLimit, Scan, ScanResult, StatusMirror, StoreUnavailable
-from crypto.credential import Claims, CredentialRejected, check_window, open_credential, usable_until
+from crypto.credential import Claims, CredentialRejected, Rejection, check_window, open_credential, usable_until
 from crypto.keys import b64url
 
 logger = logging.getLogger(__name__)
 
 
 class Reason(StrEnum):
-    """Stable reason codes of a rejected verification."""
+    """Stable reason codes of a rejected verification: the credential's own, the store's, the verifier's.
 
-    MALFORMED = "malformed"
-    UNKNOWN_KEY = "unknown_key"
-    BAD_SIGNATURE = "bad_signature"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not_yet_valid"
-    # Signed by a valid key, but exp - nbf is longer than the credential lifetime plus skew.
-    LIFETIME_EXCEEDED = "lifetime_exceeded"
-    REPLAYED = "replayed"
-    CARD_SUSPENDED = "card_suspended"
-    CARD_REVOKED = "card_revoked"
-    # The card is not in the status mirror (never activated, or the mirror lost it): fail closed.
-    CARD_UNKNOWN = "card_unknown"
+    Each code is written once where it is decided (crypto.credential.Rejection, ScanResult of the
+    status mirror); only the verifier's own are new here.
+    """
+
+    MALFORMED = Rejection.MALFORMED.value
+    UNKNOWN_KEY = Rejection.UNKNOWN_KEY.value
+    BAD_SIGNATURE = Rejection.BAD_SIGNATURE.value
+    EXPIRED = Rejection.EXPIRED.value
+    NOT_YET_VALID = Rejection.NOT_YET_VALID.value
+    LIFETIME_EXCEEDED = Rejection.LIFETIME_EXCEEDED.value
+    REPLAYED = ScanResult.REPLAYED.value
+    CARD_SUSPENDED = ScanResult.CARD_SUSPENDED.value
+    CARD_REVOKED = ScanResult.CARD_REVOKED.value
+    CARD_UNKNOWN = ScanResult.CARD_UNKNOWN.value
     PURPOSE_NOT_ALLOWED = "purpose_not_allowed"
     REGION_NOT_ACCEPTED = "region_not_accepted"
     # Batch only: the scan time is in the future or older than the offline window.
     SCAN_TIME_INVALID = "scan_time_invalid"
-    # The code could have been shown before the status store lost its memory of used codes (a Redis
-    # restart without persistence): it may be a replay. The holder's app shows a fresh one.
-    REFRESH_REQUIRED = "refresh_required"
+    REFRESH_REQUIRED = ScanResult.REFRESH_REQUIRED.value
 
 
 @dataclass(frozen=True, slots=True)

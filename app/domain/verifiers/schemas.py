@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
+from app.domain.verification.disclosure import BusinessTypeName
 from app.http.schema import WireModel
-
-BusinessTypeName = Literal["transit", "park", "library", "hospital", "hrss_office", "other"]
-PurposeName = Literal["transit", "medical", "park", "library", "general"]
+from crypto.credential import PurposeName
 
 
 class OrganisationCreate(WireModel):

@@ -16,7 +16,7 @@ from litestar.response.base import ASGIResponse
 from litestar.static_files import create_static_files_router
 from litestar.types import AfterRequestHookHandler, ASGIApp
 
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [

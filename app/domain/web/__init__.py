@@ -1,1 +1,0 @@
-"""The browser clients served by the service: the holder's page and the gate console."""
