@@ -516,7 +516,7 @@ def _forged(code: str, alg: int, signer: PrivateKey, kid: bytes | None = None) -
 
 
 async def test_gate_verifies_sm2_and_ed25519_codes_offline_by_the_kids_key(
-    browser: Browser, contexts: list[BrowserContext], base_url: str, admin: str
+    browser: Browser, contexts: list[BrowserContext], base_url: str, admin: str, tmp_path: Path
 ) -> None:
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
         created = await client.post(
@@ -561,6 +561,14 @@ async def test_gate_verifies_sm2_and_ed25519_codes_offline_by_the_kids_key(
 
     page = await open_gate(contexts, browser, base_url, gate.api_key)
     errors = watch(page)
+    await expect(page.locator("#offline-mode")).to_be_disabled()
+    # A kit file whose SM2 key claims the Ed25519 key's kid is refused: kids are recomputed from the keys.
+    rebound = json.loads(json.dumps(kits[SM2_REGION]))
+    [sm2_jwk] = [jwk for jwk in rebound["jwks"]["keys"] if jwk["crv"] == "SM2"]
+    sm2_jwk["kid"] = base64.urlsafe_b64encode(ed_kid).rstrip(b"=").decode()
+    (tmp_path / "rebound.json").write_text(json.dumps(rebound))
+    await page.set_input_files("#kit-file", str(tmp_path / "rebound.json"))
+    await expect(page.locator("#kit-message")).to_contain_text("does not match its key's thumbprint")
     await expect(page.locator("#offline-mode")).to_be_disabled()
     await page.fill("#kit-region", SM2_REGION)
     await page.click("#kit-fetch")

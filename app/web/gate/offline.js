@@ -221,9 +221,12 @@ function loadSmCrypto() {
 
 /** An issuer key of a kit: {alg, kid (8 bytes), region, verify(signature, message) → Promise<boolean>}. */
 async function readKey(entry) {
+  const ed25519 = entry.kty === "OKP" && entry.crv === "Ed25519";
+  const sm2 = entry.kty === "EC" && entry.crv === "SM2";
+  if (!ed25519 && !sm2) return null; // a kind this console does not know: skipped, as RFC 7517 asks
   const region = entry.region;
-  if (typeof region !== "string" || !/^[1-9][0-9]{5}$/.test(region)) throw new Error("a key's region must be a 6-digit code");
-  if (entry.kty === "OKP" && entry.crv === "Ed25519") {
+  if (typeof region !== "string" || !/^[0-9]{6}$/.test(region)) throw new Error("a key's region must be a 6-digit code");
+  if (ed25519) {
     const publicKey = base64urlDecode(entry.x);
     if (publicKey.length !== 32) throw new Error("an Ed25519 key has 32 bytes");
     const canonical = JSON.stringify({ crv: "Ed25519", kty: "OKP", x: entry.x });
@@ -239,26 +242,23 @@ async function readKey(entry) {
     };
     return { alg: ALG_EDDSA, kid, region, verify };
   }
-  if (entry.kty === "EC" && entry.crv === "SM2") {
-    const x = base64urlDecode(entry.x);
-    const y = base64urlDecode(entry.y);
-    if (x.length !== 32 || y.length !== 32) throw new Error("SM2 JWK coordinates have 32 bytes each");
-    const sm = await loadSmCrypto();
-    const publicHex = `04${hex(x)}${hex(y)}`;
-    if (!sm.sm2.verifyPublicKey(publicHex)) throw new Error("the SM2 JWK's point is not on the curve");
-    const canonical = JSON.stringify({ crv: "SM2", kty: "EC", x: entry.x, y: entry.y });
-    const kid = Uint8Array.from(sm.sm3(canonical).match(/../g), (byte) => parseInt(byte, 16)).subarray(0, 8);
-    const verify = async (signature, message) => {
-      if (signature.length !== 64) return false;
-      try {
-        return sm.sm2.doVerifySignature(message, hex(signature), publicHex, { der: false, hash: true, userId: SM2_SIGNER_ID });
-      } catch {
-        return false;
-      }
-    };
-    return { alg: ALG_SM2_SM3, kid, region, verify };
-  }
-  return null; // a kind this console does not know: skipped, as RFC 7517 asks
+  const x = base64urlDecode(entry.x);
+  const y = base64urlDecode(entry.y);
+  if (x.length !== 32 || y.length !== 32) throw new Error("SM2 JWK coordinates have 32 bytes each");
+  const sm = await loadSmCrypto();
+  const publicHex = `04${hex(x)}${hex(y)}`;
+  if (!sm.sm2.verifyPublicKey(publicHex)) throw new Error("the SM2 JWK's point is not on the curve");
+  const canonical = JSON.stringify({ crv: "SM2", kty: "EC", x: entry.x, y: entry.y });
+  const kid = Uint8Array.from(sm.sm3(canonical).match(/../g), (byte) => parseInt(byte, 16)).subarray(0, 8);
+  const verify = async (signature, message) => {
+    if (signature.length !== 64) return false;
+    try {
+      return sm.sm2.doVerifySignature(message, hex(signature), publicHex, { der: false, hash: true, userId: SM2_SIGNER_ID });
+    } catch {
+      return false;
+    }
+  };
+  return { alg: ALG_SM2_SM3, kid, region, verify };
 }
 
 /** Signature check, the kid's key deciding the algorithm; Refused(bad_signature) otherwise. */
