@@ -70,11 +70,12 @@ demo: install
 ## nothing from another host.
 WEB_VENDOR := app/web/shared/vendor
 web-vendor:
-	rm -rf var/web-vendor && mkdir -p var/web-vendor/jsqr var/web-vendor/noble var/web-vendor/swagger var/web-vendor/out
-	cd var/web-vendor && npm pack --silent jsqr@1.4.0 @noble/ed25519@3.2.0 swagger-ui-dist@5.18.2 >/dev/null
+	rm -rf var/web-vendor && mkdir -p var/web-vendor/jsqr var/web-vendor/noble var/web-vendor/swagger var/web-vendor/sm var/web-vendor/out
+	cd var/web-vendor && npm pack --silent jsqr@1.4.0 @noble/ed25519@3.2.0 swagger-ui-dist@5.18.2 sm-crypto-v2@1.15.1 >/dev/null
 	tar -xzf var/web-vendor/jsqr-1.4.0.tgz -C var/web-vendor/jsqr
 	tar -xzf var/web-vendor/noble-ed25519-3.2.0.tgz -C var/web-vendor/noble
 	tar -xzf var/web-vendor/swagger-ui-dist-5.18.2.tgz -C var/web-vendor/swagger
+	tar -xzf var/web-vendor/sm-crypto-v2-1.15.1.tgz -C var/web-vendor/sm
 	cp var/web-vendor/jsqr/package/dist/jsQR.js var/web-vendor/out/jsQR.js
 	cp var/web-vendor/jsqr/package/LICENSE var/web-vendor/out/jsQR.LICENSE
 	cp var/web-vendor/noble/package/index.js var/web-vendor/out/noble-ed25519.js
@@ -82,6 +83,8 @@ web-vendor:
 	cp var/web-vendor/swagger/package/swagger-ui-bundle.js var/web-vendor/swagger/package/swagger-ui.css var/web-vendor/out/
 	cp var/web-vendor/swagger/package/LICENSE var/web-vendor/out/swagger-ui.LICENSE
 	cp var/web-vendor/swagger/package/NOTICE var/web-vendor/out/swagger-ui.NOTICE
+	cp var/web-vendor/sm/package/dist/index.umd.js var/web-vendor/out/sm-crypto-v2.js
+	cp var/web-vendor/sm/package/LICENCE_MIT var/web-vendor/out/sm-crypto-v2.LICENSE
 	cd var/web-vendor/out && sha256sum -c $(CURDIR)/$(WEB_VENDOR)/SHA256SUMS
 	cp var/web-vendor/out/* $(WEB_VENDOR)/
 	rm -rf var/web-vendor

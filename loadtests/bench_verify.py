@@ -1,6 +1,7 @@
 """Benchmark `POST /v1/verify` beside a no-op Litestar POST served the same way.
 
     python -m loadtests.bench_verify --duration 10
+    python -m loadtests.bench_verify --profile both     # Ed25519 and SM2 issuer keys, side by side
 
 Starts the eCard service and loadtests/noop_app.py under uvicorn on free loopback ports, prepares
 a region, a transit gate and activated cards through the public API, pre-issues one fresh
@@ -10,7 +11,9 @@ verify the p99 of the service's own handler histogram (from /metrics, scraped be
 run). After the rounds it measures what a 20-credential bundle costs the server. Everything it
 creates (temporary directory, Redis keys under its own prefix, its own PostgreSQL database when
 given a PostgreSQL server, its own throwaway Redis Cluster with --redis-cluster) is removed at the
-end. See loadtests/README.md.
+end. With `--profile national` the region's key is SM2 (issue 17); with `--profile both` a second
+region with an SM2 key runs beside the Ed25519 one, every verify round and issuance measured for
+each, and the summary puts the SM2/Ed25519 CPU ratios side by side. See loadtests/README.md.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import secrets
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
@@ -40,6 +43,7 @@ from loadtests.bench.preparation import (
     EXPIRY_MARGIN,
     GATES,
     REGION,
+    REGION_NAME,
     VERIFY_PATH,
     Holder,
     Issued,
@@ -89,8 +93,29 @@ VALIDITY_HEADROOM = 3.0
 SETTLE = 0.5
 PILOT_SECONDS = 2.0
 TARGETS = ("noop", "verify", "naive")
+PROFILES = ("international", "national", "both")
+# --profile national / both: the SM2 region, beside the Ed25519 one (REGION) with both.
+SM2_REGION = "500000"
+SM2_REGION_NAME = "重庆市"
 # --redis-cluster: masters of the throwaway Redis Cluster the bench starts (loadtests/redis_cluster.py).
 REDIS_CLUSTER_MASTERS = 3
+
+
+@dataclass
+class Lane:
+    """One issuer-key algorithm under test: its region, gates, cards, verify target and row label.
+
+    The label is the target name the rows carry: "verify" for Ed25519 (as before profiles existed),
+    "sm2" for SM2.
+    """
+
+    label: str
+    algorithm: str
+    region: str
+    region_name: str
+    target: Target | None = None
+    holders: list[Holder] = field(default_factory=list)
+    rate_estimate: float = 0.0
 
 
 @dataclass
@@ -109,6 +134,7 @@ class Options:
     redis_url: str
     database_url: str | None
     redis_cluster: bool = False
+    profile: str = "international"
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -138,8 +164,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--targets",
-        default="noop,verify,naive",
-        help="comma-separated, from: noop, verify, naive (the naive reference verify) (default: all three)",
+        default=None,
+        help="comma-separated, from: noop, verify, naive (the naive reference verify) (default: all three; "
+        "without naive for --profile national, as the naive reference verifies Ed25519 only)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="international",
+        help="issuer keys: international = Ed25519 (default); national = SM2 with SM3, the service run with "
+        "ECARD_CRYPTO_PROFILE=national; both = an Ed25519 region and an SM2 region in one service, every verify "
+        "round, the issuance and the bundles measured for each, and their SM2/Ed25519 ratios",
     )
     parser.add_argument(
         "--redis-url",
@@ -164,9 +199,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if args.redis_cluster and args.redis_url is not None:
         parser.error("--redis-cluster starts a Redis Cluster of its own: leave out --redis-url")
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    targets = tuple(name.strip() for name in args.targets.split(",") if name.strip())
+    default_targets = "noop,verify" if args.profile == "national" else "noop,verify,naive"
+    targets = tuple(name.strip() for name in (args.targets or default_targets).split(",") if name.strip())
     if not targets or any(name not in TARGETS for name in targets):
         parser.error(f"--targets: choose from {', '.join(TARGETS)}")
+    if args.profile == "national" and "naive" in targets:
+        parser.error("--profile national: the naive reference verifies Ed25519 only (use --profile both)")
     if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.workers < 1:
         parser.error("--duration > 0, --warmup >= 0, --connections >= 1 and --workers >= 1")
     if not 1 <= args.rounds <= 20:
@@ -191,6 +229,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         redis_url=redis_url,
         database_url=args.database_url,
         redis_cluster=args.redis_cluster,
+        profile=args.profile,
     )
 
 
@@ -217,8 +256,9 @@ class Bench:
         self.workspace = workspace
         self.report = Report(options.connections, options.workers, options.rounds)
         self.sample = ""
-        self.rate_estimate = 0.0
-        self.ecard_target: Target | None = None
+        ed25519 = Lane("verify", "Ed25519", REGION, REGION_NAME)
+        sm2 = Lane("sm2", "SM2", SM2_REGION, SM2_REGION_NAME)
+        self.lanes = {"international": [ed25519], "national": [sm2], "both": [ed25519, sm2]}[options.profile]
 
     async def run(self) -> int:
         """Set up, measure, report; the exit status (1 when something must be looked at)."""
@@ -227,6 +267,8 @@ class Bench:
         await workspace.create_database()
         env = workspace.env(options.workers, options.credential_lifetime)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if options.profile == "national":
+            env["ECARD_CRYPTO_PROFILE"] = "national"
         run_cli(env, "ecard", "db", "upgrade")
         username, password = f"bench-{workspace.tag}", f"bench-pw-{secrets.token_urlsafe(12)}"
         admin = ("--username", username, "--role", "admin", "--region", "*", "--password", password)
@@ -248,39 +290,61 @@ class Bench:
         workspace.servers.append(naive)
 
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{ecard.port}", timeout=30.0) as client:
-            started = time.perf_counter()
-            api_keys, holders = await prepare_ecard(client, username, password, options.holders)
-            self.sample = await sanity_check(client, api_keys, holders[0], 2 * options.workers + 1)
-            print(
-                f"setup: region {REGION}, {GATES} transit gates, {len(holders)} activated cards in "
-                f"{time.perf_counter() - started:.1f} s; sanity check: accepted once, then replayed"
-            )
-            print(f"credential: {len(self.sample)} characters, QR version {_qr_version(self.sample)}\n")
-            headers = [{"X-Api-Key": api_key} for api_key in api_keys]
-            verify = Target("verify", ecard, VERIFY_PATH, headers, options.client)
-            self.ecard_target = verify  # credentials are issued by the service, whichever target uses them
-            reference = Target("noop", noop, NOOP_PATH, headers, options.client)
-            naive_target = Target("naive", naive, NAIVE_PATH, headers, options.client)
+            for lane in self.lanes:
+                started = time.perf_counter()
+                api_keys, lane.holders = await prepare_ecard(
+                    client,
+                    username,
+                    password,
+                    options.holders,
+                    region=lane.region,
+                    region_name=lane.region_name,
+                    key_algorithm=lane.algorithm,
+                )
+                sample = await sanity_check(client, api_keys, lane.holders[0], 2 * options.workers + 1)
+                self.sample = self.sample or sample
+                print(
+                    f"setup ({lane.algorithm}): region {lane.region}, {GATES} transit gates, {len(lane.holders)} "
+                    f"activated cards in {time.perf_counter() - started:.1f} s; sanity check: accepted once, "
+                    "then replayed"
+                )
+                print(f"credential ({lane.algorithm}): {len(sample)} characters, QR version {_qr_version(sample)}")
+                headers = [{"X-Api-Key": api_key} for api_key in api_keys]
+                lane.target = Target(lane.label, ecard, VERIFY_PATH, headers, options.client)
+            print()
+            # The naive reference and the no-op POST take the Ed25519 lane's gates (the first lane).
+            first = self.lanes[0]
+            assert first.target is not None
+            reference = Target("noop", noop, NOOP_PATH, first.target.headers, options.client)
+            naive_target = Target("naive", naive, NAIVE_PATH, first.target.headers, options.client)
             # It reads the JWKS at start-up: the region's key exists now.
             await naive.wait_ready()
             noop_body = msgspec.json.encode({"credential": self.sample})
 
             if "verify" in options.targets:
-                await self._pilot(verify, holders)
+                for lane in self.lanes:
+                    await self._pilot(lane)
             for number in range(1, options.rounds + 1):
-                await refresh_holders(client, holders)
+                for lane in self.lanes:
+                    await refresh_holders(client, lane.holders)
                 # Alternate the order, so a drift of the machine does not always favour one target.
-                order = options.targets if number % 2 else tuple(reversed(options.targets))
-                for name in order:
+                # Every lane's verify; the no-op and the naive reference once (on the Ed25519 lane's gates).
+                runs = [
+                    (name, lane) for name in options.targets for lane in (self.lanes if name == "verify" else [first])
+                ]
+                order = runs if number % 2 else list(reversed(runs))
+                for name, lane in order:
                     if name == "noop":
                         await self._run_noop(number, reference, noop_body)
                     elif name == "naive":
-                        await self._run_verify(number, naive_target, holders, target_name="naive")
+                        await self._run_verify(number, naive_target, lane, target_name="naive")
                     else:
-                        await self._run_verify(number, verify, holders)
+                        assert lane.target is not None
+                        await self._run_verify(number, lane.target, lane)
             if {"verify", "naive"} & set(options.targets):
-                await refresh_holders(client, holders)
-                await self._measure_bundles(ecard, holders)
+                for lane in self.lanes:
+                    await refresh_holders(client, lane.holders)
+                    await self._measure_bundles(ecard, lane)
         for server in workspace.servers:
             trouble = server.log_trouble()
             if trouble:
@@ -309,25 +373,26 @@ class Bench:
             f"{options.duration:g} s per run, {options.rounds} round(s), one process beside the servers"
         )
 
-    def _supply_size(self) -> int:
+    def _supply_size(self, lane: Lane) -> int:
         seconds = self.options.warmup + self.options.duration
-        return math.ceil(self.rate_estimate * seconds * 1.3) + 4 * self.options.connections
+        return math.ceil(lane.rate_estimate * seconds * 1.3) + 4 * self.options.connections
 
-    def _expect_rate(self, measured: Measurement) -> None:
-        """Raise the verify rate estimate from a run: what it reached, or what its CPU cost allows.
+    def _expect_rate(self, lane: Lane, measured: Measurement) -> None:
+        """Raise the lane's verify rate estimate from a run: what it reached, or what its CPU cost allows.
 
         On a busy machine a run may get less than its cores; the CPU per request says how fast
         the server could have gone with them, so the next supply is sized for that.
         """
         cores = self.report.cores_for_server
         capacity = cores * measured.requests / measured.server_cpu if measured.server_cpu > 0 else 0.0
-        self.rate_estimate = max(self.rate_estimate, measured.rate, capacity)
+        lane.rate_estimate = max(lane.rate_estimate, measured.rate, capacity)
 
-    async def _issue(self, verify: Target, holders: list[Holder], count: int, run_seconds: float) -> Issued:
+    async def _issue(self, lane: Lane, count: int, run_seconds: float) -> Issued:
         """Issue up to count credentials, stopping in time for all of them to outlive a run of run_seconds."""
+        assert lane.target is not None
         budget = self.options.credential_lifetime - EXPIRY_MARGIN - SETTLE - VALIDITY_HEADROOM - run_seconds
-        issued = await issue_credentials(verify.server, holders, count, self.options.connections, budget)
-        self.report.issuance.append(issued.measurement)
+        issued = await issue_credentials(lane.target.server, lane.holders, count, self.options.connections, budget)
+        self.report.issuance.setdefault(lane.label, []).append(issued.measurement)
         if len(issued.bodies) < count:
             print(
                 f"  note: issuing stopped after {budget:.0f} s with {len(issued.bodies):,} of {count:,} credentials "
@@ -336,57 +401,62 @@ class Bench:
         await asyncio.sleep(SETTLE)
         return issued
 
-    async def _pilot(self, verify: Target, holders: list[Holder]) -> None:
-        """Warm the verify path and estimate its rate, to size each round's credential supply."""
+    async def _pilot(self, lane: Lane) -> None:
+        """Warm the lane's verify path and estimate its rate, to size each round's credential supply."""
+        assert lane.target is not None
         count = max(2000, 40 * self.options.connections)
-        issued = await self._issue(verify, holders, count, PILOT_SECONDS)
-        supply = verify.supply(issued.bodies, issued.valid_until)
-        measured = await verify.run(supply, self.options.connections, PILOT_SECONDS, keep_answers=True)
+        issued = await self._issue(lane, count, PILOT_SECONDS)
+        supply = lane.target.supply(issued.bodies, issued.valid_until)
+        measured = await lane.target.run(supply, self.options.connections, PILOT_SECONDS, keep_answers=True)
         outcomes = classify_verify(measured)
         if set(outcomes) != {"accepted"}:
-            self.report.flags.append(f"pilot: fresh credentials were not all accepted: {dict(outcomes)}")
+            self.report.flags.append(
+                f"pilot ({lane.algorithm}): fresh credentials were not all accepted: {dict(outcomes)}"
+            )
         # A supply that runs out ends the run early (noted); _supply_size adds a margin.
-        self._expect_rate(measured)
+        self._expect_rate(lane, measured)
         print(
-            f"pilot (warm-up, sizes the credential supply): {measured.requests:,} verifications at "
+            f"pilot ({lane.algorithm}; warm-up, sizes the credential supply): {measured.requests:,} verifications at "
             f"{measured.rate:,.0f} req/s; issued {count:,} credentials at {issued.measurement.rate:,.0f} req/s"
         )
 
-    async def _run_verify(
-        self, number: int, verify: Target, holders: list[Holder], target_name: str = "verify"
-    ) -> None:
+    async def _run_verify(self, number: int, verify: Target, lane: Lane, target_name: str = "") -> None:
+        """One round of verify (the lane's own target) or of the naive reference, on the lane's fresh credentials."""
         options = self.options
-        assert self.ecard_target is not None
-        issued = await self._issue(self.ecard_target, holders, self._supply_size(), options.warmup + options.duration)
+        target_name = target_name or lane.label
+        measured_by_service = target_name == lane.label
+        issued = await self._issue(lane, self._supply_size(lane), options.warmup + options.duration)
         # Warm-up and measured run draw from one supply: no credential is sent twice.
         supply = verify.supply(issued.bodies, issued.valid_until)
         if options.warmup > 0:
             warmup = await verify.run(supply, options.connections, options.warmup, keep_answers=True)
             rejected = {key: n for key, n in classify_verify(warmup).items() if key != "accepted"}
             if rejected:
-                self.report.flags.append(f"round {number} warm-up: fresh credentials not accepted: {rejected}")
+                self.report.flags.append(
+                    f"round {number} {target_name} warm-up: fresh credentials not accepted: {rejected}"
+                )
         supplied, stale_before = supply.remaining, supply.stale
         if not supplied:
             self.report.flags.append(f"round {number}: the warm-up used up all {len(issued.bodies)} credentials")
             return
         # The service's own histogram, scraped right before and after the measured run (not the warm-up).
-        scraped = await scrape_histogram(verify.server, VERIFY_HISTOGRAM) if target_name == "verify" else None
+        scraped = await scrape_histogram(verify.server, VERIFY_HISTOGRAM) if measured_by_service else None
         measured = await verify.run(supply, options.connections, options.duration, keep_answers=True)
         row = Row(number, target_name, measured, classify_verify(measured), supply.stale - stale_before, supplied)
-        if target_name == "verify":
+        if measured_by_service:
             after = await scrape_histogram(verify.server, VERIFY_HISTOGRAM)
             if scraped is None or after is None:
                 self.report.flags.append(f"round {number}: {VERIFY_HISTOGRAM} could not be read from {METRICS_PATH}")
             else:
                 row.server_histogram = after.since(scraped)
-        self._expect_rate(measured)
+        self._expect_rate(lane, measured)
         self.report.add(row)
 
-    async def _measure_bundles(self, ecard: ServerProcess, holders: list[Holder]) -> None:
+    async def _measure_bundles(self, ecard: ServerProcess, lane: Lane) -> None:
         """Issue BUNDLE_SIZE-credential bundles for a short while: the server CPU one bundle costs."""
         connections = self.report.bundle_connections
-        self.report.bundles = await issue_bundles(
-            ecard, holders, BUNDLE_SIZE, BUNDLE_REQUESTS, connections, BUNDLE_SECONDS
+        self.report.bundles[lane.label] = await issue_bundles(
+            ecard, lane.holders, BUNDLE_SIZE, BUNDLE_REQUESTS, connections, BUNDLE_SECONDS
         )
 
     async def _run_noop(self, number: int, reference: Target, body: bytes) -> None:

@@ -76,20 +76,32 @@ def expect(response: httpx.Response, *statuses: int) -> dict[str, Any]:
 
 
 async def prepare_ecard(
-    client: httpx.AsyncClient, username: str, password: str, holders: int
+    client: httpx.AsyncClient,
+    username: str,
+    password: str,
+    holders: int,
+    *,
+    region: str = REGION,
+    region_name: str = REGION_NAME,
+    key_algorithm: str | None = None,
 ) -> tuple[list[str], list[Holder]]:
-    """Region, a transit organisation and its gates, and activated cards; (gate API keys, holders)."""
+    """Region, a transit organisation and its gates, and activated cards; (gate API keys, holders).
+
+    key_algorithm ("Ed25519" or "SM2") names the region's first signing key; None leaves it to the
+    service's ECARD_CRYPTO_PROFILE.
+    """
     signed_in = expect(
         await client.post("/v1/operator/session", json={"username": username, "password": password}), 200
     )
     auth = {"Authorization": f"Bearer {signed_in['access_token']}"}
-    expect(
-        await client.post("/v1/operator/regions", json={"code": REGION, "name": REGION_NAME}, headers=auth), 201, 409
-    )
+    region_body: dict[str, str] = {"code": region, "name": region_name}
+    if key_algorithm is not None:
+        region_body["key_algorithm"] = key_algorithm
+    expect(await client.post("/v1/operator/regions", json=region_body, headers=auth), 201, 409)
     organisation = expect(
         await client.post(
             "/v1/operator/verifier-organisations",
-            json={"name": "Bench Metro", "business_type": "transit", "region": REGION},
+            json={"name": f"Bench Metro {region}", "business_type": "transit", "region": region},
             headers=auth,
         ),
         201,
@@ -117,7 +129,7 @@ async def prepare_ecard(
         issued = expect(
             await client.post(
                 "/v1/operator/cards",
-                json={"region": REGION, "citizen_id": citizen_id(REGION), "name": "张三", "card_number": card_number},
+                json={"region": region, "citizen_id": citizen_id(region), "name": "张三", "card_number": card_number},
                 headers=auth,
             ),
             201,

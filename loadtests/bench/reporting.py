@@ -26,6 +26,10 @@ TARGET_VERIFY_VS_NOOP = 0.40
 TARGET_VERIFY_VS_NAIVE = 1.5
 TARGET_ISSUE_RATE_PER_WORKER = 4_000
 TARGET_BUNDLE_SERVER_MS = 2.0
+# Issue 17's target: an SM2 verify within 2x the CPU of an Ed25519 one (measured per /v1/verify request).
+TARGET_SM2_VERIFY_RATIO = 2.0
+# Row labels of the service's verify, by issuer-key algorithm (loadtests/bench_verify.py --profile).
+VERIFY_LABELS = {"verify": "Ed25519", "sm2": "SM2"}
 
 
 @dataclass
@@ -78,8 +82,9 @@ class Report:
         self.workers = workers
         self.rounds = rounds
         self.rows: list[Row] = []
-        self.issuance: list[Measurement] = []
-        self.bundles: Measurement | None = None
+        # By verify label ("verify": Ed25519, "sm2": SM2): the count=1 issuing runs, the bundle measurement.
+        self.issuance: dict[str, list[Measurement]] = {}
+        self.bundles: dict[str, Measurement] = {}
         self.flags: list[str] = []
         self._printed_columns = False
 
@@ -130,7 +135,7 @@ class Report:
                 f"{'':>7}note: the server's histogram counted {histogram.observations:,} scans in this run, "
                 f"the client {m.requests:,} answers"
             )
-        if row.target in ("verify", "naive"):
+        if row.target in ("naive", *VERIFY_LABELS):
             breakdown = ", ".join(f"{key} {n:,}" for key, n in sorted(row.outcomes.items()))
             extra = []
             if m.exhausted:
@@ -158,6 +163,52 @@ class Report:
         median, low, high = (fmt_server_ms(v, top) for v in (statistics.median(values), min(values), max(values)))
         return f"; srv p99 {median} ms [{low}, {high}]"
 
+    def _keys(self, label: str) -> str:
+        """' (SM2 keys)' beside a figure of a lane, '' for Ed25519 when it is the only one."""
+        if label == "verify" and set(self.issuance) | set(self.bundles) <= {"verify"}:
+            return ""
+        return f" ({VERIFY_LABELS.get(label, label)} keys)"
+
+    @staticmethod
+    def _profiles(
+        by_target: dict[str, list[Row]], issue_cpu: dict[str, float], bundle_cpu: dict[str, float]
+    ) -> float | None:
+        """Print the server CPU of each issuer-key algorithm side by side; the SM2/Ed25519 verify ratio, if both ran."""
+        verify_cpu = {
+            label: statistics.median(cpu_per_request(row.measured) for row in by_target[label])
+            for label in VERIFY_LABELS
+            if label in by_target
+        }
+        if "sm2" not in verify_cpu and "sm2" not in issue_cpu:
+            return None
+        print("server CPU per request by issuer key (median over the rounds):")
+        for label, name in VERIFY_LABELS.items():
+            figures = [
+                f"{what} {values[label]:.0f} µs"
+                for what, values in (
+                    ("verify", verify_cpu),
+                    ("issue count=1", issue_cpu),
+                    ("bundle per credential", bundle_cpu),
+                )
+                if label in values
+            ]
+            if figures:
+                print(f"  {name:<7} " + ", ".join(figures))
+        ratios = [
+            f"{what} {values['sm2'] / values['verify']:.2f}x"
+            for what, values in (
+                ("verify", verify_cpu),
+                ("issue count=1", issue_cpu),
+                ("bundle per credential", bundle_cpu),
+            )
+            if "sm2" in values and "verify" in values
+        ]
+        if ratios:
+            print("  SM2 / Ed25519: " + ", ".join(ratios))
+        if "sm2" in verify_cpu and "verify" in verify_cpu:
+            return verify_cpu["sm2"] / verify_cpu["verify"]
+        return None
+
     def summary(self) -> None:
         """The issuance figures, the medians over the rounds, the ratios beside issue 6's targets, the flags."""
         print()
@@ -166,26 +217,35 @@ class Report:
         bundle_ms: float | None = None
         noop_ratio: float | None = None
         naive_ratio: float | None = None
-        if self.issuance:
-            total = sum(m.requests for m in self.issuance)
-            seconds = sum(m.elapsed for m in self.issuance)
-            cpu = sum(m.server_cpu for m in self.issuance)
+        # Per label: issue µs CPU per count=1 request, per credential in a bundle.
+        issue_cpu: dict[str, float] = {}
+        bundle_cpu: dict[str, float] = {}
+        for label, runs in self.issuance.items():
+            total = sum(m.requests for m in runs)
+            seconds = sum(m.elapsed for m in runs)
+            cpu = sum(m.server_cpu for m in runs)
+            if not total or not seconds:
+                continue
+            issue_cpu[label] = cpu / total * 1e6
             print(
-                f"issuance (POST /v1/holder/credentials, count=1, {self.connections} connections, raw client): "
-                f"{total:,} credentials in {seconds:.1f} s = {total / seconds:,.0f} req/s, "
-                f"server {cpu / total * 1e6:.0f} µs CPU per request"
+                f"issuance{self._keys(label)} (POST /v1/holder/credentials, count=1, {self.connections} connections, "
+                f"raw client): {total:,} credentials in {seconds:.1f} s = {total / seconds:,.0f} req/s, "
+                f"server {issue_cpu[label]:.0f} µs CPU per request"
             )
-            issue_per_worker = total / seconds / self.workers
-        if self.bundles is not None:
-            bundles = self.bundles
+            if label == "verify":
+                issue_per_worker = total / seconds / self.workers
+        for label, bundles in self.bundles.items():
             per_bundle = cpu_per_request(bundles)
+            bundle_cpu[label] = per_bundle / BUNDLE_SIZE
             print(
-                f"issuance, {BUNDLE_SIZE}-credential bundles ({self.bundle_connections} connections, raw client): "
-                f"{bundles.requests:,} requests at {bundles.rate:,.0f} req/s, server {per_bundle:.0f} µs CPU per "
-                f"bundle ({per_bundle / BUNDLE_SIZE:.0f} µs per credential), "
+                f"issuance{self._keys(label)}, {BUNDLE_SIZE}-credential bundles "
+                f"({self.bundle_connections} connections, raw client): {bundles.requests:,} requests at "
+                f"{bundles.rate:,.0f} req/s, server {per_bundle:.0f} µs CPU per bundle "
+                f"({per_bundle / BUNDLE_SIZE:.0f} µs per credential), "
                 f"p50 {fmt_ms(bundles.percentile_ms(0.50))} ms, p99 {fmt_ms(bundles.percentile_ms(0.99))} ms"
             )
-            bundle_ms = per_bundle / 1000
+            if label == "verify":
+                bundle_ms = per_bundle / 1000
         by_target: dict[str, list[Row]] = {}
         for row in self.rows:
             by_target.setdefault(row.target, []).append(row)
@@ -232,11 +292,18 @@ class Report:
             (f"{BUNDLE_SIZE}-credential bundle: {bundle_ms:.2f} ms server CPU", f"<= {TARGET_BUNDLE_SERVER_MS:g} ms",
              bundle_ms <= TARGET_BUNDLE_SERVER_MS) if bundle_ms is not None else None,
         ]  # fmt: skip
+        sm2_ratio = self._profiles(by_target, issue_cpu, bundle_cpu)
         shown = [target for target in targets if target is not None]
         if shown:
             print("issue 6 targets (this run):")
             for figure, target, met in shown:
                 print(f"  {figure} (asks {target}): {_met(met)}")
+        if sm2_ratio is not None:
+            print("issue 17 target (this run):")
+            print(
+                f"  SM2 / Ed25519 verify CPU per request {sm2_ratio:.2f}x (asks <= {TARGET_SM2_VERIFY_RATIO:g}x): "
+                f"{_met(sm2_ratio <= TARGET_SM2_VERIFY_RATIO)}"
+            )
         load = " ".join(f"{value:.2f}" for value in os.getloadavg())
         print(f"load average {load} (after)")
         if self.flags:

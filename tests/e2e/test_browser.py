@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import httpx
 import pytest
 import zxingcpp
@@ -35,6 +37,12 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_to_head
 from app.settings import PROJECT_ROOT
+from crypto.base45 import b45decode, b45encode
+from crypto.cose import COSE_SIGN1_TAG, protected_header, sig_structure
+from crypto.credential import PREFIX, parse_sign1
+from crypto.keys import ALG_EDDSA, ALG_SM2_SM3, PrivateKey, SigningKey
+from crypto.offline import OfflineKit, verify_offline
+from crypto.sm import Sm2SigningKey
 from tests import factories
 from tests.factories import bearer
 from tests.servers import free_port
@@ -45,6 +53,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 START_TIMEOUT = 30.0
 SCREENSHOTS = os.environ.get("ECARD_BROWSER_SCREENSHOTS", "")
 REGION = "510000"
+SM2_REGION = "500000"  # registered with an SM2 issuer key by the offline test
 PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 
 # Makes WebCrypto refuse Ed25519, as browsers without it do, so the page takes its fallback.
@@ -496,3 +505,98 @@ async def test_api_docs_render_with_every_other_host_blocked(browser: Browser, b
         assert foreign == [] and errors == [], (foreign, errors)
     finally:
         await context.close()
+
+
+def _forged(code: str, alg: int, signer: PrivateKey, kid: bytes | None = None) -> str:
+    """The code's claims under a header naming `alg` and `kid` (default: the code's), signed by `signer`."""
+    parts = parse_sign1(code)
+    protected = protected_header(kid or parts.kid, alg=alg)
+    signature = signer.sign(sig_structure(protected, parts.payload))
+    return PREFIX + b45encode(cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, parts.payload, signature])))
+
+
+async def test_gate_verifies_sm2_and_ed25519_codes_offline_by_the_kids_key(
+    browser: Browser, contexts: list[BrowserContext], base_url: str, admin: str, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        created = await client.post(
+            "/v1/operator/regions",
+            json={"code": SM2_REGION, "name": "重庆市", "key_algorithm": "SM2"},
+            headers=bearer(admin),
+        )
+        assert created.status_code == 201, created.text
+        sm2_holder = await factories.activated_holder(client, admin, SM2_REGION)
+        ed_holder = await factories.activated_holder(client, admin, REGION)
+        gate = await factories.new_gate(client, admin, REGION, "transit", ["transit"])
+        sm2_codes = await factories.credentials(client, sm2_holder, count=1)
+        [ed_code] = await factories.credentials(client, ed_holder)
+        kits = {region: (await client.get(f"/v1/offline-kits/{region}")).json() for region in (REGION, SM2_REGION)}
+    [sm2_code] = sm2_codes
+    assert parse_sign1(sm2_code).alg == ALG_SM2_SM3 and parse_sign1(ed_code).alg == ALG_EDDSA
+    ed_kid, sm2_kid = parse_sign1(ed_code).kid, parse_sign1(sm2_code).kid
+    # An Ed25519 key's kid under an SM2 header with a valid SM2 signature, and the reverse; a bit flipped.
+    sm2_on_ed_kid = _forged(ed_code, ALG_SM2_SM3, Sm2SigningKey.generate(), ed_kid)
+    ed_on_sm2_kid = _forged(sm2_code, ALG_EDDSA, SigningKey.generate(), sm2_kid)
+    body = b45decode(sm2_code[len(PREFIX) :])
+    tampered = PREFIX + b45encode(body[:-1] + bytes([body[-1] ^ 1]))
+    # The same decisions from crypto.offline, the reference the console must agree with.
+    reference = [OfflineKit.from_json(json.dumps(kit)) for kit in kits.values()]
+    now = int(time.time())
+    # name: (outcome, reason, the detail shown): the crossed headers are refused before any signature check.
+    crossed = "the header's algorithm is not the kid's key's"
+    expected = {
+        "sm2": ("accepted", None, "SM2"),
+        "sm2 again": ("rejected", "replayed", "this console accepted the code before"),
+        "ed25519": ("accepted", None, "Ed25519"),
+        "sm2 header, ed25519 kid": ("rejected", "bad_signature", crossed),
+        "ed25519 header, sm2 kid": ("rejected", "bad_signature", crossed),
+        "tampered sm2": ("rejected", "bad_signature", "signature does not verify"),
+    }
+    for name, code in (("sm2 header, ed25519 kid", sm2_on_ed_kid), ("ed25519 header, sm2 kid", ed_on_sm2_kid),
+                       ("tampered sm2", tampered), ("sm2", sm2_code)):  # fmt: skip
+        decided = verify_offline(code, reference, now, 5)
+        assert (decided.reason.value if decided.reason else None) == expected[name][1], (name, decided)
+        if expected[name][1] is not None:
+            assert decided.detail == expected[name][2], (name, decided)
+
+    page = await open_gate(contexts, browser, base_url, gate.api_key)
+    errors = watch(page)
+    await expect(page.locator("#offline-mode")).to_be_disabled()
+    # A kit file whose SM2 key claims the Ed25519 key's kid is refused: kids are recomputed from the keys.
+    rebound = json.loads(json.dumps(kits[SM2_REGION]))
+    [sm2_jwk] = [jwk for jwk in rebound["jwks"]["keys"] if jwk["crv"] == "SM2"]
+    sm2_jwk["kid"] = base64.urlsafe_b64encode(ed_kid).rstrip(b"=").decode()
+    (tmp_path / "rebound.json").write_text(json.dumps(rebound))
+    await page.set_input_files("#kit-file", str(tmp_path / "rebound.json"))
+    await expect(page.locator("#kit-message")).to_contain_text("does not match its key's thumbprint")
+    await expect(page.locator("#offline-mode")).to_be_disabled()
+    await page.fill("#kit-region", SM2_REGION)
+    await page.click("#kit-fetch")
+    await expect(page.locator(f"#kits [data-region='{SM2_REGION}']")).to_contain_text("(SM2)")
+    await page.fill("#kit-region", REGION)
+    await page.click("#kit-fetch")
+    await expect(page.locator(f"#kits [data-region='{REGION}']")).to_contain_text("(Ed25519)")
+    await page.check("#offline-mode")
+    result = page.locator("#result")
+    for name, code in (("sm2", sm2_code), ("sm2 again", sm2_code), ("ed25519", ed_code),
+                       ("sm2 header, ed25519 kid", sm2_on_ed_kid), ("ed25519 header, sm2 kid", ed_on_sm2_kid),
+                       ("tampered sm2", tampered)):  # fmt: skip
+        outcome, reason, shown = expected[name]
+        await paste(page, code, outcome)
+        await expect(result).to_have_attribute("data-mode", "offline")
+        await expect(result).to_have_attribute("data-reason", reason or "")
+        await expect(page.locator("#result-reason")).to_contain_text(shown)
+        if reason is None:
+            await expect(result).to_have_attribute("data-alg", shown)
+            await expect(page.locator("#result-title")).to_contain_text("Accepted (offline)")
+    await snap(page, "gate-offline-sm2")
+    assert (
+        await page.locator("#count-accepted").text_content(),
+        await page.locator("#count-rejected").text_content(),
+    ) == ("2", "4")
+    # Offline decisions never reached the service: the SM2 code is still unused there (at a gate of its region).
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        sm2_gate = await factories.new_gate(client, admin, SM2_REGION, "transit", ["transit"])
+        online = await factories.verify(client, sm2_gate, sm2_code)
+        assert (online["result"], online.get("reason")) == ("accepted", None), online
+    assert errors == []

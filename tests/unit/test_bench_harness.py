@@ -180,3 +180,43 @@ def test_headless_refuses_to_pin_a_service_it_did_not_start(monkeypatch: pytest.
     assert exited.value.code == 2
     options = headless.parse_args(["--loop-lag", "--pin-load"])
     assert options.loop_lag and options.pin_load
+
+
+def test_report_puts_sm2_beside_ed25519_and_judges_the_2x_target(capsys: pytest.CaptureFixture[str]) -> None:
+    report = Report(connections=50, workers=1, rounds=1)
+    report.add(Row(1, "verify", _measured(1000, 1.0, 0.2), outcomes=Counter({"accepted": 1000})))
+    report.add(Row(1, "sm2", _measured(1000, 1.0, 0.5), outcomes=Counter({"accepted": 1000})))
+    report.issuance = {"verify": [_measured(1000, 1.0, 0.15)], "sm2": [_measured(1000, 1.0, 0.25)]}
+    report.bundles = {"verify": _measured(100, 1.0, 0.09), "sm2": _measured(100, 1.0, 0.26)}
+    report.summary()
+    out = capsys.readouterr().out
+    assert "issuance (Ed25519 keys) (POST /v1/holder/credentials" in out
+    assert "issuance (SM2 keys) (POST /v1/holder/credentials" in out and "server 250 µs CPU per request" in out
+    assert "  Ed25519 verify 200 µs, issue count=1 150 µs, bundle per credential 45 µs" in out
+    assert "  SM2     verify 500 µs, issue count=1 250 µs, bundle per credential 130 µs" in out
+    assert "  SM2 / Ed25519: verify 2.50x, issue count=1 1.67x, bundle per credential 2.89x" in out
+    assert "SM2 / Ed25519 verify CPU per request 2.50x (asks <= 2x): NOT met" in out
+    assert "sm2 results: accepted 1,000" in out
+    assert not report.flags
+
+
+def test_report_of_one_profile_has_no_comparison(capsys: pytest.CaptureFixture[str]) -> None:
+    report = Report(connections=50, workers=1, rounds=1)
+    report.add(Row(1, "verify", _measured(1000, 1.0, 0.2), outcomes=Counter({"accepted": 1000})))
+    report.issuance = {"verify": [_measured(1000, 1.0, 0.15)]}
+    report.summary()
+    out = capsys.readouterr().out
+    assert "issuance (POST /v1/holder/credentials, count=1" in out
+    assert "SM2" not in out and "issue 17" not in out
+
+
+def test_bench_profile_options() -> None:
+    from loadtests.bench_verify import parse_args
+
+    assert parse_args([]).profile == "international"
+    assert parse_args([]).targets == ("noop", "verify", "naive")
+    national = parse_args(["--profile", "national"])
+    assert (national.profile, national.targets) == ("national", ("noop", "verify"))
+    assert parse_args(["--profile", "both"]).targets == ("noop", "verify", "naive")
+    with pytest.raises(SystemExit):
+        parse_args(["--profile", "national", "--targets", "verify,naive"])

@@ -3,6 +3,7 @@
 // claims its business type may see, plus running counts.
 
 import { ApiError, CLAIM_LABELS, NetworkError, PURPOSES, REASONS, call, el, say, when } from "/web/api.js";
+import { loadKit, verifyOffline } from "/gate/offline.js";
 import { readQrFromFile, readerName, watchCamera } from "/gate/scanner.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,6 +16,9 @@ let apiKey = sessionStorage.getItem(KEY);
 let counts = JSON.parse(sessionStorage.getItem(COUNTS) || '{"accepted":0,"rejected":0,"repeats":0}');
 let stopCamera = null;
 let queue = Promise.resolve();
+// Offline verification (gate/offline.js): the loaded kits by region, and the codes accepted offline here.
+const kits = new Map();
+const seenOffline = new Map();
 
 function showView() {
   const signedIn = Boolean(apiKey);
@@ -124,6 +128,17 @@ async function verifyNow(text) {
   const credential = text.trim();
   if (!credential || !apiKey) return;
   setResult("wait", ["核验中…", "Checking…"], "");
+  $("result").dataset.mode = $("offline-mode").checked ? "offline" : "online";
+  $("result").dataset.alg = "";
+  if ($("offline-mode").checked) {
+    try {
+      // Only line breaks are stripped: Base45 has a space in its alphabet (crypto/offline.py does the same).
+      return showOffline(await verifyOffline(text.replace(/^[\r\n]+|[\r\n]+$/g, ""), kits, seenOffline));
+    } catch (error) {
+      setResult("error", ["请勿放行", "Do not admit"], `离线核验失败 · Offline verification failed: ${error.message}`);
+      return remember("error", "错误 Error (offline)");
+    }
+  }
   try {
     const answer = await call("/v1/verify", { method: "POST", body: { credential }, headers: { "x-api-key": apiKey } });
     showAnswer(answer);
@@ -142,6 +157,64 @@ async function verifyNow(text) {
       setResult("error", ["请勿放行", "Do not admit"], offline ? "无法连接服务 · The service cannot be reached" : `服务不可用 · Service unavailable: ${error.message}`);
       remember("error", "错误 Error");
     }
+  }
+}
+
+/** An offline decision, shown like the service's answers (no claims: the kit has none to disclose). */
+function showOffline(answer) {
+  const reasonCode = answer.reason || "";
+  const panel = $("result");
+  if (answer.result === "accepted") {
+    counts.accepted += 1;
+    setResult("accepted", ["通过（离线）", "Accepted (offline)"], `${purposeText(answer.claims.purpose)} · ${answer.alg}`);
+    remember("accepted", `通过 Accepted offline (${answer.alg})`);
+  } else {
+    const [zh, en] = REASONS[reasonCode] || OFFLINE_REASONS[reasonCode] || [reasonCode, ""];
+    counts.rejected += 1;
+    setResult("rejected", ["拒绝（离线）", "Rejected (offline)"], `${zh} · ${en} (${answer.detail})`, { reasonCode });
+    remember("rejected", `拒绝 ${zh} ${en} (offline)`);
+  }
+  panel.dataset.alg = answer.alg || "";
+  renderCounts();
+}
+
+const OFFLINE_REASONS = {
+  lifetime_exceeded: ["有效期超长", "Valid for too long"],
+  status_stale: ["离线包已过期", "Offline kit's status list has expired"],
+};
+
+async function addKit(document) {
+  const kit = await loadKit(document);
+  kits.set(kit.region, kit);
+  $("offline-mode").disabled = false;
+  $("kits").replaceChildren(
+    ...[...kits.values()].map((one) => {
+      const algorithms = [...new Set([...one.keys.values()].map((key) => (key.alg === -8 ? "Ed25519" : "SM2")))].join(", ");
+      return el("li", { "data-region": one.region }, el("span", {}, `${one.region}: ${one.keys.size} 密钥 keys (${algorithms})`), el("span", { class: "meta" }, `状态表至 list until ${when(new Date(one.list.expiresAt * 1000).toISOString())}`));
+    }),
+  );
+  say($("kit-message"), `已载入 ${kit.region} 的离线包 · Kit for ${kit.region} loaded`, "info");
+}
+
+async function fetchKit(event) {
+  event.preventDefault();
+  const region = $("kit-region").value.trim();
+  if (!/^[1-9][0-9]{5}$/.test(region)) return say($("kit-message"), "地区代码为 6 位数字 · A region code has 6 digits", "error");
+  try {
+    await addKit(await call(`/v1/offline-kits/${region}`));
+  } catch (error) {
+    say($("kit-message"), `无法载入离线包 · Cannot load the kit: ${error.message}`, "error");
+  }
+}
+
+async function readKitFile() {
+  const file = $("kit-file").files[0];
+  $("kit-file").value = "";
+  if (!file) return;
+  try {
+    await addKit(JSON.parse(await file.text()));
+  } catch (error) {
+    say($("kit-message"), `无法载入离线包 · Cannot load the kit: ${error.message}`, "error");
   }
 }
 
@@ -204,6 +277,8 @@ function start() {
     }
   });
   $("scan-file").addEventListener("change", scanFile);
+  $("kit-form").addEventListener("submit", fetchKit);
+  $("kit-file").addEventListener("change", readKitFile);
   $("camera-start").addEventListener("click", startCamera);
   $("camera-stop").addEventListener("click", endCamera);
   $("sign-out").addEventListener("click", () => signOut(""));
