@@ -50,6 +50,15 @@ def public_key(algorithm: str, public: bytes, region: str) -> PublicKey:
     return Sm2VerifyKey(public=public, region=region) if algorithm == SM2 else VerifyKey(public=public, region=region)
 
 
+def algorithm_of_public(public: bytes) -> Algorithm:
+    """The algorithm of a raw public key by its form: 32 bytes Ed25519, the 65-byte point 04 ‖ x ‖ y SM2."""
+    if len(public) == 32:
+        return ED25519
+    if len(public) == 65 and public[:1] == b"\x04":
+        return SM2
+    raise ValueError("a public key is 32 bytes (Ed25519) or the 65-byte uncompressed point 04 ‖ x ‖ y (SM2)")
+
+
 def name_of(key: PublicKey | PrivateKey) -> Algorithm:
     """The stored name of a key's algorithm."""
     return SM2 if isinstance(key, Sm2SigningKey | Sm2VerifyKey) else ED25519

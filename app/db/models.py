@@ -422,7 +422,9 @@ class Terminal(Base):
     api_key_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     previous_key_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
     previous_key_expires_at: Mapped[datetime | None]
-    signing_public_key: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    # Ed25519 (32 bytes) or SM2 (the 65-byte point); its length says which. bytea/BLOB keep no length:
+    # widening it from 32 needed no migration.
+    signing_public_key: Mapped[bytes | None] = mapped_column(LargeBinary(65))
     enabled: Mapped[bool]
     created_at: Mapped[datetime]
     # Verifications allowed per minute on average, and how many may come at once.

@@ -267,10 +267,11 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                         name="X-Signature",
                         security_scheme_in="header",
                         description=(
-                            "For terminals that registered an Ed25519 key: X-Terminal-Id, X-Signature-Timestamp "
+                            "For terminals that registered a key: X-Terminal-Id, X-Signature-Timestamp "
                             "(unix seconds, within 30 s of the server) and X-Signature, the unpadded base64url "
-                            "Ed25519 signature of 'ecard-terminal-v1\\n<METHOD>\\n<path>\\n<timestamp>\\n' "
-                            "followed by the raw request body."
+                            "signature of 'ecard-terminal-v1\\n<METHOD>\\n<path>\\n<timestamp>\\n' "
+                            "followed by the raw request body: Ed25519, or SM2 with SM3 (r ‖ s, 64 bytes, "
+                            "default signer ID) for an SM2 key."
                         ),
                     ),
                 }

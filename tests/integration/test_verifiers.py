@@ -36,6 +36,7 @@ from app.server.context import STATE_KEY, ServiceContext
 from app.stores.status_mirror import RedisStatusMirror, profile_part
 from crypto.credential import open_credential
 from crypto.keys import b64url, public_raw
+from crypto.sm import Sm2SigningKey
 from tests import factories
 from tests.conftest import make_settings, serve
 from tests.factories import Gate, Holder, bearer, problem
@@ -675,7 +676,7 @@ async def test_rotation_overlap_of_a_week_is_allowed(client: httpx.AsyncClient, 
 
 
 def signed(
-    key: Ed25519PrivateKey,
+    key: Ed25519PrivateKey | Sm2SigningKey,
     terminal_id: str,
     body: bytes,
     *,
@@ -802,6 +803,73 @@ async def test_bad_public_key_is_400(
     )
     problem(response, 400)
     # Still an API-key terminal.
+    await accepted(client, gate, await credential(client, holder))
+
+
+async def sm2_signing_gate(client: httpx.AsyncClient, token: str, **extra: str) -> tuple[Gate, Sm2SigningKey]:
+    """A transit gate that registered an SM2 key (the national profile's terminals)."""
+    gate = await factories.new_gate(client, token, SICHUAN, "transit", ["transit"])
+    key = Sm2SigningKey.generate()
+    response = await client.put(
+        f"/v1/operator/terminals/{gate.terminal_id}/signing-key",
+        json={"public_key": b64url(key.public), **extra},
+        headers=bearer(token),
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["signs_requests"] is True
+    return gate, key
+
+
+@pytest.mark.parametrize("named", [pytest.param({"algorithm": "SM2"}, id="named"), pytest.param({}, id="by-length")])
+async def test_sm2_signed_requests_are_accepted_and_audited(
+    client: httpx.AsyncClient, admin_token: str, holder: Holder, named: dict[str, str]
+) -> None:
+    gate, key = await sm2_signing_gate(client, admin_token, **named)
+    texts = await credentials_now(client, holder, 2)
+    assert problem(await scan(client, gate, texts[0]), 401)["code"] == "unauthorized"  # the API key stopped
+    for text in texts:
+        body = verify_body(text)
+        response = await client.post("/v1/verify", content=body, headers=signed(key, gate.terminal_id, body))
+        assert response.status_code == 200 and response.json()["result"] == "accepted", response.text
+    events = await audit_actions(client, admin_token, gate.terminal_id)
+    assert events[0]["action"] == "terminal.signing_key_registered"
+
+
+async def test_a_terminal_key_verifies_only_its_own_algorithm(
+    client: httpx.AsyncClient, admin_token: str, holder: Holder
+) -> None:
+    """No algorithm confusion: an Ed25519 signature never passes for an SM2 terminal, nor the reverse."""
+    sm2_gate, sm2_key = await sm2_signing_gate(client, admin_token)
+    ed_gate, _, _ = await signing_gate(client, admin_token)
+    text = await credential(client, holder)
+    body = verify_body(text)
+    for gate, wrong in ((sm2_gate, Ed25519PrivateKey.generate()), (ed_gate, Sm2SigningKey.generate())):
+        response = await client.post("/v1/verify", content=body, headers=signed(wrong, gate.terminal_id, body))
+        assert problem(response, 401)["code"] == "unauthorized"
+    # Nothing was consumed: the SM2 gate's own signature takes the credential.
+    good = await client.post("/v1/verify", content=body, headers=signed(sm2_key, sm2_gate.terminal_id, body))
+    assert good.json()["result"] == "accepted", good.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "extra"),
+    [
+        pytest.param(b"\x04" + bytes(64), {}, id="sm2-point-off-the-curve"),
+        pytest.param(b"\x02" + bytes(64), {}, id="65-bytes-not-uncompressed"),
+        pytest.param(public_raw(Ed25519PrivateKey.generate()), {"algorithm": "SM2"}, id="ed25519-key-named-sm2"),
+        pytest.param(Sm2SigningKey.generate().public, {"algorithm": "Ed25519"}, id="sm2-key-named-ed25519"),
+    ],
+)
+async def test_bad_sm2_terminal_key_is_400_and_stores_nothing(
+    client: httpx.AsyncClient, admin_token: str, holder: Holder, raw: bytes, extra: dict[str, str]
+) -> None:
+    gate = await factories.new_gate(client, admin_token, SICHUAN, "transit", ["transit"])
+    response = await client.put(
+        f"/v1/operator/terminals/{gate.terminal_id}/signing-key",
+        json={"public_key": b64url(raw), **extra},
+        headers=bearer(admin_token),
+    )
+    assert problem(response, 400)["code"] == "bad_request"
     await accepted(client, gate, await credential(client, holder))
 
 

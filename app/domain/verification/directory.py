@@ -36,8 +36,9 @@ from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.security.pii import PiiCipher
 from app.stores.invalidation import InvalidationBus
 from app.stores.status_mirror import RateLimit
+from crypto.algorithms import algorithm_of_public, public_key
 from crypto.credential import Purpose
-from crypto.keys import VerifyKey, b64url_decode
+from crypto.keys import PublicKey, b64url_decode
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class TerminalEntry:
     previous_key_hash: bytes | None
     previous_key_until: float
     # Set when the terminal signs its requests; API keys are then refused.
-    signing_key: VerifyKey | None
+    signing_key: PublicKey | None  # Ed25519 or SM2, by the registered key
     # False when the terminal or its organisation is disabled.
     enabled: bool
     rate: RateLimit
@@ -159,7 +160,9 @@ def _entry(row: Any) -> TerminalEntry:
         api_key_hash=api_key_hash,
         previous_key_hash=previous_key_hash,
         previous_key_until=previous_key_expires_at.timestamp() if previous_key_expires_at else 0.0,
-        signing_key=VerifyKey(signing_public_key, region) if signing_public_key else None,
+        signing_key=public_key(algorithm_of_public(signing_public_key), signing_public_key, region)
+        if signing_public_key
+        else None,
         enabled=terminal_enabled and organisation_enabled,
         rate=_rate(rate_per_minute, rate_burst),
     )

@@ -264,9 +264,9 @@ class VerifierController(Controller):
         terminal_id: FromPath[uuid.UUID],
         data: JSONBody[SigningKeyIn],
     ) -> TerminalOut:
-        """From now on the terminal must sign its requests with this Ed25519 key; its API keys stop working."""
+        """From now on the terminal must sign its requests with this Ed25519 or SM2 key; its API keys stop working."""
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        await set_signing_key(session, actor, terminal, organisation, b64url_decode(data.public_key))
+        await set_signing_key(session, actor, terminal, organisation, b64url_decode(data.public_key), data.algorithm)
         await directory_changes.announce()
         return _terminal_out(terminal)
 

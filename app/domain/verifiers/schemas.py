@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -63,9 +63,15 @@ class TerminalUpdate(WireModel):
 
 
 class SigningKeyIn(WireModel):
-    """A terminal's Ed25519 public key (32 bytes, unpadded base64url): from now on it must sign its requests."""
+    """A terminal's public key, unpadded base64url: from now on it must sign its requests with it.
 
-    public_key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43}$")]
+    Ed25519 (32 bytes) or, for the national profile, SM2 with SM3 and the default signer ID (GM/T 0009):
+    the 65-byte uncompressed point 04 ‖ x ‖ y. `algorithm` may be left out (the key's length says which);
+    given, it must agree.
+    """
+
+    public_key: Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]{87})$")]
+    algorithm: Literal["Ed25519", "SM2"] | None = None
 
 
 class TerminalCounts(WireModel):

@@ -21,8 +21,10 @@ from app.domain.audit.services import Actor, record
 from app.domain.regions.scope import covers, within
 from app.domain.verification.directory import API_KEY_PREFIX, hash_api_key_secret, next_directory_version
 from app.domain.verification.disclosure import BusinessType
+from crypto.algorithms import ED25519, algorithm_of_public, name_of
+from crypto.algorithms import public_key as algorithm_public_key
 from crypto.credential import Purpose
-from crypto.keys import kid_for
+from crypto.keys import PublicKey
 
 
 def new_api_key(terminal_id: uuid.UUID) -> tuple[str, bytes]:
@@ -208,19 +210,44 @@ async def rotate_api_key(
     return api_key
 
 
-async def set_signing_key(
-    session: AsyncSession, actor: Actor, terminal: Terminal, organisation: VerifierOrganisation, public_key: bytes
-) -> None:
-    """Register the terminal's Ed25519 key; its API keys stop working (commits)."""
-    if len(public_key) != 32 or not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+def terminal_key(public_key: bytes, algorithm: str | None) -> PublicKey:
+    """A terminal's request-signing key: Ed25519 (32 bytes) or SM2 with SM3 (the 65-byte point), checked.
+
+    `algorithm` None means: the key's form says which; given, it must agree with the form.
+    """
+    try:
+        form = algorithm_of_public(public_key)
+    except ValueError:
+        raise errors.Invalid(
+            "public_key must be a 32-byte Ed25519 key or a 65-byte uncompressed SM2 point (04 ‖ x ‖ y)"
+        ) from None
+    if algorithm is not None and algorithm != form:
+        raise errors.Invalid(f"public_key is the form of an {form} key, not of {algorithm}")
+    if form == ED25519 and not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
         # A small-order or non-canonical point would lock the terminal out: nothing verifies under it.
         raise errors.Invalid("public_key must be a valid 32-byte Ed25519 public key")
+    try:
+        return algorithm_public_key(form, public_key, region="")
+    except ValueError as exc:  # an SM2 point off the curve
+        raise errors.Invalid(f"public_key: {exc}") from None
+
+
+async def set_signing_key(
+    session: AsyncSession,
+    actor: Actor,
+    terminal: Terminal,
+    organisation: VerifierOrganisation,
+    public_key: bytes,
+    algorithm: str | None = None,
+) -> None:
+    """Register the terminal's Ed25519 or SM2 key; its API keys stop working (commits)."""
+    key = terminal_key(public_key, algorithm)
     terminal.signing_public_key = public_key
     terminal.previous_key_hash = None
     terminal.previous_key_expires_at = None
     terminal.directory_version = await next_directory_version(session)
     record(
         session, actor, "terminal.signing_key_registered", subject_type="terminal", subject_id=terminal.id,
-        region=organisation.region_code, after={"key_id": kid_for(public_key).hex()},
+        region=organisation.region_code, after={"key_id": key.kid.hex(), "algorithm": name_of(key)},
     )  # fmt: skip
     await session.commit()
