@@ -266,3 +266,27 @@ async def test_the_command_counts_and_exits_1_while_rows_remain(database: str, t
     assert "remaining 0 rows not in the national scheme" in output
     code, output = await run("--check", profile=NATIONAL)
     assert code == 0 and "persons: scanned 3, rewritten 0, already national 3" in output, output
+
+
+async def test_a_row_changed_between_read_and_write_is_left_for_the_next_run(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session:
+        await register_region(session, INTL_ONLY, Actor.command("test"), REGION, "四川省")
+    people = await _issue(sessions, INTL_ONLY, 5)
+    victim = next(iter(people))
+
+    async def concurrent_writer() -> None:
+        # What an import in the dual-index period does to a person it finds by the old index.
+        async with sessions() as session:
+            person = (await session.execute(select(Person).where(citizen_id_match(INTL_ONLY, victim)))).scalar_one()
+            person.citizen_id_encrypted = INTL_ONLY.encrypt(victim, CITIZEN_ID_FIELD)
+            await session.commit()
+
+    first = await rekey_pii(sessions, NAT, before_write=concurrent_writer)
+    assert (first.persons.scanned, first.persons.rewritten, first.persons.changed) == (5, 4, 1)
+    assert first.persons.remaining == 1 and first.remaining == 1
+    assert await _look_up_all(sessions, NAT, people) == 5
+    second = await rekey_pii(sessions, NAT)
+    assert (second.persons.rewritten, second.persons.current, second.remaining) == (1, 4, 0)
+    assert await _look_up_all(sessions, NAT_ONLY, people) == 5

@@ -85,7 +85,13 @@ def _open(pii: PiiCipher, blob: bytes, field_name: str) -> tuple[bytes, str] | N
 
 
 async def _persons_batch(
-    session: AsyncSession, pii: PiiCipher, after: uuid.UUID | None, batch: int, counts: TableCounts, write: bool
+    session: AsyncSession,
+    pii: PiiCipher,
+    after: uuid.UUID | None,
+    batch: int,
+    counts: TableCounts,
+    write: bool,
+    before_write: Callable[[], Awaitable[None]] | None,
 ) -> uuid.UUID | None:
     query = select(Person.id, Person.citizen_id_index, Person.citizen_id_encrypted, Person.name_encrypted)
     if after is not None:
@@ -108,6 +114,8 @@ async def _persons_batch(
             planned.append(
                 (person_id, bytes(index), bytes(citizen_blob), bytes(name_blob), new_index, citizen[0], name[0])
             )
+    if planned and before_write is not None:
+        await before_write()
     if planned:
         taken = {
             bytes(taken_index)
@@ -210,9 +218,12 @@ async def rekey_pii(
     write: bool = True,
     max_batches: int | None = None,
     on_batch: Callable[[RekeyReport], Awaitable[None]] | None = None,
+    before_write: Callable[[], Awaitable[None]] | None = None,
 ) -> RekeyReport:
     """Move every person, sealed profile and issuer private key to pii's profile (`write=False`:
-    only count). Persons start after `after`; `max_batches` stops early (the report says so)."""
+    only count). Persons start after `after`; `max_batches` stops early (the report says so).
+    `on_batch` runs after each batch; `before_write` between a persons batch's read and its writes
+    (where a concurrent writer would strike: the tests' hook)."""
     if batch < 1:
         raise ValueError("the batch size is at least 1")
     report = RekeyReport(target=pii.profile)
@@ -225,7 +236,7 @@ async def rekey_pii(
             report.complete = False
             return report
         async with sessions() as session:
-            last = await _persons_batch(session, pii, cursor, batch, report.persons, write)
+            last = await _persons_batch(session, pii, cursor, batch, report.persons, write, before_write)
         if last is None:
             break
         cursor = report.last_person = last
