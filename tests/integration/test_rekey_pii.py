@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db.clock import utcnow
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import ECard, IssuerKey, Person
 from app.domain.audit.services import Actor
@@ -290,3 +291,27 @@ async def test_a_row_changed_between_read_and_write_is_left_for_the_next_run(
     second = await rekey_pii(sessions, NAT)
     assert (second.persons.rewritten, second.persons.current, second.remaining) == (1, 4, 0)
     assert await _look_up_all(sessions, NAT_ONLY, people) == 5
+
+
+async def test_a_duplicate_person_of_the_other_scheme_is_reported_not_merged(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two workers of a rolling restart, one per profile, registering the same citizen at once."""
+    async with sessions() as session:
+        await register_region(session, INTL_ONLY, Actor.command("test"), REGION, "四川省")
+        citizen_id = factories.citizen_id(REGION)
+        for pii in (INTL_ONLY, NAT_ONLY):
+            session.add(
+                Person(
+                    region_code=REGION, citizen_id_index=pii.blind_index(citizen_id, CITIZEN_ID_FIELD),
+                    citizen_id_encrypted=pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
+                    name_encrypted=pii.encrypt("重复", NAME_FIELD), created_at=utcnow(),
+                )
+            )  # fmt: skip
+        await session.commit()
+    report = await rekey_pii(sessions, NAT)
+    assert (report.persons.scanned, report.persons.current, report.persons.duplicates) == (2, 1, 1)
+    assert (report.persons.rewritten, report.remaining) == (0, 1)
+    async with sessions() as session:
+        found = await session.scalar(select(func.count()).select_from(Person).where(citizen_id_match(NAT, citizen_id)))
+    assert found == 2  # both still found in the dual-index period, for an operator to merge

@@ -22,9 +22,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import ECard, IssuerKey, Person
@@ -126,29 +127,46 @@ async def _persons_batch(
                 )
             )
         }
+        params: list[dict[str, object]] = []
+        expected: dict[uuid.UUID, bytes] = {}
         for person_id, index, citizen_blob, name_blob, new_index, citizen_id, name_text in planned:
-            if new_index in taken:
+            if new_index in taken:  # another row (a duplicate person of a race) has it: leave both
                 counts.duplicates += 1
                 continue
-            result = await session.execute(
-                update(Person)
+            taken.add(new_index)
+            expected[person_id] = pii.encrypt_bytes_as(citizen_id, CITIZEN_ID_FIELD, target)
+            params.append(
+                {
+                    "b_id": person_id, "b_index": index, "b_citizen": citizen_blob, "b_name": name_blob,
+                    "b_new_index": new_index, "b_new_citizen": expected[person_id],
+                    "b_new_name": pii.encrypt_bytes_as(name_text, NAME_FIELD, target),
+                }
+            )  # fmt: skip
+        if params:
+            persons = cast(Table, Person.__table__)  # Core: one executemany for the batch
+            await session.execute(
+                update(persons)
                 .where(
-                    Person.id == person_id,
-                    Person.citizen_id_index == index,
-                    Person.citizen_id_encrypted == citizen_blob,
-                    Person.name_encrypted == name_blob,
+                    persons.c.id == bindparam("b_id"),
+                    persons.c.citizen_id_index == bindparam("b_index"),
+                    persons.c.citizen_id_encrypted == bindparam("b_citizen"),
+                    persons.c.name_encrypted == bindparam("b_name"),
                 )
                 .values(
-                    citizen_id_index=new_index,
-                    citizen_id_encrypted=pii.encrypt_bytes_as(citizen_id, CITIZEN_ID_FIELD, target),
-                    name_encrypted=pii.encrypt_bytes_as(name_text, NAME_FIELD, target),
-                )
-                .execution_options(synchronize_session=False)
+                    citizen_id_index=bindparam("b_new_index"),
+                    citizen_id_encrypted=bindparam("b_new_citizen"),
+                    name_encrypted=bindparam("b_new_name"),
+                ),
+                params,
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                counts.rewritten += 1
-            else:
-                counts.changed += 1
+            # An executemany's rowcount is not reliable on every driver: count what this transaction
+            # wrote (fresh nonces: a row holds the new blob only if this update took it).
+            stored = await session.execute(
+                select(Person.id, Person.citizen_id_encrypted).where(Person.id.in_(list(expected)))
+            )
+            rewritten = sum(1 for person_id, blob in stored if bytes(blob) == expected[person_id])
+            counts.rewritten += rewritten
+            counts.changed += len(params) - rewritten
     await session.commit()
     return rows[-1][0] if rows else None
 
@@ -161,6 +179,8 @@ async def _ecards_batch(
         query = query.where(ECard.id > after)
     rows = (await session.execute(query.order_by(ECard.id).limit(batch))).all()
     target = pii.profile
+    expected: dict[uuid.UUID, bytes] = {}
+    params: list[dict[str, object]] = []
     for ecard_id, card_ref, sealed_or_none in rows:
         sealed = bytes(sealed_or_none or b"")  # never None: the query's condition
         counts.scanned += 1
@@ -171,16 +191,20 @@ async def _ecards_batch(
         elif opened[1] == target:
             counts.current += 1
         elif write:
-            result = await session.execute(
-                update(ECard)
-                .where(ECard.id == ecard_id, ECard.sealed_profile == sealed)
-                .values(sealed_profile=pii.encrypt_bytes_as(opened[0], field_name, target))
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                counts.rewritten += 1
-            else:
-                counts.changed += 1
+            expected[ecard_id] = pii.encrypt_bytes_as(opened[0], field_name, target)
+            params.append({"b_id": ecard_id, "b_sealed": sealed, "b_new_sealed": expected[ecard_id]})
+    if params:
+        ecards = cast(Table, ECard.__table__)
+        await session.execute(
+            update(ecards)
+            .where(ecards.c.id == bindparam("b_id"), ecards.c.sealed_profile == bindparam("b_sealed"))
+            .values(sealed_profile=bindparam("b_new_sealed")),
+            params,
+        )
+        stored = await session.execute(select(ECard.id, ECard.sealed_profile).where(ECard.id.in_(list(expected))))
+        rewritten = sum(1 for ecard_id, blob in stored if bytes(blob or b"") == expected[ecard_id])
+        counts.rewritten += rewritten
+        counts.changed += len(params) - rewritten
     await session.commit()
     return rows[-1][0] if rows else None
 
