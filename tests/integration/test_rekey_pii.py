@@ -3,7 +3,9 @@
 On a fresh database of each backend: 25 cards issued under the international profile, then the
 re-keying to the national one in batches of 7, stopped after two batches and resumed from the cursor,
 with look-ups by citizen ID from both profiles after every batch and from a task that looks up
-all the while; then a check, the old pair dropped, and the whole way back. Counts are exact.
+all the while; then a check, the old pair dropped, and the whole way back. Counts are exact. Also: an
+import, a concurrent change, a duplicate person, the command, and two workers of both profiles
+through the API on the shared database.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.asgi import create_app
 from app.db.clock import utcnow
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import ECard, IssuerKey, Person
 from app.domain.audit.services import Actor
+from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.rekey import RekeyReport, rekey_pii
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, citizen_id_match, find_cards, issue_card
 from app.domain.imports.services import import_file
@@ -34,10 +39,12 @@ from app.domain.regions.services import register_region
 from app.domain.verification.disclosure import profile_field
 from app.security.keyring import read_keyring
 from app.security.pii import INTERNATIONAL, NATIONAL, SM4_GCM_TAG, PiiCipher
+from app.server.context import ServiceContext
 from app.settings import DEV_KEYS_DIR
 from crypto.sm import hmac_sm3
 from tests import factories
-from tests.conftest import BACKENDS, _drop_postgres_database, migrated_database
+from tests.conftest import BACKENDS, _drop_postgres_database, make_settings, migrated_database, serve
+from tests.factories import bearer
 
 REGION = "510000"
 CARDS = 25
@@ -315,3 +322,45 @@ async def test_a_duplicate_person_of_the_other_scheme_is_reported_not_merged(
     async with sessions() as session:
         found = await session.scalar(select(func.count()).select_from(Person).where(citizen_id_match(NAT, citizen_id)))
     assert found == 2  # both still found in the dual-index period, for an operator to merge
+
+
+async def test_workers_of_both_profiles_find_and_read_each_others_cards_through_the_api(
+    client: httpx.AsyncClient,
+    context: ServiceContext,
+    admin_token: str,
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """A rolling restart's two kinds of worker, on the shared database, through the operator API."""
+    national = create_app(make_settings(database_url, redis_url, redis_prefix, crypto_profile=NATIONAL))
+    async with serve(national) as national_client:
+        issued: dict[str, tuple[str, str]] = {}
+        for side, worker in (("international", client), ("national", national_client)):
+            citizen_id = factories.citizen_id(REGION)
+            response = await worker.post(
+                "/v1/operator/cards",
+                json={
+                    "region": REGION,
+                    "citizen_id": citizen_id,
+                    "name": "欧阳娜娜",
+                    "card_number": factories.card_number(),
+                },
+                headers=bearer(admin_token),
+            )
+            assert response.status_code == 201, response.text
+            issued[side] = (citizen_id, response.json()["card"]["card_id"])
+        for side, (citizen_id, card_id) in issued.items():
+            for worker in (client, national_client):
+                found = await worker.post(
+                    "/v1/operator/cards/search", json={"citizen_id": citizen_id}, headers=bearer(admin_token)
+                )
+                assert found.status_code == 200, found.text
+                [card] = found.json()
+                assert (card["card_id"], card["holder_name"]) == (card_id, mask_name("欧阳娜娜")), side
+                assert card["citizen_id"] == mask_citizen_id(citizen_id)
+    async with context.sessions() as session:
+        for side, (citizen_id, _) in issued.items():
+            person = (await session.execute(select(Person).where(citizen_id_match(NAT, citizen_id)))).scalar_one()
+            assert (person.citizen_id_encrypted[0] == SM4_GCM_TAG) == (side == "national")
+            assert len(person.name_encrypted) == (side == "national") + 12 + len("欧阳娜娜".encode()) + 16
