@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from litestar.plugins.problem_details import ProblemDetailsException
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,6 +32,7 @@ from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import mask_citizen_id, mask_name
 from app.domain.cards.rekey import RekeyReport, rekey_pii
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, citizen_id_match, find_cards, issue_card
+from app.domain.errors import Conflict
 from app.domain.imports.services import import_file
 from app.domain.issuers.services import load_issuer_keys
 from app.domain.regions.services import register_region
@@ -160,7 +160,7 @@ async def test_rekey_to_national_and_back_never_misses_a_look_up(
     # A person already in the database, registered again by a national worker: found, not duplicated.
     some_citizen = next(iter(people))
     async with sessions() as session:
-        with pytest.raises(ProblemDetailsException, match="already holds a card in use"):
+        with pytest.raises(Conflict, match="already holds a card in use"):
             await issue_card(
                 session, NAT, region=REGION, citizen_id=some_citizen, name="x",
                 card_number=factories.card_number(), code_ttl=600,
