@@ -1,5 +1,10 @@
 """The service's own secrets: data key, blind-index key, session-token key and trust-list key.
 
+The data and index keys come in two pairs, one per crypto profile (app/security/pii.py): the
+international AES-256 key and HMAC-SHA256 key (data.key, index.key), the national SM4 key and
+HMAC-SM3 key (sm4-data.key, sm3-index.key). The profile's pair is required; the other is optional and,
+when present, read as well (a profile switch's dual-index period, docs/national-crypto.md).
+
 Loaded from `ECARD_KEYS_DIR`. In production mode the development keys in keys_dev/ are refused,
 whether they are reached through that directory or copied elsewhere.
 """
@@ -13,13 +18,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.security.pii import INTERNATIONAL, NATIONAL, PiiCipher
 from app.settings import DEV_KEYS_DIR, Settings
 from crypto.keys import SigningKey, load_private_pem, private_pem
+from crypto.sm import SM4_KEY_LENGTH
 
 DATA_KEY_FILE = "data.key"
 INDEX_KEY_FILE = "index.key"
 SESSION_KEY_FILE = "session.pem"
 TRUST_KEY_FILE = "trust.pem"
+SM4_DATA_KEY_FILE = "sm4-data.key"
+SM3_INDEX_KEY_FILE = "sm3-index.key"
+# The data key file and index key file of each profile, and the data key's length.
+PAIR_FILES = {
+    INTERNATIONAL: (DATA_KEY_FILE, INDEX_KEY_FILE, 32),
+    NATIONAL: (SM4_DATA_KEY_FILE, SM3_INDEX_KEY_FILE, SM4_KEY_LENGTH),
+}
 
 
 class KeyringError(RuntimeError):
@@ -30,21 +44,40 @@ class KeyringError(RuntimeError):
 class Keyring:
     """Secrets the service holds in memory."""
 
-    data_key: bytes
-    index_key: bytes
+    # The international pair (AES-256-GCM, HMAC-SHA256); None in a national-only key directory.
+    data_key: bytes | None
+    index_key: bytes | None
     session_key: SigningKey
     # Signs the trust list of every region's keys, for gates and other deployments that pin it.
     trust_key: SigningKey
+    # The national pair (SM4-GCM, HMAC-SM3); None when the directory has no national keys.
+    sm4_key: bytes | None = None
+    sm3_index_key: bytes | None = None
+
+    def pii(self, profile: str) -> PiiCipher:
+        """The personal-data cipher of the profile, reading the other profile's blobs and indexes too."""
+        return PiiCipher(
+            self.data_key, self.index_key, sm4_key=self.sm4_key, sm3_index_key=self.sm3_index_key, profile=profile
+        )
 
 
-def _read_symmetric(path: Path) -> bytes:
+def _read_symmetric(path: Path, length: int = 32) -> bytes:
     try:
         key = base64.b64decode(path.read_text().strip(), validate=True)
     except (OSError, binascii.Error) as exc:
         raise KeyringError(f"cannot read a base64 key from {path}: {exc}") from None
-    if len(key) != 32:
-        raise KeyringError(f"{path} must hold 32 bytes, base64-encoded")
+    if len(key) != length:
+        raise KeyringError(f"{path} must hold {length} bytes, base64-encoded")
     return key
+
+
+def _read_pair(directory: Path, profile: str) -> tuple[bytes, bytes] | None:
+    """The profile's data and index keys; None when neither file exists; an error when one is missing."""
+    data_file, index_file, length = PAIR_FILES[profile]
+    data_path, index_path = directory / data_file, directory / index_file
+    if not data_path.exists() and not index_path.exists():
+        return None
+    return _read_symmetric(data_path, length), _read_symmetric(index_path)
 
 
 def _read_ed25519(path: Path) -> SigningKey:
@@ -55,20 +88,33 @@ def _read_ed25519(path: Path) -> SigningKey:
 
 
 def read_keyring(directory: Path) -> Keyring:
-    """Read the four key files from directory."""
+    """Read the key files from directory: at least one data/index pair, the session and trust keys."""
+    international = _read_pair(directory, INTERNATIONAL)
+    national = _read_pair(directory, NATIONAL)
+    if international is None and national is None:
+        # The message of old: a directory without data.key is most likely the wrong directory.
+        _read_symmetric(directory / DATA_KEY_FILE)
     return Keyring(
-        data_key=_read_symmetric(directory / DATA_KEY_FILE),
-        index_key=_read_symmetric(directory / INDEX_KEY_FILE),
+        data_key=international[0] if international else None,
+        index_key=international[1] if international else None,
         session_key=_read_ed25519(directory / SESSION_KEY_FILE),
         trust_key=_read_ed25519(directory / TRUST_KEY_FILE),
+        sm4_key=national[0] if national else None,
+        sm3_index_key=national[1] if national else None,
     )
+
+
+def _same(key: bytes | None, dev: bytes | None) -> bool:
+    return key is not None and dev is not None and hmac.compare_digest(key, dev)
 
 
 def _is_dev_keyring(keyring: Keyring) -> bool:
     dev = read_keyring(DEV_KEYS_DIR)
     return (
-        hmac.compare_digest(keyring.data_key, dev.data_key)
-        or hmac.compare_digest(keyring.index_key, dev.index_key)
+        _same(keyring.data_key, dev.data_key)
+        or _same(keyring.index_key, dev.index_key)
+        or _same(keyring.sm4_key, dev.sm4_key)
+        or _same(keyring.sm3_index_key, dev.sm3_index_key)
         or keyring.session_key.public == dev.session_key.public
         or keyring.trust_key.public == dev.trust_key.public
     )
@@ -77,6 +123,15 @@ def _is_dev_keyring(keyring: Keyring) -> bool:
 def load_keyring(settings: Settings) -> Keyring:
     """The keyring the settings name; in production mode, refuse development keys."""
     keyring = read_keyring(settings.keys_dir)
+    if settings.crypto_profile == NATIONAL and keyring.sm4_key is None:
+        raise KeyringError(
+            f"ECARD_CRYPTO_PROFILE=national needs {SM4_DATA_KEY_FILE} and {SM3_INDEX_KEY_FILE} in {settings.keys_dir}"
+            " (ecard keys generate --profile national --add)"
+        )
+    if settings.crypto_profile != NATIONAL and keyring.data_key is None:
+        raise KeyringError(
+            f"the international profile needs {DATA_KEY_FILE} and {INDEX_KEY_FILE} in {settings.keys_dir}"
+        )
     if settings.production:
         if settings.keys_dir.resolve() == DEV_KEYS_DIR.resolve():
             raise KeyringError("production mode refuses the development key directory keys_dev/")
@@ -85,15 +140,21 @@ def load_keyring(settings: Settings) -> Keyring:
     return keyring
 
 
-def generate_keyring(directory: Path) -> None:
-    """Write a fresh key directory (files readable by the owner only); refuse to overwrite."""
-    directory.mkdir(parents=True, exist_ok=True)
+def generate_keyring(directory: Path, profile: str = INTERNATIONAL, *, add: bool = False) -> list[str]:
+    """Write a fresh key directory (files readable by the owner only) with the profile's data/index
+    pair, the session key and the trust-list key; with `add`, only the profile's pair, into an
+    existing directory (the first step of a profile switch). Refuse to overwrite; the names written."""
+    data_file, index_file, length = PAIR_FILES[profile]
     files = {
-        DATA_KEY_FILE: base64.b64encode(os.urandom(32)) + b"\n",
-        INDEX_KEY_FILE: base64.b64encode(os.urandom(32)) + b"\n",
-        SESSION_KEY_FILE: private_pem(SigningKey.generate().private),
-        TRUST_KEY_FILE: private_pem(SigningKey.generate().private),
+        data_file: base64.b64encode(os.urandom(length)) + b"\n",
+        index_file: base64.b64encode(os.urandom(32)) + b"\n",
     }
+    if not add:
+        files[SESSION_KEY_FILE] = private_pem(SigningKey.generate().private)
+        files[TRUST_KEY_FILE] = private_pem(SigningKey.generate().private)
+    elif not directory.is_dir():
+        raise KeyringError(f"{directory} is not a key directory to add keys to")
+    directory.mkdir(parents=True, exist_ok=True)
     for name in files:
         if (directory / name).exists():
             raise KeyringError(f"{directory / name} exists; refusing to overwrite a key")
@@ -102,3 +163,4 @@ def generate_keyring(directory: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
+    return list(files)

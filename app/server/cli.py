@@ -76,13 +76,54 @@ def keys_group() -> None:
 
 @keys_group.command(name="generate")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create the key files in.")
-def keys_generate(out: Path) -> None:
-    """Write a fresh data key, index key and session key (for production)."""
+@click.option(
+    "--profile", type=click.Choice(["international", "national"]), default="international", show_default=True,
+    help="Whose data and index keys: AES-256 + HMAC-SHA256, or SM4 + HMAC-SM3.",
+)  # fmt: skip
+@click.option("--add", is_flag=True, help="Add only the profile's data and index keys to an existing directory.")
+def keys_generate(out: Path, profile: str, add: bool) -> None:
+    """Write a fresh data key, index key, session key and trust-list key (for production)."""
     try:
-        generate_keyring(out)
+        written = generate_keyring(out, profile, add=add)
     except KeyringError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote data.key, index.key and session.pem to {out}; set ECARD_KEYS_DIR={out}")
+    click.echo(f"wrote {', '.join(written)} to {out}; set ECARD_KEYS_DIR={out}")
+
+
+@keys_group.command(name="rekey-pii")
+@click.option("--batch", type=click.IntRange(min=1), default=1000, show_default=True, help="Rows per transaction.")
+@click.option("--after", type=click.UUID, default=None, help="Resume after this person id (printed by a stopped run).")
+@click.option("--check", is_flag=True, help="Only count the rows not yet in ECARD_CRYPTO_PROFILE's scheme.")
+def keys_rekey_pii(batch: int, after: uuid.UUID | None, check: bool) -> None:
+    """Re-encrypt personal data and issuer private keys, and recompute blind indexes, for ECARD_CRYPTO_PROFILE.
+
+    Run it with both profiles' data and index keys in ECARD_KEYS_DIR (the dual-index period); it
+    exits 1 while rows remain in the other scheme. docs/national-crypto.md has the whole drill.
+    """
+    from app.domain.cards.rekey import RekeyReport, rekey_pii
+
+    async def progress(report: RekeyReport) -> None:
+        click.echo(
+            f"persons: {report.persons.scanned} scanned, {report.persons.rewritten} rewritten;"
+            f" after {report.last_person}"
+        )
+
+    async def work(context: ServiceContext) -> RekeyReport:
+        return await rekey_pii(
+            context.sessions, context.pii, batch=batch, after=after, write=not check, on_batch=progress
+        )
+
+    report = _run(work)
+    for name, counts in (("persons", report.persons), ("ecards", report.ecards), ("issuer_keys", report.issuer_keys)):
+        click.echo(
+            f"{name}: scanned {counts.scanned}, rewritten {counts.rewritten}, "
+            f"already {report.target} {counts.current}, changed meanwhile {counts.changed}, "
+            f"unreadable {counts.unreadable}, duplicates {counts.duplicates}, "
+            f"remaining {counts.remaining}"
+        )
+    click.echo(f"remaining {report.remaining} rows not in the {report.target} scheme")
+    if report.remaining:
+        sys.exit(1)
 
 
 @ecard_group.group(name="operator")

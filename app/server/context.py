@@ -78,7 +78,7 @@ class ServiceContext:
     def build(cls, settings: Settings) -> ServiceContext:
         """Wire everything from settings; connects nothing yet."""
         keyring = load_keyring(settings)
-        pii = PiiCipher(keyring.data_key, keyring.index_key)
+        pii = keyring.pii(settings.crypto_profile)
         engine = create_engine(settings.database_url)
         sessions = create_session_factory(engine)
         mirror: StatusMirror
@@ -105,7 +105,7 @@ class ServiceContext:
             mirror, events = memory_mirror, memory_mirror.events
             bus = LocalInvalidationBus()
         directory = VerifierDirectory(sessions, pii)
-        pseudonym_key = pii.blind_index("card-pseudonym", "verification.pseudonym_key")
+        pseudonym_key = pii.pseudonym_key()
         rules = load_rules(settings.agreements_file)
         fallback = DatabaseFallback(sessions, mirror, pii, settings.verify_fallback_rate)
         verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules, fallback)

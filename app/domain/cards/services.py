@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import NamedTuple, cast
 
-from sqlalchemy import Select, Table, bindparam, select, update
+from sqlalchemy import ColumnElement, Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
@@ -79,6 +79,19 @@ def activation_code_hash(pii: PiiCipher, ecard_id: uuid.UUID, code: str) -> str:
     return pii.blind_index(f"{ecard_id.hex}:{code}", ACTIVATION_CODE_FIELD).hex()
 
 
+def activation_code_hashes(pii: PiiCipher, ecard_id: uuid.UUID, code: str) -> tuple[str, ...]:
+    """Every hash a stored code may carry: in a profile switch's dual-index period, either profile's."""
+    return tuple(index.hex() for index in pii.blind_indexes(f"{ecard_id.hex}:{code}", ACTIVATION_CODE_FIELD))
+
+
+def citizen_id_match(pii: PiiCipher, citizen_id: str) -> ColumnElement[bool]:
+    """The condition on persons that finds the citizen ID whichever profile's index its row carries."""
+    indexes = pii.blind_indexes(citizen_id, CITIZEN_ID_FIELD)
+    if len(indexes) == 1:
+        return Person.citizen_id_index == indexes[0]
+    return Person.citizen_id_index.in_(indexes)
+
+
 def _new_activation_code() -> str:
     digits = f"{secrets.randbelow(10**8):08d}"
     return f"{digits[:4]}-{digits[4:]}"
@@ -138,7 +151,7 @@ async def issue_card(
     if await session.scalar(select(Card.id).where(Card.card_number == card_number)) is not None:
         raise errors.Conflict(f"card number {card_number} is already issued")
     index = pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
-    person = await session.scalar(select(Person).where(Person.citizen_id_index == index))
+    person = await session.scalar(select(Person).where(citizen_id_match(pii, citizen_id)))
     now = utcnow()
     if person is None:
         person = Person(
@@ -416,6 +429,6 @@ async def find_cards(
     if card_number:
         query = query.where(Card.card_number == card_number.strip().upper())
     if citizen_id:
-        query = query.where(Person.citizen_id_index == pii.blind_index(citizen_id, CITIZEN_ID_FIELD))
+        query = query.where(citizen_id_match(pii, citizen_id))
     query = within(query, Card.region_code, regions)
     return [(card, ecard, person) for card, ecard, person in await session.execute(query) if ecard is not None]

@@ -15,7 +15,7 @@ from app.db.clock import utcnow
 from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardState, Person, RefreshToken
 from app.domain import errors
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
-from app.domain.cards.services import activation_code_hash, normalise_activation_code
+from app.domain.cards.services import activation_code_hashes, normalise_activation_code
 from app.security.pii import PiiCipher
 from app.security.tokens import HolderSession, SessionTokens
 from app.settings import Settings
@@ -122,7 +122,7 @@ async def activate(
     if reserved.rowcount != 1:  # type: ignore[attr-defined]
         raise failed
     code = normalise_activation_code(activation_code)
-    if not code or code_row.code_hash != activation_code_hash(pii, ecard.id, code):
+    if not code or code_row.code_hash not in activation_code_hashes(pii, ecard.id, code):
         raise failed
     if ecard.state not in (ECardState.PENDING_ACTIVATION, ECardState.ACTIVE):
         raise errors.Conflict(f"the eCard is {ecard.state}; ask the card office", current_state=ecard.state)

@@ -34,13 +34,13 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -154,6 +154,9 @@ class PreparedChunk:
     rows: list[PreparedRow]
     rejections: list[Rejection]
     bytes_processed: int
+    # In a crypto-profile switch's dual-index period: each row's index under the other profile, with
+    # its citizen_id_index and citizen_id_encrypted (see `_adopt_former_indexes`).
+    former_indexes: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -263,6 +266,7 @@ class CardFileReader:
         self._scope = frozenset(scope)
         self._card_lines: dict[str, int] = {}
         self._person_lines: dict[bytes, int] = {}
+        self._former_indexes: list[tuple[bytes, bytes, bytes]] = []
         # A file holds one or a few regions: check each once, not on every row.
         self._region_reasons: dict[str, str] = {}
 
@@ -286,7 +290,8 @@ class CardFileReader:
                 rejections.append(outcome)
         if not rows and not rejections:
             return None
-        return PreparedChunk(rows, rejections, self.bytes_read)
+        former, self._former_indexes = self._former_indexes, []
+        return PreparedChunk(rows, rejections, self.bytes_read, former)
 
     def _prepare(self, line: int, values: list[str]) -> PreparedRow | Rejection:
         raw_card_number = values[self._card_number_at] if len(values) > self._card_number_at else ""
@@ -321,12 +326,16 @@ class CardFileReader:
             return Rejection(line, card_number, f"the same citizen ID is on line {earlier}; a person holds one card")
         self._card_lines[card_number] = line
         self._person_lines[index] = line
+        citizen_id_encrypted = self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD)
+        if self._pii.dual_index:
+            former = self._pii.blind_indexes(citizen_id, CITIZEN_ID_FIELD)[1]
+            self._former_indexes.append((former, index, citizen_id_encrypted))
         return PreparedRow(
             line=line,
             region=region,
             card_number=card_number,
             citizen_id_index=index,
-            citizen_id_encrypted=self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
+            citizen_id_encrypted=citizen_id_encrypted,
             name_encrypted=self._pii.encrypt(name, NAME_FIELD),
             card_ref=os.urandom(16),
         )
@@ -588,6 +597,8 @@ async def _apply_chunk_with_retries(
     for attempt in range(1, CHUNK_ATTEMPTS + 1):
         async with sessions() as session:
             try:
+                if chunk.former_indexes:
+                    await _adopt_former_indexes(session, chunk.former_indexes)
                 if session.get_bind().dialect.name == "postgresql":
                     return await _apply_chunk_postgres(session, job_id, chunk, before)
                 return await _apply_chunk(session, job_id, chunk, before)
@@ -597,6 +608,26 @@ async def _apply_chunk_with_retries(
                     raise
                 logger.warning("import job %s: a concurrent writer took a row of this chunk; retrying", job_id)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _adopt_former_indexes(session: AsyncSession, former_indexes: list[tuple[bytes, bytes, bytes]]) -> None:
+    """Give persons the file names by their other-profile index this profile's index (and citizen ID
+    blob), in the chunk's transaction, so the classification below finds them and makes no duplicate.
+    The name stays as it is; `ecard keys rekey-pii` rewrites the rest of the row."""
+    by_former = {former: (index, encrypted) for former, index, encrypted in former_indexes}
+    found = await session.scalars(select(Person.citizen_id_index).where(Person.citizen_id_index.in_(list(by_former))))
+    updates = [
+        {"b_former": bytes(former), "b_index": by_former[bytes(former)][0], "b_encrypted": by_former[bytes(former)][1]}
+        for former in found
+    ]
+    if updates:
+        persons = cast(Table, Person.__table__)  # Core: an executemany UPDATE keyed by another column
+        await session.execute(
+            update(persons)
+            .where(persons.c.citizen_id_index == bindparam("b_former"))
+            .values(citizen_id_index=bindparam("b_index"), citizen_id_encrypted=bindparam("b_encrypted")),
+            updates,
+        )
 
 
 async def _apply_chunk(
