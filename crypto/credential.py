@@ -9,15 +9,16 @@ characters, so ≤ 144 bytes before Base45 with the 4-character prefix):
         1: "510000",                    iss: issuing region (GB/T 2260 code)
         4: exp, 5: nbf,                 validity window, seconds since the epoch
         7: nonce (7 bytes),             cti: makes the credential single-use
-        -65537: [card_ref (16 bytes), purpose, status_index]
-                                        private use: opaque card reference, purpose, and the
-                                        card's index in its region's status list (0 ≤ i < 2**32)
+        -65537: [sealed_ref (16 bytes), purpose]
+                                        private use: the card reference sealed for this code
+                                        (crypto/seal.py), and the purpose
     }
 
-The largest credential (every value at its longest, status_index 2**32 - 1) is exactly 144
-bytes. The nonce has 7 bytes (56 bits): it only needs to be unique among one card's
-credentials alive at the same time, since the nonce store keys it by card and keeps it for
-the credential's lifetime. A card has a bundle's worth (tens) of those, so a collision is
+The largest credential (every value at its longest) is 139 bytes with an Ed25519 key, 143
+with an SM2 key (its private-use alg takes 4 more): 213 and 219 characters with the prefix,
+QR version 8-M (version 7-M holds 178). The nonce has 7 bytes (56 bits): it only needs to be
+unique among one card's credentials alive at the same time, since the nonce store keys it by
+card and keeps it for the credential's lifetime. A card has a bundle's worth (tens) of those, so a collision is
 vanishingly rare, and it would cost one refused scan, never an accepted forgery.
 
 The header is exact: the protected header is byte for byte {1: -8, 4: kid} as `sign1` encodes
@@ -39,8 +40,13 @@ exp is spent too; nothing is accepted more than lifetime + 2 * leeway after its 
 `usable_until` is the last second a code can be accepted, which is how long its nonce must be
 remembered: at most lifetime + 3 * leeway past the moment of a scan, however far its exp.
 
-The status index lets a gate that works offline look the card up in the region's signed
-Token Status List (crypto/status_list.py, crypto/offline.py).
+Unlinkable: no value in a code is common to two codes of one card but iss, kid, alg, purpose
+and the times. The nonce is random per code, the signature covers a different payload, and the
+card reference is sealed per code under a key of the issuer's (crypto/seal.py): a gate, or
+anyone who photographs codes, can check a code with the published keys (`verify_credential`,
+`CodeClaims`) but cannot tell whose it is; only the issuer's verify path, which holds the seals,
+resolves it to its card (`open_credential`, `Claims`). Codes carry no status-list index either
+(a stable index is a stable identifier): README's "Offline gates" says what gates do instead.
 
 No personal data: the card reference is random and meaningful only to the issuer.
 """
@@ -50,19 +56,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import cbor2
 
+from crypto import algorithms
 from crypto.base45 import b45decode, b45encode
 from crypto.cose import CoseError, Sign1, decode_sign1, loads_exact, sign1
 from crypto.keys import PrivateKey, PublicKey
+from crypto.seal import SEALED_LENGTH, CardRefSeal
 
 PREFIX = "EC1:"
 MAX_TEXT_LENGTH = 512
 CARD_REF_LENGTH = 16
 NONCE_LENGTH = 7
-STATUS_INDEX_LIMIT = 2**32
 # The service's defaults (Settings.credential_lifetime, Settings.clock_skew), for offline use.
 DEFAULT_LIFETIME = 60
 DEFAULT_LEEWAY = 5
@@ -124,41 +131,89 @@ class CredentialRejected(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """What a credential says."""
+    """What the issuer puts in a credential: the card reference in clear, sealed when it is signed."""
 
     card_ref: bytes
     nonce: bytes
     region: str
     purpose: Purpose
-    status_index: int
     not_before: int
     expires_at: int
 
 
 @dataclass(frozen=True, slots=True)
+class CodeClaims:
+    """What a credential says to anyone holding the published keys: its card reference only sealed."""
+
+    sealed_ref: bytes
+    nonce: bytes
+    region: str
+    purpose: Purpose
+    not_before: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedCode:
+    """A credential whose signature (and, from `verify_credential`, validity window) has been checked."""
+
+    claims: CodeClaims
+    key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
 class VerifiedCredential:
-    """A credential whose signature and validity window have been checked."""
+    """A credential whose signature has been checked and whose card reference the issuer has unsealed."""
 
     claims: Claims
     key: PublicKey
 
 
-def encode_claims(claims: Claims) -> bytes:
-    """CBOR-encode claims as the CWT payload."""
+class _Window(Protocol):
+    @property
+    def not_before(self) -> int: ...
+
+    @property
+    def expires_at(self) -> int: ...
+
+
+_SEALS: dict[tuple[bytes, str], CardRefSeal] = {}
+
+
+def seal_for(key: PrivateKey, region: str) -> CardRefSeal:
+    """The card-reference seal of a signing key for its region (derived once per process and key)."""
+    seal = _SEALS.get((key.kid, region))
+    if seal is None:
+        if len(_SEALS) >= 1024:
+            _SEALS.clear()
+        seal = CardRefSeal.derive(algorithms.secret_of(key), algorithms.name_of(key), region, key.kid)
+        _SEALS[(key.kid, region)] = seal
+    return seal
+
+
+def encode_claims(claims: Claims, seal: CardRefSeal) -> bytes:
+    """CBOR-encode claims as the CWT payload, the card reference sealed for this code."""
+    sealed = seal.seal(claims.card_ref, claims.nonce, claims.not_before)
     return cbor2.dumps(
         {
             CLAIM_ISS: claims.region,
             CLAIM_EXP: claims.expires_at,
             CLAIM_NBF: claims.not_before,
             CLAIM_CTI: claims.nonce,
-            CLAIM_CARD: [claims.card_ref, int(claims.purpose), claims.status_index],
+            CLAIM_CARD: [sealed, int(claims.purpose)],
         }
     )
 
 
-def issue_credential(key: PrivateKey, claims: Claims) -> str:
-    """Sign claims and return the credential text to put in a QR code."""
-    return PREFIX + b45encode(sign1(key, encode_claims(claims)))
+def issue_credential(key: PrivateKey, claims: Claims, seal: CardRefSeal | None = None) -> str:
+    """Sign claims and return the credential text to put in a QR code.
+
+    The card reference is sealed with `seal`, by default the key's own (`seal_for`), which is the
+    one the issuer's verify path opens it with.
+    """
+    if seal is None:
+        seal = seal_for(key, claims.region)
+    return PREFIX + b45encode(sign1(key, encode_claims(claims, seal)))
 
 
 def _malformed(detail: str) -> CredentialRejected:
@@ -187,7 +242,7 @@ def parse_cose(text: str) -> tuple[bytes, bytes, bytes, bytes]:
     return parts.protected, parts.payload, parts.signature, parts.kid
 
 
-def decode_claims(payload: bytes) -> Claims:
+def decode_claims(payload: bytes) -> CodeClaims:
     """Decode and type-check the CWT claims; raise a `malformed` rejection otherwise."""
     try:
         claims = loads_exact(payload)
@@ -207,27 +262,24 @@ def decode_claims(payload: bytes) -> Claims:
         raise _malformed("nbf and exp must be integers with nbf <= exp")
     if not (isinstance(nonce, bytes) and len(nonce) == NONCE_LENGTH):
         raise _malformed(f"cti must be a {NONCE_LENGTH}-byte nonce")
-    if not (isinstance(card, list) and len(card) == 3):
-        raise _malformed("card claim must be [card_ref, purpose, status_index]")
-    card_ref, purpose, status_index = card
-    if not (isinstance(card_ref, bytes) and len(card_ref) == CARD_REF_LENGTH):
-        raise _malformed("card reference must be 16 bytes")
+    if not (isinstance(card, list) and len(card) == 2):
+        raise _malformed("card claim must be [sealed_ref, purpose]")
+    sealed_ref, purpose = card
+    if not (isinstance(sealed_ref, bytes) and len(sealed_ref) == SEALED_LENGTH):
+        raise _malformed("sealed card reference must be 16 bytes")
     if type(purpose) is not int or purpose not in _PURPOSE_VALUES:
         raise _malformed("unknown purpose")
-    if type(status_index) is not int or not 0 <= status_index < STATUS_INDEX_LIMIT:
-        raise _malformed("status index must be an integer in [0, 2**32)")
-    return Claims(
-        card_ref=card_ref,
+    return CodeClaims(
+        sealed_ref=sealed_ref,
         nonce=nonce,
         region=region,
         purpose=Purpose(purpose),
-        status_index=status_index,
         not_before=nbf,
         expires_at=exp,
     )
 
 
-def open_credential(text: str, keys: Mapping[bytes, PublicKey]) -> VerifiedCredential:
+def open_code(text: str, keys: Mapping[bytes, PublicKey]) -> VerifiedCode:
     """Check a credential's structure, key and signature, but not its validity window.
 
     The kid's key decides the algorithm: a header naming another one than the key's is refused
@@ -244,10 +296,37 @@ def open_credential(text: str, keys: Mapping[bytes, PublicKey]) -> VerifiedCrede
     claims = decode_claims(parts.payload)
     if claims.region != key.region:
         raise CredentialRejected(Rejection.BAD_SIGNATURE, "key does not sign for the credential's region")
-    return VerifiedCredential(claims=claims, key=key)
+    return VerifiedCode(claims=claims, key=key)
 
 
-def check_window(claims: Claims, now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> None:
+def unseal(code: VerifiedCode, seals: Mapping[bytes, CardRefSeal]) -> VerifiedCredential:
+    """The issuer's view of a verified code: its card reference opened with the kid's seal."""
+    seal = seals.get(code.key.kid)
+    if seal is None:
+        raise CredentialRejected(Rejection.UNKNOWN_KEY, "the issuer holds no seal for this kid")
+    claims = code.claims
+    return VerifiedCredential(
+        claims=Claims(
+            card_ref=seal.open(claims.sealed_ref, claims.nonce, claims.not_before),
+            nonce=claims.nonce,
+            region=claims.region,
+            purpose=claims.purpose,
+            not_before=claims.not_before,
+            expires_at=claims.expires_at,
+        ),
+        key=code.key,
+    )
+
+
+def open_credential(
+    text: str, keys: Mapping[bytes, PublicKey], seals: Mapping[bytes, CardRefSeal]
+) -> VerifiedCredential:
+    """The issuer's check of a credential: structure, key and signature (`open_code`), then its card
+    reference unsealed; not its validity window."""
+    return unseal(open_code(text, keys), seals)
+
+
+def check_window(claims: _Window, now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> None:
     """Refuse a window longer than lifetime + leeway, then a `now` outside [nbf - leeway, exp + leeway].
 
     The one place the validity window is decided, for the server and for offline gates alike
@@ -265,7 +344,7 @@ def check_window(claims: Claims, now: int, leeway: int, lifetime: int = DEFAULT_
         raise CredentialRejected(Rejection.NOT_YET_VALID, "credential is not valid yet")
 
 
-def usable_until(claims: Claims, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> int:
+def usable_until(claims: _Window, leeway: int, lifetime: int = DEFAULT_LIFETIME) -> int:
     """The last second at which `check_window` can accept the credential: what its nonce must outlive.
 
     Taken from min(exp, nbf + lifetime + leeway), never from a far exp alone, so a code that
@@ -276,14 +355,15 @@ def usable_until(claims: Claims, leeway: int, lifetime: int = DEFAULT_LIFETIME) 
 
 def verify_credential(
     text: str, keys: Mapping[bytes, PublicKey], now: int, leeway: int, lifetime: int = DEFAULT_LIFETIME
-) -> VerifiedCredential:
+) -> VerifiedCode:
     """Check a credential's structure, key, signature and validity window.
 
     `keys` maps kid → public key. `leeway` is the clock-skew allowance in seconds on both
     ends of the window, `lifetime` the longest window a code is issued with (`check_window`).
-    What remains for the caller: single use (the nonce), the card's status, and whether the
-    purpose and region suit the verifier.
+    This is what a gate can check with the published keys alone: the card reference stays sealed
+    (`CodeClaims`). What remains for the caller: single use (the nonce), and whether the purpose
+    and region suit the verifier; the card and its status only the issuer can resolve.
     """
-    verified = open_credential(text, keys)
+    verified = open_code(text, keys)
     check_window(verified.claims, now, leeway, lifetime)
     return verified

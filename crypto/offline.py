@@ -1,24 +1,37 @@
-"""Verify a credential without the server: the issuers' keys and a signed status list, carried by the gate.
+"""Verify a credential without the server: the issuers' keys and a signed validity period, carried by the gate.
 
 An offline kit is one region's bundle, as JSON:
 
     {"region": "510000",
      "jwks": {"keys": [...]},          the JWKS crypto/jwk.py publishes
-     "status_list": "<base64url>"}     the region's status list token (crypto/status_list.py)
+     "status_list": "<base64url>"}     the region's signed kit period: a status list token
+                                       (crypto/status_list.py) with no entries
 
-Other members are ignored. Loading a kit checks the JWKS and the status list token, which
-must be signed by a key of the kit's JWKS that signs for the kit's region.
+Other members are ignored. Loading a kit checks the JWKS and the token, which must be signed
+by a key of the kit's JWKS that signs for the kit's region.
 
-`verify_offline` decides a scan as the server would, minus two things a gate cannot know alone:
+Codes are unlinkable (crypto/seal.py): they carry no card reference a gate can read and no
+status-list index, since a stable index is a stable identifier. So a gate offline decides on
+the code alone: signed by a key of a kit that is not stale, within its window of at most
+`lifetime` + `leeway` seconds. A card's status is enforced where the card is known, by the
+issuer: it signs no code for a card that is not active, so a suspension or revocation holds
+offline once the codes signed before it have expired (at most the largest bundle's horizon,
+README's "Offline gates"), and the gate's batch upload finds the scans made in between. The
+kit's token keeps its Token Status List form, without entries: its iat and exp say how long
+the kit may be used (a key withdrawn from the JWKS stops being accepted offline when the kits
+that carried it go stale), and an older gate that still reads an index finds none.
+
+`verify_offline` decides a scan as the server would, minus the card's status and two things a
+gate cannot know alone:
 
 - Single use. A credential is valid for about a minute and may be shown at several gates;
-  only the server sees every scan. An offline gate must keep its own set of the (card_ref,
+  only the server sees every scan. An offline gate must keep its own set of the (sealed_ref,
   nonce) pairs it accepted, refusing a pair seen again until the credential has expired,
   and upload its scans to the server's batch verify endpoint once it is back online, so
   that replays across gates are found afterwards.
-- Fresh status. The list is as old as its `iat`. Past its `exp` (plus the clock-skew leeway)
-  it is stale: the scan is refused with `status_stale`, unless the gate's policy allows a
-  stale list, in which case the decision is made on it and flagged `stale`.
+- A fresh kit. The kit is as old as its token's `iat`. Past its `exp` (plus the clock-skew
+  leeway) it is stale: the scan is refused with `status_stale`, unless the gate's policy allows
+  a stale kit, in which case the decision is made on it and flagged `stale`.
 
 Which purposes a gate takes is its own configuration: the result names the purpose.
 
@@ -52,17 +65,11 @@ from typing import Any, TextIO
 from crypto.credential import DEFAULT_LEEWAY, DEFAULT_LIFETIME, CredentialRejected, Rejection, verify_credential
 from crypto.jwk import jwks, parse_jwks
 from crypto.keys import PublicKey, b64url, b64url_decode
-from crypto.status_list import (
-    MAX_LIST_BYTES,
-    CardStatusCode,
-    StatusListRejected,
-    VerifiedStatusList,
-    open_status_list,
-)
+from crypto.status_list import MAX_LIST_BYTES, StatusListRejected, VerifiedStatusList, open_status_list
 
 
 class OfflineReason(StrEnum):
-    """Why an offline scan is refused: the credential's own codes, then the status list's."""
+    """Why an offline scan is refused: the credential's own codes, then the kit's."""
 
     MALFORMED = Rejection.MALFORMED.value
     UNKNOWN_KEY = Rejection.UNKNOWN_KEY.value
@@ -72,21 +79,6 @@ class OfflineReason(StrEnum):
     LIFETIME_EXCEEDED = Rejection.LIFETIME_EXCEEDED.value
     REGION_NOT_ACCEPTED = "region_not_accepted"
     STATUS_STALE = "status_stale"
-    CARD_REVOKED = "card_revoked"
-    CARD_SUSPENDED = "card_suspended"
-    # Index outside the list, or a status value this profile does not define: no statement.
-    CARD_UNKNOWN = "card_unknown"
-
-
-_STATUS_REASONS = {
-    CardStatusCode.INVALID: OfflineReason.CARD_REVOKED,
-    CardStatusCode.SUSPENDED: OfflineReason.CARD_SUSPENDED,
-    # Waiting for (re-)activation is not usable, as the server decides it too.
-    CardStatusCode.PENDING_ACTIVATION: OfflineReason.CARD_SUSPENDED,
-}
-
-
-_DEFINED_STATUSES = frozenset(int(status) for status in CardStatusCode)
 
 
 class OfflineKitError(ValueError):
@@ -100,7 +92,7 @@ def kit_document(region: str, keys: Iterable[PublicKey], status_list_token: byte
 
 @dataclass(frozen=True, slots=True)
 class OfflineKit:
-    """One region's keys and its verified status list."""
+    """One region's keys and its verified token (the kit's signed period)."""
 
     region: str
     keys: Mapping[bytes, PublicKey]
@@ -140,13 +132,16 @@ class OfflineKit:
 
 @dataclass(frozen=True, slots=True)
 class OfflineClaims:
-    """What a verified credential says, for display and for the gate's own nonce set."""
+    """What a verified credential says, for display and for the gate's own nonce set.
 
-    card_ref: str
+    `sealed_ref` is the card reference as this code seals it: unique to the code, it says nothing
+    about the card (only the issuer can open it).
+    """
+
+    sealed_ref: str
     nonce: str
     region: str
     purpose: str
-    status_index: int
     not_before: int
     expires_at: int
 
@@ -155,8 +150,8 @@ class OfflineClaims:
 class OfflineResult:
     """The decision on one offline scan.
 
-    `stale` and `list_expires_at` describe the status list the decision used (False and None
-    when it failed before one was consulted); `status` is the value read from it.
+    `stale` and `list_expires_at` describe the kit the decision used (False and None when it
+    failed before one was consulted).
     """
 
     accepted: bool
@@ -164,29 +159,23 @@ class OfflineResult:
     detail: str
     stale: bool = False
     list_expires_at: int | None = None
-    status: int | None = None
     claims: OfflineClaims | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready object: result, reason, detail, stale, status, list expiry, claims."""
-        status: str | int | None = self.status
-        if self.status in _DEFINED_STATUSES:
-            status = CardStatusCode(self.status).label
+        """A JSON-ready object: result, reason, detail, stale, kit expiry, claims."""
         return {
             "result": "accepted" if self.accepted else "rejected",
             "reason": None if self.reason is None else self.reason.value,
             "detail": self.detail,
             "stale": self.stale,
-            "status": status,
             "status_list_expires_at": self.list_expires_at,
             "claims": None
             if self.claims is None
             else {
-                "card_ref": self.claims.card_ref,
+                "sealed_ref": self.claims.sealed_ref,
                 "nonce": self.claims.nonce,
                 "region": self.claims.region,
                 "purpose": self.claims.purpose,
-                "status_index": self.claims.status_index,
                 "not_before": self.claims.not_before,
                 "expires_at": self.claims.expires_at,
             },
@@ -216,14 +205,14 @@ def verify_offline(
     allow_stale: bool = False,
     lifetime: int = DEFAULT_LIFETIME,
 ) -> OfflineResult:
-    """Decide a scan with the kits alone: the credential, then its card in its region's status list.
+    """Decide a scan with the kits alone: the credential, then its region's kit.
 
     The credential is checked first (structure, key from any kit's JWKS, signature, window,
     with `leeway` seconds of clock skew and at most `lifetime` + `leeway` between nbf and exp,
-    as the server checks it); then its region must have a kit, that kit's list
-    must not be stale (unless `allow_stale`), and the card's status must be VALID. Single
-    use is the gate's own business (see the module docstring). Raise ValueError only when
-    the kits contradict each other.
+    as the server checks it); then its region must have a kit, and that kit must not be stale
+    (unless `allow_stale`). The card's status is not known offline (see the module docstring);
+    single use is the gate's own business. Raise ValueError only when the kits contradict
+    each other.
     """
     by_region, keys = _index_kits(kits)
     try:
@@ -232,11 +221,10 @@ def verify_offline(
         return OfflineResult(accepted=False, reason=OfflineReason(exc.reason.value), detail=exc.detail)
     claims = verified.claims
     shown = OfflineClaims(
-        card_ref=claims.card_ref.hex(),
+        sealed_ref=claims.sealed_ref.hex(),
         nonce=claims.nonce.hex(),
         region=claims.region,
         purpose=claims.purpose.label,
-        status_index=claims.status_index,
         not_before=claims.not_before,
         expires_at=claims.expires_at,
     )
@@ -251,29 +239,19 @@ def verify_offline(
     listing = kit.status_list
     stale = listing.is_stale(now, leeway)
 
-    def decided(reason: OfflineReason | None, detail: str, status: int | None = None) -> OfflineResult:
+    def decided(reason: OfflineReason | None, detail: str) -> OfflineResult:
         return OfflineResult(
             accepted=reason is None,
             reason=reason,
             detail=detail,
             stale=stale,
             list_expires_at=listing.expires_at,
-            status=status,
             claims=shown,
         )
 
     if stale and not allow_stale:
-        return decided(OfflineReason.STATUS_STALE, "the status list has expired")
-    try:
-        status = listing.status_list.get(claims.status_index)
-    except IndexError:
-        return decided(OfflineReason.CARD_UNKNOWN, "status index is outside the status list")
-    if status == CardStatusCode.VALID:
-        return decided(None, "accepted on a stale status list" if stale else "accepted", status)
-    if status not in _DEFINED_STATUSES:
-        return decided(OfflineReason.CARD_UNKNOWN, f"status {status} is not defined", status)
-    code = CardStatusCode(status)
-    return decided(_STATUS_REASONS[code], f"card is {code.label}", status)
+        return decided(OfflineReason.STATUS_STALE, "the offline kit has expired")
+    return decided(None, "accepted on a stale kit" if stale else "accepted")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -282,7 +260,7 @@ def verify_offline(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m crypto.offline",
-        description="Verify an eCard credential offline with a region's kit (JWKS + signed status list).",
+        description="Verify an eCard credential offline with a region's kit (JWKS + signed kit period).",
     )
     parser.add_argument("--kit", action="append", required=True, type=Path, help="offline kit JSON file (repeatable)")
     parser.add_argument("--now", type=int, help="verification time, seconds since the epoch (default: now)")
@@ -293,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_LIFETIME,
         help="longest credential lifetime in seconds, as the service's ECARD_CREDENTIAL_LIFETIME",
     )
-    parser.add_argument("--allow-stale", action="store_true", help="decide on an expired status list, flagged")
+    parser.add_argument("--allow-stale", action="store_true", help="decide on an expired kit, flagged")
     parser.add_argument("credential", help="the scanned text, or - to read it from stdin")
     return parser
 

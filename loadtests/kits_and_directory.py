@@ -33,7 +33,7 @@ from app.db.models import OfflineKitBuild, Terminal
 from app.domain.audit.services import Actor
 from app.domain.regions.services import register_region
 from app.domain.verification.directory import directory_counter, next_directory_version
-from app.domain.verification.offline import OfflineKits, non_active_ecards
+from app.domain.verification.offline import OfflineKits
 from app.server.context import ServiceContext
 from app.settings import Settings
 
@@ -121,8 +121,12 @@ async def _vacuum(context: ServiceContext) -> None:
 async def kit_figures(context: ServiceContext, ecards: int) -> dict[str, object]:
     """The build's plan and cost, its size, and what a second worker pays to serve it."""
     await context.directory.reload()
-    query = non_active_ecards(REGION, ecards).compile(context.engine, compile_kwargs={"literal_binds": True})
-    # What the build read before: every eCard of the region.
+    # What a build with per-eCard statuses read (kits name no eCard since codes are unlinkable, so the
+    # build reads none now): the non-active eCards through their partial index, and before that every one.
+    query = (
+        f"SELECT status_index, state FROM ecards WHERE region_code = '{REGION}' AND state != 'active'"
+        f" AND status_index < {ecards}"
+    )
     before = f"SELECT status_index, state FROM ecards WHERE region_code = '{REGION}'"
     async with context.sessions() as session:
         plan = [row[0] for row in await session.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {query}"))]

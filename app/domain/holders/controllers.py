@@ -410,7 +410,7 @@ class HolderCredentialController(Controller):
         data: JSONBody[QrRequest],
     ) -> Response[bytes]:
         """The QR image of one of this card's credentials, for clients that do not draw QR codes themselves."""
-        image = render_qr(holder.session, directory.keys.verify_keys, data.credential, data.format, data.scale)
+        image = render_qr(holder.session, directory.keys, data.credential, data.format, data.scale)
         return Response(image, media_type=QR_MEDIA_TYPES[data.format], headers={"Cache-Control": "no-store"})
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import segno
 
 from app.domain import errors
+from app.domain.issuers.services import IssuerKeys
 from app.security.tokens import HolderSession
 from app.settings import Settings
 from app.stores.status_mirror import MirroredStatus
@@ -23,7 +24,7 @@ from crypto.credential import (
     issue_credential,
     open_credential,
 )
-from crypto.keys import PrivateKey, PublicKey
+from crypto.keys import PrivateKey
 
 # Money-moving and medical-data purposes come one at a time, after the PIN step-up.
 STEP_UP_PURPOSES = frozenset({Purpose.MEDICAL})
@@ -94,7 +95,6 @@ async def issue_credentials(
             nonce=os.urandom(NONCE_LENGTH),
             region=holder.region,
             purpose=purpose,
-            status_index=holder.status_index,
             not_before=not_before,
             expires_at=expires_at,
         )
@@ -102,15 +102,13 @@ async def issue_credentials(
     return key.kid, issued
 
 
-def render_qr(
-    holder: HolderSession, verify_keys: Mapping[bytes, PublicKey], text: str, image_format: str, scale: int
-) -> bytes:
+def render_qr(holder: HolderSession, keys: IssuerKeys, text: str, image_format: str, scale: int) -> bytes:
     """PNG or SVG of one of the holder's own credentials (error level M, 4-module quiet zone).
 
     Only credentials we issued to this card are rendered: this is not a general QR service.
     """
     try:
-        verified = open_credential(text, verify_keys)
+        verified = open_credential(text, keys.verify_keys, keys.seals)
     except CredentialRejected as exc:
         raise errors.Invalid(f"not a credential of this service: {exc.detail}") from None
     if verified.claims.card_ref != holder.card_ref:

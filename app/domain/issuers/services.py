@@ -15,6 +15,7 @@ from app.domain.audit.services import Actor, record
 from app.security.pii import PiiCipher
 from crypto import algorithms
 from crypto.keys import PrivateKey, PublicKey
+from crypto.seal import CardRefSeal
 
 PRIVATE_KEY_FIELD = "issuer_keys.private_key"
 
@@ -43,10 +44,15 @@ async def create_issuer_key(
 
 @dataclass(slots=True)
 class IssuerKeys:
-    """Every published key by kid, and the newest active signing key of each region."""
+    """Every published key by kid, and the newest active signing key of each region.
+
+    `seals` has the card-reference seal (crypto/seal.py) of every key in `verify_keys`: the verify
+    path opens with it the sealed reference of a code that key signed.
+    """
 
     verify_keys: dict[bytes, PublicKey] = field(default_factory=dict)
     signing_keys: dict[str, PrivateKey] = field(default_factory=dict)
+    seals: dict[bytes, CardRefSeal] = field(default_factory=dict)
     # Rotation state and publication time of every published key, by kid (for the trust list).
     states: dict[bytes, tuple[KeyState, datetime]] = field(default_factory=dict)
 
@@ -57,7 +63,7 @@ def public_key_of(row: IssuerKey) -> PublicKey:
 
 
 async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
-    """Read and decrypt all issuer keys."""
+    """Read and decrypt all issuer keys that are not revoked (each one's seal comes from its secret)."""
     keys = IssuerKeys()
     rows = (await session.scalars(select(IssuerKey).order_by(IssuerKey.created_at))).all()
     for row in rows:
@@ -66,8 +72,9 @@ async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
         verify_key = public_key_of(row)
         keys.verify_keys[verify_key.kid] = verify_key
         keys.states[verify_key.kid] = (KeyState(row.state), row.created_at)
+        secret = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
+        keys.seals[verify_key.kid] = CardRefSeal.derive(secret, row.algorithm, row.region_code, verify_key.kid)
         if row.state == KeyState.ACTIVE.value:
-            secret = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
             keys.signing_keys[row.region_code] = algorithms.private_key(row.algorithm, secret)
     return keys
 

@@ -1,11 +1,10 @@
-"""Offline kits: a region's public keys and its signed status list, for gates that lose their uplink.
+"""Offline kits: a region's public keys and a signed validity period, for gates that lose their uplink.
 
-The status list (IETF Token Status List, 2 bits per eCard at the index its credentials carry)
-names only the eCards that are not active: VALID is the list's default, and a partial index of
-the non-active eCards (`ix_ecards_not_active`, kept current by every state change in its own
-transaction) is all a build reads, about 1 % of a region's eCards, never the active ones. An
-index no eCard holds reads VALID too; no credential can carry it (credentials are signed here,
-for an eCard), so that says nothing false.
+Codes are unlinkable and carry no status index (crypto/seal.py, crypto/offline.py), so a kit names
+no eCard: its token is the region's Token Status List with no entries, signed for the kit's period
+(iat, exp = iat + lifetime, ttl). A gate offline accepts what a current key signed within its short
+window; the card's status is enforced by issuing (no code is signed for an eCard that is not
+active) and by the server when the gate uploads its scans (README, "Offline gates").
 
 A kit is signed once per interval for the whole deployment, not per worker: the first worker to
 find the stored kit due takes a lease on its row (`offline_kits`), builds, and stores it; every
@@ -23,23 +22,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
-from app.db.models import ECARD_NOT_ACTIVE, ECard, ECardState, OfflineKitBuild, Region
+from app.db.models import OfflineKitBuild, Region
 from app.domain import errors
 from app.domain.issuers.services import IssuerKeys
 from crypto.offline import kit_document
-from crypto.status_list import CardStatusCode, StatusList, sign_status_list
-
-STATUS_CODES = {
-    ECardState.ACTIVE.value: CardStatusCode.VALID,
-    ECardState.SUSPENDED.value: CardStatusCode.SUSPENDED,
-    ECardState.REVOKED.value: CardStatusCode.INVALID,
-    ECardState.PENDING_ACTIVATION.value: CardStatusCode.PENDING_ACTIVATION,
-}
+from crypto.status_list import StatusList, sign_status_list
 
 # How old the stored kit may be before a worker builds the next one.
 REBUILD_AFTER = 30.0
@@ -55,25 +47,6 @@ POLL = 0.2
 def status_list_subject(region: str) -> str:
     """The status list's `sub`: where gates fetch it."""
     return f"/v1/offline-kits/{region}"
-
-
-def non_active_ecards(region: str, size: int) -> Select[int, str]:
-    """Index and state of the region's eCards that are not active, below size: a range of the partial index."""
-    return select(ECard.status_index, ECard.state).where(
-        ECard.region_code == region, ECARD_NOT_ACTIVE, ECard.status_index < size
-    )
-
-
-async def region_statuses(session: AsyncSession, region: str) -> tuple[StatusList, int]:
-    """Every index the region has handed out, VALID unless its eCard is not active (read through the index),
-    and how many are not."""
-    size = await session.scalar(select(Region.next_status_index).where(Region.code == region))
-    if size is None:
-        raise errors.NotFound(f"region {region} is not registered")
-    # Read after the size: an eCard given its index since then is beyond the list, not wrongly VALID.
-    rows = await session.execute(non_active_ecards(region, int(size)))
-    named = {index: STATUS_CODES[state] for index, state in rows}
-    return StatusList.from_statuses(named, size=int(size)), len(named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,16 +164,15 @@ class OfflineKits:
         return bool(taken.rowcount)  # type: ignore[attr-defined]
 
     async def _build(self, session: AsyncSession, keys: IssuerKeys, region: str) -> SignedKit:
-        """Read the non-active eCards, sign the list, store the kit and free the lease (the lease is ours)."""
+        """Sign the kit's period, store the kit and free the lease (the lease is ours)."""
         started = time.perf_counter()
         try:
-            statuses, entries = await region_statuses(session, region)
             issued_at = int(time.time())
             token = sign_status_list(
                 keys.signing_keys[region],
                 region=region,
                 subject=status_list_subject(region),
-                status_list=statuses,
+                status_list=StatusList.from_statuses({}, size=0),
                 issued_at=issued_at,
                 expires_at=issued_at + self.lifetime,
                 ttl=self.ttl,
@@ -219,7 +191,7 @@ class OfflineKits:
                     built_at=utcnow(),
                     expires_at=datetime.fromtimestamp(issued_at + self.lifetime, UTC),
                     lease_until=None,
-                    entries=entries,
+                    entries=0,
                     build_ms=int((time.perf_counter() - started) * 1000),
                 )
             )

@@ -198,7 +198,8 @@ class CredentialVerifier:
     def _check(self, terminal: TerminalEntry, text: str, at: int) -> tuple[Claims | None, str]:
         """The credential's claims (when its signature holds) and a rejection decided without the store."""
         try:
-            claims = open_credential(text, self._directory.keys.verify_keys).claims
+            keys = self._directory.keys
+            claims = open_credential(text, keys.verify_keys, keys.seals).claims
         except CredentialRejected as exc:
             return None, exc.reason.value
         try:
