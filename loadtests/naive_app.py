@@ -98,7 +98,7 @@ async def naive_verify(data: NaiveRequest) -> NaiveResponse:
         return NaiveResponse(result="rejected", reason="expired")
     assert _State.client is not None
     first = await _State.client.set(
-        f"{_State.prefix}{claims.card_ref.hex()}:{claims.nonce.hex()}", "1", nx=True, ex=120
+        f"{_State.prefix}{claims.sealed_ref.hex()}:{claims.nonce.hex()}", "1", nx=True, ex=120
     )
     return NaiveResponse(result="accepted") if first else NaiveResponse(result="rejected", reason="replayed")
 

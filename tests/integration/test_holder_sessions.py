@@ -95,7 +95,6 @@ def holder_session_of(access_token: str) -> HolderSession:
         device_id=uuid.UUID(claims["dev"]),
         card_ref=b64url_decode(claims["crf"]),
         region=claims["reg"],
-        status_index=claims["six"],
     )
 
 

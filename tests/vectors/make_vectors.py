@@ -27,9 +27,10 @@ from crypto.credential import (  # noqa: E402
     PREFIX,
     Claims,
     Purpose,
-    encode_claims,
     issue_credential,
+    seal_for,
 )
+from crypto.credential import encode_claims as encode_sealed  # noqa: E402
 from crypto.jwk import jwks  # noqa: E402
 from crypto.keys import SigningKey  # noqa: E402
 
@@ -47,7 +48,11 @@ LEEWAY = 10
 LIFETIME = 60  # exp - nbf may be at most LIFETIME + LEEWAY
 CARD_REF = bytes.fromhex("5ec0ca7d00112233445566778899aabb")
 NONCE = bytes.fromhex("00010203040506")
-STATUS_INDEX = 1_000_000
+
+
+def encode_claims(value: Claims, key: SigningKey = ISSUER_SICHUAN) -> bytes:
+    """The payload key signs for value: the card reference sealed with key's seal for the claims' region."""
+    return encode_sealed(value, seal_for(key, value.region))
 
 
 def claims(**overrides: Any) -> Claims:
@@ -56,7 +61,6 @@ def claims(**overrides: Any) -> Claims:
         "nonce": NONCE,
         "region": SICHUAN,
         "purpose": Purpose.TRANSIT,
-        "status_index": STATUS_INDEX,
         "not_before": NOW - 30,
         "expires_at": NOW + 30,
     }
@@ -92,17 +96,17 @@ def text(raw: bytes) -> str:
     return PREFIX + b45encode(raw)
 
 
-def expected_claims(value: Claims) -> dict[str, Any]:
+def expected_claims(value: Claims, key: SigningKey) -> dict[str, Any]:
     return {
         "iss": value.region,
         "exp": value.expires_at,
         "nbf": value.not_before,
         "cti": value.nonce.hex(),
+        "sealed_ref": seal_for(key, value.region).seal(value.card_ref, value.nonce, value.not_before).hex(),
         "card_ref": value.card_ref.hex(),
         "purpose": int(value.purpose),
         "purpose_label": value.purpose.label,
-        "status_index": value.status_index,
-        "payload_hex": encode_claims(value).hex(),
+        "payload_hex": encode_claims(value, key).hex(),
     }
 
 
@@ -114,8 +118,8 @@ def valid_case(name: str, description: str, key: SigningKey, value: Claims) -> d
         "credential": credential,
         "expected": "valid",
         "kid_hex": key.kid.hex(),
-        "cose_hex": sign1(key, encode_claims(value)).hex(),
-        "claims": expected_claims(value),
+        "cose_hex": sign1(key, encode_claims(value, key)).hex(),
+        "claims": expected_claims(value, key),
     }
 
 
@@ -188,12 +192,13 @@ def cases() -> list[dict[str, Any]]:
     good_cose = cose_sign1(ISSUER_SICHUAN, good_payload)
     signature = cbor2.loads(good_cose).value[3]
     flipped = bytes([signature[0] ^ 0x01]) + signature[1:]
+    sealed = cbor2.loads(good_payload)[-65537][0]
     bad_purpose = cbor2.loads(good_payload)
-    bad_purpose[-65537] = [CARD_REF, 9, STATUS_INDEX]
+    bad_purpose[-65537] = [sealed, 9]
     old_card_claim = cbor2.loads(good_payload)
-    old_card_claim[-65537] = [CARD_REF, 1]
-    bad_status_index = cbor2.loads(good_payload)
-    bad_status_index[-65537] = [CARD_REF, 1, 2**32]
+    old_card_claim[-65537] = [CARD_REF, 1, 1_000_000]
+    short_sealed = cbor2.loads(good_payload)
+    short_sealed[-65537] = [sealed[:15], 1]
 
     return [
         valid_case("valid", "transit credential inside its window", ISSUER_SICHUAN, good),
@@ -201,7 +206,7 @@ def cases() -> list[dict[str, Any]]:
             "valid-other-issuer",
             "medical credential of another region, signed by that region's key",
             ISSUER_CHONGQING,
-            claims(region=CHONGQING, purpose=Purpose.MEDICAL, status_index=0),
+            claims(region=CHONGQING, purpose=Purpose.MEDICAL),
         ),
         valid_case(
             "valid-expiry-edge",
@@ -211,13 +216,12 @@ def cases() -> list[dict[str, Any]]:
         ),
         valid_case(
             "valid-largest",
-            "every value at its longest (status index 2**32 - 1): 144 bytes, 220 characters",
+            "every value at its longest: 139 bytes, 213 characters",
             ISSUER_SICHUAN,
             claims(
                 card_ref=b"\xff" * 16,
                 nonce=b"\xff" * 7,
                 purpose=Purpose.GENERAL,
-                status_index=2**32 - 1,
                 # Times of 4 CBOR bytes, as every time from 2106 back to 1970 + 18 hours.
                 not_before=NOW - LEEWAY,
                 expires_at=NOW + LIFETIME,
@@ -278,15 +282,15 @@ def cases() -> list[dict[str, Any]]:
             "malformed",
         ),
         rejected_case(
-            "malformed-two-item-card-claim",
-            "correctly signed claims with [card_ref, purpose]: the layout before the status index",
+            "malformed-linkable-card-claim",
+            "correctly signed claims with [card_ref, purpose, status_index]: the linkable layout of EC1 before",
             text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(old_card_claim))),
             "malformed",
         ),
         rejected_case(
-            "malformed-status-index-out-of-range",
-            "correctly signed claims with status index 2**32",
-            text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(bad_status_index))),
+            "malformed-short-sealed-ref",
+            "correctly signed claims whose sealed card reference has 15 bytes",
+            text(cose_sign1(ISSUER_SICHUAN, cbor2.dumps(short_sealed))),
             "malformed",
         ),
         *header_cases(),
@@ -356,9 +360,23 @@ def build() -> dict[str, Any]:
             "5": "nbf",
             "7": "cti: 7-byte nonce",
             "-65537": (
-                "[card_ref (16 bytes), purpose (1 transit, 2 medical, 3 park, 4 library, 5 general), "
-                "status_index (unsigned integer below 2**32: the card's index in its region's status list)]"
+                "[sealed_ref (16 bytes: the card reference sealed for this code, see `seals`), "
+                "purpose (1 transit, 2 medical, 3 park, 4 library, 5 general)]"
             ),
+        },
+        "seals": {
+            "description": (
+                "The issuer's card-reference seal of each kid (test keys: their seeds are public). "
+                "seal_key = HKDF-SHA256(ikm = the Ed25519 seed, salt = none, info = "
+                "'ecard/card-ref-seal/v1' 00 'Ed25519' 00 region 00 kid, 32 bytes); per code "
+                "code_key = HMAC-SHA256(seal_key, cti || nbf as 4 big-endian bytes); "
+                "sealed_ref = AES-256 encryption of the 16-byte card_ref under code_key (one block). "
+                "Only the issuer holds these; a verifier with the JWKS alone checks everything else."
+            ),
+            "keys": {
+                key.kid.hex(): {"region": region, "seal_key_hex": seal_for(key, region).key.hex()}
+                for key, region in ((ISSUER_SICHUAN, SICHUAN), (ISSUER_CHONGQING, CHONGQING))
+            },
         },
         "now": NOW,
         "leeway": LEEWAY,

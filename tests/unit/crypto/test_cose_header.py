@@ -26,6 +26,8 @@ from crypto.credential import (
     Rejection,
     encode_claims,
     issue_credential,
+    seal_for,
+    unseal,
     verify_credential,
 )
 from crypto.keys import SigningKey, VerifyKey
@@ -44,11 +46,10 @@ CLAIMS = Claims(
     nonce=bytes.fromhex("00010203040506"),
     region=REGION,
     purpose=Purpose.TRANSIT,
-    status_index=0,
     not_before=NOW - 30,
     expires_at=NOW + 30,
 )
-PAYLOAD = encode_claims(CLAIMS)
+PAYLOAD = encode_claims(CLAIMS, seal_for(KEY, REGION))
 EXACT = cbor2.dumps({1: -8, 4: KID})
 
 
@@ -74,7 +75,8 @@ def test_the_exact_header_signed_the_same_way_verifies_and_is_what_we_issue() ->
     assert protected_header(KID) == EXACT == bytes.fromhex("a2012704") + b"\x48" + KID
     text = signed_text(EXACT)
     assert text == issue_credential(KEY, CLAIMS)
-    assert verify_credential(text, KEYS, NOW, LEEWAY).claims == CLAIMS
+    verified = verify_credential(text, KEYS, NOW, LEEWAY)
+    assert unseal(verified, {KID: seal_for(KEY, REGION)}).claims == CLAIMS
 
 
 def test_protected_header_builds_every_variant_as_cbor2_encodes_it() -> None:

@@ -27,6 +27,8 @@ from crypto.credential import (
     Rejection,
     encode_claims,
     issue_credential,
+    seal_for,
+    unseal,
     verify_credential,
 )
 from crypto.keys import SigningKey
@@ -42,10 +44,12 @@ CLAIMS = Claims(
     nonce=bytes.fromhex("01020304050607"),
     region=REGION,
     purpose=Purpose.PARK,
-    status_index=1_234_567,
     not_before=NOW - 30,
     expires_at=NOW + 30,
 )
+
+
+PAYLOAD = encode_claims(CLAIMS, seal_for(KEY, REGION))
 
 
 def pycose_public_key(key: SigningKey = KEY) -> OKPKey:
@@ -67,7 +71,11 @@ def expected_claims_map(claims: Claims) -> dict[int, object]:
         4: claims.expires_at,
         5: claims.not_before,
         7: claims.nonce,
-        -65537: [claims.card_ref, int(claims.purpose), claims.status_index],
+        # The card reference only sealed (crypto/seal.py): pycose sees 16 bytes that are not it.
+        -65537: [
+            seal_for(KEY, claims.region).seal(claims.card_ref, claims.nonce, claims.not_before),
+            int(claims.purpose),
+        ],
     }
 
 
@@ -120,13 +128,12 @@ def test_pycose_rejects_an_issued_credential_with_a_flipped_signature_byte() -> 
     nonce=st.binary(min_size=NONCE_LENGTH, max_size=NONCE_LENGTH),
     region=st.text(alphabet="0123456789", min_size=6, max_size=6),
     purpose=st.sampled_from(Purpose),
-    status_index=st.integers(0, 2**32 - 1),
     window=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)).map(sorted),
 )
 def test_pycose_verifies_any_issued_credential(
-    card_ref: bytes, nonce: bytes, region: str, purpose: Purpose, status_index: int, window: list[int]
+    card_ref: bytes, nonce: bytes, region: str, purpose: Purpose, window: list[int]
 ) -> None:
-    claims = Claims(card_ref, nonce, region, purpose, status_index, not_before=window[0], expires_at=window[1])
+    claims = Claims(card_ref, nonce, region, purpose, not_before=window[0], expires_at=window[1])
     message = CoseMessage.decode(cose_bytes(issue_credential(KEY, claims)))
     message.key = pycose_public_key()
     assert message.verify_signature() is True
@@ -137,28 +144,26 @@ def test_pycose_verifies_any_issued_credential(
 
 
 def test_credential_signed_by_pycose_verifies_here() -> None:
-    text = PREFIX + b45encode(pycose_sign1(encode_claims(CLAIMS)))
+    text = PREFIX + b45encode(pycose_sign1(PAYLOAD))
     result = verify_credential(text, KEYS, NOW, 0)
-    assert result.claims == CLAIMS
+    assert unseal(result, {KEY.kid: seal_for(KEY, REGION)}).claims == CLAIMS
     assert result.key.kid == KEY.kid
 
 
 def test_pycose_and_this_module_produce_byte_identical_messages() -> None:
     # Ed25519 is deterministic and both encode the protected header as {1: -8, 4: kid}.
-    assert pycose_sign1(encode_claims(CLAIMS)) == cose_bytes(issue_credential(KEY, CLAIMS))
+    assert pycose_sign1(PAYLOAD) == cose_bytes(issue_credential(KEY, CLAIMS))
 
 
 def test_pycose_message_signed_by_an_unpublished_key_is_unknown_key() -> None:
-    text = PREFIX + b45encode(pycose_sign1(encode_claims(CLAIMS), seed=bytes(range(32, 64))))
+    text = PREFIX + b45encode(pycose_sign1(PAYLOAD, seed=bytes(range(32, 64))))
     with pytest.raises(CredentialRejected) as info:
         verify_credential(text, KEYS, NOW, 0)
     assert info.value.reason is Rejection.UNKNOWN_KEY
 
 
 def test_pycose_message_with_the_kid_only_unprotected_is_malformed() -> None:
-    message = Sign1Message(
-        phdr={Algorithm: EdDSA}, uhdr={KID: KEY.kid}, payload=encode_claims(CLAIMS), key=pycose_private_key()
-    )
+    message = Sign1Message(phdr={Algorithm: EdDSA}, uhdr={KID: KEY.kid}, payload=PAYLOAD, key=pycose_private_key())
     text = PREFIX + b45encode(message.encode(tag=True, sign=True))
     with pytest.raises(CredentialRejected) as info:
         verify_credential(text, KEYS, NOW, 0)
@@ -170,7 +175,7 @@ def test_pycose_message_with_an_extra_protected_parameter_is_malformed() -> None
     # adds a parameter (here content type) is refused, not half understood.
     message = Sign1Message(
         phdr={Algorithm: EdDSA, KID: KEY.kid, 3: "application/cwt"},
-        payload=encode_claims(CLAIMS),
+        payload=PAYLOAD,
         key=pycose_private_key(),
     )
     message_bytes = message.encode(tag=True, sign=True)
@@ -185,7 +190,7 @@ def test_pycose_message_with_an_extra_protected_parameter_is_malformed() -> None
 
 def test_pycose_message_with_crit_is_malformed() -> None:
     message = Sign1Message(
-        phdr={Algorithm: EdDSA, KID: KEY.kid, 2: [99], 99: 1}, payload=encode_claims(CLAIMS), key=pycose_private_key()
+        phdr={Algorithm: EdDSA, KID: KEY.kid, 2: [99], 99: 1}, payload=PAYLOAD, key=pycose_private_key()
     )
     with pytest.raises(CredentialRejected) as info:
         verify_credential(PREFIX + b45encode(message.encode(tag=True, sign=True)), KEYS, NOW, 0)

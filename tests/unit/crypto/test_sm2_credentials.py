@@ -22,6 +22,8 @@ from crypto.credential import (
     Rejection,
     issue_credential,
     open_credential,
+    seal_for,
+    unseal,
     verify_credential,
 )
 from crypto.jwk import jwks, parse_jwks
@@ -39,12 +41,13 @@ SM2_KEY = Sm2SigningKey(bytes.fromhex("3945208F7B2144B13F36E38AC6D39F95889393692
 KEYS: dict[bytes, PublicKey] = {ED_KEY.kid: ED_KEY.verify_key(REGION), SM2_KEY.kid: SM2_KEY.verify_key(REGION)}
 CARD_REF = bytes.fromhex("00112233445566778899aabbccddeeff")
 NONCE = bytes.fromhex("01020304050607")
+SEALS = {ED_KEY.kid: seal_for(ED_KEY, REGION), SM2_KEY.kid: seal_for(SM2_KEY, REGION)}
 
 
 def claims(**changes: object) -> Claims:
     fields: dict[str, object] = {
         "card_ref": CARD_REF, "nonce": NONCE, "region": REGION, "purpose": Purpose.TRANSIT,
-        "status_index": 4_321, "not_before": NOW - 10, "expires_at": NOW + 50,
+        "not_before": NOW - 10, "expires_at": NOW + 50,
     }  # fmt: skip
     fields.update(changes)
     return Claims(**fields)  # type: ignore[arg-type]
@@ -60,7 +63,8 @@ def test_an_sm2_code_names_its_algorithm_and_verifies_beside_ed25519_codes() -> 
         protected = cbor2.loads(cose(text)).value[0]
         assert cbor2.loads(protected) == {1: alg, 4: key.kid}
         verified = verify_credential(text, KEYS, NOW, LEEWAY)
-        assert verified.claims == claims() and verified.key.kid == key.kid
+        assert verified.claims.sealed_ref != CARD_REF and verified.key.kid == key.kid
+        assert unseal(verified, SEALS).claims == claims()
 
 
 def test_the_independent_implementation_verifies_an_sm2_code() -> None:
@@ -94,7 +98,7 @@ def test_a_header_naming_another_algorithm_than_the_kids_key_is_refused(
     alg: int, kid: bytes, signer: SigningKey | Sm2SigningKey
 ) -> None:
     with pytest.raises(CredentialRejected) as caught:
-        open_credential(_forged(alg, kid, signer), KEYS)
+        open_credential(_forged(alg, kid, signer), KEYS, SEALS)
     assert caught.value.reason is Rejection.BAD_SIGNATURE
     assert "algorithm" in caught.value.detail
 
@@ -102,20 +106,19 @@ def test_a_header_naming_another_algorithm_than_the_kids_key_is_refused(
 def test_an_sm2_signature_by_another_key_is_refused() -> None:
     stranger = Sm2SigningKey.generate()
     with pytest.raises(CredentialRejected) as caught:
-        open_credential(_forged(ALG_SM2_SM3, SM2_KEY.kid, stranger), KEYS)
+        open_credential(_forged(ALG_SM2_SM3, SM2_KEY.kid, stranger), KEYS, SEALS)
     assert caught.value.reason is Rejection.BAD_SIGNATURE
 
 
 def test_the_largest_sm2_code_costs_the_four_bytes_of_its_algorithm_label() -> None:
-    largest = claims(region="999999", purpose=Purpose.GENERAL, status_index=2**32 - 1,
-                     not_before=2**32 - 1, expires_at=2**32 - 1)  # fmt: skip
+    largest = claims(region="999999", purpose=Purpose.GENERAL, not_before=2**32 - 1, expires_at=2**32 - 1)
     ed_size, sm2_size = len(cose(issue_credential(ED_KEY, largest))), len(cose(issue_credential(SM2_KEY, largest)))
-    assert (ed_size, sm2_size) == (144, 148)
-    # 148 bytes are 226 characters: past QR version 8-M (221), inside 9-M (262); so is a typical one.
+    assert (ed_size, sm2_size) == (139, 143)
+    # 143 bytes are 219 characters: inside QR version 8-M (221), now that codes carry no status index.
     typical = issue_credential(SM2_KEY, claims())
-    assert len(cose(typical)) == len(cose(issue_credential(ED_KEY, claims()))) + 4 == 146
+    assert len(cose(typical)) == len(cose(issue_credential(ED_KEY, claims()))) + 4 == 143
     for text in (issue_credential(SM2_KEY, largest), typical):
-        assert segno.make(text, error="m", micro=False).version == 9
+        assert segno.make(text, error="m", micro=False).version == 8
 
 
 def test_both_kinds_are_published_in_one_jwks_and_read_back() -> None:
@@ -131,16 +134,16 @@ def test_both_kinds_are_published_in_one_jwks_and_read_back() -> None:
         parse_jwks(document)
 
 
-def test_an_offline_gate_verifies_sm2_codes_against_an_sm2_signed_status_list() -> None:
+def test_an_offline_gate_verifies_sm2_codes_with_an_sm2_signed_kit() -> None:
     token = sign_status_list(
         SM2_KEY, region=REGION, subject=f"https://ecard.example/v1/status-lists/{REGION}",
-        status_list=StatusList.from_statuses([0] * 8, bits=2), issued_at=NOW - 60, expires_at=NOW + 3600, ttl=600,
+        status_list=StatusList.from_statuses({}, size=0), issued_at=NOW - 60, expires_at=NOW + 3600, ttl=600,
     )  # fmt: skip
     assert open_status_list(token, KEYS).region == REGION
     kit = OfflineKit.from_json(json.dumps(kit_document(REGION, KEYS.values(), token)))
-    result = verify_offline(issue_credential(SM2_KEY, claims(status_index=3)), kit, NOW, LEEWAY)
+    result = verify_offline(issue_credential(SM2_KEY, claims()), kit, NOW, LEEWAY)
     assert result.accepted
-    ed_result = verify_offline(issue_credential(ED_KEY, claims(status_index=3)), kit, NOW, LEEWAY)
+    ed_result = verify_offline(issue_credential(ED_KEY, claims()), kit, NOW, LEEWAY)
     assert ed_result.accepted
 
 

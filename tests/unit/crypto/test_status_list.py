@@ -509,7 +509,7 @@ def test_structurally_wrong_tokens_are_malformed(raw: bytes, detail: str) -> Non
 
 
 def test_a_credential_is_not_a_status_list() -> None:
-    claims = Claims(b"\x00" * 16, b"\x00" * 7, REGION, Purpose.TRANSIT, 0, IAT, EXP)
+    claims = Claims(b"\x00" * 16, b"\x00" * 7, REGION, Purpose.TRANSIT, IAT, EXP)
     text = issue_credential(KEY, claims)
     exc = rejection(b45decode(text[len(PREFIX) :]))
     assert exc.reason is Rejection.MALFORMED
