@@ -102,6 +102,7 @@ class Deployment:
         key = self.context.directory.keys.signing_keys["510000"]
         claims = Claims(
             card_ref=card[0], nonce=os.urandom(NONCE_LENGTH), region="510000", purpose=Purpose.TRANSIT,
+            not_before=not_before, expires_at=not_before + 60,
         )  # fmt: skip
         return issue_credential(key, claims)
 

@@ -239,7 +239,9 @@ async def test_a_suspension_made_while_redis_is_paused_reaches_the_gates(world: 
 
 
 def _card_ref(world: World, code: str) -> bytes:
-    return open_credential(code, world.context.directory.keys.verify_keys).claims.card_ref
+    return open_credential(
+        code, world.context.directory.keys.verify_keys, world.context.directory.keys.seals
+    ).claims.card_ref
 
 
 async def test_a_503_after_a_stall_says_outcome_unknown_and_the_record_tells_the_truth(

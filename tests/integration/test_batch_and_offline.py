@@ -31,17 +31,16 @@ import redis.asyncio as redis
 from sqlalchemy import select
 
 from app.db.clock import as_utc
-from app.db.models import ECard, VerificationEvent
+from app.db.models import VerificationEvent
 from app.domain.verification.events import BATCH
 from app.domain.verification.offline import OfflineKits
 from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from app.stores.invalidation import RedisInvalidationBus
 from app.stores.status_mirror import card_key
-from crypto.credential import NONCE_LENGTH, Claims, issue_credential, open_credential
+from crypto.credential import NONCE_LENGTH, Claims, decode_claims, issue_credential, open_credential, parse_cose
 from crypto.keys import b64url, b64url_decode
 from crypto.offline import OfflineKit, OfflineKitError, OfflineReason, verify_offline
-from crypto.status_list import CardStatusCode
 from tests import factories
 from tests.factories import Gate, Holder, bearer, problem
 
@@ -54,7 +53,7 @@ LEEWAY = 5
 
 def claims_of(context: ServiceContext, credential: str) -> Claims:
     """What an issued credential says."""
-    return open_credential(credential, context.directory.keys.verify_keys).claims
+    return open_credential(credential, context.directory.keys.verify_keys, context.directory.keys.seals).claims
 
 
 def resign(context: ServiceContext, claims: Claims, **changes: Any) -> str:
@@ -478,11 +477,16 @@ async def test_offline_kit_is_public_cacheable_and_verifies_a_fresh_credential(
     assert kit.status_list.expires_at == kit.status_list.issued_at + context.settings.status_list_lifetime
     assert kit.status_list.ttl == context.settings.status_list_ttl
 
+    # The kit names no card: its signed token is a status list without entries.
+    assert len(kit.status_list.status_list) == 0
+    assert claims_of(context, credential).card_ref.hex() not in response.text
+
     result = verify_offline(credential, kit, now, LEEWAY)
     assert result.accepted, result
-    assert (result.reason, result.stale, result.status) == (None, False, CardStatusCode.VALID)
+    assert (result.reason, result.stale) == (None, False)
     assert result.claims is not None and result.claims.purpose == "transit"
-    assert result.claims.status_index == claims_of(context, credential).status_index
+    # The gate sees the reference only sealed for this code, never the card's.
+    assert result.claims.sealed_ref != claims_of(context, credential).card_ref.hex()
 
     # Asked again within 30 s, the worker serves the list it signed.
     assert (await client.get(f"/v1/offline-kits/{SICHUAN}")).json() == response.json()
@@ -491,61 +495,37 @@ async def test_offline_kit_is_public_cacheable_and_verifies_a_fresh_credential(
     assert verify_offline(credential, other, now, LEEWAY).reason is OfflineReason.UNKNOWN_KEY
 
 
-async def test_offline_kit_follows_the_card_status(
+async def test_a_suspension_holds_offline_once_the_codes_issued_before_it_expire_and_the_upload_finds_the_rest(
     client: httpx.AsyncClient, admin_token: str, fresh_kit: KitFetcher
 ) -> None:
+    """The offline trade-off (README, "Offline gates"): kits name no card, so a code signed before a
+    suspension is accepted offline within its own short window; no code is signed after it; online and
+    in the gate's upload the server refuses the card."""
     holder = await factories.activated_holder(client, admin_token, SICHUAN)
-    credential = await fresh_credential(client, holder)
+    gate = await factories.new_gate(client, admin_token, SICHUAN, "transit", ["transit"])
+    shown_offline, shown_online = await fresh_credential(client, holder), await fresh_credential(client, holder)
     now = int(time.time())
-
-    # A worker reuses its signed list for up to 30 s: a suspension shows in the next list it signs.
-    before = await fresh_kit()
-    assert verify_offline(credential, kit_of(before), now, LEEWAY).accepted
     await factories.set_ecard_state(client, admin_token, holder, "suspended")
-    assert (await client.get(f"/v1/offline-kits/{SICHUAN}")).json() == before.json()
 
-    suspended = verify_offline(credential, kit_of(await fresh_kit()), now, LEEWAY)
-    assert (suspended.accepted, suspended.reason, suspended.status) == (
-        False,
-        OfflineReason.CARD_SUSPENDED,
-        CardStatusCode.SUSPENDED,
+    after = kit_of(await fresh_kit())
+    assert verify_offline(shown_offline, after, now, LEEWAY).accepted
+    # ... until its window closes: nothing of it is accepted past exp + leeway.
+    late = verify_offline(shown_offline, after, expiry_of(shown_offline) + LEEWAY + 1, LEEWAY)
+    assert late.reason is OfflineReason.EXPIRED
+    # No new code for a suspended card, so nothing longer-lived reaches a gate.
+    refused = await client.post(
+        "/v1/holder/credentials", json={"purpose": "transit"}, headers=bearer(holder.access_token)
     )
-
-    await factories.set_ecard_state(client, admin_token, holder, "active")
-    assert verify_offline(credential, kit_of(await fresh_kit()), now, LEEWAY).accepted
-
-    response = await client.post(
-        f"/v1/operator/cards/{holder.card_id}/cancellation",
-        json={"reason": "card withdrawn"},
-        headers=bearer(admin_token),
-    )
-    assert response.status_code == 200, response.text
-    revoked = verify_offline(credential, kit_of(await fresh_kit()), now, LEEWAY)
-    assert (revoked.accepted, revoked.reason, revoked.status) == (
-        False,
-        OfflineReason.CARD_REVOKED,
-        CardStatusCode.INVALID,
-    )
+    assert refused.status_code == 409, refused.text
+    # Online, and in the gate's upload, the issuer knows the card: suspended.
+    assert (await factories.verify(client, gate, shown_online))["reason"] == "card_suspended"
+    body = await upload(client, gate, [scan(shown_offline, datetime.now(UTC))])
+    assert [outcome(item) for item in body["results"]] == ["card_suspended"]
 
 
-async def test_a_card_issued_but_not_activated_is_not_usable_offline(
-    client: httpx.AsyncClient, context: ServiceContext, admin_token: str, holder: Holder, fresh_kit: KitFetcher
-) -> None:
-    """Its index is in the list as not yet usable: a credential for it (signed by the region's key) fails."""
-    pending = await factories.issue_card(client, admin_token, SICHUAN)
-    async with context.sessions() as session:
-        index = await session.scalar(
-            select(ECard.status_index).where(ECard.id == uuid.UUID(pending["card"]["ecard_id"]))
-        )
-    assert index is not None
-    kit = kit_of(await fresh_kit())
-    assert kit.status_list.status_list.get(index) == CardStatusCode.PENDING_ACTIVATION
-    claims = claims_of(context, await fresh_credential(client, holder))
-    result = verify_offline(resign(context, claims, status_index=index), kit, int(time.time()), LEEWAY)
-    assert (result.accepted, result.reason) == (False, OfflineReason.CARD_SUSPENDED)
-    # An index beyond every card the region handed out: no statement about it.
-    beyond = resign(context, claims, status_index=len(kit.status_list.status_list) + 8)
-    assert verify_offline(beyond, kit, int(time.time()), LEEWAY).reason is OfflineReason.CARD_UNKNOWN
+def expiry_of(credential: str) -> int:
+    """The exp of a code, as anyone reads it (no keys needed for that)."""
+    return decode_claims(parse_cose(credential)[1]).expires_at
 
 
 async def test_a_stale_status_list_is_refused_unless_the_gate_allows_it(
@@ -586,7 +566,8 @@ async def test_offline_command_line_exit_codes(
 
     code, result, _ = offline_cli("--kit", str(good), "--now", str(expires), credential)
     assert code == 0 and result is not None
-    assert (result["result"], result["reason"], result["stale"], result["status"]) == ("accepted", None, False, "valid")
+    assert (result["result"], result["reason"], result["stale"]) == ("accepted", None, False)
+    assert "status" not in result and "card_ref" not in result["claims"]
     assert result["claims"]["region"] == SICHUAN
 
     code, result, _ = offline_cli("--kit", str(good), "--now", str(expires), "-", stdin=credential + "\n")
@@ -600,13 +581,7 @@ async def test_offline_command_line_exit_codes(
     assert code == 0 and result is not None
     assert (result["result"], result["stale"]) == ("accepted", True)
 
-    await factories.set_ecard_state(client, admin_token, holder, "suspended")
-    suspended = tmp_path / "suspended.json"
-    suspended.write_bytes((await fresh_kit()).content)
-    code, result, _ = offline_cli("--kit", str(suspended), credential)
-    assert code == 1 and result is not None
-    assert (result["reason"], result["status"]) == ("card_suspended", "suspended")
-    code, result, _ = offline_cli("--kit", str(suspended), "EC1:0")
+    code, result, _ = offline_cli("--kit", str(good), "EC1:0")
     assert code == 1 and result is not None and result["reason"] == "malformed"
 
     # A kit that does not check out, or is not there: 2, with the reason on stderr.

@@ -96,14 +96,14 @@ async def store(redis_url: str) -> AsyncIterator[redis.Redis]:
 
 
 def claims_of(context: ServiceContext, text: str) -> Claims:
-    return open_credential(text, context.directory.keys.verify_keys).claims
+    return open_credential(text, context.directory.keys.verify_keys, context.directory.keys.seals).claims
 
 
 def signed(context: ServiceContext, claims: Claims, protected: bytes | None = None, unprotected: Any = None) -> str:
     """The claims as a credential signed by the region's real key, over whatever header it is given."""
     key = context.directory.keys.signing_keys[claims.region]
     protected = protected_header(key.kid) if protected is None else protected
-    payload = encode_claims(claims)
+    payload = encode_claims(claims, context.directory.keys.seals[key.kid])
     signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
     items = [protected, {} if unprotected is None else unprotected, payload, signature]
     return PREFIX + b45encode(cbor2.dumps(cbor2.CBORTag(18, items)))

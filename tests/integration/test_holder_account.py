@@ -67,6 +67,7 @@ def holder_session_of(access_token: str) -> HolderSession:
         device_id=uuid.UUID(claims["dev"]),
         card_ref=b64url_decode(claims["crf"]),
         region=claims["reg"],
+        status_index=claims["six"],
     )
 
 
@@ -559,7 +560,9 @@ async def test_fresh_step_up_gives_exactly_one_medical_credential(
     bundle = response.json()
     assert bundle["purpose"] == "medical"
     assert len(bundle["credentials"]) == 1
-    claims = open_credential(bundle["credentials"][0]["credential"], context.directory.keys.verify_keys).claims
+    claims = open_credential(
+        bundle["credentials"][0]["credential"], context.directory.keys.verify_keys, context.directory.keys.seals
+    ).claims
     assert claims.purpose is Purpose.MEDICAL
     assert claims.card_ref == holder_session_of(holder.access_token).card_ref
 

@@ -95,6 +95,7 @@ def holder_session_of(access_token: str) -> HolderSession:
         device_id=uuid.UUID(claims["dev"]),
         card_ref=b64url_decode(claims["crf"]),
         region=claims["reg"],
+        status_index=claims["six"],
     )
 
 
@@ -431,7 +432,9 @@ async def test_a_token_gets_credentials_for_its_own_card_only(
     # Every credential in Alice's bundle is for Alice's card.
     alice_credentials = await factories.credentials(client, alice, count=5)
     keys = context.directory.keys.verify_keys
-    assert {open_credential(text, keys).claims.card_ref for text in alice_credentials} == {alice_ref}
+    assert {
+        open_credential(text, keys, context.directory.keys.seals).claims.card_ref for text in alice_credentials
+    } == {alice_ref}
 
     # The request has no way to name another card.
     sneaky = await get_credentials(client, alice.access_token, ecard_id=bob.ecard_id)

@@ -95,7 +95,7 @@ def test_a_broken_agreements_file_is_refused(tmp_path: pytest.TempPathFactory) -
 
 
 def _kid_of(context: ServiceContext, credential: str) -> str:
-    return b64url(open_credential(credential, context.directory.keys.verify_keys).key.kid)
+    return b64url(open_credential(credential, context.directory.keys.verify_keys, context.directory.keys.seals).key.kid)
 
 
 async def _keys(client: httpx.AsyncClient, token: str, region: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ async def test_drift_is_reported_then_repaired(
     refs = []
     for holder in (suspended_in_redis, wiped_from_redis):
         [credential] = await factories.credentials(client, holder)
-        refs.append(open_credential(credential, keys).claims.card_ref)
+        refs.append(open_credential(credential, keys, context.directory.keys.seals).claims.card_ref)
     await context.mirror.set_status(refs[0], MirroredStatus.SUSPENDED)
     direct = redis.Redis.from_url(redis_url)
     assert isinstance(context.mirror, RedisStatusMirror)

@@ -59,7 +59,7 @@ VENV_BIN = Path(sys.executable).parent
 
 def claims_of(context: ServiceContext, credential: str) -> Claims:
     """What an issued credential says."""
-    return open_credential(credential, context.directory.keys.verify_keys).claims
+    return open_credential(credential, context.directory.keys.verify_keys, context.directory.keys.seals).claims
 
 
 def resign(context: ServiceContext, claims: Claims, **changes: Any) -> str:

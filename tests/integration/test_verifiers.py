@@ -151,7 +151,7 @@ async def audit_actions(client: httpx.AsyncClient, token: str, subject_id: str) 
 
 def card_ref_of(context: ServiceContext, text: str) -> bytes:
     """The card reference inside a credential."""
-    return open_credential(text, context.directory.keys.verify_keys).claims.card_ref
+    return open_credential(text, context.directory.keys.verify_keys, context.directory.keys.seals).claims.card_ref
 
 
 async def drop_profile(context: ServiceContext, redis_url: str, card_ref: bytes) -> None:
