@@ -33,11 +33,11 @@ async def issuer_jwks(directory: NamedDependency[VerifierDirectory]) -> dict[str
 
 
 class OfflineKitOut(WireModel):
-    """A region's keys and signed status list (IETF Token Status List, CWT, base64url), for offline gates.
+    """A region's keys and signed kit period (IETF Token Status List, CWT, base64url), for offline gates.
 
     Check a credential with `python -m crypto.offline --kit kit.json CREDENTIAL`, or any COSE
-    library: the status list token is a COSE_Sign1 by a key in `jwks`; the card's status is at
-    the index the credential carries (2 bits: 0 valid, 1 revoked, 2 suspended, 3 not yet usable).
+    library: the token is a COSE_Sign1 by a key in `jwks` whose list has no entries (codes are
+    unlinkable and carry no status index); its `iat` and `exp` say how long the kit may be used.
     """
 
     region: str
@@ -75,7 +75,7 @@ async def offline_kit(
         ),
     ] = None,
 ) -> Response[OfflineKitOut]:
-    """The region's public keys and signed status list; refetch after the list's `ttl` (Cache-Control).
+    """The region's public keys and signed kit period; refetch after the token's `ttl` (Cache-Control).
 
     The kit is signed once per interval for the deployment; a gate that sends the ETag it holds in
     If-None-Match gets 304 while it is current. Single use cannot be checked offline across gates:
