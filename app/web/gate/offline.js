@@ -1,5 +1,8 @@
 // Offline verification in the gate console: a region's kit (GET /v1/offline-kits/{region}: its JWKS and
-// its signed status list) decides a scan in the browser, with crypto/offline.py's rules.
+// its signed period) decides a scan in the browser, with crypto/offline.py's rules. Codes are unlinkable
+// (crypto/seal.py): the card reference is sealed per code and there is no status index, so the kit names
+// no card and the decision is the code's signature and window and the kit's freshness; the card's status
+// is the issuer's to enforce (README, "Offline gates").
 //
 // The key is chosen by the code's kid in the kit, and the key decides the algorithm: an Ed25519 key
 // verifies with EdDSA (the vendored @noble/ed25519), an SM2 key with SM2/SM3 and the default signer ID
@@ -24,7 +27,6 @@ const SM2_SIGNER_ID = "1234567812345678"; // GM/T 0009-2012: the ID when none is
 export const DEFAULT_LEEWAY = 5; // the service's ECARD_CLOCK_SKEW
 export const DEFAULT_LIFETIME = 60; // the service's ECARD_CREDENTIAL_LIFETIME
 const PURPOSES = { 1: "transit", 2: "medical", 3: "park", 4: "library", 5: "general" };
-const STATUS_REASONS = { 1: "card_revoked", 2: "card_suspended", 3: "card_suspended" }; // invalid, suspended, pending
 const MAX_LIST_BYTES = 64 * 1024 * 1024;
 
 /** Why a scan or a kit is refused, with a stable code (crypto/offline.py's reasons). */
@@ -348,17 +350,16 @@ function decodeClaims(payload) {
   if (typeof region !== "string" || !/^[0-9]{6}$/.test(region)) throw malformed("iss must be a 6-digit region code");
   if (!isTime(exp) || !isTime(nbf) || nbf > exp) throw malformed("nbf and exp must be integers with nbf <= exp");
   if (!(nonce instanceof Uint8Array) || nonce.length !== 7) throw malformed("cti must be a 7-byte nonce");
-  if (!Array.isArray(card) || card.length !== 3) throw malformed("card claim must be [card_ref, purpose, status_index]");
-  const [cardRef, purpose, statusIndex] = card;
-  if (!(cardRef instanceof Uint8Array) || cardRef.length !== 16) throw malformed("card reference must be 16 bytes");
-  if (!PURPOSES[purpose]) throw malformed("unknown purpose");
-  if (!isTime(statusIndex)) throw malformed("status index must be an integer in [0, 2**32)");
-  return { region, expiresAt: exp, notBefore: nbf, nonce: hex(nonce), cardRef: hex(cardRef), purpose: PURPOSES[purpose], statusIndex };
+  if (!Array.isArray(card) || card.length !== 2) throw malformed("card claim must be [sealed_ref, purpose]");
+  const [sealedRef, purpose] = card;
+  if (!(sealedRef instanceof Uint8Array) || sealedRef.length !== 16) throw malformed("sealed card reference must be 16 bytes");
+  if (!Number.isInteger(purpose) || !PURPOSES[purpose]) throw malformed("unknown purpose");
+  return { region, expiresAt: exp, notBefore: nbf, nonce: hex(nonce), sealedRef: hex(sealedRef), purpose: PURPOSES[purpose] };
 }
 
 /**
  * Decide one scan with the kits alone: {result: "accepted" | "rejected", reason, detail, claims, alg}.
- * `kits` is a Map region → loadKit's kit; `seen` a Map "card_ref:nonce" → last second it can be
+ * `kits` is a Map region → loadKit's kit; `seen` a Map "sealed_ref:nonce" → last second it can be
  * accepted, the console's own single-use memory.
  */
 export async function verifyOffline(text, kits, seen, { now = Math.floor(Date.now() / 1000), leeway = DEFAULT_LEEWAY, lifetime = DEFAULT_LIFETIME } = {}) {
@@ -379,13 +380,8 @@ export async function verifyOffline(text, kits, seen, { now = Math.floor(Date.no
     const decided = (reason, detail) => ({ result: reason ? "rejected" : "accepted", reason, detail, claims, alg: algorithm });
     const kit = kits.get(claims.region);
     if (!kit) return decided("region_not_accepted", `no offline kit for region ${claims.region}`);
-    if (now > kit.list.expiresAt + leeway) return decided("status_stale", "the status list has expired");
-    const { bits, bytes } = kit.list;
-    const byte = Math.floor((claims.statusIndex * bits) / 8);
-    if (byte >= bytes.length) return decided("card_unknown", "status index is outside the status list");
-    const status = (bytes[byte] >> ((claims.statusIndex * bits) % 8)) & ((1 << bits) - 1);
-    if (status !== 0) return decided(STATUS_REASONS[status] || "card_unknown", `card status ${status}`);
-    const pair = `${claims.cardRef}:${claims.nonce}`;
+    if (now > kit.list.expiresAt + leeway) return decided("status_stale", "the offline kit has expired");
+    const pair = `${claims.sealedRef}:${claims.nonce}`;
     for (const [other, until] of seen) if (until < now) seen.delete(other);
     if (seen.has(pair)) return decided("replayed", "this console accepted the code before");
     seen.set(pair, Math.min(claims.expiresAt, claims.notBefore + lifetime + leeway) + leeway);
