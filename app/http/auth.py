@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.params import HeaderParameter
 
 from app.domain import errors
@@ -160,7 +160,7 @@ def current_operator(request: Request[Any, Any, Any]) -> OperatorSession:
     return Callers.of(request).operator(request)
 
 
-def audit_actor(operator: OperatorSession) -> Actor:
+def audit_actor(operator: NamedDependency[OperatorSession]) -> Actor:
     """The operator calling, as the audit log names who did something."""
     return Actor.operator(operator)
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as redis
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -26,7 +28,7 @@ from app.db.models import StatusStore
 from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery
-from app.domain.cards.services import card_in_scope
+from app.domain.cards.services import ScopedCard, card_in_scope
 from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import DirectoryChanges, VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
@@ -35,7 +37,7 @@ from app.domain.verification.service import CredentialVerifier
 from app.http.auth import CALLER_DEPENDENCIES, Callers
 from app.security.keyring import Keyring, load_keyring
 from app.security.pii import PiiCipher
-from app.security.tokens import SessionTokens
+from app.security.tokens import OperatorSession, SessionTokens
 from app.settings import Settings
 from app.stores.event_stream import EventStream, RedisEventStream
 from app.stores.invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
@@ -276,5 +278,12 @@ def dependencies() -> dict[str, Provide]:
         "session": Provide(db_session),
         **CALLER_DEPENDENCIES,
         # The card a `/…/{card_id}/…` path names, within the operator's regions.
-        "scoped_card": Provide(card_in_scope),
+        "scoped_card": Provide(scoped_card),
     }
+
+
+async def scoped_card(
+    session: NamedDependency[AsyncSession], operator: NamedDependency[OperatorSession], card_id: FromPath[uuid.UUID]
+) -> ScopedCard:
+    """The card a `/…/{card_id}/…` path names, if it lies in the operator's regions (cards.services.card_in_scope)."""
+    return await card_in_scope(session, operator, card_id)

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from app.domain import errors
 from app.http.json_bodies import decode_json_body, is_json_content_type
+from app.http.problems import from_domain_error
 from tests import factories
 from tests.factories import Gate, Holder, bearer, problem
 
@@ -62,10 +64,11 @@ def test_json_content_types(value: str, accepted: bool) -> None:
     ],
 )
 def test_bodies_refused_with_a_precise_detail(body: bytes, detail: str) -> None:
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(errors.Invalid) as refused:
         decode_json_body(body)
-    assert refused.value.status_code == 400  # type: ignore[attr-defined]
-    assert detail in refused.value.detail  # type: ignore[attr-defined]
+    assert refused.value.code == "bad_request"
+    assert detail in refused.value.detail
+    assert from_domain_error(refused.value).status_code == 400
 
 
 def test_the_same_key_in_different_objects_is_fine() -> None:

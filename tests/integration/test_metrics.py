@@ -156,7 +156,7 @@ def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT)}
     for done in ("3", "7"):
         subprocess.run([sys.executable, "-c", _WORKER, done], env=env, check=True, timeout=60)
-    reader = "from app import metrics; print(metrics.exposition()[0].decode())"
+    reader = "from app.observability import metrics; print(metrics.exposition()[0].decode())"
     text = subprocess.run(
         [sys.executable, "-c", reader], env=env, check=True, timeout=60, capture_output=True, text=True
     ).stdout
