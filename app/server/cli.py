@@ -78,9 +78,9 @@ def keys_group() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create the key files in.")
 @click.option(
     "--profile", type=click.Choice(["international", "national"]), default="international", show_default=True,
-    help="Whose data and index keys: AES-256 + HMAC-SHA256, or SM4 + HMAC-SM3.",
+    help="Whose data and index keys: AES-256 + HMAC-SHA256, or SM4 + HMAC-SM3 (and the SM2 trust-list key).",
 )  # fmt: skip
-@click.option("--add", is_flag=True, help="Add only the profile's data and index keys to an existing directory.")
+@click.option("--add", is_flag=True, help="Add only the profile's own keys to an existing directory.")
 def keys_generate(out: Path, profile: str, add: bool) -> None:
     """Write a fresh data key, index key, session key and trust-list key (for production)."""
     try:
