@@ -18,6 +18,7 @@ from app.db.engine import create_engine
 from app.domain.audit.services import Actor
 from app.domain.errors import DomainError
 from app.security.keyring import KeyringError, generate_keyring
+from app.security.pii import NATIONAL
 from app.server.context import ServiceContext
 from app.settings import get_settings
 
@@ -467,7 +468,12 @@ def demo(region: str) -> None:
                 session, actor, name="Demo Metro", business_type=BusinessType.TRANSIT, region=region
             )
             _terminal, api_key = await register_terminal(
-                session, actor, organisation, name=f"gate-{secrets.token_hex(2)}", purposes=["transit", "general"]
+                session,
+                actor,
+                organisation,
+                name=f"gate-{secrets.token_hex(2)}",
+                purposes=["transit", "general"],
+                national=context.settings.crypto_profile == NATIONAL,
             )
             issued = await issue_card(
                 session,
