@@ -355,11 +355,13 @@ async def test_over_the_connection_limit_requests_get_503_until_connections_clos
 
     refused = await asyncio.gather(*(over_the_limit() for _ in range(10)))
     assert refused == [(503, "1", "unavailable")] * 10
+    # Counted while the 30 are still held: a probe of answers_again() may meet the limit too (the
+    # server has not seen every close yet), and that would be an eleventh trip.
+    assert await server.await_trips("connections", since, 10) <= 2
 
     for writer in held:
         writer.close()
     await answers_again(server)
-    assert await server.await_trips("connections", since, 10) <= 2
 
 
 async def test_the_access_log_has_no_query_string(server: Server) -> None:
