@@ -56,6 +56,10 @@ _STATUS_BY_KIND: dict[type[errors.DomainError], int] = {
 }
 
 
+DPOP_CHALLENGE = 'DPoP algs="EdDSA"'
+_DPOP_ERRORS = {"proof": "invalid_dpop_proof", "token": "invalid_token"}
+
+
 def from_domain_error(exc: errors.DomainError) -> ProblemDetailsException:
     """A domain refusal as the problem the API answers: its kind's status, its code, detail and facts."""
     status = next((_STATUS_BY_KIND[kind] for kind in type(exc).__mro__ if kind in _STATUS_BY_KIND), None)
@@ -64,7 +68,11 @@ def from_domain_error(exc: errors.DomainError) -> ProblemDetailsException:
         return problem(500, "internal_error", "internal error")
     answer = problem(status, exc.code, exc.detail, **exc.facts)
     headers = {}
-    if status == 401:
+    if isinstance(exc, errors.DeviceUnproven):
+        # RFC 9449 §7.1: the holder API's scheme is DPoP, with the one algorithm it takes.
+        error = _DPOP_ERRORS.get(exc.refused or "")
+        headers["WWW-Authenticate"] = DPOP_CHALLENGE + (f', error="{error}"' if error else "")
+    elif status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
@@ -124,6 +132,8 @@ class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     code: str
     errors: list[dict[str, Any]] | None = None
     current_state: str | None = None
+    # Why a DPoP proof was refused (`invalid_dpop_proof`): malformed, stale, replayed, wrong_key, wrong_uri…
+    reason: str | None = None
     # The request's id, as in the service's log lines and the `X-Request-Id` answer header.
     request_id: str | None = None
 
@@ -133,7 +143,11 @@ _DESCRIPTIONS = {
         "The request is malformed: a parameter or the body fails validation (`errors` says which), or the "
         "body is not JSON, nests too deeply or gives a key twice"
     ),
-    401: "Missing or invalid credentials (token, API key, or activation data)",
+    401: (
+        "Missing or invalid credentials (token, API key, DPoP proof, or activation data). Holder routes answer "
+        '`WWW-Authenticate: DPoP algs="EdDSA"` with `error="invalid_dpop_proof"` (the problem\'s `reason` says why) '
+        'or `error="invalid_token"`'
+    ),
     403: "Authenticated, but not allowed to do this",
     404: "No such resource (or one outside the caller's regions)",
     409: "Conflicts with the current state; `current_state` says what it is where relevant",
