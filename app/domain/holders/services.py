@@ -179,8 +179,16 @@ async def refresh_session(
     )
     if stored is None or stored.revoked_at is not None:
         raise invalid
-    device_key = await session.scalar(select(Device.public_key).where(Device.id == stored.device_id))
-    if device_key is None or device_key != device_proof.public_key:
+    # The device first (one query, as it always took): its key decides before anything is rotated or revoked.
+    row = (
+        await session.execute(
+            select(Device, ECard).join(ECard, ECard.id == Device.ecard_id).where(Device.id == stored.device_id)
+        )
+    ).first()
+    if row is None:
+        raise invalid
+    device, ecard = row
+    if device.public_key != device_proof.public_key:
         raise errors.DeviceUnproven(
             "the DPoP proof must be signed by the key of the device this refresh token was issued to",
             reason=DpopRefusal.WRONG_KEY.value,
@@ -190,7 +198,7 @@ async def refresh_session(
         update(RefreshToken).where(RefreshToken.id == stored.id, RefreshToken.used_at.is_(None)).values(used_at=now)
     )
     if rotated.rowcount != 1:  # type: ignore[attr-defined]
-        # Reuse of a rotated token: someone holds a copy. End every session of the family.
+        # Reuse of a rotated token: someone holds a copy (and the device's key). End every session of the family.
         await session.execute(
             update(RefreshToken)
             .where(RefreshToken.family_id == stored.family_id, RefreshToken.revoked_at.is_(None))
@@ -201,18 +209,9 @@ async def refresh_session(
             "refresh token was already used; all sessions of this device sign-in are revoked",
             code="refresh_token_reused",
         )
-    if stored.expires_at <= now:
+    if stored.expires_at <= now or device.revoked_at is not None or ecard.state == ECardState.REVOKED:
         await session.rollback()
         raise invalid
-    row = (
-        await session.execute(
-            select(Device, ECard).join(ECard, ECard.id == Device.ecard_id).where(Device.id == stored.device_id)
-        )
-    ).first()
-    if row is None or row[0].revoked_at is not None or row[1].state == ECardState.REVOKED:
-        await session.rollback()
-        raise invalid
-    device, ecard = row
     issued = await _start_session(session, tokens, settings, ecard, device, stored.family_id)
     await session.commit()
     return issued
