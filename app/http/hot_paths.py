@@ -5,7 +5,9 @@ are the requests the service must answer at peak rates, and Litestar's routing, 
 injection, parameter extraction and response objects cost about as much CPU as the work itself
 (docs/performance.md). So a plain request to either — its credential header present, a
 `Content-Length` within the route's limit, a body that decodes — is answered here by the same
-function the routed handler calls, its answer encoded from the same response Struct.
+function the routed handler calls, its answer encoded from the same response Struct. A route may
+read more headers beside its credential (the credential refresh: `DPoP` and `Host`, for the same
+`Callers.holder` check the routed dependency makes); a request with one of them twice is handed on.
 
 Everything else is handed on to the routed handler unchanged, body included: signed requests,
 unknown keys or tokens, chunked, oversized or malformed bodies, a Content-Type other than
