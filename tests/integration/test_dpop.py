@@ -19,7 +19,9 @@ import pytest
 from sqlalchemy import select
 
 from app.db.models import RefreshToken
+from app.http.auth import request_uri
 from app.server.context import ServiceContext
+from app.settings import Settings
 from crypto.dpop import thumbprint
 from crypto.keys import b64url, b64url_decode
 from tests import factories
@@ -315,3 +317,23 @@ async def test_the_public_url_names_the_uri_behind_a_proxy(
     for routed in (False, True):
         assert (await issue(client, signed(holder, url=public), routed=routed)).status_code == 200
         refused_proof(await issue(client, signed(holder), routed=routed), "wrong_uri")
+
+
+def test_the_public_url_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ECARD_PUBLIC_URL", raising=False)
+    assert Settings.from_env().public_url == ""
+    monkeypatch.setenv("ECARD_PUBLIC_URL", "https://ecard.example/api/")
+    assert Settings.from_env().public_url == "https://ecard.example/api"
+    for wrong in ("ecard.example", "ftp://ecard.example", "https://", "https://ecard.example/?x=1"):
+        monkeypatch.setenv("ECARD_PUBLIC_URL", wrong)
+        with pytest.raises(ValueError, match="ECARD_PUBLIC_URL"):
+            Settings.from_env()
+
+
+def test_the_uri_a_proof_names() -> None:
+    assert request_uri("", "http", "127.0.0.1:8000", "/v1/holder/card?x=1") == "http://127.0.0.1:8000/v1/holder/card"
+    assert request_uri("https://ecard.example/api", "http", "10.0.0.5:8000", "/v1/holder/card") == (
+        "https://ecard.example/api/v1/holder/card"
+    )
+    # No Host at all: a URI no proof can name (refused as wrong_uri, never a 500).
+    assert request_uri("", "http", None, "/v1/holder/card") == "http:///v1/holder/card"
