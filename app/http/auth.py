@@ -28,6 +28,7 @@ from app.domain import errors
 from app.domain.audit.services import Actor
 from app.domain.operators.services import Role, require_role
 from app.domain.verification.directory import TerminalEntry, VerifierDirectory
+from app.http.problems import DPOP_PROOF_SCHEME
 from app.security.tokens import HolderSession, InvalidToken, OperatorSession, SessionTokens
 from app.stores.status_mirror import StatusMirror
 from crypto.dpop import DpopError, DpopRefusal, Proof, SeenProofs, check_proof
@@ -35,9 +36,9 @@ from crypto.dpop import DpopError, DpopRefusal, Proof, SeenProofs, check_proof
 if TYPE_CHECKING:
     from litestar.handlers.base import BaseRouteHandler
 
-HOLDER_SECURITY: list[dict[str, list[str]]] = [{"holderToken": [], "dpopProof": []}]
+HOLDER_SECURITY: list[dict[str, list[str]]] = [{"holderToken": [], DPOP_PROOF_SCHEME: []}]
 # Activation and refresh: a DPoP proof by the device key, no access token yet.
-DEVICE_PROOF_SECURITY: list[dict[str, list[str]]] = [{"dpopProof": []}]
+DEVICE_PROOF_SECURITY: list[dict[str, list[str]]] = [{DPOP_PROOF_SCHEME: []}]
 OPERATOR_SECURITY: list[dict[str, list[str]]] = [{"operatorToken": []}]
 TERMINAL_SECURITY: list[dict[str, list[str]]] = [{"terminalApiKey": []}, {"terminalSignature": []}]
 
@@ -176,7 +177,10 @@ class Callers:
         """The holder of a valid access token, with the card's status; 401 when the device was removed."""
         state = await self.mirror.holder_state(session.card_ref, session.device_id)
         if state.device_revoked:
-            raise errors.Unauthenticated("this device was removed from the card; activate it again")
+            # The token is no longer good: a DPoP challenge, as for any other holder token refused.
+            raise errors.DeviceUnproven(
+                "this device was removed from the card; activate it again", refused="token", code="unauthorized"
+            )
         return AuthenticatedHolder(session, state.status, state.epoch_ms)
 
     def terminal_by_key(self, api_key: str) -> TerminalEntry | None:

@@ -57,6 +57,8 @@ _STATUS_BY_KIND: dict[type[errors.DomainError], int] = {
 
 
 DPOP_CHALLENGE = 'DPoP algs="EdDSA"'
+# The OpenAPI security scheme of the DPoP proof header (app.http.auth's HOLDER_SECURITY names it).
+DPOP_PROOF_SCHEME = "dpopProof"
 _DPOP_ERRORS = {"proof": "invalid_dpop_proof", "token": "invalid_token"}
 
 
@@ -174,6 +176,13 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
 
 PROBLEM_JSON = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/ProblemBody"}
+_DPOP_CHALLENGE_HEADER = {
+    "description": (
+        f'`{DPOP_CHALLENGE}`, with `error="invalid_dpop_proof"` when the DPoP proof was refused (the problem\'s '
+        '`reason` says why) or `error="invalid_token"` when the access token was (RFC 9449 §7.1)'
+    ),
+    "schema": {"type": "string"},
+}
 
 
 def document_problem_answers(document: dict[str, Any]) -> None:
@@ -181,7 +190,8 @@ def document_problem_answers(document: dict[str, Any]) -> None:
 
     Litestar documents its own 400 (validation) as `application/json` with a schema of its own;
     every body can be refused as too large (413), every JSON body with 415 (app.http.json_bodies), every
-    reused Idempotency-Key with 422. Applied to the whole document once, so no route can forget it.
+    reused Idempotency-Key with 422; a 401 of a route that takes a DPoP proof says its challenge. Applied
+    to the whole document once, so no route can forget it.
     """
     for item in document.get("paths", {}).values():
         for operation in item.values():
@@ -195,9 +205,12 @@ def document_problem_answers(document: dict[str, Any]) -> None:
                 responses.setdefault("415", {"description": _DESCRIPTIONS[415]})
             if any(parameter.get("name") == "Idempotency-Key" for parameter in operation.get("parameters", [])):
                 responses.setdefault("422", {"description": _DESCRIPTIONS[422]})
+            proven = any(DPOP_PROOF_SCHEME in requirement for requirement in operation.get("security", []))
             for status, response in responses.items():
                 if int(status) < 400:
                     continue
                 response["content"] = {PROBLEM_JSON: {"schema": dict(_PROBLEM_REF)}}
+                if status == "401" and proven:
+                    response["headers"] = {"WWW-Authenticate": dict(_DPOP_CHALLENGE_HEADER)}
                 if status == "400":
                     response["description"] = _DESCRIPTIONS[400]

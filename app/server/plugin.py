@@ -269,7 +269,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
                             "'Bearer' is refused."
                         ),
                     ),
-                    "dpopProof": SecurityScheme(
+                    problems.DPOP_PROOF_SCHEME: SecurityScheme(
                         type="apiKey",
                         name="DPoP",
                         security_scheme_in="header",

@@ -337,3 +337,12 @@ def test_the_uri_a_proof_names() -> None:
     )
     # No Host at all: a URI no proof can name (refused as wrong_uri, never a 500).
     assert request_uri("", "http", None, "/v1/holder/card") == "http:///v1/holder/card"
+
+
+async def test_a_removed_devices_token_gets_the_dpop_challenge(client: httpx.AsyncClient, holder: Holder) -> None:
+    device = holder_device(holder)
+    assert (await client.delete(f"/v1/holder/devices/{device}", auth=holder.auth)).status_code == 204
+    for routed in (False, True):
+        response = await issue(client, signed(holder), routed=routed)
+        assert problem(response, 401)["code"] == "unauthorized" and "removed" in response.json()["detail"]
+        assert response.headers["www-authenticate"] == DPOP_TOKEN_CHALLENGE
