@@ -178,8 +178,9 @@ PROBLEM_JSON = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/ProblemBody"}
 _DPOP_CHALLENGE_HEADER = {
     "description": (
-        f'`{DPOP_CHALLENGE}`, with `error="invalid_dpop_proof"` when the DPoP proof was refused (the problem\'s '
-        '`reason` says why) or `error="invalid_token"` when the access token was (RFC 9449 §7.1)'
+        f"`{DPOP_CHALLENGE}` when the request's credentials were refused (RFC 9449 §7.1): with "
+        '`error="invalid_dpop_proof"` for the DPoP proof (the problem\'s `reason` says why), `error="invalid_token"` '
+        "for the access token. Other refusals (activation data, a refresh token, a wrong PIN) say `Bearer`, as before"
     ),
     "schema": {"type": "string"},
 }

@@ -228,5 +228,5 @@ async def own_card(session: AsyncSession, holder: HolderSession) -> tuple[Card, 
         )
     ).first()
     if row is None:
-        raise errors.Unauthenticated("the card of this session no longer exists")
+        raise errors.DeviceUnproven("the card of this session no longer exists", refused="token", code="unauthorized")
     return row[0], row[1], row[2]
