@@ -2,8 +2,10 @@
 
 Building blocks of the national profile (issue 17), shaped like crypto/keys.py's Ed25519 keys so a
 later step can hold either kind per issuer key. Libraries, chosen by measurement
-(docs/national-crypto.md): gmalglib for SM2 (C, raw r‖s, signer ID as an argument, the fastest
-signer here), `cryptography` (OpenSSL) for SM3, HMAC-SM3 and SM4-GCM.
+(docs/national-crypto.md): gmalglib for SM2 signing (C, raw r‖s, signer ID as an argument, the
+fastest signer here); the system's OpenSSL 3 for SM2 verification where it is there
+(crypto/sm2_openssl.py, about twice gmalglib's speed), gmalglib otherwise; `cryptography` (OpenSSL)
+for SM3, HMAC-SM3 and SM4-GCM.
 
 Formats:
 - signature: r ‖ s, 32 bytes each, big-endian (64 bytes, like Ed25519's), over
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gmalglib import sm2 as gm_sm2  # type: ignore[import-untyped]  # ships .pyi files without py.typed
 
+from crypto import sm2_openssl
 from crypto.keys import ALG_SM2_SM3, KID_LENGTH, b64url, b64url_decode
 
 # ALG_SM2_SM3 (crypto/keys.py) is a private-use COSE value: COSE has no registered SM2 algorithm. The
@@ -160,7 +163,8 @@ class Sm2VerifyKey:
             raise ValueError("the SM2 public key is not a point on the curve")
         _check_signer_id(self.signer_id)
         object.__setattr__(self, "kid", sm2_kid(self.public))
-        object.__setattr__(self, "_verifier", gm_sm2.SM2(pk=self.public, uid=self.signer_id))
+        verifier = sm2_openssl.load(self.public, self.signer_id) or gm_sm2.SM2(pk=self.public, uid=self.signer_id)
+        object.__setattr__(self, "_verifier", verifier)
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when signature is this key's SM2 signature r ‖ s of message; never raises."""

@@ -1,9 +1,10 @@
-"""The service's own secrets: data key, blind-index key, session-token key and trust-list key.
+"""The service's own secrets: data key, blind-index key, session-token key and trust-list keys.
 
 The data and index keys come in two pairs, one per crypto profile (app/security/pii.py): the
 international AES-256 key and HMAC-SHA256 key (data.key, index.key), the national SM4 key and
 HMAC-SM3 key (sm4-data.key, sm3-index.key). The profile's pair is required; the other is optional and,
-when present, read as well (a profile switch's dual-index period, docs/national-crypto.md).
+when present, read as well (a profile switch's dual-index period, docs/national-crypto.md). The trust
+list is signed by the Ed25519 trust.pem, or under the national profile by the SM2 trust-sm2.key.
 
 Loaded from `ECARD_KEYS_DIR`. In production mode the development keys in keys_dev/ are refused,
 whether they are reached through that directory or copied elsewhere.
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from app.security.pii import INTERNATIONAL, NATIONAL, PiiCipher
 from app.settings import DEV_KEYS_DIR, Settings
-from crypto.keys import SigningKey, load_private_pem, private_pem
-from crypto.sm import SM4_KEY_LENGTH
+from crypto.keys import PrivateKey, SigningKey, load_private_pem, private_pem
+from crypto.sm import PRIVATE_KEY_LENGTH as SM2_PRIVATE_KEY_LENGTH
+from crypto.sm import SM4_KEY_LENGTH, Sm2SigningKey
 
 DATA_KEY_FILE = "data.key"
 INDEX_KEY_FILE = "index.key"
@@ -29,6 +31,7 @@ SESSION_KEY_FILE = "session.pem"
 TRUST_KEY_FILE = "trust.pem"
 SM4_DATA_KEY_FILE = "sm4-data.key"
 SM3_INDEX_KEY_FILE = "sm3-index.key"
+TRUST_SM2_KEY_FILE = "trust-sm2.key"
 # The data key file and index key file of each profile, and the data key's length.
 PAIR_FILES = {
     INTERNATIONAL: (DATA_KEY_FILE, INDEX_KEY_FILE, 32),
@@ -53,6 +56,14 @@ class Keyring:
     # The national pair (SM4-GCM, HMAC-SM3); None when the directory has no national keys.
     sm4_key: bytes | None = None
     sm3_index_key: bytes | None = None
+    # Signs the trust list under the national profile (SM2, the private scalar in base64).
+    trust_sm2_key: Sm2SigningKey | None = None
+
+    def trust_signer(self, profile: str) -> PrivateKey:
+        """The key that signs the trust list under the profile (load_keyring made sure it is there)."""
+        if profile == NATIONAL and self.trust_sm2_key is not None:
+            return self.trust_sm2_key
+        return self.trust_key
 
     def pii(self, profile: str) -> PiiCipher:
         """The personal-data cipher of the profile, reading the other profile's blobs and indexes too."""
@@ -87,6 +98,15 @@ def _read_ed25519(path: Path) -> SigningKey:
         raise KeyringError(f"cannot read an Ed25519 PEM key from {path}: {exc}") from None
 
 
+def _read_sm2(path: Path) -> Sm2SigningKey | None:
+    if not path.exists():
+        return None
+    try:
+        return Sm2SigningKey(_read_symmetric(path, SM2_PRIVATE_KEY_LENGTH))
+    except ValueError as exc:
+        raise KeyringError(f"{path} is not an SM2 private key: {exc}") from None
+
+
 def read_keyring(directory: Path) -> Keyring:
     """Read the key files from directory: at least one data/index pair, the session and trust keys."""
     international = _read_pair(directory, INTERNATIONAL)
@@ -101,6 +121,7 @@ def read_keyring(directory: Path) -> Keyring:
         trust_key=_read_ed25519(directory / TRUST_KEY_FILE),
         sm4_key=national[0] if national else None,
         sm3_index_key=national[1] if national else None,
+        trust_sm2_key=_read_sm2(directory / TRUST_SM2_KEY_FILE),
     )
 
 
@@ -117,6 +138,11 @@ def _is_dev_keyring(keyring: Keyring) -> bool:
         or _same(keyring.sm3_index_key, dev.sm3_index_key)
         or keyring.session_key.public == dev.session_key.public
         or keyring.trust_key.public == dev.trust_key.public
+        or (
+            keyring.trust_sm2_key is not None
+            and dev.trust_sm2_key is not None
+            and keyring.trust_sm2_key.public == dev.trust_sm2_key.public
+        )
     )
 
 
@@ -127,6 +153,11 @@ def load_keyring(settings: Settings) -> Keyring:
         raise KeyringError(
             f"ECARD_CRYPTO_PROFILE=national needs {SM4_DATA_KEY_FILE} and {SM3_INDEX_KEY_FILE} in {settings.keys_dir}"
             " (ecard keys generate --profile national --add)"
+        )
+    if settings.crypto_profile == NATIONAL and keyring.trust_sm2_key is None:
+        raise KeyringError(
+            f"ECARD_CRYPTO_PROFILE=national signs the trust list with SM2: it needs {TRUST_SM2_KEY_FILE} in"
+            f" {settings.keys_dir} (ecard keys generate --profile national --add)"
         )
     if settings.crypto_profile != NATIONAL and keyring.data_key is None:
         raise KeyringError(
@@ -142,13 +173,16 @@ def load_keyring(settings: Settings) -> Keyring:
 
 def generate_keyring(directory: Path, profile: str = INTERNATIONAL, *, add: bool = False) -> list[str]:
     """Write a fresh key directory (files readable by the owner only) with the profile's data/index
-    pair, the session key and the trust-list key; with `add`, only the profile's pair, into an
-    existing directory (the first step of a profile switch). Refuse to overwrite; the names written."""
+    pair, the session key and the trust-list key (and, for the national profile, the SM2 trust-list key);
+    with `add`, only the profile's own keys, into an existing directory (the first step of a profile
+    switch). Refuse to overwrite; the names written."""
     data_file, index_file, length = PAIR_FILES[profile]
     files = {
         data_file: base64.b64encode(os.urandom(length)) + b"\n",
         index_file: base64.b64encode(os.urandom(32)) + b"\n",
     }
+    if profile == NATIONAL:
+        files[TRUST_SM2_KEY_FILE] = base64.b64encode(Sm2SigningKey.generate().private) + b"\n"
     if not add:
         files[SESSION_KEY_FILE] = private_pem(SigningKey.generate().private)
         files[TRUST_KEY_FILE] = private_pem(SigningKey.generate().private)

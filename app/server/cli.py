@@ -18,6 +18,7 @@ from app.db.engine import create_engine
 from app.domain.audit.services import Actor
 from app.domain.errors import DomainError
 from app.security.keyring import KeyringError, generate_keyring
+from app.security.pii import NATIONAL
 from app.server.context import ServiceContext
 from app.settings import get_settings
 
@@ -78,9 +79,9 @@ def keys_group() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create the key files in.")
 @click.option(
     "--profile", type=click.Choice(["international", "national"]), default="international", show_default=True,
-    help="Whose data and index keys: AES-256 + HMAC-SHA256, or SM4 + HMAC-SM3.",
+    help="Whose data and index keys: AES-256 + HMAC-SHA256, or SM4 + HMAC-SM3 (and the SM2 trust-list key).",
 )  # fmt: skip
-@click.option("--add", is_flag=True, help="Add only the profile's data and index keys to an existing directory.")
+@click.option("--add", is_flag=True, help="Add only the profile's own keys to an existing directory.")
 def keys_generate(out: Path, profile: str, add: bool) -> None:
     """Write a fresh data key, index key, session key and trust-list key (for production)."""
     try:
@@ -467,7 +468,12 @@ def demo(region: str) -> None:
                 session, actor, name="Demo Metro", business_type=BusinessType.TRANSIT, region=region
             )
             _terminal, api_key = await register_terminal(
-                session, actor, organisation, name=f"gate-{secrets.token_hex(2)}", purposes=["transit", "general"]
+                session,
+                actor,
+                organisation,
+                name=f"gate-{secrets.token_hex(2)}",
+                purposes=["transit", "general"],
+                national=context.settings.crypto_profile == NATIONAL,
             )
             issued = await issue_card(
                 session,

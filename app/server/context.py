@@ -11,14 +11,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
+from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
+from litestar.types import ASGIApp, Receive, Scope, Send
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -265,17 +266,41 @@ def _wired(name: str) -> Provide:
     return Provide(provide, sync_to_thread=False)
 
 
-async def db_session(state: State) -> AsyncIterator[AsyncSession]:
-    """A database session for one request; whatever it did not commit is rolled back."""
-    async with context_of(state).sessions() as session:
-        yield session
+# Where a request's database sessions wait for `close_request_sessions` (an ASGI scope extension key).
+_REQUEST_SESSIONS = "ecard.db_sessions"
+
+
+def db_session(request: Request[Any, Any, Any], state: State) -> AsyncSession:
+    """A database session for one request; whatever it did not commit is rolled back when the request ends.
+
+    Not a generator dependency: Litestar 2 cleans those up only when every dependency of the handler
+    resolved, so a session opened beside a caller that answered 401 (or a card that answered 404)
+    kept its connection until the garbage collector found it, and a burst of refusals could empty
+    the pool. `close_request_sessions` closes it however the request ends.
+    """
+    session = context_of(state).sessions()
+    cast("dict[str, Any]", request.scope).setdefault(_REQUEST_SESSIONS, []).append(session)
+    return session
+
+
+def close_request_sessions(app: ASGIApp) -> ASGIApp:
+    """Middleware: close the database sessions the request's dependencies opened, after it is answered or failed."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            for session in cast("dict[str, Any]", scope).pop(_REQUEST_SESSIONS, ()):
+                await session.close()
+
+    return middleware
 
 
 def dependencies() -> dict[str, Provide]:
     """Every dependency a handler may name: the wired objects, a database `session`, the callers, a scoped card."""
     return {
         **{name: _wired(name) for name in WIRED},
-        "session": Provide(db_session),
+        "session": Provide(db_session, sync_to_thread=False),
         **CALLER_DEPENDENCIES,
         # The card a `/…/{card_id}/…` path names, within the operator's regions.
         "scoped_card": Provide(scoped_card),

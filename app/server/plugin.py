@@ -57,7 +57,7 @@ from app.http.schema import WireModelSchemaPlugin
 from app.observability import logs
 from app.observability.request_ids import RequestIds
 from app.observability.tracing import RequestTracer, tracer_provider
-from app.server.context import ServiceContext, dependencies
+from app.server.context import ServiceContext, close_request_sessions, dependencies
 from app.server.docs_page import docs_render_plugins
 from app.server.probes import health, prometheus_metrics, ready
 from app.server.request_observer import RequestObserver
@@ -229,6 +229,7 @@ class EcardPlugin(InitPlugin, CLIPlugin):
         # Every JSON `data:` body is read through it: media type, duplicate keys, nesting (app.http.json_bodies).
         app_config.request_class = StrictJsonRequest
         app_config.middleware.append(refuse_nul_in_url)
+        app_config.middleware.append(close_request_sessions)
         app_config.lifespan.append(self.lifespan)
         app_config.plugins.append(
             ProblemDetailsPlugin(

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import cbor2
 import httpx
 import pytest
+from litestar import Litestar
 
 from app.asgi import create_app
-from app.server.context import ServiceContext
+from app.server.context import STATE_KEY, ServiceContext
 from crypto.base45 import b45decode
 from crypto.credential import PREFIX
-from crypto.keys import ALG_EDDSA, ALG_SM2_SM3
+from crypto.keys import ALG_EDDSA, ALG_SM2_SM3, b64url_decode
 from crypto.offline import OfflineKit, verify_offline
+from crypto.sm import DEFAULT_SIGNER_ID, sm2_public_from_jwk
+from crypto.trust_list import signer_jwk, verify_trust_list
 from tests import factories
 from tests.conftest import make_settings, serve
 from tests.factories import bearer, problem
+from tests.unit.crypto.test_sm import gmssl_verify
 
 REGION = "540000"
 CODES = 10
@@ -130,3 +135,29 @@ async def test_a_national_deployment_gives_new_regions_sm2_keys(
         assert explicit.status_code == 201, explicit.text
         [ed_key] = (await client.get("/v1/operator/regions/810000/keys", headers=bearer(admin_token))).json()
         assert ed_key["algorithm"] == "Ed25519"
+        # The trust list of a national deployment is SM2-signed, by its own key, and lists both kinds.
+        listed = await client.get("/v1/trust-list")
+        assert listed.status_code == 200, listed.text
+        body = listed.json()
+        assert (body["signer"]["kty"], body["signer"]["crv"], body["signer"]["alg"]) == ("EC", "SM2", "SM2")
+        assert body["signer"] == signer_jwk(national.state[STATE_KEY].keyring.trust_sm2_key)
+        claims = verify_trust_list(body["trust_list"], body["signer"])
+        regions = {entry["region"]: {key["crv"] for key in entry["keys"]} for entry in claims["regions"]}
+        assert regions["820000"] == {"SM2"} and regions["810000"] == {"Ed25519"}
+        signing_input, _, signature = body["trust_list"].rpartition(".")
+        assert gmssl_verify(
+            sm2_public_from_jwk(body["signer"]), b64url_decode(signature), signing_input.encode(), DEFAULT_SIGNER_ID
+        )
+    # The international deployment on the same database still signs with Ed25519 (pyjwt reads it elsewhere).
+    international = await serve_trust_list(create_app(make_settings(database_url, redis_url, redis_prefix)))
+    assert international["signer"]["kty"] == "OKP"
+    verify_trust_list(international["trust_list"], international["signer"])
+
+
+async def serve_trust_list(app: Litestar) -> dict[str, Any]:
+    """GET /v1/trust-list of another worker."""
+    async with serve(app) as client:
+        response = await client.get("/v1/trust-list")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import re
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -30,6 +32,7 @@ import redis.asyncio as redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app.asgi import create_app
+from app.db.models import Terminal
 from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.directory import signing_input
 from app.server.context import STATE_KEY, ServiceContext
@@ -871,6 +874,50 @@ async def test_bad_sm2_terminal_key_is_400_and_stores_nothing(
     )
     assert problem(response, 400)["code"] == "bad_request"
     await accepted(client, gate, await credential(client, holder))
+
+
+async def test_national_workers_hash_api_keys_with_sm3_and_every_worker_accepts_both(
+    client: httpx.AsyncClient,
+    context: ServiceContext,
+    admin_token: str,
+    holder: Holder,
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """A profile switch without re-issuing terminal keys: a national worker stores SM3 hashes of the keys it
+    issues (and rotates), and every worker accepts keys of both kinds."""
+    international_gate = await factories.new_gate(client, admin_token, SICHUAN, "transit", ["transit"])
+    national_app = create_app(make_settings(database_url, redis_url, redis_prefix, crypto_profile="national"))
+    async with serve(national_app) as national:
+        national_gate = await factories.new_gate(national, admin_token, SICHUAN, "transit", ["transit"])
+        rotated = await national.post(
+            f"/v1/operator/terminals/{international_gate.terminal_id}/api-key",
+            params={"overlap_seconds": 600},
+            headers=bearer(admin_token),
+        )
+        assert rotated.status_code == 201, rotated.text
+        rotated_key = rotated.json()["api_key"]
+        rotated_gate = Gate(international_gate.terminal_id, international_gate.organisation_id, rotated_key)
+        async with context.sessions() as session:
+            hashes = {
+                gate.terminal_id: (await session.get(Terminal, uuid.UUID(gate.terminal_id)))
+                for gate in (national_gate, international_gate)
+            }
+        for gate, algorithm in ((national_gate, "sm3"), (rotated_gate, "sm3")):
+            secret = gate.api_key.split(".")[2]
+            assert hashes[gate.terminal_id].api_key_hash == hashlib.new(algorithm, secret.encode()).digest()
+        old_secret = international_gate.api_key.split(".")[2]
+        assert hashes[international_gate.terminal_id].previous_key_hash == hashlib.sha256(old_secret.encode()).digest()
+        workers = ((national, national_app.state[STATE_KEY]), (client, context))
+        for http, worker in workers:
+            await worker.directory.refresh()
+            # The old SHA-256 key in its overlap, the SM3 keys of the national worker: all of them, on both.
+            for gate in (international_gate, rotated_gate, national_gate):
+                await accepted(http, gate, await credential(client, holder))
+            wrong = Gate(national_gate.terminal_id, national_gate.organisation_id, national_gate.api_key[:-2] + "AA")
+            response = await http.post("/v1/verify", json={"credential": "x"}, headers=wrong.headers)
+            assert problem(response, 401)["code"] == "unauthorized"
 
 
 async def test_absurdly_long_timestamp_is_401(client: httpx.AsyncClient, admin_token: str, holder: Holder) -> None:

@@ -369,8 +369,8 @@ def build() -> dict[str, Any]:
                 "The issuer's card-reference seal of each kid (test keys: their seeds are public). "
                 "seal_key = HKDF-SHA256(ikm = the Ed25519 seed, salt = none, info = "
                 "'ecard/card-ref-seal/v1' 00 'Ed25519' 00 region 00 kid, 32 bytes); per code "
-                "code_key = HMAC-SHA256(seal_key, cti || nbf as 4 big-endian bytes); "
-                "sealed_ref = AES-256 encryption of the 16-byte card_ref under code_key (one block). "
+                "pad = the first 16 bytes of HMAC-SHA256(seal_key, cti || nbf as 4 big-endian bytes); "
+                "sealed_ref = card_ref XOR pad. "
                 "Only the issuer holds these; a verifier with the JWKS alone checks everything else."
             ),
             "keys": {

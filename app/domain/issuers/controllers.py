@@ -11,7 +11,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.domain.issuers.trust_list import sign_trust_list, signer_jwk
+from app.domain.issuers.trust_list import sign_trust_list
 from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.offline import OfflineKits
 from app.http.problems import problem_responses
@@ -19,6 +19,7 @@ from app.http.schema import WireModel
 from app.security.keyring import Keyring
 from app.settings import Settings
 from crypto.jwk import jwks
+from crypto.trust_list import signer_jwk
 
 
 @get(
@@ -94,7 +95,8 @@ async def offline_kit(
 
 
 class TrustListOut(WireModel):
-    """The signed trust list (compact JWS, EdDSA) and, for convenience, the key that signed it.
+    """The signed trust list (compact JWS: EdDSA, or "SM2" under the national profile) and, for
+    convenience, the key that signed it.
 
     Pin `signer` once, out of band (it changes only with the deployment's key directory), and
     check every later list against the pinned key, not against the copy in the answer.
@@ -120,5 +122,6 @@ async def trust_list(
     A key is listed before it signs and after it stops, so a relying party that refetches this
     list every few minutes never rejects a genuine credential during a rotation.
     """
-    token = sign_trust_list(keyring.trust_key, directory.keys, settings.trust_list_lifetime)
-    return TrustListOut(trust_list=token, signer=signer_jwk(keyring.trust_key))
+    signer = keyring.trust_signer(settings.crypto_profile)
+    token = sign_trust_list(signer, directory.keys, settings.trust_list_lifetime)
+    return TrustListOut(trust_list=token, signer=signer_jwk(signer))

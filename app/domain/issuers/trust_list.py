@@ -3,7 +3,8 @@
 Gates and other deployments pin the trust-list key (`trust.pem` in the key directory) once and
 learn every region's keys — and every rotation — from the list: a key appears as `published`
 before it signs, is `active` while it signs and stays as `retired` after, so nobody rejects a
-genuine credential during a rotation. A compact JWS (EdDSA), so any JOSE library can check it.
+genuine credential during a rotation. A compact JWS (crypto/trust_list.py): EdDSA, which any JOSE
+library checks, or SM2 under the national profile (`trust-sm2.key`).
 """
 
 from __future__ import annotations
@@ -11,19 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import jwt
-
 from app.domain.issuers.services import IssuerKeys
-from crypto.jwk import ed25519_jwk, public_jwk
-from crypto.keys import SigningKey, b64url
-
-TRUST_LIST_ISSUER = "ecard-trust-list"
-TRUST_LIST_TYPE = "ecard-trust-list+jwt"
-
-
-def signer_jwk(key: SigningKey) -> dict[str, str]:
-    """The trust-list key's public JWK (what relying parties pin)."""
-    return ed25519_jwk(key.public, key.kid)
+from crypto import trust_list
+from crypto.jwk import public_jwk
+from crypto.keys import PrivateKey
 
 
 def trust_list_claims(keys: IssuerKeys, issued_at: int, lifetime: int) -> dict[str, Any]:
@@ -35,16 +27,13 @@ def trust_list_claims(keys: IssuerKeys, issued_at: int, lifetime: int) -> dict[s
             {**public_jwk(key), "status": state.value, "published_at": published_at.isoformat()}
         )
     return {
-        "iss": TRUST_LIST_ISSUER,
+        "iss": trust_list.TRUST_LIST_ISSUER,
         "iat": issued_at,
         "exp": issued_at + lifetime,
         "regions": [{"region": region, "keys": region_keys} for region, region_keys in sorted(regions.items())],
     }
 
 
-def sign_trust_list(trust_key: SigningKey, keys: IssuerKeys, lifetime: int) -> str:
-    """The current trust list as a compact JWS."""
-    claims = trust_list_claims(keys, int(time.time()), lifetime)
-    return jwt.encode(
-        claims, trust_key.private, algorithm="EdDSA", headers={"kid": b64url(trust_key.kid), "typ": TRUST_LIST_TYPE}
-    )
+def sign_trust_list(trust_key: PrivateKey, keys: IssuerKeys, lifetime: int) -> str:
+    """The current trust list as a compact JWS, signed by the trust-list key (Ed25519 or SM2)."""
+    return trust_list.sign_trust_list(trust_key, trust_list_claims(keys, int(time.time()), lifetime))

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import ChangeCounter, Terminal, VerifierOrganisation
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
-from app.security.pii import PiiCipher
+from app.security.pii import NATIONAL, PiiCipher
 from app.stores.invalidation import InvalidationBus
 from app.stores.status_mirror import RateLimit
 from crypto.algorithms import algorithm_of_public, public_key
@@ -73,9 +73,11 @@ class TerminalEntry:
         return self.terminal_id.hex
 
 
-def hash_api_key_secret(secret: str) -> bytes:
-    """SHA-256 of a terminal key's secret part: keys are 256-bit random, so no slow hash is needed."""
-    return hashlib.sha256(secret.encode()).digest()
+def hash_api_key_secret(secret: str, national: bool = False) -> bytes:
+    """SHA-256, or SM3 under the national profile, of a terminal key's secret part: keys are 256-bit
+    random, so no slow hash is needed. The directory accepts either (`VerifierDirectory.authenticate`),
+    so keys issued before a profile switch keep working until they are rotated."""
+    return hashlib.new("sm3" if national else "sha256", secret.encode()).digest()
 
 
 def signing_input(method: str, path: str, timestamp: str, body: bytes) -> bytes:
@@ -181,6 +183,8 @@ class VerifierDirectory:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], pii: PiiCipher) -> None:
         self._sessions = sessions
         self._pii = pii
+        # API keys are hashed with SM3 under the national profile (tried first), SHA-256 otherwise.
+        self._national = pii.profile == NATIONAL
         self._terminals: dict[str, TerminalEntry] = {}
         self.keys = IssuerKeys()
         # The counter value this worker has applied every change up to.
@@ -245,15 +249,17 @@ class VerifierDirectory:
         entry = self._terminals.get(parts[0])
         if entry is None or not entry.enabled or entry.signing_key is not None:
             return None
-        presented = hash_api_key_secret(parts[1])
-        if hmac.compare_digest(entry.api_key_hash, presented):
-            return entry
-        if (
-            entry.previous_key_hash is not None
-            and time.time() < entry.previous_key_until
-            and hmac.compare_digest(entry.previous_key_hash, presented)
-        ):
-            return entry
+        # The profile's hash first; the other for keys issued before a profile switch.
+        for national in (self._national, not self._national):
+            presented = hash_api_key_secret(parts[1], national)
+            if hmac.compare_digest(entry.api_key_hash, presented):
+                return entry
+            if (
+                entry.previous_key_hash is not None
+                and time.time() < entry.previous_key_until
+                and hmac.compare_digest(entry.previous_key_hash, presented)
+            ):
+                return entry
         return None
 
     def authenticate_signed(

@@ -45,7 +45,9 @@ from app.domain.verifiers.services import (
 )
 from app.http.auth import OPERATOR_SECURITY, requires
 from app.http.problems import problem_responses
+from app.security.pii import NATIONAL
 from app.security.tokens import OperatorSession
+from app.settings import Settings
 from crypto.keys import b64url_decode
 
 
@@ -133,6 +135,7 @@ class VerifierController(Controller):
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
+        settings: NamedDependency[Settings],
         organisation_id: FromPath[uuid.UUID],
         data: JSONBody[TerminalCreate],
     ) -> TerminalWithKey:
@@ -145,6 +148,7 @@ class VerifierController(Controller):
             name=data.name,
             purposes=list(data.allowed_purposes),
             rate=(data.rate_per_minute, data.rate_burst),
+            national=settings.crypto_profile == NATIONAL,
         )
         await directory_changes.announce()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)
@@ -283,6 +287,7 @@ class VerifierController(Controller):
         actor: NamedDependency[Actor],
         session: NamedDependency[AsyncSession],
         operator: NamedDependency[OperatorSession],
+        settings: NamedDependency[Settings],
         terminal_id: FromPath[uuid.UUID],
         overlap_seconds: Annotated[int, QueryParameter(name="overlap_seconds", ge=0, le=MAX_KEY_OVERLAP)] = 0,
     ) -> TerminalWithKey:
@@ -293,6 +298,7 @@ class VerifierController(Controller):
         signs its requests has no API key: this also returns it to API-key authentication.
         """
         terminal, organisation = await get_terminal(session, terminal_id, operator.regions)
-        api_key = await rotate_api_key(session, actor, terminal, organisation, overlap_seconds)
+        national = settings.crypto_profile == NATIONAL
+        api_key = await rotate_api_key(session, actor, terminal, organisation, overlap_seconds, national)
         await directory_changes.announce()
         return TerminalWithKey(terminal=_terminal_out(terminal), api_key=api_key)

@@ -27,10 +27,10 @@ from crypto.credential import Purpose
 from crypto.keys import PublicKey
 
 
-def new_api_key(terminal_id: uuid.UUID) -> tuple[str, bytes]:
-    """A fresh key `ecv1.<terminal id>.<secret>` and the hash to store."""
+def new_api_key(terminal_id: uuid.UUID, national: bool = False) -> tuple[str, bytes]:
+    """A fresh key `ecv1.<terminal id>.<secret>` and the hash to store (SM3 under the national profile)."""
     secret = secrets.token_urlsafe(32)
-    return f"{API_KEY_PREFIX}.{terminal_id.hex}.{secret}", hash_api_key_secret(secret)
+    return f"{API_KEY_PREFIX}.{terminal_id.hex}.{secret}", hash_api_key_secret(secret, national)
 
 
 def check_purposes(labels: list[str]) -> list[str]:
@@ -90,10 +90,12 @@ async def register_terminal(
     name: str,
     purposes: list[str],
     rate: tuple[int, int] = (120, 30),
+    national: bool = False,
 ) -> tuple[Terminal, str]:
-    """Create a terminal and return it with its API key, which is not stored and not shown again."""
+    """Create a terminal and return it with its API key, which is not stored and not shown again
+    (its hash is SM3 when `national`, SHA-256 otherwise)."""
     terminal_id = uuid.uuid4()
-    api_key, key_hash = new_api_key(terminal_id)
+    api_key, key_hash = new_api_key(terminal_id, national)
     terminal = Terminal(
         id=terminal_id,
         organisation_id=organisation.id,
@@ -188,10 +190,16 @@ MAX_KEY_OVERLAP = 7 * 24 * 3600
 
 
 async def rotate_api_key(
-    session: AsyncSession, actor: Actor, terminal: Terminal, organisation: VerifierOrganisation, overlap_seconds: int
+    session: AsyncSession,
+    actor: Actor,
+    terminal: Terminal,
+    organisation: VerifierOrganisation,
+    overlap_seconds: int,
+    national: bool = False,
 ) -> str:
-    """A new API key (returned, not stored); the old one works overlap_seconds more. Commits."""
-    api_key, key_hash = new_api_key(terminal.id)
+    """A new API key (returned, not stored; hashed with SM3 when `national`); the old one works
+    overlap_seconds more. Commits."""
+    api_key, key_hash = new_api_key(terminal.id, national)
     now = utcnow()
     if overlap_seconds and terminal.signing_public_key is None:
         terminal.previous_key_hash = terminal.api_key_hash
