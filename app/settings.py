@@ -71,6 +71,17 @@ def _networks(name: str) -> tuple[str, ...]:
     return items
 
 
+def _public_url(name: str) -> str:
+    """The service's public base URL (`https://ecard.example`, maybe with a path prefix), or empty."""
+    raw = os.environ.get(name, "").strip().rstrip("/")
+    if not raw:
+        return ""
+    scheme, separator, rest = raw.partition("://")
+    if scheme.lower() not in ("http", "https") or not separator or not rest or "?" in rest or "#" in rest:
+        raise ValueError(f"{name} must be an http(s) base URL without query or fragment, got {raw!r}")
+    return raw
+
+
 def _log_levels(name: str) -> tuple[tuple[str, str], ...]:
     """`logger=LEVEL` pairs, comma-separated, e.g. `app.domain.imports=DEBUG,uvicorn=WARNING`."""
     levels: list[tuple[str, str]] = []
@@ -151,6 +162,9 @@ class Settings:
     log_levels: tuple[tuple[str, str], ...] = ()
     # Peers whose X-Request-Id is taken as the request's id (the load balancer); others get a new one.
     trusted_proxies: tuple[str, ...] = ()
+    # The scheme, host and path prefix clients use to reach the service (`https://ecard.example`), where a
+    # TLS-terminating proxy stands in front: DPoP proofs name this URI. Empty: each request's own.
+    public_url: str = ""
     # OpenTelemetry traces go to this OTLP/HTTP collector; empty: no tracing at all.
     otlp_endpoint: str = ""
     # The share of requests traced (a parent's decision, sent in `traceparent`, is followed).
@@ -213,6 +227,7 @@ class Settings:
             log_level=_log_level("ECARD_LOG_LEVEL", _env("ECARD_LOG_LEVEL", defaults.log_level)),
             log_levels=_log_levels("ECARD_LOG_LEVELS"),
             trusted_proxies=_networks("ECARD_TRUSTED_PROXIES"),
+            public_url=_public_url("ECARD_PUBLIC_URL"),
             otlp_endpoint=_env("OTEL_EXPORTER_OTLP_ENDPOINT", defaults.otlp_endpoint),
             trace_sample_ratio=_ratio("ECARD_TRACE_SAMPLE_RATIO", defaults.trace_sample_ratio),
         )

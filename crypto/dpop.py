@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -227,3 +229,24 @@ class SeenProofs:
         if key in self._seen:
             raise DpopError(DpopRefusal.REPLAYED, "this proof was used before; make a new one for each request")
         self._seen[key] = moment
+
+
+def main(argv: list[str]) -> int:
+    """`python -m crypto.dpop key`: a new device key (secret, public); `… proof SECRET METHOD URL [TOKEN]`: a proof.
+
+    For trying the holder API by hand (README): the secret is libsodium's 64 bytes, unpadded base64url.
+    """
+    if argv[:1] == ["key"] and len(argv) == 1:
+        secret = nacl.bindings.crypto_sign_keypair()[1]
+        print(b64url(secret), b64url(secret[32:]))
+        return 0
+    if argv[:1] == ["proof"] and len(argv) in (4, 5):
+        token = argv[4] if len(argv) == 5 else None
+        print(make_proof(b64url_decode(argv[1]), argv[2], argv[3], jti=secrets.token_urlsafe(12), access_token=token))
+        return 0
+    print("usage: python -m crypto.dpop key | proof SECRET METHOD URL [ACCESS_TOKEN]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -147,9 +147,9 @@ def _init(environment: Environment, **_: Any) -> None:
         environment.host = fixture.host
         for user_class in (GateUser, HolderUser, HospitalUser):
             user_class.host = fixture.host
-    phones = [HolderSession(entry) for entry in fixture.holders]
-    patients = [HolderSession(entry) for entry in fixture.patients]
-    supply_holders = [HolderSession(entry) for entry in fixture.supply_holders]
+    phones = [HolderSession(entry, str(environment.host)) for entry in fixture.holders]
+    patients = [HolderSession(entry, str(environment.host)) for entry in fixture.patients]
+    supply_holders = [HolderSession(entry, str(environment.host)) for entry in fixture.supply_holders]
     shared = Scenario(
         fixture=fixture,
         gates=Pool(fixture.gates),

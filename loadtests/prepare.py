@@ -25,14 +25,16 @@ from typing import TypeVar
 
 import httpx
 
+from crypto.keys import b64url, b64url_decode
 from loadtests.bench import BenchError
 from loadtests.bench.preparation import (
     REGION,
     REGION_NAME,
     Holder,
+    activate_device,
     citizen_id,
-    device_public_key,
     expect,
+    new_device_key,
     sanity_check,
 )
 from loadtests.scenarios.fixture import FIXTURE_VERSION, Fixture, HolderEntry, Terminal, write_fixture
@@ -114,13 +116,10 @@ async def _activated_card(client: httpx.AsyncClient, auth: dict[str, str], name:
     number = "L" + "".join(secrets.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(8))
     card = {"region": REGION, "citizen_id": citizen_id(REGION), "name": name, "card_number": number}
     issued = expect(await client.post("/v1/operator/cards", json=card, headers=auth), 201)
-    activation = {
-        "card_number": issued["card"]["card_number"],
-        "activation_code": issued["activation_code"],
-        "device_public_key": device_public_key(),
-        "device_name": "loadtest phone",
-    }
-    session = expect(await client.post("/v1/holder/activation", json=activation), 201)
+    device = new_device_key()
+    session = await activate_device(
+        client, issued["card"]["card_number"], issued["activation_code"], device, device_name="loadtest phone"
+    )
     return HolderEntry(
         card_number=str(issued["card"]["card_number"]),
         access_token=str(session["access_token"]),
@@ -128,6 +127,7 @@ async def _activated_card(client: httpx.AsyncClient, auth: dict[str, str], name:
         issued_at=time.time(),
         expires_in=float(session["expires_in"]),
         name=name,
+        device_key=b64url(device),
     )
 
 
@@ -179,7 +179,8 @@ async def prepare(client: httpx.AsyncClient, username: str, password: str, spec:
     await _bounded([_probe_job(client, terminal) for terminal in [*gates, *desks]])
     if len(gates) >= 2 and supply:
         # A fresh credential is accepted at one gate and replayed at another (bench_verify's check).
-        first = Holder(supply[0].card_number, supply[0].access_token, supply[0].refresh_token)
+        entry = supply[0]
+        first = Holder(entry.card_number, entry.access_token, entry.refresh_token, b64url_decode(entry.device_key))
         await sanity_check(client, [gates[0].api_key, gates[1].api_key], first, 1)
     return Fixture(
         version=FIXTURE_VERSION,

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import secrets
 import sys
 import uuid
-from dataclasses import dataclass
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nacl.bindings
 
 from app.domain.cards.citizen_id import check_character
 from app.settings import PROJECT_ROOT
+from crypto.dpop import make_proof
+from crypto.keys import b64url
 
 REGIONS = {"510000": "四川省", "500000": "重庆市", "440000": "广东省"}
 
@@ -53,8 +58,75 @@ def headers_without_request_id(response: httpx.Response) -> dict[str, str]:
 
 
 def bearer(token: str) -> dict[str, str]:
-    """An Authorization header."""
+    """An Authorization header (operators' tokens; holders' are DPoP-bound: `dpop`, `Holder.auth`)."""
     return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """A phone's Ed25519 device key (libsodium's 64-byte secret: seed ‖ public), as the holder app keeps it."""
+
+    secret: bytes = field(default_factory=lambda: nacl.bindings.crypto_sign_keypair()[1])
+
+    @property
+    def public_key(self) -> str:
+        """The public key as activation takes it (unpadded base64url)."""
+        return b64url(self.secret[32:])
+
+    def proof(self, method: str, url: str, access_token: str | None = None, **claims: Any) -> str:
+        """A fresh DPoP proof for one request (`jti`, `iat` may be given)."""
+        jti = claims.pop("jti", None) or secrets.token_urlsafe(16)
+        return make_proof(self.secret, method, url, jti=jti, access_token=access_token, **claims)
+
+    def auth(self, token: str | None = None) -> DpopAuth:
+        """Signs each request: the proof alone (activation, refresh), or with `token` as `Authorization: DPoP`."""
+        return DpopAuth(self, token)
+
+
+# The tests' phones: which device key each holder token was given to (by an activation or a refresh made
+# through `DpopAuth`), so a test holding only a token can still sign for it (`dpop`).
+_DEVICES: dict[str, DeviceKey] = {}
+
+
+class DpopAuth(httpx.Auth):
+    """httpx auth of a holder's device: a new DPoP proof per request (and per retry or redirect), and
+    `Authorization: DPoP <access token>` when it has one. Tokens answered to it are remembered as its own."""
+
+    requires_response_body = True
+
+    def __init__(self, device: DeviceKey, token: str | None = None) -> None:
+        self.device = device
+        # A refresh token (activation and refresh send no access token) travels in the body, not here.
+        self.access_token = token if token is not None and not token.startswith("rt_") else None
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Sign the request; remember tokens in the answer (activation, refresh) as this device's."""
+        request.headers["DPoP"] = self.device.proof(request.method, str(request.url), self.access_token)
+        if self.access_token is not None:
+            request.headers["Authorization"] = f"DPoP {self.access_token}"
+        response = yield request
+        if response.headers.get("content-type", "").startswith("application/json"):
+            try:
+                body = json.loads(response.content)
+            except ValueError:
+                return
+            if isinstance(body, dict) and body.get("token_type") == "DPoP":
+                for name in ("access_token", "refresh_token"):
+                    if isinstance(body.get(name), str):
+                        _DEVICES[body[name]] = self.device
+
+
+def dpop(token: str, device: DeviceKey | None = None) -> DpopAuth:
+    """The DPoP auth of `token` (access or refresh): signed by `device`, or by the device the token was issued
+    to in these tests' own activations and refreshes."""
+    device = device or _DEVICES.get(token)
+    assert device is not None, "not a holder token these tests were given (operator tokens go in bearer())"
+    return device.auth(token)
+
+
+def key_of(token: str) -> DeviceKey:
+    """The device key a holder token (access or refresh) was issued to."""
+    return dpop(token).device
 
 
 def citizen_id(region: str = "510000") -> str:
@@ -70,7 +142,7 @@ def card_number() -> str:
 
 
 def device_key() -> str:
-    """A device public key as the API takes it (random bytes stand in for a real key)."""
+    """A device public key as the API takes it, of a key nobody holds (activation with it cannot prove it)."""
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
 
 
@@ -83,6 +155,23 @@ class Holder:
     card_number: str
     access_token: str
     refresh_token: str
+    # The device key its tokens are bound to; None: the key they were given to (`key_of`).
+    device: DeviceKey | None = None
+
+    @property
+    def key(self) -> DeviceKey:
+        """The device key its tokens are bound to."""
+        return self.device or key_of(self.access_token)
+
+    @property
+    def auth(self) -> DpopAuth:
+        """Its device's DPoP auth with its access token: pass as `auth=holder.auth`."""
+        return self.key.auth(self.access_token)
+
+    @property
+    def refresh_auth(self) -> DpopAuth:
+        """Its device's DPoP auth for `POST /v1/holder/token` (the proof alone)."""
+        return self.key.auth()
 
 
 @dataclass
@@ -111,11 +200,18 @@ async def issue_card(client: httpx.AsyncClient, token: str, region: str = "51000
     return body
 
 
-async def activate(client: httpx.AsyncClient, number: str, code: str) -> dict[str, Any]:
-    """Activate a card through the holder API; the response body."""
+async def activate(
+    client: httpx.AsyncClient, number: str, code: str, device: DeviceKey | None = None
+) -> dict[str, Any]:
+    """Activate a card through the holder API with a new device key (or `device`); the response body.
+
+    Its tokens are then the device's (`dpop(body["access_token"])`, `device_of(...)`).
+    """
+    device = device or DeviceKey()
     response = await client.post(
         "/v1/holder/activation",
-        json={"card_number": number, "activation_code": code, "device_public_key": device_key()},
+        json={"card_number": number, "activation_code": code, "device_public_key": device.public_key},
+        auth=device.auth(),
     )
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
@@ -125,13 +221,15 @@ async def activate(client: httpx.AsyncClient, number: str, code: str) -> dict[st
 async def activated_holder(client: httpx.AsyncClient, token: str, region: str) -> Holder:
     """A card issued and activated."""
     issued = await issue_card(client, token, region)
-    session = await activate(client, issued["card"]["card_number"], issued["activation_code"])
+    device = DeviceKey()
+    session = await activate(client, issued["card"]["card_number"], issued["activation_code"], device)
     return Holder(
         card_id=issued["card"]["card_id"],
         ecard_id=issued["card"]["ecard_id"],
         card_number=issued["card"]["card_number"],
         access_token=session["access_token"],
         refresh_token=session["refresh_token"],
+        device=device,
     )
 
 
@@ -165,14 +263,12 @@ HOLDER_PIN = "402917"
 
 async def step_up(client: httpx.AsyncClient, holder: Holder) -> str:
     """Set the holder's PIN if none is set yet, enter it, and return the step-up token."""
-    card = await client.get("/v1/holder/card", headers=bearer(holder.access_token))
+    card = await client.get("/v1/holder/card", auth=holder.auth)
     assert card.status_code == 200, card.text
     if not card.json()["pin_set"]:
-        response = await client.put("/v1/holder/pin", json={"pin": HOLDER_PIN}, headers=bearer(holder.access_token))
+        response = await client.put("/v1/holder/pin", json={"pin": HOLDER_PIN}, auth=holder.auth)
         assert response.status_code == 204, response.text
-    response = await client.post(
-        "/v1/holder/pin/verification", json={"pin": HOLDER_PIN}, headers=bearer(holder.access_token)
-    )
+    response = await client.post("/v1/holder/pin/verification", json={"pin": HOLDER_PIN}, auth=holder.auth)
     assert response.status_code == 200, response.text
     token: str = response.json()["step_up_token"]
     return token
@@ -183,7 +279,7 @@ async def credentials(client: httpx.AsyncClient, holder: Holder, purpose: str = 
     body: dict[str, Any] = {"purpose": purpose, "count": count}
     if purpose == "medical":
         body["step_up_token"] = await step_up(client, holder)
-    response = await client.post("/v1/holder/credentials", json=body, headers=bearer(holder.access_token))
+    response = await client.post("/v1/holder/credentials", json=body, auth=holder.auth)
     assert response.status_code == 200, response.text
     return [item["credential"] for item in response.json()["credentials"]]
 

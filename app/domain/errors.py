@@ -36,6 +36,21 @@ class Unauthenticated(DomainError):
     default_code = "unauthorized"
 
 
+class DeviceUnproven(Unauthenticated):
+    """A holder's request did not prove possession of the device key its tokens are bound to (DPoP).
+
+    `refused` says what failed: "proof" (missing, malformed, replayed, by another key, for another
+    request), "token" (the access token is not good, or not sent as a bound one), or None when no
+    credentials came at all. `reason` (a fact) names the proof's refusal precisely.
+    """
+
+    default_code = "invalid_dpop_proof"
+
+    def __init__(self, detail: str, *, refused: str | None = "proof", code: str | None = None, **facts: Any) -> None:
+        super().__init__(detail, code=code, **facts)
+        self.refused = refused
+
+
 class Forbidden(DomainError):
     """A known caller asks for something it may not do."""
 

@@ -5,7 +5,9 @@ are the requests the service must answer at peak rates, and Litestar's routing, 
 injection, parameter extraction and response objects cost about as much CPU as the work itself
 (docs/performance.md). So a plain request to either — its credential header present, a
 `Content-Length` within the route's limit, a body that decodes — is answered here by the same
-function the routed handler calls, its answer encoded from the same response Struct.
+function the routed handler calls, its answer encoded from the same response Struct. A route may
+read more headers beside its credential (the credential refresh: `DPoP` and `Host`, for the same
+`Callers.holder` check the routed dependency makes); a request with one of them twice is handed on.
 
 Everything else is handed on to the routed handler unchanged, body included: signed requests,
 unknown keys or tokens, chunked, oversized or malformed bodies, a Content-Type other than
@@ -61,12 +63,14 @@ class HotRoute:
     the names of its other parameters, the wired objects it needs (bound once at start-up); it
     returns the response Struct (sent with 200), or None to hand the request on to the routed
     handler — only before it did anything. It raises a domain error (app.domain.errors) for a
-    problem to send.
+    problem to send. An answer that names `headers` gets the `also_read` headers present (a request
+    with one of them twice is handed on); one that names `scope` gets the ASGI scope.
     """
 
     handler: HTTPRouteHandler
     credential_header: bytes
     answer: Answer
+    also_read: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,11 @@ class _Bound:
     path: str
     max_body: int
     credential_header: bytes
-    answer: Callable[[str, bytes], Awaitable[msgspec.Struct | None]]
+    answer: Callable[..., Awaitable[msgspec.Struct | None]]
+    also_read: frozenset[bytes]
+    # Whether the answer takes the `headers` read and the `scope`.
+    takes_headers: bool
+    takes_scope: bool
 
 
 def _bind(app: Litestar, route: HotRoute, wired: object) -> _Bound:
@@ -94,9 +102,18 @@ def _bind(app: Litestar, route: HotRoute, wired: object) -> _Bound:
     max_body = handler.resolve_request_max_body_size()
     if not max_body:
         raise RuntimeError(f"hot route {path}: its handler needs a request body limit")
-    needs = [name for name in inspect.signature(route.answer).parameters if name not in ("credential", "body")]
+    parameters = inspect.signature(route.answer).parameters
+    needs = [name for name in parameters if name not in ("credential", "body", "headers", "scope")]
     answer = functools.partial(route.answer, **{name: getattr(wired, name) for name in needs})
-    return _Bound(path, max_body, route.credential_header, answer)
+    return _Bound(
+        path,
+        max_body,
+        route.credential_header,
+        answer,
+        frozenset(route.also_read),
+        "headers" in parameters,
+        "scope" in parameters,
+    )
 
 
 def body_decoder(body_type: type[Body]) -> Callable[[bytes], Body | None]:
@@ -149,6 +166,8 @@ class HotPaths:
             await self._next(scope, receive, send)
             return
         credential = length = content_type = None
+        also: dict[bytes, str] = {}
+        twice = False
         for name, value in scope["headers"]:
             if name == route.credential_header and credential is None:
                 credential = value
@@ -156,8 +175,12 @@ class HotPaths:
                 length = int(value) if value.isdigit() and len(value) < 10 else -1
             elif name == b"content-type" and content_type is None:
                 content_type = value
+            elif name in route.also_read:
+                twice = twice or name in also
+                also[name] = value.decode("latin-1")
         if (
-            credential is None
+            twice
+            or credential is None
             or length is None
             or not 0 < length <= route.max_body
             or content_type is None
@@ -176,8 +199,13 @@ class HotPaths:
         if len(body) != length:
             await self._next(scope, _replaying(body, receive), send)
             return
+        extra: dict[str, Any] = {}
+        if route.takes_headers:
+            extra["headers"] = also
+        if route.takes_scope:
+            extra["scope"] = scope
         try:
-            answer = await route.answer(credential.decode("latin-1"), body)
+            answer = await route.answer(credential.decode("latin-1"), body, **extra)
         except errors.DomainError as exc:
             request: Request[Any, Any, Any] = Request(scope, receive, send)
             await (

@@ -56,6 +56,12 @@ _STATUS_BY_KIND: dict[type[errors.DomainError], int] = {
 }
 
 
+DPOP_CHALLENGE = 'DPoP algs="EdDSA"'
+# The OpenAPI security scheme of the DPoP proof header (app.http.auth's HOLDER_SECURITY names it).
+DPOP_PROOF_SCHEME = "dpopProof"
+_DPOP_ERRORS = {"proof": "invalid_dpop_proof", "token": "invalid_token"}
+
+
 def from_domain_error(exc: errors.DomainError) -> ProblemDetailsException:
     """A domain refusal as the problem the API answers: its kind's status, its code, detail and facts."""
     status = next((_STATUS_BY_KIND[kind] for kind in type(exc).__mro__ if kind in _STATUS_BY_KIND), None)
@@ -64,7 +70,11 @@ def from_domain_error(exc: errors.DomainError) -> ProblemDetailsException:
         return problem(500, "internal_error", "internal error")
     answer = problem(status, exc.code, exc.detail, **exc.facts)
     headers = {}
-    if status == 401:
+    if isinstance(exc, errors.DeviceUnproven):
+        # RFC 9449 §7.1: the holder API's scheme is DPoP, with the one algorithm it takes.
+        error = _DPOP_ERRORS.get(exc.refused or "")
+        headers["WWW-Authenticate"] = DPOP_CHALLENGE + (f', error="{error}"' if error else "")
+    elif status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
@@ -124,6 +134,8 @@ class ProblemBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     code: str
     errors: list[dict[str, Any]] | None = None
     current_state: str | None = None
+    # Why a DPoP proof was refused (`invalid_dpop_proof`): malformed, stale, replayed, wrong_key, wrong_uri…
+    reason: str | None = None
     # The request's id, as in the service's log lines and the `X-Request-Id` answer header.
     request_id: str | None = None
 
@@ -133,7 +145,11 @@ _DESCRIPTIONS = {
         "The request is malformed: a parameter or the body fails validation (`errors` says which), or the "
         "body is not JSON, nests too deeply or gives a key twice"
     ),
-    401: "Missing or invalid credentials (token, API key, or activation data)",
+    401: (
+        "Missing or invalid credentials (token, API key, DPoP proof, or activation data). Holder routes answer "
+        '`WWW-Authenticate: DPoP algs="EdDSA"` with `error="invalid_dpop_proof"` (the problem\'s `reason` says why) '
+        'or `error="invalid_token"`'
+    ),
     403: "Authenticated, but not allowed to do this",
     404: "No such resource (or one outside the caller's regions)",
     409: "Conflicts with the current state; `current_state` says what it is where relevant",
@@ -160,6 +176,14 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
 
 PROBLEM_JSON = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/ProblemBody"}
+_DPOP_CHALLENGE_HEADER = {
+    "description": (
+        f"`{DPOP_CHALLENGE}` when the request's credentials were refused (RFC 9449 §7.1): with "
+        '`error="invalid_dpop_proof"` for the DPoP proof (the problem\'s `reason` says why), `error="invalid_token"` '
+        "for the access token. Other refusals (activation data, a refresh token, a wrong PIN) say `Bearer`, as before"
+    ),
+    "schema": {"type": "string"},
+}
 
 
 def document_problem_answers(document: dict[str, Any]) -> None:
@@ -167,7 +191,8 @@ def document_problem_answers(document: dict[str, Any]) -> None:
 
     Litestar documents its own 400 (validation) as `application/json` with a schema of its own;
     every body can be refused as too large (413), every JSON body with 415 (app.http.json_bodies), every
-    reused Idempotency-Key with 422. Applied to the whole document once, so no route can forget it.
+    reused Idempotency-Key with 422; a 401 of a route that takes a DPoP proof says its challenge. Applied
+    to the whole document once, so no route can forget it.
     """
     for item in document.get("paths", {}).values():
         for operation in item.values():
@@ -181,9 +206,12 @@ def document_problem_answers(document: dict[str, Any]) -> None:
                 responses.setdefault("415", {"description": _DESCRIPTIONS[415]})
             if any(parameter.get("name") == "Idempotency-Key" for parameter in operation.get("parameters", [])):
                 responses.setdefault("422", {"description": _DESCRIPTIONS[422]})
+            proven = any(DPOP_PROOF_SCHEME in requirement for requirement in operation.get("security", []))
             for status, response in responses.items():
                 if int(status) < 400:
                     continue
                 response["content"] = {PROBLEM_JSON: {"schema": dict(_PROBLEM_REF)}}
+                if status == "401" and proven:
+                    response["headers"] = {"WWW-Authenticate": dict(_DPOP_CHALLENGE_HEADER)}
                 if status == "400":
                     response["description"] = _DESCRIPTIONS[400]

@@ -36,6 +36,9 @@ class HolderSession:
     region: str
     # The card's index in its region's status list, carried into every credential.
     status_index: int
+    # The RFC 7638 thumbprint of the device key the token is bound to (its `cnf.jkt`, RFC 9449 §6):
+    # every request with it must carry a DPoP proof by that key.
+    jkt: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,7 @@ class SessionTokens:
             "crf": b64url(session.card_ref),
             "reg": session.region,
             "six": session.status_index,
+            "cnf": {"jkt": session.jkt},
         }
         return self._encode(claims, HOLDER_AUDIENCE, ttl)
 
@@ -108,6 +112,10 @@ class SessionTokens:
 
     @staticmethod
     def _holder_session(claims: dict[str, Any]) -> HolderSession:
+        confirmation = claims.get("cnf")
+        jkt = confirmation.get("jkt") if isinstance(confirmation, dict) else None
+        if not isinstance(jkt, str) or not jkt:
+            raise InvalidToken("the token is not bound to a device key (cnf.jkt); refresh it with a DPoP proof")
         try:
             return HolderSession(
                 ecard_id=uuid.UUID(claims["sub"]),
@@ -115,6 +123,7 @@ class SessionTokens:
                 card_ref=b64url_decode(claims["crf"]),
                 region=str(claims["reg"]),
                 status_index=int(claims["six"]),
+                jkt=jkt,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise InvalidToken(f"token claims are incomplete: {exc}") from None

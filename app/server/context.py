@@ -130,7 +130,7 @@ class ServiceContext:
             offline_kits=OfflineKits(settings.status_list_ttl, settings.status_list_lifetime),
             outbox=MirrorOutbox(sessions, mirror, pii),
             recovery=MirrorRecovery(sessions, mirror, pii, settings.redis_prefix),
-            callers=Callers(tokens, mirror, directory),
+            callers=Callers(tokens, mirror, directory, settings.public_url),
             directory_changes=DirectoryChanges(sessions, directory, bus),
         )
 

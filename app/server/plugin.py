@@ -260,7 +260,30 @@ class EcardPlugin(InitPlugin, CLIPlugin):
             render_plugins=docs_render_plugins(),
             components=Components(
                 security_schemes={
-                    "holderToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                    "holderToken": SecurityScheme(
+                        type="http",
+                        scheme="DPoP",
+                        bearer_format="JWT",
+                        description=(
+                            "A holder's access token, bound to the device key it was activated with (`cnf.jkt`): "
+                            "sent as 'Authorization: DPoP <token>' beside a DPoP proof (RFC 9449). "
+                            "'Bearer' is refused."
+                        ),
+                    ),
+                    problems.DPOP_PROOF_SCHEME: SecurityScheme(
+                        type="apiKey",
+                        name="DPoP",
+                        security_scheme_in="header",
+                        description=(
+                            "A DPoP proof (RFC 9449), new for each request: a compact JWS with header "
+                            '{"typ": "dpop+jwt", "alg": "EdDSA", "jwk": <the device\'s Ed25519 public key>} and '
+                            "claims jti (unique, at most 64 characters), htm (the method), htu (the request's URI "
+                            "without query), iat (unix seconds, within the last 60 s) and, beside an access token, "
+                            "ath (base64url SHA-256 of the token). A refusal is 401 with "
+                            '\'WWW-Authenticate: DPoP algs="EdDSA", error="invalid_dpop_proof"\' and the '
+                            "problem's `reason`."
+                        ),
+                    ),
                     "operatorToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
                     "terminalApiKey": SecurityScheme(type="apiKey", name="X-Api-Key", security_scheme_in="header"),
                     "terminalSignature": SecurityScheme(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 
 
 class Terminal(msgspec.Struct, frozen=True):
@@ -35,6 +35,8 @@ class HolderEntry(msgspec.Struct):
     issued_at: float
     expires_in: float
     name: str
+    # The device key the tokens are bound to (DPoP): libsodium's 64-byte secret, unpadded base64url.
+    device_key: str
 
 
 class Fixture(msgspec.Struct):

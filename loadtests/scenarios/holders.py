@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -11,6 +12,8 @@ import gevent.lock
 import msgspec
 from locust.contrib.fasthttp import FastHttpSession
 
+from crypto.dpop import make_proof
+from crypto.keys import b64url_decode
 from loadtests.scenarios.fixture import HolderEntry
 
 TOKEN_NAME = "/v1/holder/token"
@@ -33,10 +36,13 @@ class HolderSession:
     """A card's session while a run uses it; its access token is refreshed before it gets old.
 
     Refresh tokens are single-use (a reused one revokes the whole family), so refreshing is
-    serialised per session.
+    serialised per session. The tokens are bound to the card's device key (DPoP): every request
+    carries a new proof signed by it, for its method and URL (`base_url` + path), as a phone's do.
     """
 
-    def __init__(self, entry: HolderEntry) -> None:
+    def __init__(self, entry: HolderEntry, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.device = b64url_decode(entry.device_key)
         self.card_number = entry.card_number
         self.name = entry.name
         self.access_token = entry.access_token
@@ -48,10 +54,18 @@ class HolderSession:
         self.pin_set = False
         self._lock = gevent.lock.Semaphore()
 
-    @property
-    def auth(self) -> dict[str, str]:
-        """Headers of a JSON request made with this session."""
-        return {"Authorization": f"Bearer {self.access_token}", "Content-Type": "application/json"}
+    def proof(self, method: str, path: str, access_token: str | None = None) -> str:
+        """A new DPoP proof for one request to `path` (about 60 µs of client CPU)."""
+        url = self.base_url + path
+        return make_proof(self.device, method, url, jti=secrets.token_urlsafe(12), access_token=access_token)
+
+    def auth(self, method: str, path: str) -> dict[str, str]:
+        """Headers of one JSON request made with this session: its access token and a proof for the request."""
+        return {
+            "Authorization": f"DPoP {self.access_token}",
+            "DPoP": self.proof(method, path, self.access_token),
+            "Content-Type": "application/json",
+        }
 
     def _stale(self, max_age: float) -> bool:
         age = time.time() - self.issued_at
@@ -65,7 +79,7 @@ class HolderSession:
             if not self._stale(max_age):
                 return
             body = msgspec.json.encode({"refresh_token": self.refresh_token})
-            headers = {"Content-Type": "application/json"}
+            headers = {"Content-Type": "application/json", "DPoP": self.proof("POST", "/v1/holder/token")}
             with client.post("/v1/holder/token", data=body, headers=headers, name=TOKEN_NAME, catch_response=True) as r:
                 if r.status_code != 200:
                     r.failure(f"token refresh: HTTP {r.status_code}")

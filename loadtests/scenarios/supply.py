@@ -222,7 +222,11 @@ class Supplier:
         body = msgspec.json.encode({"purpose": "transit", "count": count})
         sent = time.time()
         with client.post(
-            "/v1/holder/credentials", data=body, headers=holder.auth, name=SUPPLY_NAME, catch_response=True
+            "/v1/holder/credentials",
+            data=body,
+            headers=holder.auth("POST", "/v1/holder/credentials"),
+            name=SUPPLY_NAME,
+            catch_response=True,
         ) as response:
             self.requests += 1
             if response.status_code != 200:

@@ -287,7 +287,7 @@ class HolderUser(FastHttpUser):
         count = random.randint(1, 20)
         body = msgspec.json.encode({"purpose": "transit", "count": count})
         with self.client.post(
-            CREDENTIALS, data=body, headers=self.holder.auth, name=CREDENTIALS, catch_response=True
+            CREDENTIALS, data=body, headers=self.holder.auth("POST", CREDENTIALS), name=CREDENTIALS, catch_response=True
         ) as response:
             if response.status_code != 200:
                 _http_failure(response, "credentials")
@@ -348,7 +348,10 @@ class HospitalUser(FastHttpUser):
     def _set_pin(self, patient: HolderSession) -> bool:
         """Set the PIN on the card's first visit (unless an earlier run with this fixture did)."""
         with self.client.get(
-            "/v1/holder/card", headers=patient.auth, name="/v1/holder/card", catch_response=True
+            "/v1/holder/card",
+            headers=patient.auth("GET", "/v1/holder/card"),
+            name="/v1/holder/card",
+            catch_response=True,
         ) as response:
             if response.status_code != 200:
                 _http_failure(response, "card")
@@ -361,7 +364,11 @@ class HospitalUser(FastHttpUser):
             return True
         body = msgspec.json.encode({"pin": PIN})
         with self.client.put(
-            "/v1/holder/pin", data=body, headers=patient.auth, name="/v1/holder/pin", catch_response=True
+            "/v1/holder/pin",
+            data=body,
+            headers=patient.auth("PUT", "/v1/holder/pin"),
+            name="/v1/holder/pin",
+            catch_response=True,
         ) as response:
             if response.status_code != 204:
                 _http_failure(response, "set PIN")
@@ -372,7 +379,8 @@ class HospitalUser(FastHttpUser):
     def _step_up(self, patient: HolderSession) -> str | None:
         body = msgspec.json.encode({"pin": PIN})
         path = "/v1/holder/pin/verification"
-        with self.client.post(path, data=body, headers=patient.auth, name=path, catch_response=True) as response:
+        headers = patient.auth("POST", path)
+        with self.client.post(path, data=body, headers=headers, name=path, catch_response=True) as response:
             if response.status_code != 200:
                 _http_failure(response, "PIN step-up")
                 return None
@@ -382,7 +390,11 @@ class HospitalUser(FastHttpUser):
     def _medical_credential(self, patient: HolderSession, step_up: str) -> str | None:
         body = msgspec.json.encode({"purpose": "medical", "count": 1, "step_up_token": step_up})
         with self.client.post(
-            CREDENTIALS, data=body, headers=patient.auth, name=MEDICAL_CREDENTIAL, catch_response=True
+            CREDENTIALS,
+            data=body,
+            headers=patient.auth("POST", CREDENTIALS),
+            name=MEDICAL_CREDENTIAL,
+            catch_response=True,
         ) as response:
             if response.status_code != 200:
                 _http_failure(response, "medical credential")

@@ -48,6 +48,11 @@ from tests.factories import bearer
 from tests.servers import free_port
 
 VENV_BIN = Path(sys.executable).parent
+# Run in the holder page: a DPoP proof by its device key for GET /v1/holder/card with the given access token.
+SIGN_CARD_REQUEST = """async (token) => {
+  const keys = await import("/app/device-key.js");
+  return keys.dpopProof(await keys.loadDeviceKey(), "GET", "/v1/holder/card", token);
+}"""
 CHROMIUM = Path(os.environ.get("ECARD_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 START_TIMEOUT = 30.0
@@ -422,11 +427,15 @@ async def test_medical_code_after_the_pin_with_the_fallback_device_key(
     await expect(this_device).to_contain_text("测试手机")
     await holder.click("[data-tab=card]")
     token = await holder.evaluate("JSON.parse(localStorage.getItem('ecard.holder.session')).access_token")
+    # A proof the page's device key signs for a later call: with it the token is good until the device goes.
+    proof = await holder.evaluate(SIGN_CARD_REQUEST, token)
     await holder.click("#sign-out")  # unbinds the device: its tokens stop working at once
     await expect(holder.locator("#view-activate")).to_be_visible()
     assert await holder.evaluate("localStorage.getItem('ecard.holder.session')") is None
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        assert (await client.get("/v1/holder/card", headers=bearer(token))).status_code == 401
+        signed_out = await client.get("/v1/holder/card", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+        assert signed_out.status_code == 401, signed_out.text
+        assert "removed" in signed_out.json()["detail"]
     assert errors == []
 
 
@@ -452,7 +461,7 @@ async def test_gate_console_reads_a_code_from_the_camera(
         image = await client.post(
             "/v1/holder/credentials/qr",
             json={"credential": credential, "format": "png", "scale": 6},
-            headers=bearer(holder.access_token),
+            auth=holder.auth,
         )
         assert image.status_code == 200
     feed = _camera_feed(image.content, tmp_path / "camera.mjpeg")

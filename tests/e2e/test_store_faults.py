@@ -227,7 +227,7 @@ async def test_a_suspension_made_while_redis_is_paused_reaches_the_gates(world: 
     assert {outcome(response) for at, response in results if at > 5.0} <= {"card_suspended", "replayed"}
     # No new codes for a suspended card, and a retry of the change says what it is.
     refused = await world.client.post(
-        "/v1/holder/credentials", json={"purpose": "transit", "count": 1}, headers=bearer(holder.access_token)
+        "/v1/holder/credentials", json={"purpose": "transit", "count": 1}, auth=holder.auth
     )
     assert refused.status_code == 409
     again = await world.client.post(

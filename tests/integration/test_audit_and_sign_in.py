@@ -220,12 +220,12 @@ async def test_the_card_life_is_audited_with_reasons_and_before_after(
 async def test_pin_reset_records_the_pin_state_before_it(
     client: httpx.AsyncClient, auditor: str, officer: str, holder: Holder
 ) -> None:
-    headers = bearer(holder.access_token)
-    assert (await client.put("/v1/holder/pin", json={"pin": "402917"}, headers=headers)).status_code == 204
+    auth = holder.auth
+    assert (await client.put("/v1/holder/pin", json={"pin": "402917"}, auth=auth)).status_code == 204
     for _ in range(MAX_PIN_TRIES):
-        response = await client.post("/v1/holder/pin/verification", json={"pin": "730519"}, headers=headers)
+        response = await client.post("/v1/holder/pin/verification", json={"pin": "730519"}, auth=auth)
         assert response.status_code in (401, 403), response.text
-    assert (await client.get("/v1/holder/card", headers=headers)).json()["pin_locked"] is True
+    assert (await client.get("/v1/holder/card", auth=auth)).json()["pin_locked"] is True
 
     await post(
         client, officer, f"/v1/operator/cards/{holder.card_id}/pin-reset", {"reason": "locked, identity checked"}
@@ -244,15 +244,13 @@ async def test_holder_actions_are_audited_as_the_holders_device(
     client: httpx.AsyncClient, admin_token: str, auditor: str, holder: Holder
 ) -> None:
     phone = device_of(holder.access_token)
-    headers = bearer(holder.access_token)
-    assert (
-        await client.post("/v1/holder/card/loss", json={"reason": "left in a taxi"}, headers=headers)
-    ).status_code == 204
-    assert (await client.post("/v1/holder/card/loss/undo", json={}, headers=headers)).status_code == 204
-    assert (await client.put("/v1/holder/pin", json={"pin": "402917"}, headers=headers)).status_code == 204
+    auth = holder.auth
+    assert (await client.post("/v1/holder/card/loss", json={"reason": "left in a taxi"}, auth=auth)).status_code == 204
+    assert (await client.post("/v1/holder/card/loss/undo", json={}, auth=auth)).status_code == 204
+    assert (await client.put("/v1/holder/pin", json={"pin": "402917"}, auth=auth)).status_code == 204
     code = (await post(client, admin_token, f"/v1/operator/cards/{holder.card_id}/activation-code"))["activation_code"]
     tablet = await factories.activate(client, holder.card_number, code)
-    assert (await client.delete(f"/v1/holder/devices/{tablet['device_id']}", headers=headers)).status_code == 204
+    assert (await client.delete(f"/v1/holder/devices/{tablet['device_id']}", auth=auth)).status_code == 204
 
     def by_phone(event: dict[str, Any]) -> None:
         assert (event["actor_type"], event["actor_id"], event["actor_name"]) == ("holder", phone, "holder device")
@@ -353,7 +351,7 @@ async def test_other_roles_cannot_read_the_audit_log(
 
 async def test_holders_and_strangers_cannot_read_the_audit_log(client: httpx.AsyncClient, holder: Holder) -> None:
     assert problem(await client.get("/v1/operator/audit-events"), 401)["code"] == "unauthorized"
-    as_holder = await client.get("/v1/operator/audit-events", headers=bearer(holder.access_token))
+    as_holder = await client.get("/v1/operator/audit-events", auth=holder.auth)
     assert problem(as_holder, 401)["code"] == "unauthorized"
 
 
@@ -454,10 +452,10 @@ async def test_failed_actions_write_no_audit_event(
     for token, suffix, body, what, status in failures:
         response = await client.post(f"{base}/{suffix}", json=body, headers=bearer(token))
         assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
-    headers = bearer(holder.access_token)
-    assert (await client.post("/v1/holder/card/loss/undo", json={}, headers=headers)).status_code == 409
-    assert (await client.put("/v1/holder/pin", json={"pin": "123456"}, headers=headers)).status_code == 400
-    assert (await client.delete(f"/v1/holder/devices/{uuid.uuid4()}", headers=headers)).status_code == 404
+    auth = holder.auth
+    assert (await client.post("/v1/holder/card/loss/undo", json={}, auth=auth)).status_code == 409
+    assert (await client.put("/v1/holder/pin", json={"pin": "123456"}, auth=auth)).status_code == 400
+    assert (await client.delete(f"/v1/holder/devices/{uuid.uuid4()}", auth=auth)).status_code == 404
 
     assert await audit_events(client, auditor, subject_id=holder.card_id) == card_before
     assert await audit_events(client, auditor, subject_id=holder.ecard_id) == ecard_before

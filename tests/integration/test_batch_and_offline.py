@@ -42,7 +42,7 @@ from crypto.credential import NONCE_LENGTH, Claims, decode_claims, issue_credent
 from crypto.keys import b64url, b64url_decode
 from crypto.offline import OfflineKit, OfflineKitError, OfflineReason, verify_offline
 from tests import factories
-from tests.factories import Gate, Holder, bearer, problem
+from tests.factories import Gate, Holder, problem
 
 SICHUAN, CHONGQING = "510000", "500000"
 LEEWAY = 5
@@ -170,7 +170,7 @@ async def test_each_scan_gets_its_own_answer_in_order(
         assert abs((as_utc(row.scanned_at) - datetime.fromisoformat(sent["scanned_at"])).total_seconds()) < 0.01
         assert row.terminal_id == uuid.UUID(gate.terminal_id)
     # The holder sees the scans, with when the gate made them.
-    usage = await client.get("/v1/holder/usage", headers=bearer(holder.access_token))
+    usage = await client.get("/v1/holder/usage", auth=holder.auth)
     assert {entry["verification_id"] for entry in usage.json()} == {ids[0], ids[2], ids[3]}
     assert all(entry["scanned_at"] for entry in usage.json())
 
@@ -393,7 +393,7 @@ async def test_timestamps_read_from_the_event_log_carry_their_time_zone(
     credential = shown_at(context, await fresh_credential(client, holder), scanned_at)
     await upload(client, gate_a, [scan(credential, scanned_at)])
     await drain(context)
-    usage = await client.get("/v1/holder/usage", headers=bearer(holder.access_token))
+    usage = await client.get("/v1/holder/usage", auth=holder.auth)
     assert usage.status_code == 200, usage.text
     [entry] = usage.json()
     copy = (await upload(client, gate_b, [scan(credential, scanned_at + timedelta(seconds=20))]))["results"][0]
@@ -513,9 +513,7 @@ async def test_a_suspension_holds_offline_once_the_codes_issued_before_it_expire
     late = verify_offline(shown_offline, after, expiry_of(shown_offline) + LEEWAY + 1, LEEWAY)
     assert late.reason is OfflineReason.EXPIRED
     # No new code for a suspended card, so nothing longer-lived reaches a gate.
-    refused = await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit"}, headers=bearer(holder.access_token)
-    )
+    refused = await client.post("/v1/holder/credentials", json={"purpose": "transit"}, auth=holder.auth)
     assert refused.status_code == 409, refused.text
     # Online, and in the gate's upload, the issuer knows the card: suspended.
     assert (await factories.verify(client, gate, shown_online))["reason"] == "card_suspended"

@@ -34,7 +34,7 @@ from app.server.context import ServiceContext
 from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Gate, Holder, bearer, problem
+from tests.factories import Gate, Holder, bearer, dpop, problem
 
 SICHUAN, CHONGQING = "510000", "500000"
 SEARCH = "/v1/operator/cards/search"
@@ -92,7 +92,7 @@ async def read_card(client: httpx.AsyncClient, token: str, card_id: str) -> dict
 
 async def holder_card(client: httpx.AsyncClient, access_token: str) -> dict[str, Any]:
     """GET /v1/holder/card (asserting 200)."""
-    response = await client.get("/v1/holder/card", headers=bearer(access_token))
+    response = await client.get("/v1/holder/card", auth=dpop(access_token))
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -108,7 +108,7 @@ async def mirrored(context: ServiceContext, ecard_id: str) -> str | None:
 
 async def get_credentials(client: httpx.AsyncClient, access_token: str, purpose: str = "transit") -> httpx.Response:
     """POST /v1/holder/credentials, whatever the outcome."""
-    return await client.post("/v1/holder/credentials", json={"purpose": purpose}, headers=bearer(access_token))
+    return await client.post("/v1/holder/credentials", json={"purpose": purpose}, auth=dpop(access_token))
 
 
 async def second_device(client: httpx.AsyncClient, token: str, holder: Holder) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def card_ref_of(access_token: str) -> bytes:
 
 async def step_up_token(client: httpx.AsyncClient, access_token: str, pin: str) -> str:
     """Enter the PIN; the step-up token."""
-    response = await client.post("/v1/holder/pin/verification", json={"pin": pin}, headers=bearer(access_token))
+    response = await client.post("/v1/holder/pin/verification", json={"pin": pin}, auth=dpop(access_token))
     assert response.status_code == 200, response.text
     token: str = response.json()["step_up_token"]
     return token
@@ -392,13 +392,15 @@ async def test_a_card_reported_lost_before_activation_cannot_be_activated(
     card = issued["card"]
     await act_ok(client, officer, card["card_id"], "loss")
 
+    device = factories.DeviceKey()
     response = await client.post(
         "/v1/holder/activation",
         json={
             "card_number": card["card_number"],
             "activation_code": issued["activation_code"],
-            "device_public_key": factories.device_key(),
+            "device_public_key": device.public_key,
         },
+        auth=device.auth(),
     )
     after = await read_card(client, officer, card["card_id"])
     assert response.status_code in (401, 409), (
@@ -464,13 +466,13 @@ async def test_undoing_a_loss_does_not_lift_an_operators_suspension(
 
 async def holder_loss(client: httpx.AsyncClient, holder: Holder) -> httpx.Response:
     """POST /v1/holder/card/loss."""
-    return await client.post("/v1/holder/card/loss", json={}, headers=bearer(holder.access_token))
+    return await client.post("/v1/holder/card/loss", json={}, auth=holder.auth)
 
 
 async def holder_undo(client: httpx.AsyncClient, holder: Holder, step_up: str | None = None) -> httpx.Response:
     """POST /v1/holder/card/loss/undo, with a step-up token if given."""
     body = {} if step_up is None else {"step_up_token": step_up}
-    return await client.post("/v1/holder/card/loss/undo", json=body, headers=bearer(holder.access_token))
+    return await client.post("/v1/holder/card/loss/undo", json=body, auth=holder.auth)
 
 
 async def test_holder_loss_report_suspends_at_once_and_the_holder_can_undo_it(
@@ -610,9 +612,11 @@ async def test_replacement_moves_the_ecard_and_unbinds_every_device(
         (holder.access_token, holder.refresh_token),
         (tablet["access_token"], tablet["refresh_token"]),
     ):
-        assert problem(await client.get("/v1/holder/card", headers=bearer(access)), 401)["code"] == "unauthorized"
+        assert problem(await client.get("/v1/holder/card", auth=dpop(access)), 401)["code"] == "unauthorized"
         assert problem(await get_credentials(client, access), 401)["code"] == "unauthorized"
-        assert problem(await client.post("/v1/holder/token", json={"refresh_token": refresh}), 401)["code"] in (
+        assert problem(await client.post("/v1/holder/token", json={"refresh_token": refresh}, auth=dpop(refresh)), 401)[
+            "code"
+        ] in (
             "invalid_refresh_token",
             "refresh_token_reused",
         )
@@ -621,13 +625,15 @@ async def test_replacement_moves_the_ecard_and_unbinds_every_device(
     assert await mirrored(context, holder.ecard_id) == "P"
 
     # The old card number leads nowhere, even with the new code.
+    device = factories.DeviceKey()
     old_try = await client.post(
         "/v1/holder/activation",
         json={
             "card_number": holder.card_number,
             "activation_code": replaced["activation_code"],
-            "device_public_key": factories.device_key(),
+            "device_public_key": device.public_key,
         },
+        auth=device.auth(),
     )
     assert problem(old_try, 401)["code"] == "activation_failed"
 
@@ -638,12 +644,19 @@ async def test_replacement_moves_the_ecard_and_unbinds_every_device(
     assert (seen["card_state"], seen["ecard_state"]) == ("active", "active")
     assert seen["card_number"] == "*****" + new_number[-4:]
     assert (await read_card(client, officer, new["card_id"]))["card_state"] == "active"
-    devices = await client.get("/v1/holder/devices", headers=bearer(session["access_token"]))
+    devices = await client.get("/v1/holder/devices", auth=dpop(session["access_token"]))
     assert [d["id"] for d in devices.json()] == [session["device_id"]]
 
     # The card reference is kept, so a verifier's pseudonym for the holder does not change.
     assert card_ref_of(session["access_token"]) == card_ref_of(holder.access_token)
-    renewed = Holder(new["card_id"], holder.ecard_id, new_number, session["access_token"], session["refresh_token"])
+    renewed = Holder(
+        new["card_id"],
+        holder.ecard_id,
+        new_number,
+        session["access_token"],
+        session["refresh_token"],
+        factories.key_of(session["access_token"]),
+    )
     [after_credential] = await factories.credentials(client, renewed)
     after = await factories.verify(client, gate, after_credential)
     assert after["result"] == "accepted"
@@ -679,7 +692,7 @@ async def test_replacement_with_a_malformed_card_number_is_a_400_and_changes_not
     assert problem(response, 400)["detail"] == "card number must be 9 letters or digits"
     seen = await read_card(client, officer, holder.card_id)
     assert (seen["card_state"], seen["ecard_state"]) == ("active", "active")
-    assert (await client.get("/v1/holder/card", headers=bearer(holder.access_token))).status_code == 200
+    assert (await client.get("/v1/holder/card", auth=holder.auth)).status_code == 200
 
 
 async def test_replacement_of_a_card_with_a_revoked_ecard_is_a_conflict(
@@ -709,8 +722,10 @@ async def test_cancellation_revokes_the_ecard_and_unbinds_every_device(
         (holder.access_token, holder.refresh_token),
         (tablet["access_token"], tablet["refresh_token"]),
     ):
-        assert problem(await client.get("/v1/holder/devices", headers=bearer(access)), 401)["code"] == "unauthorized"
-        assert problem(await client.post("/v1/holder/token", json={"refresh_token": refresh}), 401)["code"] in (
+        assert problem(await client.get("/v1/holder/devices", auth=dpop(access)), 401)["code"] == "unauthorized"
+        assert problem(await client.post("/v1/holder/token", json={"refresh_token": refresh}, auth=dpop(refresh)), 401)[
+            "code"
+        ] in (
             "invalid_refresh_token",
             "refresh_token_reused",
         )
@@ -860,7 +875,7 @@ async def test_card_of_another_region_answers_like_a_missing_one(
     assert factories.without_request_id(hidden) == factories.without_request_id(missing)
     assert factories.headers_without_request_id(hidden) == factories.headers_without_request_id(missing)
     assert await read_card(client, admin_token, foreign.card_id) == before
-    assert (await client.get("/v1/holder/card", headers=bearer(foreign.access_token))).status_code == 200
+    assert (await client.get("/v1/holder/card", auth=foreign.auth)).status_code == 200
 
 
 @pytest.mark.parametrize("role", [Role.AUDITOR, Role.VERIFIER_MANAGER])

@@ -249,26 +249,24 @@ async def test_a_holder_sees_what_the_card_may_do_at_home_and_elsewhere(
     client: httpx.AsyncClient, admin_token: str
 ) -> None:
     holder = await factories.activated_holder(client, admin_token, CHONGQING)
-    headers = bearer(holder.access_token)
-    home = await get_json(client, "/v1/holder/services", headers=headers)
+    auth = holder.auth
+    home = await get_json(client, "/v1/holder/services", auth=auth)
     assert home["region"] == home["card_region"] == CHONGQING
     assert home["purposes"] == ALL_PURPOSES
     assert codes(home) == codes(await get_json(client, f"/v1/regions/{CHONGQING}/services"))
 
-    sichuan = await get_json(client, "/v1/holder/services", params={"region": SICHUAN}, headers=headers)
+    sichuan = await get_json(client, "/v1/holder/services", params={"region": SICHUAN}, auth=auth)
     assert (sichuan["region"], sichuan["card_region"]) == (SICHUAN, CHONGQING)
     assert sichuan["purposes"] == ["general", "library", "medical"]
     assert "LIVE-CUL-002" in codes(sichuan) and "LIVE-TRN-001" not in codes(sichuan)
     assert_consistent(sichuan)
-    library = await get_json(
-        client, "/v1/holder/services", params={"region": SICHUAN, "purpose": "library"}, headers=headers
-    )
+    library = await get_json(client, "/v1/holder/services", params={"region": SICHUAN, "purpose": "library"}, auth=auth)
     assert library["services"] and usable(library) == {"library"}
 
     problem(await client.get("/v1/holder/services"), 401)
     problem(await client.get("/v1/holder/services", headers=bearer("not-a-token")), 401)
-    problem(await client.get("/v1/holder/services", params={"region": "51"}, headers=headers), 400)
-    problem(await client.get("/v1/holder/services", params={"region": "990000"}, headers=headers), 404)
+    problem(await client.get("/v1/holder/services", params={"region": "51"}, auth=auth), 400)
+    problem(await client.get("/v1/holder/services", params={"region": "990000"}, auth=auth), 404)
 
 
 @pytest.mark.usefixtures("catalog")

@@ -16,7 +16,7 @@ from crypto.base45 import b45decode
 from crypto.credential import PREFIX, verify_credential
 from crypto.jwk import parse_jwks
 from tests import factories
-from tests.factories import Gate, Holder, bearer
+from tests.factories import Gate, Holder
 
 
 async def test_activated_card_verifies_once_then_replayed(
@@ -53,9 +53,7 @@ async def test_credential_carries_no_personal_data_and_fits_qr_version_8(
 
 
 async def test_bundle_has_consecutive_windows(client: httpx.AsyncClient, holder: Holder) -> None:
-    response = await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit", "count": 20}, headers=bearer(holder.access_token)
-    )
+    response = await client.post("/v1/holder/credentials", json={"purpose": "transit", "count": 20}, auth=holder.auth)
     assert response.status_code == 200, response.text
     body = response.json()
     items = body["credentials"]
@@ -78,26 +76,20 @@ async def test_bundle_has_consecutive_windows(client: httpx.AsyncClient, holder:
 
 
 async def test_bundle_over_the_limit_and_medical_bundle_are_refused(client: httpx.AsyncClient, holder: Holder) -> None:
-    too_many = await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit", "count": 21}, headers=bearer(holder.access_token)
-    )
+    too_many = await client.post("/v1/holder/credentials", json={"purpose": "transit", "count": 21}, auth=holder.auth)
     assert too_many.status_code == 400
     assert too_many.headers["content-type"].startswith("application/problem+json")
-    medical = await client.post(
-        "/v1/holder/credentials", json={"purpose": "medical", "count": 2}, headers=bearer(holder.access_token)
-    )
+    medical = await client.post("/v1/holder/credentials", json={"purpose": "medical", "count": 2}, auth=holder.auth)
     assert medical.status_code == 400
     assert "one at a time" in medical.json()["detail"]
-    without_step_up = await client.post(
-        "/v1/holder/credentials", json={"purpose": "medical"}, headers=bearer(holder.access_token)
-    )
+    without_step_up = await client.post("/v1/holder/credentials", json={"purpose": "medical"}, auth=holder.auth)
     assert without_step_up.status_code == 403
     assert without_step_up.json()["code"] == "step_up_required"
     token = await factories.step_up(client, holder)
     single = await client.post(
         "/v1/holder/credentials",
         json={"purpose": "medical", "step_up_token": token},
-        headers=bearer(holder.access_token),
+        auth=holder.auth,
     )
     assert single.status_code == 200
 
@@ -120,7 +112,7 @@ async def test_qr_image_decodes_back_to_the_credential(
     response = await client.post(
         "/v1/holder/credentials/qr",
         json={"credential": credential, "format": image_format, "scale": 4},
-        headers=bearer(holder.access_token),
+        auth=holder.auth,
     )
     assert response.status_code == 200, response.text
     if image_format == "svg":
@@ -142,8 +134,6 @@ async def test_qr_of_another_cards_credential_is_refused(
 ) -> None:
     other = await factories.activated_holder(client, admin_token, "510000")
     [credential] = await factories.credentials(client, other)
-    response = await client.post(
-        "/v1/holder/credentials/qr", json={"credential": credential}, headers=bearer(holder.access_token)
-    )
+    response = await client.post("/v1/holder/credentials/qr", json={"credential": credential}, auth=holder.auth)
     assert response.status_code == 403
     assert response.json()["code"] == "forbidden"

@@ -52,7 +52,9 @@ async def test_refusals_while_dependencies_resolve_return_their_connections(
             missing = await client.get(card, headers=bearer(admin_token), timeout=10)
             out_after_refusals.append(pool.checkedout())  # type: ignore[attr-defined]
             assert problem(missing, 404)["code"] == "not_found"
-            refused = await client.get("/v1/holder/usage", headers=bearer(holder.access_token + "x"), timeout=10)
+            refused = await client.get(
+                "/v1/holder/usage", auth=factories.dpop(holder.access_token + "x", holder.key), timeout=10
+            )
             out_after_refusals.append(pool.checkedout())  # type: ignore[attr-defined]
             assert problem(refused, 401)["code"] == "unauthorized"
         await asyncio.sleep(0.1)

@@ -34,7 +34,7 @@ from crypto.credential import Purpose, open_credential
 from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Holder, bearer, problem
+from tests.factories import Holder, bearer, dpop, problem
 
 SICHUAN = "510000"
 MAX_PIN_TRIES = 5
@@ -68,12 +68,13 @@ def holder_session_of(access_token: str) -> HolderSession:
         card_ref=b64url_decode(claims["crf"]),
         region=claims["reg"],
         status_index=claims["six"],
+        jkt=claims["cnf"]["jkt"],
     )
 
 
 async def holder_card(client: httpx.AsyncClient, access_token: str) -> dict[str, Any]:
     """GET /v1/holder/card (asserting 200)."""
-    response = await client.get("/v1/holder/card", headers=bearer(access_token))
+    response = await client.get("/v1/holder/card", auth=dpop(access_token))
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -81,7 +82,7 @@ async def holder_card(client: httpx.AsyncClient, access_token: str) -> dict[str,
 
 async def devices_of(client: httpx.AsyncClient, access_token: str) -> list[dict[str, Any]]:
     """GET /v1/holder/devices (asserting 200)."""
-    response = await client.get("/v1/holder/devices", headers=bearer(access_token))
+    response = await client.get("/v1/holder/devices", auth=dpop(access_token))
     assert response.status_code == 200, response.text
     body: list[dict[str, Any]] = response.json()
     return body
@@ -99,12 +100,12 @@ async def put_pin(client: httpx.AsyncClient, access_token: str, pin: str, curren
     body: dict[str, Any] = {"pin": pin}
     if current is not None:
         body["current_pin"] = current
-    return await client.put("/v1/holder/pin", json=body, headers=bearer(access_token))
+    return await client.put("/v1/holder/pin", json=body, auth=dpop(access_token))
 
 
 async def verify_pin(client: httpx.AsyncClient, access_token: str, pin: str) -> httpx.Response:
     """POST /v1/holder/pin/verification, whatever the outcome."""
-    return await client.post("/v1/holder/pin/verification", json={"pin": pin}, headers=bearer(access_token))
+    return await client.post("/v1/holder/pin/verification", json={"pin": pin}, auth=dpop(access_token))
 
 
 async def medical(client: httpx.AsyncClient, access_token: str, step_up: str | None, count: int = 1) -> httpx.Response:
@@ -112,7 +113,7 @@ async def medical(client: httpx.AsyncClient, access_token: str, step_up: str | N
     body: dict[str, Any] = {"purpose": "medical", "count": count}
     if step_up is not None:
         body["step_up_token"] = step_up
-    return await client.post("/v1/holder/credentials", json=body, headers=bearer(access_token))
+    return await client.post("/v1/holder/credentials", json=body, auth=dpop(access_token))
 
 
 async def pin_attempts(context: ServiceContext, ecard_id: str) -> int:
@@ -137,7 +138,7 @@ async def test_holder_sees_the_card_with_personal_data_masked(client: httpx.Asyn
     issued = response.json()
     session = await factories.activate(client, number, issued["activation_code"])
 
-    response = await client.get("/v1/holder/card", headers=bearer(session["access_token"]))
+    response = await client.get("/v1/holder/card", auth=dpop(session["access_token"]))
     assert response.status_code == 200, response.text
     card = response.json()
     assert card == {
@@ -157,7 +158,9 @@ async def test_holder_sees_the_card_with_personal_data_masked(client: httpx.Asyn
 
 async def test_holder_card_needs_a_holder_token(client: httpx.AsyncClient, admin_token: str) -> None:
     assert problem(await client.get("/v1/holder/card"), 401)["code"] == "unauthorized"
-    assert problem(await client.get("/v1/holder/card", headers=bearer(admin_token)), 401)["code"] == "unauthorized"
+    assert problem(await client.get("/v1/holder/card", headers=bearer(admin_token)), 401)["code"] == "dpop_required"
+    as_holder = dpop(admin_token, factories.DeviceKey())
+    assert problem(await client.get("/v1/holder/card", auth=as_holder), 401)["code"] == "unauthorized"
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ async def test_devices_list_marks_the_current_device(
 async def test_holder_renames_own_devices_only(client: httpx.AsyncClient, admin_token: str, holder: Holder) -> None:
     tablet = await second_device(client, admin_token, holder)
     renamed = await client.patch(
-        f"/v1/holder/devices/{tablet['device_id']}", json={"name": "  iPad 厨房 "}, headers=bearer(holder.access_token)
+        f"/v1/holder/devices/{tablet['device_id']}", json={"name": "  iPad 厨房 "}, auth=holder.auth
     )
     assert renamed.status_code == 200, renamed.text
     assert (renamed.json()["id"], renamed.json()["name"], renamed.json()["current"]) == (
@@ -197,12 +200,8 @@ async def test_holder_renames_own_devices_only(client: httpx.AsyncClient, admin_
     # Another holder's device answers exactly like a device that does not exist, and keeps its name.
     other = await factories.activated_holder(client, admin_token, SICHUAN)
     other_device = str(holder_session_of(other.access_token).device_id)
-    hidden = await client.patch(
-        f"/v1/holder/devices/{other_device}", json={"name": "mine now"}, headers=bearer(holder.access_token)
-    )
-    missing = await client.patch(
-        f"/v1/holder/devices/{uuid.uuid4()}", json={"name": "mine now"}, headers=bearer(holder.access_token)
-    )
+    hidden = await client.patch(f"/v1/holder/devices/{other_device}", json={"name": "mine now"}, auth=holder.auth)
+    missing = await client.patch(f"/v1/holder/devices/{uuid.uuid4()}", json={"name": "mine now"}, auth=holder.auth)
     assert problem(hidden, 404)["code"] == "not_found"
     assert factories.without_request_id(hidden) == factories.without_request_id(missing)
     [theirs] = await devices_of(client, other.access_token)
@@ -233,16 +232,18 @@ async def test_removing_a_device_ends_its_sessions_at_once_on_every_endpoint(
     tablet = await second_device(client, admin_token, holder)
     [credential] = await factories.credentials(client, holder)
     # Control: before the removal the tablet's token works.
-    assert (await client.get("/v1/holder/card", headers=bearer(tablet["access_token"]))).status_code == 200
+    assert (await client.get("/v1/holder/card", auth=dpop(tablet["access_token"]))).status_code == 200
 
-    removed = await client.delete(f"/v1/holder/devices/{tablet['device_id']}", headers=bearer(holder.access_token))
+    removed = await client.delete(f"/v1/holder/devices/{tablet['device_id']}", auth=holder.auth)
     assert removed.status_code == 204, removed.text
 
     phone = str(holder_session_of(holder.access_token).device_id)
     for method, path, body in every_holder_call(phone, credential):
-        response = await client.request(method, path, json=body, headers=bearer(tablet["access_token"]))
+        response = await client.request(method, path, json=body, auth=dpop(tablet["access_token"]))
         assert problem(response, 401)["code"] == "unauthorized", f"{method} {path}"
-    refreshed = await client.post("/v1/holder/token", json={"refresh_token": tablet["refresh_token"]})
+    refreshed = await client.post(
+        "/v1/holder/token", json={"refresh_token": tablet["refresh_token"]}, auth=dpop(tablet["refresh_token"])
+    )
     assert problem(refreshed, 401)["code"] == "invalid_refresh_token"
 
     # The tablet's refused calls did nothing, and the phone keeps working.
@@ -250,17 +251,23 @@ async def test_removing_a_device_ends_its_sessions_at_once_on_every_endpoint(
     assert (card["card_state"], card["ecard_state"], card["pin_set"]) == ("active", "active", False)
     [phone_device] = await devices_of(client, holder.access_token)
     assert (phone_device["id"], phone_device["name"]) == (phone, "phone")
-    assert (await client.post("/v1/holder/token", json={"refresh_token": holder.refresh_token})).status_code == 200
+    assert (
+        await client.post(
+            "/v1/holder/token", json={"refresh_token": holder.refresh_token}, auth=dpop(holder.refresh_token)
+        )
+    ).status_code == 200
     await factories.credentials(client, holder)
 
 
 async def test_removing_the_current_device_signs_it_out(client: httpx.AsyncClient, holder: Holder) -> None:
     phone = holder_session_of(holder.access_token).device_id
-    removed = await client.delete(f"/v1/holder/devices/{phone}", headers=bearer(holder.access_token))
+    removed = await client.delete(f"/v1/holder/devices/{phone}", auth=holder.auth)
     assert removed.status_code == 204, removed.text
-    signed_out = await client.get("/v1/holder/devices", headers=bearer(holder.access_token))
+    signed_out = await client.get("/v1/holder/devices", auth=holder.auth)
     assert problem(signed_out, 401)["code"] == "unauthorized"
-    refreshed = await client.post("/v1/holder/token", json={"refresh_token": holder.refresh_token})
+    refreshed = await client.post(
+        "/v1/holder/token", json={"refresh_token": holder.refresh_token}, auth=dpop(holder.refresh_token)
+    )
     assert problem(refreshed, 401)["code"] == "invalid_refresh_token"
 
 
@@ -269,13 +276,17 @@ async def test_another_holders_device_cannot_be_removed(
 ) -> None:
     other = await factories.activated_holder(client, admin_token, SICHUAN)
     other_device = holder_session_of(other.access_token).device_id
-    hidden = await client.delete(f"/v1/holder/devices/{other_device}", headers=bearer(holder.access_token))
-    missing = await client.delete(f"/v1/holder/devices/{uuid.uuid4()}", headers=bearer(holder.access_token))
+    hidden = await client.delete(f"/v1/holder/devices/{other_device}", auth=holder.auth)
+    missing = await client.delete(f"/v1/holder/devices/{uuid.uuid4()}", auth=holder.auth)
     assert problem(hidden, 404)["code"] == "not_found"
     assert factories.without_request_id(hidden) == factories.without_request_id(missing)
     # The other holder is not signed out.
     assert [d["id"] for d in await devices_of(client, other.access_token)] == [str(other_device)]
-    assert (await client.post("/v1/holder/token", json={"refresh_token": other.refresh_token})).status_code == 200
+    assert (
+        await client.post(
+            "/v1/holder/token", json={"refresh_token": other.refresh_token}, auth=dpop(other.refresh_token)
+        )
+    ).status_code == 200
 
 
 # --- the PIN ---------------------------------------------------------------------------------
@@ -508,7 +519,7 @@ async def test_medical_credential_needs_a_step_up(client: httpx.AsyncClient, hol
     assert refused["code"] == "step_up_required"
     # Transit needs none.
     assert (
-        await client.post("/v1/holder/credentials", json={"purpose": "transit"}, headers=bearer(holder.access_token))
+        await client.post("/v1/holder/credentials", json={"purpose": "transit"}, auth=holder.auth)
     ).status_code == 200
 
 
@@ -569,4 +580,4 @@ async def test_fresh_step_up_gives_exactly_one_medical_credential(
 
 async def test_step_up_is_no_access_token(client: httpx.AsyncClient, holder: Holder) -> None:
     token = await factories.step_up(client, holder)
-    assert problem(await client.get("/v1/holder/card", headers=bearer(token)), 401)["code"] == "unauthorized"
+    assert problem(await client.get("/v1/holder/card", auth=dpop(token, holder.key)), 401)["code"] == "unauthorized"

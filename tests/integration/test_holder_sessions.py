@@ -27,7 +27,7 @@ from app.server.context import ServiceContext
 from crypto.credential import open_credential
 from crypto.keys import b64url_decode
 from tests import factories
-from tests.factories import Holder, bearer, problem
+from tests.factories import Holder, bearer, dpop, problem
 
 MAX_ATTEMPTS = 5
 
@@ -36,16 +36,23 @@ MAX_ATTEMPTS = 5
 
 
 async def try_activation(
-    client: httpx.AsyncClient, card_number: str, code: str, device_key: str | None = None
+    client: httpx.AsyncClient,
+    card_number: str,
+    code: str,
+    device_key: str | None = None,
+    device: factories.DeviceKey | None = None,
 ) -> httpx.Response:
-    """POST /v1/holder/activation, whatever the outcome."""
+    """POST /v1/holder/activation, whatever the outcome, with a proof by `device` (a new key by default),
+    registering its key (or `device_key`, as given)."""
+    device = device or factories.DeviceKey()
     return await client.post(
         "/v1/holder/activation",
         json={
             "card_number": card_number,
             "activation_code": code,
-            "device_public_key": factories.device_key() if device_key is None else device_key,
+            "device_public_key": device.public_key if device_key is None else device_key,
         },
+        auth=device.auth(),
     )
 
 
@@ -64,16 +71,22 @@ def wrong_code(code: str) -> str:
     return f"{other[:4]}-{other[4:]}"
 
 
-async def get_credentials(client: httpx.AsyncClient, access_token: str, **body: Any) -> httpx.Response:
-    """POST /v1/holder/credentials, whatever the outcome."""
+async def get_credentials(
+    client: httpx.AsyncClient, access_token: str, device: factories.DeviceKey | None = None, **body: Any
+) -> httpx.Response:
+    """POST /v1/holder/credentials, whatever the outcome, signed by `device` (default: the token's own)."""
     return await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit", **body}, headers=bearer(access_token)
+        "/v1/holder/credentials", json={"purpose": "transit", **body}, auth=dpop(access_token, device)
     )
 
 
-async def refresh(client: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
-    """POST /v1/holder/token, whatever the outcome."""
-    return await client.post("/v1/holder/token", json={"refresh_token": refresh_token})
+async def refresh(
+    client: httpx.AsyncClient, refresh_token: str, device: factories.DeviceKey | None = None
+) -> httpx.Response:
+    """POST /v1/holder/token, whatever the outcome, signed by `device` (default: the token's own)."""
+    return await client.post(
+        "/v1/holder/token", json={"refresh_token": refresh_token}, auth=dpop(refresh_token, device)
+    )
 
 
 async def set_ecard_state(client: httpx.AsyncClient, token: str, card_id: str, state: str) -> None:
@@ -96,6 +109,7 @@ def holder_session_of(access_token: str) -> HolderSession:
         card_ref=b64url_decode(claims["crf"]),
         region=claims["reg"],
         status_index=claims["six"],
+        jkt=claims["cnf"]["jkt"],
     )
 
 
@@ -156,7 +170,7 @@ async def test_activation_code_is_accepted_with_or_without_its_dash(
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["ecard_id"] == issued["card"]["ecard_id"]
-    assert body["token_type"] == "Bearer"
+    assert body["token_type"] == "DPoP"
     assert 0 < body["expires_in"] <= 900
 
 
@@ -296,6 +310,7 @@ async def test_device_public_key_of_wrong_type_is_a_400_problem(client: httpx.As
     response = await client.post(
         "/v1/holder/activation",
         json={"card_number": factories.card_number(), "activation_code": "1234-5678", "device_public_key": 42},
+        auth=factories.DeviceKey().auth(),
     )
     body = problem(response, 400)
     assert body["errors"] == [{"message": "Expected `str`, got `int`", "key": "device_public_key", "source": "body"}]
@@ -351,7 +366,7 @@ async def test_reuse_in_one_family_leaves_other_devices_alone(client: httpx.Asyn
     [pytest.param("rt_" + "A" * 43, id="well-formed-unknown"), pytest.param("garbage", id="garbage")],
 )
 async def test_unknown_refresh_token_is_refused(client: httpx.AsyncClient, token: str) -> None:
-    body = problem(await refresh(client, token), 401)
+    body = problem(await refresh(client, token, factories.DeviceKey()), 401)
     assert body["code"] == "invalid_refresh_token"
 
 
@@ -369,34 +384,38 @@ async def test_credentials_need_an_authorization_header(client: httpx.AsyncClien
     response = await client.post("/v1/holder/credentials", json={"purpose": "transit"})
     body = problem(response, 401)
     assert body["code"] == "unauthorized"
-    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["www-authenticate"] == 'DPoP algs="EdDSA"'
 
 
 @pytest.mark.parametrize(
-    "header",
+    ("header", "code"),
     [
-        pytest.param("Bearer garbage", id="garbage"),
-        pytest.param("Bearer ", id="empty-token"),
-        pytest.param("Basic dXNlcjpwYXNz", id="basic-scheme"),
-        pytest.param("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", id="alg-none"),
+        pytest.param("Bearer garbage", "dpop_required", id="garbage"),
+        pytest.param("Bearer ", "unauthorized", id="empty-token"),
+        pytest.param("Basic dXNlcjpwYXNz", "unauthorized", id="basic-scheme"),
+        pytest.param("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "dpop_required", id="alg-none"),
+        pytest.param("DPoP garbage", "unauthorized", id="dpop-garbage"),
+        pytest.param("DPoP ", "unauthorized", id="dpop-empty-token"),
+        pytest.param("DPoP eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "unauthorized", id="dpop-alg-none"),
     ],
 )
-async def test_garbage_access_token_is_refused(client: httpx.AsyncClient, header: str) -> None:
-    response = await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit"}, headers={"Authorization": header}
-    )
-    assert problem(response, 401)["code"] == "unauthorized"
+async def test_garbage_access_token_is_refused(client: httpx.AsyncClient, header: str, code: str) -> None:
+    proof = factories.DeviceKey().proof("POST", "http://testserver/v1/holder/credentials", header.partition(" ")[2])
+    for headers in ({"Authorization": header}, {"Authorization": header, "DPoP": proof}):
+        response = await client.post("/v1/holder/credentials", json={"purpose": "transit"}, headers=headers)
+        assert problem(response, 401)["code"] == code
+        assert response.headers["www-authenticate"].startswith('DPoP algs="EdDSA"')
 
 
 async def test_operator_token_is_not_a_holder_token(client: httpx.AsyncClient, admin_token: str) -> None:
-    response = await get_credentials(client, admin_token)
+    response = await get_credentials(client, admin_token, factories.DeviceKey())
     body = problem(response, 401)
     assert body["code"] == "unauthorized"
     assert "audience" in body["detail"].lower(), body
 
 
 async def test_holder_token_is_not_an_operator_token(client: httpx.AsyncClient, holder: Holder) -> None:
-    response = await client.get(f"/v1/operator/cards/{holder.card_id}", headers=bearer(holder.access_token))
+    response = await client.get(f"/v1/operator/cards/{holder.card_id}", auth=holder.auth)
     assert problem(response, 401)["code"] == "unauthorized"
 
 
@@ -406,9 +425,9 @@ async def test_expired_access_token_is_refused(
     session = holder_session_of(holder.access_token)
     # Control: the same session minted now works.
     fresh = context.tokens.issue_holder(session, ttl=60)
-    assert (await get_credentials(client, fresh)).status_code == 200
+    assert (await get_credentials(client, fresh, holder.key)).status_code == 200
     expired = context.tokens.issue_holder(session, ttl=-100)
-    body = problem(await get_credentials(client, expired), 401)
+    body = problem(await get_credentials(client, expired, holder.key), 401)
     assert body["code"] == "unauthorized"
     assert "expired" in body["detail"].lower(), body
 
@@ -417,7 +436,7 @@ async def test_access_token_signed_by_another_key_is_refused(client: httpx.Async
     claims = jwt.decode(holder.access_token, options={"verify_signature": False})
     header = jwt.get_unverified_header(holder.access_token)
     forged = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": header["kid"]})
-    assert problem(await get_credentials(client, forged), 401)["code"] == "unauthorized"
+    assert problem(await get_credentials(client, forged, holder.key), 401)["code"] == "unauthorized"
 
 
 async def test_a_token_gets_credentials_for_its_own_card_only(
@@ -442,13 +461,9 @@ async def test_a_token_gets_credentials_for_its_own_card_only(
 
     # Alice's token renders Alice's credential but not Bob's.
     [bob_credential] = await factories.credentials(client, bob)
-    own = await client.post(
-        "/v1/holder/credentials/qr", json={"credential": alice_credentials[0]}, headers=bearer(alice.access_token)
-    )
+    own = await client.post("/v1/holder/credentials/qr", json={"credential": alice_credentials[0]}, auth=alice.auth)
     assert own.status_code == 200, own.text
-    foreign = await client.post(
-        "/v1/holder/credentials/qr", json={"credential": bob_credential}, headers=bearer(alice.access_token)
-    )
+    foreign = await client.post("/v1/holder/credentials/qr", json={"credential": bob_credential}, auth=alice.auth)
     assert problem(foreign, 403)["code"] == "forbidden"
 
 

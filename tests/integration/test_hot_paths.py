@@ -215,14 +215,16 @@ async def test_a_client_gone_before_its_body_gets_nothing_and_uses_nothing(
 
 
 async def issue_hot(client: httpx.AsyncClient, holder: Holder, body: dict[str, Any]) -> httpx.Response:
-    response = await client.post("/v1/holder/credentials", json=body, headers=factories.bearer(holder.access_token))
+    response = await client.post("/v1/holder/credentials", json=body, auth=holder.auth)
     assert "content-length" in response.request.headers
     return response
 
 
 async def issue_routed(client: httpx.AsyncClient, holder: Holder, body: dict[str, Any]) -> httpx.Response:
-    headers = {**factories.bearer(holder.access_token), "content-type": "application/json"}
-    response = await client.post("/v1/holder/credentials", content=_chunks(json.dumps(body).encode()), headers=headers)
+    headers = {"content-type": "application/json"}
+    response = await client.post(
+        "/v1/holder/credentials", content=_chunks(json.dumps(body).encode()), headers=headers, auth=holder.auth
+    )
     assert "content-length" not in response.request.headers
     return response
 
@@ -279,12 +281,15 @@ async def test_issuing_requests_it_does_not_take_get_the_routed_problems(
     client: httpx.AsyncClient, holder: Holder
 ) -> None:
     url = "/v1/holder/credentials"
-    for headers in ({"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic abc"}):
+    for headers, code in (
+        ({"Authorization": "Bearer not-a-token"}, "dpop_required"),
+        ({"Authorization": "Basic abc"}, "unauthorized"),
+    ):
         response = await client.post(url, json={"purpose": "transit"}, headers=headers)
-        assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
+        assert (response.status_code, response.json()["code"]) == (401, code)
     for content in (b"{", b'{"purpose": "transit", "count": 0}', b'{"purpose": "flying"}'):
-        headers = {**factories.bearer(holder.access_token), "content-type": "application/json"}
-        response = await client.post(url, content=content, headers=headers)
+        headers = {"content-type": "application/json"}
+        response = await client.post(url, content=content, headers=headers, auth=holder.auth)
         assert (response.status_code, response.json()["code"]) == (400, "bad_request"), content
 
 

@@ -93,12 +93,16 @@ async def test_deep_nesting_on_verify_is_a_400_both_ways(client: httpx.AsyncClie
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "text/json"])
 async def test_activation_refuses_other_media_types(client: httpx.AsyncClient, content_type: str | None) -> None:
     headers = {} if content_type is None else {"content-type": content_type}
-    body = ACTIVATION % factories.device_key().encode()
-    response = await client.post("/v1/holder/activation", content=body, headers=headers)
+    device = factories.DeviceKey()
+    body = ACTIVATION % device.public_key.encode()
+    response = await client.post("/v1/holder/activation", content=body, headers=headers, auth=device.auth())
     assert problem(response, 415)["code"] == "unsupported_media_type"
     # The same body as JSON is read (and refused for its made-up code: 401, not 415).
     charset = await client.post(
-        "/v1/holder/activation", content=body, headers={"content-type": "application/json; charset=utf-8"}
+        "/v1/holder/activation",
+        content=body,
+        headers={"content-type": "application/json; charset=utf-8"},
+        auth=device.auth(),
     )
     assert problem(charset, 401)["code"] == "activation_failed"
 
@@ -149,18 +153,19 @@ async def test_a_duplicate_key_deep_in_a_batch_is_a_400(client: httpx.AsyncClien
 
 
 async def test_issuing_refuses_a_duplicate_key_and_text_plain(client: httpx.AsyncClient, holder: Holder) -> None:
-    headers = bearer(holder.access_token)
+    auth = holder.auth
     body = b'{"purpose":"medical","purpose":"transit","count":1}'
-    duplicate = await client.post("/v1/holder/credentials", content=body, headers={**headers, **JSON})
+    duplicate = await client.post("/v1/holder/credentials", content=body, headers=JSON, auth=auth)
     assert "'purpose' more than once" in problem(duplicate, 400)["detail"]
     plain = await client.post(
         "/v1/holder/credentials",
         content=b'{"purpose":"transit","count":1}',
-        headers={**headers, "content-type": "text/plain"},
+        headers={"content-type": "text/plain"},
+        auth=auth,
     )
     assert problem(plain, 415)["code"] == "unsupported_media_type"
     issued = await client.post(
-        "/v1/holder/credentials", content=b'{"purpose":"transit","count":1}', headers={**headers, **JSON}
+        "/v1/holder/credentials", content=b'{"purpose":"transit","count":1}', headers=JSON, auth=auth
     )
     assert issued.status_code == 200, issued.text
 

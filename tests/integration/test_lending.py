@@ -53,7 +53,7 @@ async def test_a_book_lent_in_chengdu_comes_back_in_chongqing(
         404,
     )
 
-    loans = await client.get("/v1/holder/loans", headers=bearer(reader.access_token))
+    loans = await client.get("/v1/holder/loans", auth=reader.auth)
     assert [(loan["item_id"], loan["returned_to"] is not None) for loan in loans.json()] == [(item, True)]
 
 

@@ -27,7 +27,7 @@ from app.observability import logs
 from app.observability.request_ids import RequestIds
 from app.settings import Settings
 from tests import factories
-from tests.factories import Gate, bearer
+from tests.factories import Gate, bearer, dpop
 
 SICHUAN = "510000"
 SEEDED_PIN = "739184"
@@ -115,12 +115,10 @@ async def test_a_whole_loop_logs_no_personal_data_or_secret(
     session = await factories.activate(client, card_number, issued["activation_code"])
     access, refresh = session["access_token"], session["refresh_token"]
     secrets += [issued["activation_code"], access, refresh]
-    assert (await client.put("/v1/holder/pin", json={"pin": SEEDED_PIN}, headers=bearer(access))).status_code == 204
-    wrong = await client.post("/v1/holder/pin/verification", json={"pin": "000000"}, headers=bearer(access))
+    assert (await client.put("/v1/holder/pin", json={"pin": SEEDED_PIN}, auth=dpop(access))).status_code == 204
+    wrong = await client.post("/v1/holder/pin/verification", json={"pin": "000000"}, auth=dpop(access))
     factories.problem(wrong, 401)
-    bundle = await client.post(
-        "/v1/holder/credentials", json={"purpose": "transit", "count": 2}, headers=bearer(access)
-    )
+    bundle = await client.post("/v1/holder/credentials", json={"purpose": "transit", "count": 2}, auth=dpop(access))
     assert bundle.status_code == 200, bundle.text
     texts = [item["credential"] for item in bundle.json()["credentials"]]
     secrets += texts
@@ -151,8 +149,8 @@ async def test_a_whole_loop_logs_no_personal_data_or_secret(
 
     monkeypatch.setattr(holder_controllers, "render_qr", broken)
     monkeypatch.setattr(holder_controllers, "issue_credentials", broken)
-    failed = await client.post("/v1/holder/credentials/qr", json={"credential": texts[1]}, headers=bearer(access))
-    hot_failed = await client.post("/v1/holder/credentials", json={"purpose": "transit"}, headers=bearer(access))
+    failed = await client.post("/v1/holder/credentials/qr", json={"credential": texts[1]}, auth=dpop(access))
+    hot_failed = await client.post("/v1/holder/credentials", json={"purpose": "transit"}, auth=dpop(access))
     for response in (failed, hot_failed):
         factories.problem(response, 500)
         assert response.json()["request_id"] == response.headers["x-request-id"]

@@ -61,7 +61,7 @@ async def holder_with_scheme(client: httpx.AsyncClient, token: str, region: str,
 
 
 async def statement(client: httpx.AsyncClient, holder: Holder) -> dict[str, Any]:
-    response = await client.get("/v1/holder/transactions", headers=bearer(holder.access_token))
+    response = await client.get("/v1/holder/transactions", auth=holder.auth)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body

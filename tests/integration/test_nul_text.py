@@ -48,9 +48,7 @@ async def test_a_nul_in_the_path_or_the_query_is_refused(client: httpx.AsyncClie
 
 
 async def test_a_holder_text_with_a_nul_is_refused(client: httpx.AsyncClient, holder: factories.Holder) -> None:
-    response = await client.post(
-        "/v1/holder/card/loss", json={"reason": "lost\u0000"}, headers=bearer(holder.access_token)
-    )
+    response = await client.post("/v1/holder/card/loss", json={"reason": "lost\u0000"}, auth=holder.auth)
     problem(response, 400)
-    card = await client.get("/v1/holder/card", headers=bearer(holder.access_token))
+    card = await client.get("/v1/holder/card", auth=holder.auth)
     assert card.json()["ecard_state"] == "active"

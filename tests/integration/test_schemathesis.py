@@ -161,7 +161,7 @@ async def known_objects(client: httpx.AsyncClient, token: str, holder: factories
     library = await factories.new_gate(client, token, "500000", "library", ["library"])
     response = await client.post("/v1/operator/regions/440000/keys", headers=operator)
     assert response.status_code == 201, response.text
-    devices = await client.get("/v1/holder/devices", headers=factories.bearer(holder.access_token))
+    devices = await client.get("/v1/holder/devices", auth=holder.auth)
     assert devices.status_code == 200, devices.text
     rows = f"region,citizen_id,name,card_number\r\n510000,{factories.citizen_id()},李四,{factories.card_number()}\r\n"
     job = await client.post("/v1/operator/imports", content=rows, headers={**operator, "Content-Type": "text/csv"})
@@ -182,19 +182,34 @@ async def known_objects(client: httpx.AsyncClient, token: str, holder: factories
 
 
 def load_schema(credentials: Credentials) -> schemathesis.BaseSchema:
-    """The exported document, with each security scheme's credential."""
+    """The exported document, with each security scheme's credential (a holder's DPoP headers are made per
+    request: `sign_as_holder`)."""
     config = schemathesis.Config.from_dict(
         {
             "auth": {
                 "openapi": {
                     "operatorToken": {"bearer": credentials.operator},
-                    "holderToken": {"bearer": credentials.holder.access_token},
                     "terminalApiKey": {"api_key": credentials.gate.api_key},
                 }
             }
         }
     )
     return schemathesis.openapi.from_dict(json.loads(Path(OPENAPI_PATH).read_text()), config=config)
+
+
+def sign_as_holder(case: Case, base_url: str, holder: factories.Holder) -> None:
+    """The holder's DPoP headers for this one request (a proof is good once, for its method and URI), where the
+    operation's security asks for them: the access token too on every holder call, the proof alone on
+    activation and refresh."""
+    schemes = {name for requirement in case.operation.definition.raw.get("security", []) for name in requirement}
+    if "dpopProof" not in schemes:
+        return
+    token = holder.access_token if "holderToken" in schemes else None
+    headers = dict(case.headers or {})
+    headers["DPoP"] = holder.key.proof(case.method.upper(), base_url + case.formatted_path, token)
+    if token is not None:
+        headers["Authorization"] = f"DPoP {token}"
+    case.headers = headers
 
 
 def known_path_parameters(operation: APIOperation, known: dict[str, str]) -> dict[str, str]:
@@ -205,7 +220,13 @@ def known_path_parameters(operation: APIOperation, known: dict[str, str]) -> dic
 
 
 def exercise(
-    operation: APIOperation, flavour: str, base_url: str, session: requests.Session, tally: Tally, **fixed: Any
+    operation: APIOperation,
+    flavour: str,
+    base_url: str,
+    session: requests.Session,
+    tally: Tally,
+    holder: factories.Holder,
+    **fixed: Any,
 ) -> None:
     """EXAMPLES[flavour] requests of one operation, each answer checked; failures are tallied, not raised."""
     label = f"{operation.method.upper()} {operation.path}"
@@ -221,6 +242,7 @@ def exercise(
     )
     @given(case=operation.as_strategy(generation_mode=mode, **fixed))
     def run(case: Case) -> None:
+        sign_as_holder(case, base_url, holder)
         response = case.call(base_url=base_url, session=session, timeout=30)
         tally.examples[label] += 1
         tally.statuses[f"{response.status_code // 100}xx"] += 1
@@ -257,10 +279,10 @@ def test_every_operation_answers_as_documented(base_url: str, credentials: Crede
     with requests.Session() as session:
         for flavour in ("positive", "negative"):
             for operation in operations:
-                exercise(operation, flavour, base_url, session, tally)
+                exercise(operation, flavour, base_url, session, tally, credentials.holder)
         for operation in operations:
             if known := known_path_parameters(operation, credentials.known):
-                exercise(operation, "known", base_url, session, tally, path_parameters=known)
+                exercise(operation, "known", base_url, session, tally, credentials.holder, path_parameters=known)
                 if len(known) == len(operation.path_parameters):
                     every_known.append(f"{operation.method.upper()} {operation.path} [known]")
     elapsed = time.monotonic() - started

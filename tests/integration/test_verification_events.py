@@ -108,7 +108,7 @@ async def organisation_names(client: httpx.AsyncClient, token: str) -> dict[str,
 
 async def usage(client: httpx.AsyncClient, holder: Holder, **params: Any) -> list[dict[str, Any]]:
     """GET /v1/holder/usage (asserting 200)."""
-    response = await client.get("/v1/holder/usage", params=params, headers=bearer(holder.access_token))
+    response = await client.get("/v1/holder/usage", params=params, auth=holder.auth)
     assert response.status_code == 200, response.text
     body: list[dict[str, Any]] = response.json()
     return body
@@ -265,13 +265,11 @@ async def test_holder_sees_own_verifications_newest_first_with_paging(
 
 async def test_holder_usage_limits_and_authentication(client: httpx.AsyncClient, holder: Holder) -> None:
     for limit in (0, 201, -1):
-        response = await client.get("/v1/holder/usage", params={"limit": limit}, headers=bearer(holder.access_token))
+        response = await client.get("/v1/holder/usage", params={"limit": limit}, auth=holder.auth)
         problem(response, 400)
-    response = await client.get("/v1/holder/usage", params={"before": "yesterday"}, headers=bearer(holder.access_token))
+    response = await client.get("/v1/holder/usage", params={"before": "yesterday"}, auth=holder.auth)
     problem(response, 400)
-    assert (
-        await client.get("/v1/holder/usage", params={"limit": 200}, headers=bearer(holder.access_token))
-    ).json() == []
+    assert (await client.get("/v1/holder/usage", params={"limit": 200}, auth=holder.auth)).json() == []
     problem(await client.get("/v1/holder/usage"), 401)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
@@ -43,7 +43,7 @@ from app.domain.holders.schemas import (
 from app.domain.holders.services import IssuedSession, activate, own_card, refresh_session
 from app.domain.verification.directory import VerifierDirectory
 from app.domain.verification.events import card_usage
-from app.http.auth import HOLDER_SECURITY, AuthenticatedHolder, Callers, bearer_token
+from app.http.auth import DEVICE_PROOF_SECURITY, HOLDER_SECURITY, AuthenticatedHolder, Callers, scope_uri
 from app.http.hot_paths import HotRoute, body_decoder
 from app.http.pending import mirror_answer, pending_response
 from app.http.problems import problem_responses
@@ -52,7 +52,11 @@ from app.security.pii import PiiCipher
 from app.security.tokens import HolderSession, InvalidToken, SessionTokens
 from app.settings import Settings
 from crypto.credential import Purpose
+from crypto.dpop import Proof
 from crypto.keys import b64url, b64url_decode
+
+if TYPE_CHECKING:
+    from litestar.types import Scope
 
 QR_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 STEP_UP_TTL = 300
@@ -68,7 +72,7 @@ def _session_response(issued: IssuedSession) -> SessionResponse:
     return SessionResponse(
         access_token=issued.access_token,
         refresh_token=issued.refresh_token,
-        token_type="Bearer",
+        token_type="DPoP",
         expires_in=issued.expires_in,
         ecard_id=issued.ecard_id,
         device_id=issued.device_id,
@@ -97,9 +101,11 @@ class HolderAuthController(Controller):
         status_code=201,
         summary="Activate the eCard on this device",
         responses=problem_responses(401, 409, 413),
+        security=DEVICE_PROOF_SECURITY,
     )
     async def activation(
         self,
+        device_proof: NamedDependency[Proof],
         outbox: NamedDependency[MirrorOutbox],
         pii: NamedDependency[PiiCipher],
         settings: NamedDependency[Settings],
@@ -109,8 +115,10 @@ class HolderAuthController(Controller):
     ) -> SessionResponse:
         """Check the card number and one-time activation code, bind the device key, open a session.
 
-        Every failure about the card or the code gets the same 401 answer, so the endpoint
-        tells a guesser nothing; each try counts against that code's five.
+        The `DPoP` header carries a proof signed by `device_public_key` (the device holds the key it
+        registers); the tokens answered are bound to that key (`token_type` "DPoP"). Every failure
+        about the card or the code gets the same 401 answer, so the endpoint tells a guesser nothing;
+        each try counts against that code's five.
         """
         issued = await activate(
             session,
@@ -121,20 +129,29 @@ class HolderAuthController(Controller):
             card_number=normalise_card_number(data.card_number),
             activation_code=data.activation_code,
             device_public_key=b64url_decode(data.device_public_key),
+            device_proof=device_proof,
             device_name=data.device_name.strip() or "phone",
         )
         return _session_response(issued)
 
-    @post("/token", status_code=200, summary="Refresh the session", responses=problem_responses(401, 413))
+    @post(
+        "/token",
+        status_code=200,
+        summary="Refresh the session",
+        responses=problem_responses(401, 413),
+        security=DEVICE_PROOF_SECURITY,
+    )
     async def token(
         self,
+        device_proof: NamedDependency[Proof],
         settings: NamedDependency[Settings],
         tokens: NamedDependency[SessionTokens],
         session: NamedDependency[AsyncSession],
         data: JSONBody[RefreshRequest],
     ) -> SessionResponse:
-        """Rotate the refresh token. Presenting an already used one revokes that sign-in's whole token family."""
-        return _session_response(await refresh_session(session, tokens, settings, data.refresh_token))
+        """Rotate the refresh token, with a DPoP proof by the device's registered key (a copied refresh token
+        alone is refused, nothing rotated). Presenting an already used one revokes that sign-in's whole token family."""
+        return _session_response(await refresh_session(session, tokens, settings, data.refresh_token, device_proof))
 
 
 class HolderCardController(Controller):
@@ -362,17 +379,20 @@ _credential_request = body_decoder(CredentialRequest)
 
 
 async def _hot_issue(
-    credential: str, body: bytes, callers: Callers, directory: VerifierDirectory, settings: Settings
+    credential: str,
+    body: bytes,
+    headers: dict[bytes, str],
+    scope: Scope,
+    callers: Callers,
+    directory: VerifierDirectory,
+    settings: Settings,
 ) -> CredentialBundle | None:
-    token = bearer_token(credential)
     data = _credential_request(body)
-    if data is None or token is None:
+    if data is None:
         return None
-    try:
-        session = callers.tokens.read_holder(token)
-    except InvalidToken:
-        return None
-    holder = await callers.holder_on_device(session)
+    # The routed dependency's check, from the same headers: once the proof is used, this answers.
+    uri = scope_uri(scope, headers.get(b"host"), callers.public_url)
+    holder = await callers.holder(credential, headers.get(b"dpop"), "POST", uri)
     return await credential_bundle(directory, settings, callers.tokens, holder, data)
 
 
@@ -415,4 +435,4 @@ class HolderCredentialController(Controller):
 
 
 # Every open QR screen refreshes through this: served in front of the router (app.http.hot_paths).
-HOT_ISSUE = HotRoute(HolderCredentialController.issue, b"authorization", _hot_issue)
+HOT_ISSUE = HotRoute(HolderCredentialController.issue, b"authorization", _hot_issue, (b"dpop", b"host"))

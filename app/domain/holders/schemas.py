@@ -13,7 +13,10 @@ from crypto.credential import MAX_TEXT_LENGTH, PurposeName
 
 
 class ActivationRequest(WireModel):
-    """Bind this device to the eCard of a physical card, with the one-time code from the card office."""
+    """Bind this device to the eCard of a physical card, with the one-time code from the card office.
+
+    Sent with a `DPoP` proof signed by `device_public_key`'s private key (RFC 9449).
+    """
 
     card_number: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
     activation_code: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
@@ -23,17 +26,18 @@ class ActivationRequest(WireModel):
 
 
 class RefreshRequest(WireModel):
-    """Trade a refresh token for a new access and refresh token."""
+    """Trade a refresh token for a new access and refresh token, with a `DPoP` proof by the device's key."""
 
     refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 class SessionResponse(WireModel):
-    """Tokens for a holder's device. The refresh token works once."""
+    """Tokens for a holder's device, bound to its key (`cnf.jkt`): send `Authorization: DPoP <access_token>`
+    with a `DPoP` proof by that key. The refresh token works once, with a proof by the same key."""
 
     access_token: str
     refresh_token: str
-    token_type: Literal["Bearer"]
+    token_type: Literal["DPoP"]
     expires_in: int
     ecard_id: uuid.UUID
     device_id: uuid.UUID

@@ -19,6 +19,7 @@ from app.domain.cards.services import activation_code_hashes, normalise_activati
 from app.security.pii import PiiCipher
 from app.security.tokens import HolderSession, SessionTokens
 from app.settings import Settings
+from crypto.dpop import DpopRefusal, Proof, thumbprint
 from crypto.keys import b64url
 
 REFRESH_TOKEN_PREFIX = "rt_"
@@ -67,6 +68,8 @@ async def _start_session(
             card_ref=ecard.card_ref,
             region=ecard.region_code,
             status_index=ecard.status_index,
+            # Bound to the device's key: every call with it needs a DPoP proof by that key (RFC 9449).
+            jkt=thumbprint(device.public_key),
         ),
         settings.access_token_ttl,
     )
@@ -83,12 +86,20 @@ async def activate(
     card_number: str,
     activation_code: str,
     device_public_key: bytes,
+    device_proof: Proof,
     device_name: str,
 ) -> IssuedSession:
     """Bind a device to the eCard of card_number with a one-time code, and open a session.
 
+    `device_proof` (the request's DPoP proof) must be signed by `device_public_key`: the device holds
+    the key it registers. Refused before the code is looked at, so it costs the code no try.
     An unknown card, a wrong code, an expired or used-up code all get the same answer.
     """
+    if device_proof.public_key != device_public_key:
+        raise errors.DeviceUnproven(
+            "the DPoP proof must be signed by the device_public_key being registered",
+            reason=DpopRefusal.WRONG_KEY.value,
+        )
     failed = errors.Unauthenticated(ACTIVATION_FAILED, code="activation_failed")
     row = (
         await session.execute(
@@ -155,21 +166,39 @@ async def activate(
 
 
 async def refresh_session(
-    session: AsyncSession, tokens: SessionTokens, settings: Settings, refresh_token: str
+    session: AsyncSession, tokens: SessionTokens, settings: Settings, refresh_token: str, device_proof: Proof
 ) -> IssuedSession:
-    """Trade a refresh token for a new pair. Presenting a token twice revokes its whole family."""
+    """Trade a refresh token for a new pair. Presenting a token twice revokes its whole family.
+
+    The request's DPoP proof must be signed by the key of the device the token was issued to: a copied
+    refresh token without that key is refused before anything is rotated or revoked.
+    """
     invalid = errors.Unauthenticated("refresh token is invalid, expired or revoked", code="invalid_refresh_token")
     stored = await session.scalar(
         select(RefreshToken).where(RefreshToken.token_hash == _hash_refresh_token(refresh_token))
     )
     if stored is None or stored.revoked_at is not None:
         raise invalid
+    # The device first (one query, as it always took): its key decides before anything is rotated or revoked.
+    row = (
+        await session.execute(
+            select(Device, ECard).join(ECard, ECard.id == Device.ecard_id).where(Device.id == stored.device_id)
+        )
+    ).first()
+    if row is None:
+        raise invalid
+    device, ecard = row
+    if device.public_key != device_proof.public_key:
+        raise errors.DeviceUnproven(
+            "the DPoP proof must be signed by the key of the device this refresh token was issued to",
+            reason=DpopRefusal.WRONG_KEY.value,
+        )
     now = utcnow()
     rotated = await session.execute(
         update(RefreshToken).where(RefreshToken.id == stored.id, RefreshToken.used_at.is_(None)).values(used_at=now)
     )
     if rotated.rowcount != 1:  # type: ignore[attr-defined]
-        # Reuse of a rotated token: someone holds a copy. End every session of the family.
+        # Reuse of a rotated token: someone holds a copy (and the device's key). End every session of the family.
         await session.execute(
             update(RefreshToken)
             .where(RefreshToken.family_id == stored.family_id, RefreshToken.revoked_at.is_(None))
@@ -180,18 +209,9 @@ async def refresh_session(
             "refresh token was already used; all sessions of this device sign-in are revoked",
             code="refresh_token_reused",
         )
-    if stored.expires_at <= now:
+    if stored.expires_at <= now or device.revoked_at is not None or ecard.state == ECardState.REVOKED:
         await session.rollback()
         raise invalid
-    row = (
-        await session.execute(
-            select(Device, ECard).join(ECard, ECard.id == Device.ecard_id).where(Device.id == stored.device_id)
-        )
-    ).first()
-    if row is None or row[0].revoked_at is not None or row[1].state == ECardState.REVOKED:
-        await session.rollback()
-        raise invalid
-    device, ecard = row
     issued = await _start_session(session, tokens, settings, ecard, device, stored.family_id)
     await session.commit()
     return issued
@@ -208,5 +228,5 @@ async def own_card(session: AsyncSession, holder: HolderSession) -> tuple[Card, 
         )
     ).first()
     if row is None:
-        raise errors.Unauthenticated("the card of this session no longer exists")
+        raise errors.DeviceUnproven("the card of this session no longer exists", refused="token", code="unauthorized")
     return row[0], row[1], row[2]

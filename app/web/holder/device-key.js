@@ -93,9 +93,36 @@ export async function forgetDeviceKey() {
   await transact("readwrite", (store) => store.delete(RECORD));
 }
 
-/** Sign bytes with the device key (for requests that will need proof of the device). */
+/** Sign bytes with the device key (the DPoP proofs below). */
 export async function signWithDeviceKey(key, bytes) {
   if (key.kind === "webcrypto") return new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, key.privateKey, bytes));
   const ed = await import("/web/vendor/noble-ed25519.js");
   return ed.signAsync(bytes, key.privateKey);
+}
+
+const encoder = new TextEncoder();
+
+function jsonPart(value) {
+  return base64url(encoder.encode(JSON.stringify(value)));
+}
+
+/**
+ * A DPoP proof (RFC 9449) for one request, new each time: the device key proves that this phone sends
+ * it. `url` is the request's (relative to this page or absolute); its query is not part of the proof.
+ * With `accessToken`, the proof carries its hash (`ath`), binding the two together. `nowMs` is the
+ * service's time (its clock decides whether the proof is fresh), by default this device's.
+ */
+export async function dpopProof(key, method, url, accessToken, nowMs = Date.now()) {
+  const target = new URL(url, window.location.href);
+  const header = { typ: "dpop+jwt", alg: "EdDSA", jwk: { kty: "OKP", crv: "Ed25519", x: key.publicKey } };
+  const claims = {
+    jti: base64url(crypto.getRandomValues(new Uint8Array(16))),
+    htm: method.toUpperCase(),
+    htu: `${target.origin}${target.pathname}`,
+    iat: Math.floor(nowMs / 1000),
+  };
+  if (accessToken) claims.ath = base64url(await crypto.subtle.digest("SHA-256", encoder.encode(accessToken)));
+  const input = `${jsonPart(header)}.${jsonPart(claims)}`;
+  const signature = await signWithDeviceKey(key, encoder.encode(input));
+  return `${input}.${base64url(signature)}`;
 }

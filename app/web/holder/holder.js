@@ -1,7 +1,7 @@
 // The holder's page: activation, the card, the live code, PIN, usage, devices, loss report.
 
-import { ApiError, PURPOSES, REASONS, call, el, say, when } from "/web/api.js";
-import { createDeviceKey, forgetDeviceKey, loadDeviceKey, storeDeviceKey, unsupportedReason } from "/app/device-key.js";
+import { ApiError, PURPOSES, REASONS, call, el, say, serverNow, when } from "/web/api.js";
+import { createDeviceKey, dpopProof, forgetDeviceKey, loadDeviceKey, storeDeviceKey, unsupportedReason } from "/app/device-key.js";
 import { LiveCode } from "/app/live-code.js";
 import { SignedOut, clearSession, holderCall, loadSession, saveSession } from "/app/session.js";
 
@@ -87,8 +87,10 @@ async function activate(event) {
   say(message, "正在生成设备密钥… · Making the device key…", "info");
   try {
     const key = await createDeviceKey();
+    // The proof, signed by the new key, shows the server that this device holds the key it registers.
     const answer = await call("/v1/holder/activation", {
       method: "POST",
+      headers: { dpop: await dpopProof(key, "POST", "/v1/holder/activation", undefined, serverNow()) },
       body: {
         card_number: $("card-number").value.trim().toUpperCase(),
         activation_code: $("activation-code").value.trim(),

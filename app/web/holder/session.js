@@ -1,14 +1,39 @@
 // The holder's session on this device: the access token (15 minutes) and the single-use refresh token,
-// kept in localStorage, and the holder API called with them.
+// kept in localStorage, and the holder API called with them. Both are bound to the device key (DPoP,
+// RFC 9449): every call carries `Authorization: DPoP <token>` and a new proof signed by that key, so a
+// copied token is no use on another device.
 //
 // Refresh tokens rotate and a reused one revokes the whole sign-in, so two tabs must never refresh with
 // the same token: the refresh runs under a Web Lock (where the browser has them) and first checks whether
 // another tab already stored a newer pair.
 
-import { ApiError, call } from "/web/api.js";
+import { ApiError, call, serverNow } from "/web/api.js";
+import { dpopProof, loadDeviceKey } from "/app/device-key.js";
 
 const KEY = "ecard.holder.session";
 const EARLY_REFRESH_MS = 60_000;
+
+/** The device key the tokens are bound to; without it, the session is no use. */
+async function deviceKey() {
+  const key = await loadDeviceKey().catch(() => undefined);
+  if (!key) throw new SignedOut("this device has no device key; activate it again");
+  return key;
+}
+
+/** Whether a refusal was of a proof the service found too old or too new: this device's clock is off. */
+function staleProof(error) {
+  return error instanceof ApiError && error.code === "invalid_dpop_proof" && error.problem.reason === "stale";
+}
+
+/** `request()` once more if its proof was stale: the refusal's `Date` has set the clock it is made by. */
+async function againIfStale(request) {
+  try {
+    return await request();
+  } catch (error) {
+    if (!staleProof(error)) throw error;
+    return request();
+  }
+}
 
 /** The session is gone (never made, signed out, device removed, refresh refused). */
 export class SignedOut extends Error {
@@ -53,7 +78,12 @@ async function refreshUnderLock(stale) {
   if (!current) throw new SignedOut();
   if (current.refresh_token !== stale.refresh_token) return current; // another tab refreshed first
   try {
-    const answer = await call("/v1/holder/token", { method: "POST", body: { refresh_token: current.refresh_token } });
+    const path = "/v1/holder/token";
+    const key = await deviceKey();
+    const answer = await againIfStale(async () => {
+      const proof = await dpopProof(key, "POST", path, undefined, serverNow());
+      return call(path, { method: "POST", body: { refresh_token: current.refresh_token }, headers: { dpop: proof } });
+    });
     return saveSession(answer);
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
@@ -81,7 +111,13 @@ export async function holderCall(path, options = {}) {
   let session = loadSession();
   if (!session) throw new SignedOut();
   if (session.access_expires_at - EARLY_REFRESH_MS < Date.now()) session = await refresh(session);
-  const send = (token) => call(path, { ...options, headers: { ...(options.headers || {}), authorization: `Bearer ${token}` } });
+  const key = await deviceKey();
+  const send = (token) =>
+    againIfStale(async () => {
+      const proof = await dpopProof(key, options.method || "GET", path, token, serverNow());
+      const headers = { ...(options.headers || {}), authorization: `DPoP ${token}`, dpop: proof };
+      return call(path, { ...options, headers });
+    });
   try {
     return await send(session.access_token);
   } catch (error) {

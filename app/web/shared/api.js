@@ -20,6 +20,15 @@ export class NetworkError extends ApiError {
   }
 }
 
+// The service's clock minus this device's, in ms, from the `Date` of its last answer (a phone's clock
+// may be minutes off; the times the service checks, such as a DPoP proof's, must be its own).
+let clockOffsetMs = 0;
+
+/** The service's time now, as far as this page can tell (ms since the epoch). */
+export function serverNow() {
+  return Date.now() + clockOffsetMs;
+}
+
 /**
  * Send a request to the service's own origin. `body` is sent as JSON; `headers` are added as given.
  * Returns the parsed JSON (or a Blob when `as: "blob"`, or null for 204); throws ApiError otherwise.
@@ -37,6 +46,8 @@ export async function call(path, { method = "GET", body, headers = {}, as = "jso
     if (error?.name === "AbortError") throw error;
     throw new NetworkError(error);
   }
+  const date = Date.parse(response.headers.get("date") || "");
+  if (!Number.isNaN(date)) clockOffsetMs = date + 500 - Date.now(); // `Date` has whole seconds
   if (!response.ok) {
     let problem = null;
     try {

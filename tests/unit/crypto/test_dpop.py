@@ -11,6 +11,7 @@ import nacl.bindings
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from crypto import dpop
 from crypto.dpop import (
     DpopError,
     DpopRefusal,
@@ -172,3 +173,16 @@ def test_uris_compare_as_rfc_9449_says() -> None:
     assert normalised_uri("http://ecard.example:8000/v1/x") == "http://ecard.example:8000/v1/x"
     with pytest.raises(ValueError):
         normalised_uri("ftp://ecard.example/")
+
+
+def test_the_command_line_makes_a_key_and_proofs_that_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dpop.main(["key"]) == 0
+    secret, public = capsys.readouterr().out.split()
+    assert b64url_decode(secret)[32:] == b64url_decode(public)
+    assert dpop.main(["proof", secret, "POST", "https://ecard.example/v1/holder/credentials", "token"]) == 0
+    proof = capsys.readouterr().out.strip()
+    checked = dpop.check_proof(
+        proof, method="POST", uri="https://ecard.example/v1/holder/credentials", access_token="token"
+    )
+    assert checked.public_key == b64url_decode(public)
+    assert dpop.main(["proof", secret]) == 2
