@@ -490,7 +490,7 @@ ARGON2_ON_THE_LOOP = (
     "'database is locked' under parallel sign-ins: authenticate() calls argon2 (app/domain/operators/"
     "services.py _verify, ~0.4 s here) synchronously on the event loop, so a request holding SQLite's write "
     "lock cannot reach its COMMIT while the loop runs other requests' hashes, and the others' busy_timeout "
-    "(5 s) runs out. Run argon2 in a thread (asyncio.to_thread / anyio.to_thread.run_sync)."
+    "(30 s) runs out. Run argon2 in a thread (asyncio.to_thread / anyio.to_thread.run_sync)."
 )
 
 
