@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import nacl.bindings
 
 from app.domain.cards.citizen_id import check_character
+from app.security.tokens import HolderSession
 from app.settings import PROJECT_ROOT
 from crypto.dpop import make_proof
-from crypto.keys import b64url
+from crypto.keys import b64url, b64url_decode
 
 REGIONS = {"510000": "四川省", "500000": "重庆市", "440000": "广东省"}
 
@@ -127,6 +129,18 @@ def dpop(token: str, device: DeviceKey | None = None) -> DpopAuth:
 def key_of(token: str) -> DeviceKey:
     """The device key a holder token (access or refresh) was issued to."""
     return dpop(token).device
+
+
+def holder_session_of(access_token: str) -> HolderSession:
+    """The session an access token speaks for, read without checking it (the test minted it)."""
+    claims = jwt.decode(access_token, options={"verify_signature": False})
+    return HolderSession(
+        ecard_id=uuid.UUID(claims["sub"]),
+        device_id=uuid.UUID(claims["dev"]),
+        card_ref=b64url_decode(claims["crf"]),
+        region=claims["reg"],
+        jkt=claims["cnf"]["jkt"],
+    )
 
 
 def citizen_id(region: str = "510000") -> str:

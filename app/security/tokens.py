@@ -34,8 +34,6 @@ class HolderSession:
     device_id: uuid.UUID
     card_ref: bytes
     region: str
-    # The card's index in its region's status list, carried into every credential.
-    status_index: int
     # The RFC 7638 thumbprint of the device key the token is bound to (its `cnf.jkt`, RFC 9449 §6):
     # every request with it must carry a DPoP proof by that key.
     jkt: str
@@ -91,7 +89,6 @@ class SessionTokens:
             "dev": str(session.device_id),
             "crf": b64url(session.card_ref),
             "reg": session.region,
-            "six": session.status_index,
             "cnf": {"jkt": session.jkt},
         }
         return self._encode(claims, HOLDER_AUDIENCE, ttl)
@@ -122,7 +119,6 @@ class SessionTokens:
                 device_id=uuid.UUID(claims["dev"]),
                 card_ref=b64url_decode(claims["crf"]),
                 region=str(claims["reg"]),
-                status_index=int(claims["six"]),
                 jkt=jkt,
             )
         except (KeyError, ValueError, TypeError) as exc:

@@ -21,20 +21,17 @@ import uuid
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import select, text
 
 from app.db.models import Base, ECard
 from app.domain.operators.services import Role
-from app.security.tokens import HolderSession
 from app.server.context import ServiceContext
 from crypto.credential import Purpose, open_credential
-from crypto.keys import b64url_decode
 from tests import factories
 from tests.conftest import operator_token
-from tests.factories import Holder, bearer, dpop, problem
+from tests.factories import Holder, bearer, dpop, holder_session_of, problem
 
 SICHUAN = "510000"
 MAX_PIN_TRIES = 5
@@ -57,19 +54,6 @@ def other_pin(pin: str) -> str:
     while (candidate := random_pin()) == pin:
         pass
     return candidate
-
-
-def holder_session_of(access_token: str) -> HolderSession:
-    """The session an access token speaks for, read without checking it (the test minted it)."""
-    claims = jwt.decode(access_token, options={"verify_signature": False})
-    return HolderSession(
-        ecard_id=uuid.UUID(claims["sub"]),
-        device_id=uuid.UUID(claims["dev"]),
-        card_ref=b64url_decode(claims["crf"]),
-        region=claims["reg"],
-        status_index=claims["six"],
-        jkt=claims["cnf"]["jkt"],
-    )
 
 
 async def holder_card(client: httpx.AsyncClient, access_token: str) -> dict[str, Any]:

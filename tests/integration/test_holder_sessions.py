@@ -22,12 +22,10 @@ from sqlalchemy import func, select, update
 
 from app.db.clock import utcnow
 from app.db.models import ActivationCode, Device
-from app.security.tokens import HolderSession
 from app.server.context import ServiceContext
 from crypto.credential import open_credential
-from crypto.keys import b64url_decode
 from tests import factories
-from tests.factories import Holder, bearer, dpop, problem
+from tests.factories import Holder, bearer, dpop, holder_session_of, problem
 
 MAX_ATTEMPTS = 5
 
@@ -98,19 +96,6 @@ async def set_ecard_state(client: httpx.AsyncClient, token: str, card_id: str, s
     )
     assert response.status_code == 200, response.text
     assert response.json()["ecard_state"] == state
-
-
-def holder_session_of(access_token: str) -> HolderSession:
-    """The session an access token speaks for, read without checking it (the test minted it)."""
-    claims = jwt.decode(access_token, options={"verify_signature": False})
-    return HolderSession(
-        ecard_id=uuid.UUID(claims["sub"]),
-        device_id=uuid.UUID(claims["dev"]),
-        card_ref=b64url_decode(claims["crf"]),
-        region=claims["reg"],
-        status_index=claims["six"],
-        jkt=claims["cnf"]["jkt"],
-    )
 
 
 async def activation_failure(client: httpx.AsyncClient) -> dict[str, Any]:

@@ -67,7 +67,6 @@ async def _start_session(
             device_id=device.id,
             card_ref=ecard.card_ref,
             region=ecard.region_code,
-            status_index=ecard.status_index,
             # Bound to the device's key: every call with it needs a DPoP proof by that key (RFC 9449).
             jkt=thumbprint(device.public_key),
         ),
