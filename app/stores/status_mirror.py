@@ -55,7 +55,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import hiredis
 import redis.asyncio as redis
@@ -195,9 +195,11 @@ class ScanAnswer:
     retry_after_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class MirrorEntry:
-    """One card as a bulk write gives it to the mirror: `mirror_card`'s arguments (see `mirror_many`)."""
+class MirrorEntry(NamedTuple):
+    """One card as a bulk write gives it to the mirror: `mirror_card`'s arguments (see `mirror_many`).
+
+    A tuple, not a dataclass: a rebuild makes one per card, millions, and a frozen dataclass's
+    constructor cost twice as much."""
 
     card_ref: bytes
     version: int
@@ -503,6 +505,20 @@ EPOCH_KEY = "epoch"
 REFILLING_KEY = "refilling"
 # Cards per round trip of a bulk write.
 MIRROR_BATCH = 2000
+# A card's entitlements key after `card_key`.
+ENTITLEMENTS_SUFFIX = ":" + CardRecord.ENTITLEMENTS.value
+# How `_MIRROR_LUA` is told to treat one of a card's records.
+_KEEP_RECORD = ("k", "")
+_DELETE_RECORD = ("d", "")
+
+
+def _record_args(records: Mapping[CardRecord, bytes | None], record: CardRecord) -> tuple[str, bytes | str]:
+    """A record's two arguments of `_MIRROR_LUA`: kept as the store has it (absent from records), deleted
+    (None or empty), or set."""
+    if record not in records:
+        return _KEEP_RECORD
+    value = records[record]
+    return ("s", value) if value else _DELETE_RECORD
 
 
 def card_key(prefix: str, card_ref: bytes) -> str:
@@ -533,6 +549,23 @@ class MirrorLayout:
         """The card's bucket under its shard's prefix (`shard_prefix`)."""
         head = int.from_bytes(card_ref[:4].ljust(4, b"\0"), "big")
         return f"{shard}{BUCKET_KEY}{head >> (32 - self.bits) if self.bits else 0:x}"
+
+    def placer(self, prefix: str) -> Callable[[bytes], tuple[str, str, bytes]]:
+        """`place` for many cards of one deployment: a function of a card reference giving its shard's prefix,
+        its bucket key and its field, with what does not depend on the card computed once (a bulk write
+        places millions of cards; the card's own arithmetic is all that is left per card)."""
+        shards = tuple(shard_prefix(prefix, shard) for shard in range(EVENT_SHARDS))
+        buckets = tuple(shard + BUCKET_KEY for shard in shards)
+        shift, skip, bits = 32 - self.bits, self.bits // 8, self.bits
+
+        def place(card_ref: bytes) -> tuple[str, str, bytes]:
+            shard = shard_of(card_ref)
+            if len(card_ref) != CARD_REF_LENGTH:  # the general rules (`bucket_key`, `field`) for odd references
+                return shards[shard], self.bucket_key(shards[shard], card_ref), card_ref
+            number = int.from_bytes(card_ref[:4], "big") >> shift if bits else 0
+            return shards[shard], f"{buckets[shard]}{number:x}", card_ref[skip:]
+
+        return place
 
     def field(self, card_ref: bytes) -> bytes:
         """The card's field in its bucket: the reference less the whole bytes the bucket number gives."""
@@ -598,6 +631,7 @@ class RedisStatusMirror:
         self._prefix = prefix
         self._cluster = cluster
         self._layout = MirrorLayout.for_capacity(capacity)
+        self._place = self._layout.placer(prefix)
         # The hot calls' own connection (one node, plain TCP or TLS); without it they go through redis-py.
         self._pipe = pipe
         self._queue: list[_Queued] = []
@@ -742,16 +776,13 @@ class RedisStatusMirror:
         self, card_ref: bytes, version: int | None, status: str, records: Mapping[CardRecord, bytes | None]
     ) -> tuple[str, tuple[str, str], list[Any]]:
         """A card's part of a `_MIRROR_LUA` call: its shard (calls group cards by it), keys and arguments."""
-        shard = shard_prefix(self._prefix, shard_of(card_ref))
-        keys = (self._layout.bucket_key(shard, card_ref), f"{shard}{card_ref.hex()}:{CardRecord.ENTITLEMENTS.value}")
-        args: list[Any] = [self._layout.field(card_ref), "" if version is None else version, status]
-        for record in (CardRecord.PROFILE, CardRecord.ENTITLEMENTS):
-            if record not in records:
-                args += ("k", "")
-            else:
-                value = records[record]
-                args += ("s", value) if value else ("d", "")
-        return shard, keys, args
+        shard, bucket, field = self._place(card_ref)
+        return (
+            shard,
+            (bucket, f"{shard}{card_ref.hex()}{ENTITLEMENTS_SUFFIX}"),
+            [field, "" if version is None else version, status, *_record_args(records, CardRecord.PROFILE),
+             *_record_args(records, CardRecord.ENTITLEMENTS)],
+        )  # fmt: skip
 
     async def _mirror_one(
         self, card_ref: bytes, version: int | None, status: str, records: Mapping[CardRecord, bytes | None]

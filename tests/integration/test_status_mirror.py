@@ -18,7 +18,7 @@ from app.domain.cards.services import reconcile_status_mirror
 from app.domain.verification.disclosure import Profile, seal_profile
 from app.security.pii import PiiCipher
 from app.server.context import ServiceContext
-from app.stores.event_stream import EVENT_SHARDS
+from app.stores.event_stream import EVENT_SHARDS, shard_of, shard_prefix
 from app.stores.status_mirror import (
     CARDS_PER_BUCKET,
     CardRecord,
@@ -319,6 +319,16 @@ def test_buckets_hold_32_to_64_cards_at_the_capacity_they_were_sized_for() -> No
     assert MirrorLayout.for_capacity(100).bits == 0
 
 
+def test_bulk_writes_place_every_card_where_the_layout_says() -> None:
+    """`placer` is `place` computed ahead for bulk writes: any difference would write a card where no scan looks."""
+    cards = [os.urandom(16) for _ in range(2000)] + [bytes(16), b"\xff" * 16, b"", b"\x01", os.urandom(5)]
+    for capacity in (100, 20_000, 3_000_000, 90_000_000, 2**40):
+        layout = MirrorLayout.for_capacity(capacity)
+        place = layout.placer("t:")
+        for card in cards:
+            assert place(card) == (shard_prefix("t:", shard_of(card)), *layout.place("t:", card)), (capacity, card)
+
+
 async def test_cards_live_in_listpack_buckets_of_their_shard() -> None:
     """The layout the memory figure rests on: few keys, each a compact listpack, in the card's slot."""
     server = RedisServer().start()
@@ -364,6 +374,14 @@ async def test_a_refused_bulk_write_fails_whole_and_leaves_no_reply_behind(
     await direct.config_set("maxmemory", 1)  # every write refused (out of memory), so every shard's call fails
     with pytest.raises(StoreUnavailable):
         await mirror.mirror_many(entries)
+    # The client gave up at the first refusal; Redis still runs the rest of what it was sent (a call per
+    # shard). Memory is given back only once it has refused them all, or a late call would be accepted.
+    sent = len({shard_of(card) for card in cards})
+    for _ in range(200):
+        stats = (await direct.info("commandstats")).get("cmdstat_evalsha", {})
+        if stats.get("calls", 0) + stats.get("rejected_calls", 0) >= sent:
+            break
+        await asyncio.sleep(0.01)
     await direct.config_set("maxmemory", 0)
     assert await mirror.get_statuses(cards) == [None] * len(cards)
     assert await mirror.mirror_many(entries) == len(cards)
