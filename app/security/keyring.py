@@ -195,9 +195,8 @@ def load_keyring(settings: Settings) -> Keyring:
 def generate_keyring(directory: Path, profile: str = INTERNATIONAL, *, add: bool = False) -> list[str]:
     """Write a fresh key directory (files readable by the owner only) with the profile's data/index
     pair, the session key and the trust-list key (and, for the national profile, the SM2 trust-list and
-    session keys);
-    with `add`, only the profile's own keys, into an existing directory (the first step of a profile
-    switch). Refuse to overwrite; the names written."""
+    session keys); with `add`, only the profile's own keys, into an existing directory (the first step
+    of a profile switch). Refuse to overwrite; the names written."""
     data_file, index_file, length = PAIR_FILES[profile]
     files = {
         data_file: base64.b64encode(os.urandom(length)) + b"\n",

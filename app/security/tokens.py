@@ -30,7 +30,7 @@ HOLDER_AUDIENCE = "ecard-holder"
 OPERATOR_AUDIENCE = "ecard-operator"
 STEP_UP_AUDIENCE = "ecard-step-up"
 LEEWAY_SECONDS = 5
-# Far above any token this service signs (~600 characters), far below what it would take to hurt.
+# Far above any token this service signs (about 430 characters), far below what could hurt.
 MAX_TOKEN_LENGTH = 8192
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "aud", "iss"]
 # What pyjwt checks of an SM2 token's claims once crypto/jws.py has checked its signature: the EdDSA
