@@ -1,6 +1,6 @@
 """CPU of a credential refresh and a token refresh, in-process: what DPoP-bound holder tokens add (docs/dpop.md).
 
-    .venv/bin/python -m loadtests.dpop_refresh_cost [REQUESTS]
+    .venv/bin/python -m loadtests.dpop_refresh_cost [REQUESTS] [international|national]
 
 One app (SQLite in a temporary directory, the in-process store, the development keys) driven through
 httpx's ASGI transport in this process: `POST /v1/holder/credentials` (count 1, answered by the fast
@@ -8,7 +8,8 @@ path) and `POST /v1/holder/token`, each timed in process CPU (client and server 
 DPoP proof is made before its timing starts). Copied into another checkout and run there
 (`cd DIR && PYTHONPATH=. …/.venv/bin/python -m loadtests.dpop_refresh_cost`) it measures that code: a
 service whose activation answers `token_type` "Bearer" is called with Bearer tokens and no proofs, so
-main and this branch are timed by the same script.
+main and this branch are timed by the same script. `national` runs the app under the national profile
+(SM2 session tokens, SM3 refresh-token hashes, SM2 issuer keys for the region).
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ BASE = "http://testserver"
 PASSWORD = secrets.token_urlsafe(16)
 
 
-async def measure(requests: int) -> None:
+async def measure(requests: int, profile: str = "international") -> None:
     """Print the CPU per request of both refreshes."""
     directory = Path(tempfile.mkdtemp(prefix="dpop-cost-"))
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{directory / 'ecard.sqlite3'}", keys_dir=DEV_KEYS_DIR, log_level="WARNING"
+        database_url=f"sqlite+aiosqlite:///{directory / 'ecard.sqlite3'}",
+        keys_dir=DEV_KEYS_DIR,
+        log_level="WARNING",
+        crypto_profile=profile,
     )
     engine = create_engine(settings.database_url)
     await upgrade_to_head(engine)
     await engine.dispose()
     app = create_app(settings)
+    print(f"ECARD_CRYPTO_PROFILE={profile}")
     async with app.plugins.get(EcardPlugin).lifespan(app):
         async with app.state[STATE_KEY].sessions() as session:
             await create_operator(
@@ -112,4 +117,6 @@ async def _measure(client: httpx.AsyncClient, requests: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 300))
+    asyncio.run(
+        measure(int(sys.argv[1]) if len(sys.argv) > 1 else 300, sys.argv[2] if len(sys.argv) > 2 else "international")
+    )

@@ -374,7 +374,7 @@ class Device(Base):
 
 
 class RefreshToken(Base):
-    """One link of a rotating refresh-token chain; only the token's SHA-256 is kept."""
+    """One link of a rotating refresh-token chain; only the token's hash is kept (SHA-256, or SM3 national)."""
 
     __tablename__ = "refresh_tokens"
 

@@ -1,10 +1,11 @@
-"""The service's own secrets: data key, blind-index key, session-token key and trust-list keys.
+"""The service's own secrets: data key, blind-index key, session-token keys and trust-list keys.
 
 The data and index keys come in two pairs, one per crypto profile (app/security/pii.py): the
 international AES-256 key and HMAC-SHA256 key (data.key, index.key), the national SM4 key and
 HMAC-SM3 key (sm4-data.key, sm3-index.key). The profile's pair is required; the other is optional and,
 when present, read as well (a profile switch's dual-index period, docs/national-crypto.md). The trust
-list is signed by the Ed25519 trust.pem, or under the national profile by the SM2 trust-sm2.key.
+list is signed by the Ed25519 trust.pem, or under the national profile by the SM2 trust-sm2.key; the
+API session tokens likewise by session.pem, or by session-sm2.key (every session key held verifies).
 
 Loaded from `ECARD_KEYS_DIR`. In production mode the development keys in keys_dev/ are refused,
 whether they are reached through that directory or copied elsewhere.
@@ -32,6 +33,7 @@ TRUST_KEY_FILE = "trust.pem"
 SM4_DATA_KEY_FILE = "sm4-data.key"
 SM3_INDEX_KEY_FILE = "sm3-index.key"
 TRUST_SM2_KEY_FILE = "trust-sm2.key"
+SESSION_SM2_KEY_FILE = "session-sm2.key"
 # The data key file and index key file of each profile, and the data key's length.
 PAIR_FILES = {
     INTERNATIONAL: (DATA_KEY_FILE, INDEX_KEY_FILE, 32),
@@ -58,6 +60,18 @@ class Keyring:
     sm3_index_key: bytes | None = None
     # Signs the trust list under the national profile (SM2, the private scalar in base64).
     trust_sm2_key: Sm2SigningKey | None = None
+    # Signs API session tokens under the national profile (SM2, the private scalar in base64).
+    session_sm2_key: Sm2SigningKey | None = None
+
+    def session_signer(self, profile: str) -> PrivateKey:
+        """The key that signs session tokens under the profile (load_keyring made sure it is there)."""
+        if profile == NATIONAL and self.session_sm2_key is not None:
+            return self.session_sm2_key
+        return self.session_key
+
+    def session_keys(self) -> tuple[PrivateKey, ...]:
+        """Every session key held: tokens of each verify, so a profile switch logs nobody out."""
+        return (self.session_key,) if self.session_sm2_key is None else (self.session_key, self.session_sm2_key)
 
     def trust_signer(self, profile: str) -> PrivateKey:
         """The key that signs the trust list under the profile (load_keyring made sure it is there)."""
@@ -122,11 +136,16 @@ def read_keyring(directory: Path) -> Keyring:
         sm4_key=national[0] if national else None,
         sm3_index_key=national[1] if national else None,
         trust_sm2_key=_read_sm2(directory / TRUST_SM2_KEY_FILE),
+        session_sm2_key=_read_sm2(directory / SESSION_SM2_KEY_FILE),
     )
 
 
 def _same(key: bytes | None, dev: bytes | None) -> bool:
     return key is not None and dev is not None and hmac.compare_digest(key, dev)
+
+
+def _same_sm2(key: Sm2SigningKey | None, dev: Sm2SigningKey | None) -> bool:
+    return key is not None and dev is not None and key.public == dev.public
 
 
 def _is_dev_keyring(keyring: Keyring) -> bool:
@@ -138,11 +157,8 @@ def _is_dev_keyring(keyring: Keyring) -> bool:
         or _same(keyring.sm3_index_key, dev.sm3_index_key)
         or keyring.session_key.public == dev.session_key.public
         or keyring.trust_key.public == dev.trust_key.public
-        or (
-            keyring.trust_sm2_key is not None
-            and dev.trust_sm2_key is not None
-            and keyring.trust_sm2_key.public == dev.trust_sm2_key.public
-        )
+        or _same_sm2(keyring.trust_sm2_key, dev.trust_sm2_key)
+        or _same_sm2(keyring.session_sm2_key, dev.session_sm2_key)
     )
 
 
@@ -159,6 +175,11 @@ def load_keyring(settings: Settings) -> Keyring:
             f"ECARD_CRYPTO_PROFILE=national signs the trust list with SM2: it needs {TRUST_SM2_KEY_FILE} in"
             f" {settings.keys_dir} (ecard keys generate --profile national --add)"
         )
+    if settings.crypto_profile == NATIONAL and keyring.session_sm2_key is None:
+        raise KeyringError(
+            f"ECARD_CRYPTO_PROFILE=national signs session tokens with SM2: it needs {SESSION_SM2_KEY_FILE} in"
+            f" {settings.keys_dir} (ecard keys generate --profile national --add)"
+        )
     if settings.crypto_profile != NATIONAL and keyring.data_key is None:
         raise KeyringError(
             f"the international profile needs {DATA_KEY_FILE} and {INDEX_KEY_FILE} in {settings.keys_dir}"
@@ -173,9 +194,9 @@ def load_keyring(settings: Settings) -> Keyring:
 
 def generate_keyring(directory: Path, profile: str = INTERNATIONAL, *, add: bool = False) -> list[str]:
     """Write a fresh key directory (files readable by the owner only) with the profile's data/index
-    pair, the session key and the trust-list key (and, for the national profile, the SM2 trust-list key);
-    with `add`, only the profile's own keys, into an existing directory (the first step of a profile
-    switch). Refuse to overwrite; the names written."""
+    pair, the session key and the trust-list key (and, for the national profile, the SM2 trust-list and
+    session keys); with `add`, only the profile's own keys, into an existing directory (the first step
+    of a profile switch). Refuse to overwrite; the names written."""
     data_file, index_file, length = PAIR_FILES[profile]
     files = {
         data_file: base64.b64encode(os.urandom(length)) + b"\n",
@@ -183,6 +204,7 @@ def generate_keyring(directory: Path, profile: str = INTERNATIONAL, *, add: bool
     }
     if profile == NATIONAL:
         files[TRUST_SM2_KEY_FILE] = base64.b64encode(Sm2SigningKey.generate().private) + b"\n"
+        files[SESSION_SM2_KEY_FILE] = base64.b64encode(Sm2SigningKey.generate().private) + b"\n"
     if not add:
         files[SESSION_KEY_FILE] = private_pem(SigningKey.generate().private)
         files[TRUST_KEY_FILE] = private_pem(SigningKey.generate().private)

@@ -1,7 +1,14 @@
-"""API session tokens: short-lived JWTs (EdDSA, pyjwt) for holders and operators.
+"""API session tokens: short-lived JWTs for holders and operators, EdDSA or, under the national profile, SM2.
 
 Credentials in QR codes are COSE, not JWT (see crypto/credential.py); these tokens only
 authenticate API calls.
+
+The profile's session key signs (app/security/keyring.py): Ed25519 through pyjwt, as always, or SM2
+as crypto/jws.py writes it (header `{"alg": "SM2", "kid", "typ": "JWT"}`, r ‖ s with SM3 and the
+default signer ID; pyjwt has no SM2). Every session key the keyring holds verifies, so tokens issued
+before a profile switch keep working until they expire. The kid names the key and the key decides
+the algorithm: a header naming the other algorithm is refused, both ways. The claims are checked by
+the same pyjwt rules for both kinds.
 """
 
 from __future__ import annotations
@@ -12,14 +19,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from jwt.types import Options
 
-from crypto.keys import SigningKey, b64url, b64url_decode
+from crypto.jws import EDDSA, JwsRejected, open_compact, read_header, sign_compact
+from crypto.keys import PrivateKey, PublicKey, SigningKey, b64url, b64url_decode
 
 ISSUER = "ecard"
 HOLDER_AUDIENCE = "ecard-holder"
 OPERATOR_AUDIENCE = "ecard-operator"
 STEP_UP_AUDIENCE = "ecard-step-up"
 LEEWAY_SECONDS = 5
+# Far above any token this service signs (about 430 characters), far below what could hurt.
+MAX_TOKEN_LENGTH = 8192
+_REQUIRED_CLAIMS = ["exp", "iat", "sub", "aud", "iss"]
+# What pyjwt checks of an SM2 token's claims once crypto/jws.py has checked its signature: the EdDSA
+# tokens' rules, named one by one (pyjwt would otherwise skip them with the signature it cannot check).
+_SM2_CLAIM_RULES: Options = {
+    "verify_signature": False,
+    "verify_exp": True,
+    "verify_nbf": True,
+    "verify_iat": True,
+    "verify_aud": True,
+    "verify_iss": True,
+    "verify_sub": True,
+    "verify_jti": True,
+    "require": _REQUIRED_CLAIMS,
+}
 
 
 class InvalidToken(Exception):
@@ -50,12 +76,17 @@ class OperatorSession:
 
 
 class SessionTokens:
-    """Signs and checks session JWTs with the service's session key."""
+    """Signs session JWTs with the profile's session key; checks them by any session key held."""
 
-    def __init__(self, key: SigningKey, cache_size: int = 50_000) -> None:
-        self._key = key
-        self._kid = b64url(key.kid)
-        self._public = key.private.public_key()
+    def __init__(self, signer: PrivateKey, accepted: tuple[PrivateKey, ...] = (), cache_size: int = 50_000) -> None:
+        self._signer = signer
+        self._kid = b64url(signer.kid)
+        # The key of each kid, with its algorithm: the kid picks the key, never the header's alg.
+        self._keys: dict[str, PublicKey] = {b64url(key.kid): key.verify_key("") for key in (signer, *accepted)}
+        # pyjwt checks EdDSA tokens with `cryptography` keys.
+        self._ed25519: dict[str, Ed25519PublicKey] = {
+            b64url(key.kid): key.private.public_key() for key in (signer, *accepted) if isinstance(key, SigningKey)
+        }
         # Verified holder tokens until they expire: a phone presents the same access token for
         # 15 minutes, and checking its signature again each time (~250 µs) would dominate issuance.
         self._holders: dict[str, tuple[HolderSession, int]] = {}
@@ -65,20 +96,25 @@ class SessionTokens:
         now = int(time.time())
         payload = {"iss": ISSUER, "aud": audience, "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
         payload.update(claims)
-        return jwt.encode(payload, self._key.private, algorithm="EdDSA", headers={"kid": self._kid})
+        if isinstance(self._signer, SigningKey):
+            return jwt.encode(payload, self._signer.private, algorithm=EDDSA, headers={"kid": self._kid})
+        return sign_compact(self._signer, {"kid": self._kid, "typ": "JWT"}, payload)
 
     def _decode(self, token: str, audience: str) -> dict[str, Any]:
+        rules: dict[str, Any] = {"audience": audience, "issuer": ISSUER, "leeway": LEEWAY_SECONDS}
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._public,
-                algorithms=["EdDSA"],
-                audience=audience,
-                issuer=ISSUER,
-                leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
-            )
-        except jwt.PyJWTError as exc:
+            kid = read_header(token, MAX_TOKEN_LENGTH).get("kid")
+            if not isinstance(kid, str) or kid not in self._keys:
+                raise InvalidToken("the token is not signed by a session key of this service")
+            claims: dict[str, Any]
+            if kid in self._ed25519:
+                claims = jwt.decode(
+                    token, self._ed25519[kid], algorithms=[EDDSA], options={"require": _REQUIRED_CLAIMS}, **rules
+                )
+            else:
+                open_compact(token, {kid: self._keys[kid]}, MAX_TOKEN_LENGTH)  # SM2, by this kid's key
+                claims = jwt.decode(token, options=_SM2_CLAIM_RULES, **rules)
+        except (jwt.PyJWTError, JwsRejected) as exc:
             raise InvalidToken(str(exc)) from None
         return claims
 

@@ -112,7 +112,7 @@ class ServiceContext:
         rules = load_rules(settings.agreements_file)
         fallback = DatabaseFallback(sessions, mirror, pii, settings.verify_fallback_rate)
         verifier = CredentialVerifier(directory, mirror, pii, pseudonym_key, settings, rules, fallback)
-        tokens = SessionTokens(keyring.session_key)
+        tokens = SessionTokens(keyring.session_signer(settings.crypto_profile), keyring.session_keys())
         return cls(
             settings,
             keyring,

@@ -28,7 +28,9 @@ def test_production_refuses_copied_dev_keys(tmp_path: Path) -> None:
         load_keyring(Settings(mode="production", keys_dir=copy))
 
 
-@pytest.mark.parametrize("name", ["data.key", "index.key", "session.pem", "trust.pem", "trust-sm2.key"])
+@pytest.mark.parametrize(
+    "name", ["data.key", "index.key", "session.pem", "trust.pem", "trust-sm2.key", "session-sm2.key"]
+)
 def test_production_refuses_a_single_copied_dev_key(tmp_path: Path, name: str) -> None:
     keys = tmp_path / "keys"
     generate_keyring(keys)
@@ -65,9 +67,10 @@ def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", ["", "not base64!", "c2hvcnQ=", "//////////////////////////////////////////8="])
-def test_a_bad_sm2_trust_key_is_a_clear_error(tmp_path: Path, content: str) -> None:
+@pytest.mark.parametrize("name", ["trust-sm2.key", "session-sm2.key"])
+def test_a_bad_sm2_key_is_a_clear_error(tmp_path: Path, content: str, name: str) -> None:
     """Empty, not base64, too short, or a scalar out of range (2^256 - 1)."""
     generate_keyring(tmp_path)
-    (tmp_path / "trust-sm2.key").write_text(content)
-    with pytest.raises(KeyringError, match=r"trust-sm2\.key"):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(KeyringError, match=name.replace(".", r"\.")):
         read_keyring(tmp_path)

@@ -246,13 +246,19 @@ def test_the_national_profile_needs_its_keys(tmp_path: Path) -> None:
     assert generate_keyring(keys) == ["data.key", "index.key", "session.pem", "trust.pem"]
     with pytest.raises(KeyringError, match=r"national needs sm4-data\.key and sm3-index\.key"):
         load_keyring(Settings(crypto_profile=NATIONAL, keys_dir=keys))
-    assert generate_keyring(keys, NATIONAL, add=True) == ["sm4-data.key", "sm3-index.key", "trust-sm2.key"]
-    assert oct((keys / "sm4-data.key").stat().st_mode & 0o777) == "0o600"
-    assert oct((keys / "trust-sm2.key").stat().st_mode & 0o777) == "0o600"
+    assert generate_keyring(keys, NATIONAL, add=True) == [
+        "sm4-data.key", "sm3-index.key", "trust-sm2.key", "session-sm2.key"
+    ]  # fmt: skip
+    for name in ("sm4-data.key", "trust-sm2.key", "session-sm2.key"):
+        assert oct((keys / name).stat().st_mode & 0o777) == "0o600"
     keyring = load_keyring(Settings(mode="production", crypto_profile=NATIONAL, keys_dir=keys))
     assert keyring.sm4_key is not None and len(keyring.sm4_key) == 16
     assert keyring.trust_signer(NATIONAL) is keyring.trust_sm2_key is not None
     assert keyring.trust_signer(INTERNATIONAL) is keyring.trust_key
+    assert keyring.session_signer(NATIONAL) is keyring.session_sm2_key is not None
+    assert keyring.session_signer(INTERNATIONAL) is keyring.session_key
+    assert keyring.session_keys() == (keyring.session_key, keyring.session_sm2_key)
+    assert keyring.session_sm2_key.public != keyring.trust_sm2_key.public  # one key, one purpose
     assert keyring.pii(NATIONAL).dual_index
     with pytest.raises(KeyringError, match="refusing to overwrite"):
         generate_keyring(keys, NATIONAL, add=True)
@@ -264,6 +270,18 @@ def test_the_national_profile_needs_its_sm2_trust_list_key(tmp_path: Path) -> No
     (keys / "trust-sm2.key").unlink()
     with pytest.raises(KeyringError, match=r"signs the trust list with SM2: it needs trust-sm2\.key"):
         load_keyring(Settings(mode="production", crypto_profile=NATIONAL, keys_dir=keys))
+
+
+def test_the_national_profile_needs_its_sm2_session_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    generate_keyring(keys, NATIONAL)
+    (keys / "session-sm2.key").unlink()
+    with pytest.raises(KeyringError, match=r"signs session tokens with SM2: it needs session-sm2\.key"):
+        load_keyring(Settings(mode="production", crypto_profile=NATIONAL, keys_dir=keys))
+    # The international profile does without it, and then holds one session key.
+    generate_keyring(keys, INTERNATIONAL, add=True)
+    keyring = load_keyring(Settings(mode="production", keys_dir=keys))
+    assert keyring.session_keys() == (keyring.session_key,)
 
 
 def test_a_national_only_directory(tmp_path: Path) -> None:

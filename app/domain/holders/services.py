@@ -16,7 +16,7 @@ from app.db.models import ActivationCode, Card, CardState, Device, ECard, ECardS
 from app.domain import errors
 from app.domain.cards.mirroring import MirrorOutbox, stage_card
 from app.domain.cards.services import activation_code_hashes, normalise_activation_code
-from app.security.pii import PiiCipher
+from app.security.pii import NATIONAL, PiiCipher
 from app.security.tokens import HolderSession, SessionTokens
 from app.settings import Settings
 from crypto.dpop import DpopRefusal, Proof, thumbprint
@@ -37,8 +37,12 @@ class IssuedSession:
     device_id: uuid.UUID
 
 
-def _hash_refresh_token(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+def _refresh_token_hashes(token: str, settings: Settings) -> tuple[bytes, bytes]:
+    """The token's hash under the profile (SM3 national, SHA-256 international) to store, then the other
+    profile's, which finds a token issued before a profile switch until it expires. The token is 256 bits
+    of randomness: no slow hash is needed."""
+    sm3, sha256 = hashlib.new("sm3", token.encode()).digest(), hashlib.sha256(token.encode()).digest()
+    return (sm3, sha256) if settings.crypto_profile == NATIONAL else (sha256, sm3)
 
 
 async def _start_session(
@@ -56,7 +60,7 @@ async def _start_session(
         RefreshToken(
             family_id=family_id,
             device_id=device.id,
-            token_hash=_hash_refresh_token(refresh),
+            token_hash=_refresh_token_hashes(refresh, settings)[0],
             expires_at=now + timedelta(seconds=settings.refresh_token_ttl),
             created_at=now,
         )
@@ -173,8 +177,9 @@ async def refresh_session(
     refresh token without that key is refused before anything is rotated or revoked.
     """
     invalid = errors.Unauthenticated("refresh token is invalid, expired or revoked", code="invalid_refresh_token")
+    # Either hash: one row at most matches (the other would be a collision of SM3 and SHA-256).
     stored = await session.scalar(
-        select(RefreshToken).where(RefreshToken.token_hash == _hash_refresh_token(refresh_token))
+        select(RefreshToken).where(RefreshToken.token_hash.in_(_refresh_token_hashes(refresh_token, settings)))
     )
     if stored is None or stored.revoked_at is not None:
         raise invalid

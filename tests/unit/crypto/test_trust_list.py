@@ -159,3 +159,15 @@ def test_garbage_tokens_are_refusals_never_other_errors() -> None:
     for token in ("", "a.b", "a.b.c", "...", "e30.e30.AA", "W10.e30.AA", 12, "x" * (2 << 20)):
         with pytest.raises(TrustListRejected):
             verify_trust_list(token, signer_jwk(ED_KEY))  # type: ignore[arg-type]
+
+
+@KEYS
+def test_a_right_header_over_a_hostile_payload_or_signature_is_a_refusal(key: SigningKey | Sm2SigningKey) -> None:
+    """A payload part that is not ASCII, or JSON nested past the parser's limit: refused, not an exception."""
+    header, payload, signature = sign_trust_list(key, CLAIMS).split(".")
+    deep = b64url(b"[" * 100_000)
+    for forged in (f"{header}.é.{signature}", f"{header}.{deep}.{signature}", f"{header}.{payload}.é"):
+        with pytest.raises(TrustListRejected):
+            verify_trust_list(forged, signer_jwk(key))
+    with pytest.raises(TrustListRejected, match="header is not base64url JSON"):
+        verify_trust_list(f"{deep}.{payload}.{signature}", signer_jwk(key))
