@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -295,3 +298,36 @@ async def test_a_token_failure_is_a_503_for_issuing_and_verification_goes_on(
     assert again.status_code == 200, again.text
     [fresh] = [item["credential"] for item in again.json()["credentials"]]
     assert (await verify(client, gate, fresh, fast=True))["result"] == "accepted"
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "litestar"), "--app", "app.asgi:create_app", "ecard", "keys", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+async def test_the_cli_publishes_a_key_in_the_token_and_checks_the_keys(
+    client: httpx.AsyncClient, admin: str, hsm_database: str, redis_url: str, redis_prefix: str, softhsm: SoftHsm
+) -> None:
+    created = await client.post("/v1/operator/regions", json={"code": "620000", "name": "甘肃"}, headers=bearer(admin))
+    assert created.status_code == 201, created.text
+    env = {
+        **os.environ,
+        "DATABASE_URL": hsm_database,
+        "REDIS_URL": redis_url,
+        "ECARD_REDIS_PREFIX": f"{redis_prefix}hsm:",
+        "ECARD_PKCS11_MODULE": str(softhsm.module),
+        "ECARD_PKCS11_TOKEN": "ecard-issuers",
+        "ECARD_PKCS11_PIN_FILE": str(softhsm.pin_file),
+    }
+    published = await asyncio.to_thread(_cli, env, "publish", "620000", "--key-store", "pkcs11")
+    assert published.returncode == 0, published.stderr
+    assert "published Ed25519 key" in published.stdout and "in the token 'ecard-issuers'" in published.stdout
+    keys = await _region_keys(client, admin, "620000")
+    assert sorted(keys.values()) == [("pkcs11", "active"), ("pkcs11", "published")]
+    checked = await asyncio.to_thread(_cli, env, "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "620000: " in checked.stdout and "in the token, ecard-issuer-620000-" in checked.stdout
+    wrong = {**env, "ECARD_PKCS11_PIN_FILE": "", "ECARD_PKCS11_PIN": "wrong-pin-7f3a"}
+    refused = await asyncio.to_thread(_cli, wrong, "check")
+    assert refused.returncode == 1 and "refused the PIN" in refused.stderr, refused.stderr
+    assert "wrong-pin-7f3a" not in refused.stderr
