@@ -8,7 +8,7 @@ APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps scale
+.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps softhsm scale
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,14 +35,18 @@ serve: install
 		$(VENV)/bin/uvicorn --factory app.asgi:create_app --host $(HOST) --port $(PORT) \
 		--workers $(WORKERS) --no-access-log --log-config deploy/logging.json --loop uvloop --http app.server.http_limits:LimitedHttpToolsProtocol
 
-## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL), browser.
-test: browser-deps install lint
+## Every test: lint, types, unit and integration (real Redis; SQLite and PostgreSQL; SoftHSM2), browser.
+test: browser-deps softhsm install lint
 	$(VENV)/bin/pytest
 
 ## The browser tests' Debian chromium and CJK fonts: found, or apt-get installed (as root or with
 ## passwordless sudo), or a message saying what to install (then `make test` stops before pytest).
 browser-deps:
 	bash scripts/ensure-browser
+
+## SoftHSM2, the PKCS#11 module the HSM tests hold issuer keys in: found, or apt-get installed (as for browser-deps).
+softhsm:
+	bash scripts/ensure-softhsm
 
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -153,6 +153,18 @@ class Settings:
     # "international": new issuer keys are Ed25519; "national": SM2 with SM3 (issue 17, docs/national-crypto.md).
     # A region's key rotation may also name the algorithm of its next key (POST …/keys).
     crypto_profile: str = "international"
+    # Where new issuer keys are generated: "software" (the secret encrypted in the database) or "pkcs11"
+    # (in the token below; the secret never leaves it). Each stored key says where it lives; a region's
+    # rotation may also name the store of its next key (POST …/keys). docs/mipin.md, "The signer seam".
+    issuer_key_store: str = "software"
+    # The PKCS#11 module (the vendor's .so), the token's label, and the user PIN: from a file
+    # (ECARD_PKCS11_PIN_FILE, preferred) or ECARD_PKCS11_PIN. Empty module: no token is opened.
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    pkcs11_pin_file: str = ""
+    pkcs11_pin: str = field(default="", repr=False)
+    # SM2 in a module: its vendor values, `key_type=0x…,generate=0x…,sign=0x…` (PKCS#11 has none for SM2).
+    pkcs11_sm2: str = ""
     # Cooperation agreements between regions (which cards a terminal accepts from elsewhere).
     agreements_file: Path = DATA_DIR / "agreements.json"
     # Insurance shares of medical bills by region and scheme.
@@ -195,9 +207,23 @@ class Settings:
         profile = _env("ECARD_CRYPTO_PROFILE", defaults.crypto_profile)
         if profile not in ("international", "national"):
             raise ValueError(f"ECARD_CRYPTO_PROFILE must be 'international' or 'national', got {profile!r}")
+        key_store = _env("ECARD_ISSUER_KEY_STORE", defaults.issuer_key_store)
+        if key_store not in ("software", "pkcs11"):
+            raise ValueError(f"ECARD_ISSUER_KEY_STORE must be 'software' or 'pkcs11', got {key_store!r}")
+        pkcs11_module = _env("ECARD_PKCS11_MODULE", "")
+        if key_store == "pkcs11" and not pkcs11_module:
+            raise ValueError("ECARD_ISSUER_KEY_STORE=pkcs11 needs ECARD_PKCS11_MODULE (the module's .so)")
+        if pkcs11_module and not _env("ECARD_PKCS11_TOKEN", ""):
+            raise ValueError("ECARD_PKCS11_MODULE needs ECARD_PKCS11_TOKEN (the token's label)")
         return cls(
             mode=mode,
             crypto_profile=profile,
+            issuer_key_store=key_store,
+            pkcs11_module=pkcs11_module,
+            pkcs11_token=_env("ECARD_PKCS11_TOKEN", ""),
+            pkcs11_pin_file=_env("ECARD_PKCS11_PIN_FILE", ""),
+            pkcs11_pin=_env("ECARD_PKCS11_PIN", ""),
+            pkcs11_sm2=_env("ECARD_PKCS11_SM2", ""),
             database_url=_env("DATABASE_URL", defaults.database_url),
             redis_url=_env("REDIS_URL", defaults.redis_url),
             redis_prefix=_env("ECARD_REDIS_PREFIX", defaults.redis_prefix),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-from crypto.keys import PrivateKey, PublicKey, SigningKey, VerifyKey, private_raw
+from crypto.keys import ALG_SM2_SM3, PrivateKey, PublicKey, SigningKey, VerifyKey, private_raw
 from crypto.sm import Sm2SigningKey, Sm2VerifyKey
 
 Algorithm = Literal["Ed25519", "SM2"]
@@ -30,7 +30,9 @@ def generate(algorithm: str) -> PrivateKey:
 
 
 def secret_of(key: PrivateKey) -> bytes:
-    """The 32 bytes to keep (encrypted) for the key: Ed25519's seed, SM2's private scalar."""
+    """The 32 bytes to keep (encrypted) for a software key: Ed25519's seed, SM2's private scalar.
+
+    A key held in a module (crypto/hsm.py) has no secret to give: TypeError."""
     if isinstance(key, Sm2SigningKey):
         return key.private
     if isinstance(key, SigningKey):
@@ -60,5 +62,5 @@ def algorithm_of_public(public: bytes) -> Algorithm:
 
 
 def name_of(key: PublicKey | PrivateKey) -> Algorithm:
-    """The stored name of a key's algorithm."""
-    return SM2 if isinstance(key, Sm2SigningKey | Sm2VerifyKey) else ED25519
+    """The stored name of a key's algorithm (by its COSE algorithm, so module-held keys answer too)."""
+    return SM2 if key.alg == ALG_SM2_SM3 else ED25519

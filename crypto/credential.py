@@ -181,7 +181,9 @@ _SEALS: dict[tuple[bytes, str], CardRefSeal] = {}
 
 
 def seal_for(key: PrivateKey, region: str) -> CardRefSeal:
-    """The card-reference seal of a signing key for its region (derived once per process and key)."""
+    """The card-reference seal of a software signing key for its region, derived from its secret (once per
+    process and key). The service passes the issuer's seal instead (`IssuerKeys.seals`), which is what a
+    key held in a module, having no secret to give, needs."""
     seal = _SEALS.get((key.kid, region))
     if seal is None:
         if len(_SEALS) >= 1024:

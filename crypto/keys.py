@@ -107,10 +107,28 @@ class PublicKey(Protocol):
         ...
 
 
+class SigningUnavailable(RuntimeError):
+    """The signer could not sign just now, for a reason outside the message (its module or service is away).
+
+    Software keys never raise it; a key held in a PKCS#11 token (crypto/hsm.py) does when the token's
+    session is gone. Issuance answers 503 and tries again on the next request; verification needs no
+    private key and is not affected.
+    """
+
+
 class PrivateKey(Protocol):
-    """What signing needs of an issuer's private key, Ed25519 or SM2."""
+    """The signer seam: what signing needs of an issuer's private key, wherever the key lives.
+
+    In process (`SigningKey`, `crypto.sm.Sm2SigningKey`: the secret decrypted at start-up) or in a
+    PKCS#11 token (`crypto.hsm.Pkcs11SigningKey`: the secret never leaves the token). Credentials,
+    status lists and kits are signed only through `sign`; nothing asks a key for its secret except
+    `crypto.algorithms.secret_of`, which refuses keys held in a module.
+    """
 
     alg: ClassVar[int]
+    # True when `sign` may wait on something outside the process (a device, a network call): callers on
+    # an event loop run it in a thread. In-process keys sign in tens of microseconds and stay on the loop.
+    blocking: ClassVar[bool]
 
     @property
     def public(self) -> bytes:
@@ -123,7 +141,7 @@ class PrivateKey(Protocol):
         ...
 
     def sign(self, message: bytes) -> bytes:
-        """A 64-byte signature of message."""
+        """A 64-byte signature of message; `SigningUnavailable` when the key's module cannot sign now."""
         ...
 
     def verify_key(self, region: str) -> PublicKey:
@@ -140,6 +158,7 @@ class SigningKey:
     """
 
     alg: ClassVar[int] = ALG_EDDSA
+    blocking: ClassVar[bool] = False
     private: Ed25519PrivateKey
     kid: bytes = field(init=False)
     public: bytes = field(init=False)

@@ -109,6 +109,7 @@ class Sm2SigningKey:
     """
 
     alg: ClassVar[int] = ALG_SM2_SM3
+    blocking: ClassVar[bool] = False
     private: bytes = field(repr=False)
     signer_id: bytes = DEFAULT_SIGNER_ID
     public: bytes = field(init=False)

@@ -31,6 +31,7 @@ from app.settings import DEV_KEYS_DIR, Settings
 from loadtests.redis_cluster import ClusterError, RedisCluster
 from tests import factories
 from tests.servers import MissingServerBinary, PostgresServer, RedisServer
+from tests.softhsm import SoftHsm, softhsm_tokens
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -48,6 +49,16 @@ def redis_url() -> Iterator[str]:
         pytest.exit(str(exc), returncode=3)
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> Iterator[SoftHsm]:
+    """This run's SoftHSM2 tokens, in a temporary SOFTHSM2_CONF directory (removed at the end)."""
+    try:
+        with softhsm_tokens() as tokens:
+            yield tokens
+    except RuntimeError as exc:
+        pytest.exit(str(exc), returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,13 @@ class Region(Base):
 
 
 class IssuerKey(Base):
-    """A region's signing key (Ed25519 or SM2, `algorithm`); the private half encrypted under the data key."""
+    """A region's signing key (Ed25519 or SM2, `algorithm`), and where its private half lives (`key_store`).
+
+    "software": the private half encrypted under the data key (`private_key_encrypted`). "pkcs11": the
+    private half is in the token labelled `key_token`, as the object with CKA_LABEL `key_label` and
+    CKA_ID = kid; `private_key_encrypted` then holds only the key's card-reference seal secret (random,
+    crypto/seal.py), which the verify path needs for every scan and so cannot ask a module for.
+    """
 
     __tablename__ = "issuer_keys"
 
@@ -153,6 +159,10 @@ class IssuerKey(Base):
     public_key: Mapped[bytes] = mapped_column(LargeBinary(65))
     algorithm: Mapped[str] = mapped_column(String(16), default="Ed25519", server_default="Ed25519")
     private_key_encrypted: Mapped[bytes]
+    key_store: Mapped[str] = mapped_column(String(16), default="software", server_default="software")
+    # PKCS#11 token label (at most 32 characters) and object label; None for software keys.
+    key_token: Mapped[str | None] = mapped_column(String(32))
+    key_label: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
 

@@ -21,6 +21,7 @@ from app.security.keyring import KeyringError, generate_keyring
 from app.security.pii import NATIONAL
 from app.server.context import ServiceContext
 from app.settings import get_settings
+from crypto.hsm import HsmConfigurationError
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ def _run(work: Callable[[ServiceContext], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except DomainError as exc:
         raise click.ClickException(exc.detail) from None
-    except KeyringError as exc:
+    except (KeyringError, HsmConfigurationError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -127,6 +128,57 @@ def keys_rekey_pii(batch: int, after: uuid.UUID | None, check: bool) -> None:
         sys.exit(1)
 
 
+@keys_group.command(name="publish")
+@click.argument("region")
+@click.option("--algorithm", type=click.Choice(["Ed25519", "SM2"]), default=None, help="Default: the profile's.")
+@click.option(
+    "--key-store", type=click.Choice(["software", "pkcs11"]), default=None,
+    help="Where the key is generated and kept; pkcs11: in the token (default: ECARD_ISSUER_KEY_STORE).",
+)  # fmt: skip
+def keys_publish(region: str, algorithm: str | None, key_store: str | None) -> None:
+    """Step 1 of a rotation: a new issuer key for REGION, published but not signing yet.
+
+    Activate it after ECARD_KEY_PUBLISH_LEAD seconds (POST /v1/operator/regions/REGION/keys/KID/activation).
+    """
+    from app.domain.issuers.services import publish_key
+    from crypto.keys import b64url
+
+    async def work(context: ServiceContext) -> tuple[str, str, str]:
+        async with context.sessions() as session:
+            row = await publish_key(
+                session, context.pii, Actor.command("ecard keys publish"), region,
+                algorithm or context.settings.issuer_algorithm, context.key_store, key_store,
+            )  # fmt: skip
+        await context.directory_changes.announce()
+        where = f"in the token {row.key_token!r} as {row.key_label!r}" if row.key_label else "in software"
+        return b64url(row.kid), row.algorithm, where
+
+    kid, name, where = _run(work)
+    click.echo(f"published {name} key {kid} for region {region}, {where}")
+
+
+@keys_group.command(name="check")
+def keys_check() -> None:
+    """Check every active issuer key can sign: a token key is in the token as the database says (public key,
+    not extractable, sensitive); exits 1 otherwise. The service runs the same check at start-up."""
+    from crypto.hsm import Pkcs11SigningKey
+    from crypto.keys import b64url
+
+    async def work(context: ServiceContext) -> list[str]:
+        keys = context.directory.keys
+        if keys.unavailable:
+            raise HsmConfigurationError("; ".join(keys.unavailable.values()))
+        await asyncio.to_thread(context.key_store.check, list(keys.signing_keys.values()))
+        return [
+            f"{region}: {b64url(key.kid)} "
+            + (f"in the token, {key.label}" if isinstance(key, Pkcs11SigningKey) else "in software")
+            for region, key in sorted(keys.signing_keys.items())
+        ]
+
+    for line in _run(work):
+        click.echo(line)
+
+
 @ecard_group.group(name="operator")
 def operator_group() -> None:
     """Operator accounts."""
@@ -172,12 +224,14 @@ def region_add(code: str, name: str) -> None:
     async def work(context: ServiceContext) -> str:
         algorithm = context.settings.issuer_algorithm
         async with context.sessions() as session:
-            await register_region(session, context.pii, Actor.command("ecard region add"), code, name, algorithm)
+            await register_region(
+                session, context.pii, Actor.command("ecard region add"), code, name, algorithm, context.key_store
+            )
         await context.directory_changes.announce()
         return algorithm
 
     algorithm = _run(work)
-    click.echo(f"region {code} registered with a fresh {algorithm} signing key")
+    click.echo(f"region {code} registered with a fresh {algorithm} signing key ({get_settings().issuer_key_store})")
 
 
 @ecard_group.group(name="card")
@@ -460,7 +514,9 @@ def demo(region: str) -> None:
     async def work(context: ServiceContext) -> dict[str, str]:
         async with context.sessions() as session:
             if await session.get(Region, region) is None:
-                await register_region(session, context.pii, actor, region, f"Demo region {region}")
+                await register_region(
+                    session, context.pii, actor, region, f"Demo region {region}", key_store=context.key_store
+                )
             await create_operator(
                 session, actor, username=username, password=password, role=Role.ADMIN, regions=[region]
             )

@@ -30,6 +30,7 @@ from app.domain.agreements.rules import AcceptanceRules, load_rules
 from app.domain.cards.mirroring import MirrorOutbox
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery
 from app.domain.cards.services import ScopedCard, card_in_scope
+from app.domain.issuers.key_store import IssuerKeyStore, open_key_store
 from app.domain.ledger.services import MedicalCoverage
 from app.domain.verification.directory import DirectoryChanges, VerifierDirectory
 from app.domain.verification.events import EventDrain, consumer_name
@@ -43,6 +44,7 @@ from app.settings import Settings
 from app.stores.event_stream import EventStream, RedisEventStream
 from app.stores.invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
 from app.stores.status_mirror import MemoryStatusMirror, RedisStatusMirror, StatusMirror, StoreUnavailable
+from crypto.hsm import HsmConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +75,17 @@ class ServiceContext:
     recovery: MirrorRecovery
     callers: Callers
     directory_changes: DirectoryChanges
+    key_store: IssuerKeyStore
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _drain_task: asyncio.Task[None] | None = None
     _stop_draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> ServiceContext:
-        """Wire everything from settings; connects nothing yet."""
+        """Wire everything from settings; connects nothing yet but the PKCS#11 token, if one is configured
+        (a wrong PIN or a missing module stops here: `HsmConfigurationError`)."""
         keyring = load_keyring(settings)
+        key_store = open_key_store(settings)
         pii = keyring.pii(settings.crypto_profile)
         engine = create_engine(settings.database_url)
         sessions = create_session_factory(engine)
@@ -107,7 +112,7 @@ class ServiceContext:
             memory_mirror = MemoryStatusMirror()
             mirror, events = memory_mirror, memory_mirror.events
             bus = LocalInvalidationBus()
-        directory = VerifierDirectory(sessions, pii)
+        directory = VerifierDirectory(sessions, pii, key_store)
         pseudonym_key = pii.pseudonym_key()
         rules = load_rules(settings.agreements_file)
         fallback = DatabaseFallback(sessions, mirror, pii, settings.verify_fallback_rate)
@@ -132,6 +137,7 @@ class ServiceContext:
             recovery=MirrorRecovery(sessions, mirror, pii, settings.redis_prefix),
             callers=Callers(tokens, mirror, directory, settings.public_url),
             directory_changes=DirectoryChanges(sessions, directory, bus),
+            key_store=key_store,
         )
 
     def install(self, state: State) -> None:
@@ -140,8 +146,15 @@ class ServiceContext:
         state[Callers.STATE_KEY] = self.callers
 
     async def start(self) -> None:
-        """Load the caches, open the store's epoch, and keep both fresh in the background."""
+        """Load the caches, open the store's epoch, and keep both fresh in the background.
+
+        Every active issuer key must be usable: one in a token this process cannot open, or that the token
+        does not hold as the database says, stops start-up (`HsmConfigurationError`), not the first issue.
+        """
         await self.directory.reload()
+        if self.directory.keys.unavailable:
+            raise HsmConfigurationError("; ".join(self.directory.keys.unavailable.values()))
+        await asyncio.to_thread(self.key_store.check, list(self.directory.keys.signing_keys.values()))
         await self.open_store_epochs()
         self._tasks.append(asyncio.create_task(self.bus.run(self.directory_changes.apply)))
         self._tasks.append(asyncio.create_task(self._refresh_periodically()))
@@ -232,6 +245,7 @@ class ServiceContext:
         await self.events.close()
         await self.bus.close()
         await self.engine.dispose()
+        self.key_store.close()
 
 
 def context_of(state: State) -> ServiceContext:
@@ -255,6 +269,7 @@ WIRED = (
     "coverage",
     "offline_kits",
     "outbox",
+    "key_store",
 )
 
 

@@ -352,6 +352,7 @@ async def credential_bundle(
         holder.session,
         holder.card_status,
         directory.keys.signing_keys,
+        directory.keys.seals,
         settings,
         purpose,
         data.count,

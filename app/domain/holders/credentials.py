@@ -24,7 +24,8 @@ from crypto.credential import (
     issue_credential,
     open_credential,
 )
-from crypto.keys import PrivateKey
+from crypto.keys import PrivateKey, SigningUnavailable
+from crypto.seal import CardRefSeal
 
 # Money-moving and medical-data purposes come one at a time, after the PIN step-up.
 STEP_UP_PURPOSES = frozenset({Purpose.MEDICAL})
@@ -54,10 +55,28 @@ def plan_windows(now: int, count: int, lifetime: int, refresh: int) -> list[tupl
 SIGNING_SLICE = 4
 
 
+def _sign_all(key: PrivateKey, seal: CardRefSeal, claims: list[Claims]) -> list[str]:
+    return [issue_credential(key, item, seal) for item in claims]
+
+
+async def _sign(key: PrivateKey, seal: CardRefSeal, claims: list[Claims]) -> list[str]:
+    """The credentials' texts: in-process keys on the loop, in slices; a key in a module (each signature a
+    blocking PKCS#11 call) in one worker thread for the whole bundle, so the loop serves scans meanwhile."""
+    if key.blocking:
+        return await asyncio.to_thread(_sign_all, key, seal, claims)
+    texts: list[str] = []
+    for start in range(0, len(claims), SIGNING_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        texts.extend(_sign_all(key, seal, claims[start : start + SIGNING_SLICE]))
+    return texts
+
+
 async def issue_credentials(
     holder: HolderSession,
     card_status: str | None,
     signing_keys: Mapping[str, PrivateKey],
+    seals: Mapping[bytes, CardRefSeal],
     settings: Settings,
     purpose: Purpose,
     count: int,
@@ -65,6 +84,10 @@ async def issue_credentials(
     store_epoch_ms: int = 0,
 ) -> tuple[bytes, list[IssuedCredential]]:
     """Sign count credentials for the holder's card (whose mirrored status is card_status); (kid, credentials).
+
+    The card reference is sealed with the key's seal from `seals` (the issuer's, by kid), so the signer
+    is asked for signatures only, never for its secret. A signer that cannot sign now (its PKCS#11 token
+    failed) is a 503 `signing_unavailable`; nothing was issued.
 
     Windows start once the store's epoch lies behind them, clock skew included: a verifier refuses a
     credential that could have been shown before the epoch (the store may have lost its use since),
@@ -82,15 +105,13 @@ async def issue_credentials(
     if card_status != MirroredStatus.ACTIVE.value:
         raise errors.Conflict("the eCard is not active; no credentials can be issued")
     key = signing_keys.get(holder.region)
-    if key is None:
+    seal = seals.get(key.kid) if key is not None else None
+    if key is None or seal is None:
         raise errors.Unavailable(f"no signing key is loaded for region {holder.region}")
     now = max(int(time.time()), -(-store_epoch_ms // 1000) + settings.clock_skew)
-    issued = []
     windows = plan_windows(now, count, settings.credential_lifetime, settings.credential_refresh)
-    for index, (not_before, expires_at, refresh_at) in enumerate(windows):
-        if index and index % SIGNING_SLICE == 0:
-            await asyncio.sleep(0)
-        claims = Claims(
+    claims = [
+        Claims(
             card_ref=holder.card_ref,
             nonce=os.urandom(NONCE_LENGTH),
             region=holder.region,
@@ -98,7 +119,18 @@ async def issue_credentials(
             not_before=not_before,
             expires_at=expires_at,
         )
-        issued.append(IssuedCredential(issue_credential(key, claims), not_before, expires_at, refresh_at))
+        for not_before, expires_at, _refresh_at in windows
+    ]
+    try:
+        texts = await _sign(key, seal, claims)
+    except SigningUnavailable as exc:
+        raise errors.Unavailable(
+            f"the issuer key of region {holder.region} cannot sign just now: {exc}", code="signing_unavailable"
+        ) from None
+    issued = [
+        IssuedCredential(text, not_before, expires_at, refresh_at)
+        for text, (not_before, expires_at, refresh_at) in zip(texts, windows, strict=True)
+    ]
     return key.kid, issued
 
 

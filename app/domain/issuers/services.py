@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -12,9 +13,11 @@ from app.db.clock import utcnow
 from app.db.models import IssuerKey, KeyState, Region
 from app.domain import errors
 from app.domain.audit.services import Actor, record
+from app.domain.issuers.key_store import SOFTWARE, SOFTWARE_KEYS, IssuerKeyStore
 from app.security.pii import PiiCipher
 from crypto import algorithms
-from crypto.keys import PrivateKey, PublicKey
+from crypto.hsm import HsmConfigurationError
+from crypto.keys import PrivateKey, PublicKey, SigningUnavailable
 from crypto.seal import CardRefSeal
 
 PRIVATE_KEY_FIELD = "issuer_keys.private_key"
@@ -26,15 +29,31 @@ async def create_issuer_key(
     region_code: str,
     state: KeyState = KeyState.ACTIVE,
     algorithm: str = algorithms.ED25519,
+    key_store: IssuerKeyStore = SOFTWARE_KEYS,
+    store: str | None = None,
 ) -> IssuerKey:
-    """Generate a region's signing key of the algorithm and store it, private half encrypted (caller commits)."""
-    key = algorithms.generate(algorithm)
+    """Generate a region's signing key of the algorithm in the store (default: the key store's) and keep its
+    row (caller commits): a software key's secret encrypted, a module key's reference and seal secret.
+
+    A module key is generated in the token by a blocking call, so off the event loop. Should the commit
+    fail, the token keeps an unused key pair labelled with its kid (the operator may delete it).
+    """
+    try:
+        if (store or key_store.default) == SOFTWARE:
+            new = key_store.generate(algorithm, region_code, store)
+        else:
+            new = await asyncio.to_thread(key_store.generate, algorithm, region_code, store)
+    except HsmConfigurationError as exc:
+        raise errors.Unavailable(f"no key was generated in the token: {exc}", code="key_store_unavailable") from None
     row = IssuerKey(
-        kid=key.kid,
+        kid=new.key.kid,
         region_code=region_code,
-        public_key=key.public,
+        public_key=new.key.public,
         algorithm=algorithm,
-        private_key_encrypted=pii.encrypt_bytes(algorithms.secret_of(key), PRIVATE_KEY_FIELD),
+        private_key_encrypted=pii.encrypt_bytes(new.secret, PRIVATE_KEY_FIELD),
+        key_store=new.store,
+        key_token=new.token,
+        key_label=new.label,
         state=state.value,
         created_at=utcnow(),
     )
@@ -55,6 +74,8 @@ class IssuerKeys:
     seals: dict[bytes, CardRefSeal] = field(default_factory=dict)
     # Rotation state and publication time of every published key, by kid (for the trust list).
     states: dict[bytes, tuple[KeyState, datetime]] = field(default_factory=dict)
+    # Regions whose active key could not be opened here (its token is not this process's), and why.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 def public_key_of(row: IssuerKey) -> PublicKey:
@@ -62,8 +83,11 @@ def public_key_of(row: IssuerKey) -> PublicKey:
     return algorithms.public_key(row.algorithm, row.public_key, row.region_code)
 
 
-async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
-    """Read and decrypt all issuer keys that are not revoked (each one's seal comes from its secret)."""
+async def load_issuer_keys(
+    session: AsyncSession, pii: PiiCipher, key_store: IssuerKeyStore = SOFTWARE_KEYS
+) -> IssuerKeys:
+    """Read and decrypt all issuer keys that are not revoked (each one's seal comes from its secret); the
+    active ones become signers through the key store (software, or a reference into the token)."""
     keys = IssuerKeys()
     rows = (await session.scalars(select(IssuerKey).order_by(IssuerKey.created_at))).all()
     for row in rows:
@@ -75,7 +99,10 @@ async def load_issuer_keys(session: AsyncSession, pii: PiiCipher) -> IssuerKeys:
         secret = pii.decrypt_bytes(row.private_key_encrypted, PRIVATE_KEY_FIELD)
         keys.seals[verify_key.kid] = CardRefSeal.derive(secret, row.algorithm, row.region_code, verify_key.kid)
         if row.state == KeyState.ACTIVE.value:
-            keys.signing_keys[row.region_code] = algorithms.private_key(row.algorithm, secret)
+            try:
+                keys.signing_keys[row.region_code] = key_store.signing_key(row, secret)
+            except SigningUnavailable as exc:
+                keys.unavailable[row.region_code] = str(exc)
     return keys
 
 
@@ -93,17 +120,24 @@ async def region_keys(session: AsyncSession, region: str) -> list[IssuerKey]:
 
 
 async def publish_key(
-    session: AsyncSession, pii: PiiCipher, actor: Actor, region: str, algorithm: str = algorithms.ED25519
+    session: AsyncSession,
+    pii: PiiCipher,
+    actor: Actor,
+    region: str,
+    algorithm: str = algorithms.ED25519,
+    key_store: IssuerKeyStore = SOFTWARE_KEYS,
+    store: str | None = None,
 ) -> IssuerKey:
     """Step 1 of a rotation: a new key of the algorithm, published but not signing yet (commits); one
-    waiting at a time. A rotation to another algorithm is the same drill (codes of both verify meanwhile)."""
+    waiting at a time. A rotation to another algorithm, or from software into the token (`store`), is the
+    same drill (codes of both keys verify meanwhile)."""
     keys = await region_keys(session, region)
     if any(key.state == KeyState.PUBLISHED.value for key in keys):
         raise errors.Conflict("a published key is already waiting to be activated", current_state="published")
-    row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED, algorithm)
+    row = await create_issuer_key(session, pii, region, KeyState.PUBLISHED, algorithm, key_store, store)
     record(
         session, actor, "issuer_key.published", subject_type="issuer_key", subject_id=row.kid.hex(),
-        region=region, after={"state": KeyState.PUBLISHED.value, "algorithm": algorithm},
+        region=region, after={"state": KeyState.PUBLISHED.value, "algorithm": algorithm, "key_store": row.key_store},
     )  # fmt: skip
     await session.commit()
     return row

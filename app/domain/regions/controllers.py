@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import IssuerKey, Region
 from app.domain import errors
 from app.domain.audit.services import Actor
+from app.domain.issuers.key_store import IssuerKeyStore
 from app.domain.issuers.services import activate_key, public_key_of, publish_key, region_keys, revoke_key
 from app.domain.operators.services import Role, require_region
 from app.domain.regions.schemas import IssuerKeyOut, KeyPublication, KeyRevocation, RegionCreate, RegionOut
@@ -36,6 +37,7 @@ def _key_out(row: IssuerKey) -> IssuerKeyOut:
         region=row.region_code,
         state=row.state,
         algorithm=name_of(key),
+        key_store=row.key_store,
         published_at=row.created_at,
         jwk=public_jwk(key),
     )
@@ -64,12 +66,13 @@ class RegionController(Controller):
         "/",
         status_code=201,
         summary="Register a region",
-        responses=problem_responses(401, 403, 404, 409, 413),
+        responses=problem_responses(401, 403, 404, 409, 413, 503),
         guards=[requires()],
     )
     async def create(
         self,
         directory_changes: NamedDependency[DirectoryChanges],
+        key_store: NamedDependency[IssuerKeyStore],
         pii: NamedDependency[PiiCipher],
         settings: NamedDependency[Settings],
         actor: NamedDependency[Actor],
@@ -80,7 +83,7 @@ class RegionController(Controller):
         """Register a region (admins within their scope); its key is published in the JWKS at once."""
         require_region(operator, data.code)
         algorithm = data.key_algorithm or settings.issuer_algorithm
-        region = await register_region(session, pii, actor, data.code, data.name.strip(), algorithm)
+        region = await register_region(session, pii, actor, data.code, data.name.strip(), algorithm, key_store)
         await directory_changes.announce()
         return _out(region)
 
@@ -109,12 +112,13 @@ class RegionController(Controller):
         "/{code:str}/keys",
         status_code=201,
         summary="Publish a new signing key",
-        responses=problem_responses(401, 403, 404, 409),
+        responses=problem_responses(401, 403, 404, 409, 503),
         guards=[requires()],
     )
     async def publish(
         self,
         directory_changes: NamedDependency[DirectoryChanges],
+        key_store: NamedDependency[IssuerKeyStore],
         pii: NamedDependency[PiiCipher],
         settings: NamedDependency[Settings],
         actor: NamedDependency[Actor],
@@ -127,10 +131,12 @@ class RegionController(Controller):
 
         Its algorithm is the body's, else the deployment's profile's: a region moves from Ed25519 to
         SM2 (or back) by this same drill, codes of both keys verifying until the old one is revoked.
+        `key_store: "pkcs11"` generates it in the deployment's PKCS#11 token (503 when the token fails),
+        so a region moves its signing from software into the module by the same drill.
         """
         require_region(operator, code)
         algorithm = (data.algorithm if data else None) or settings.issuer_algorithm
-        row = await publish_key(session, pii, actor, code, algorithm)
+        row = await publish_key(session, pii, actor, code, algorithm, key_store, data.key_store if data else None)
         await directory_changes.announce()
         return _key_out(row)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -23,10 +23,21 @@ class RegionCreate(WireModel):
     key_algorithm: KeyAlgorithm = None
 
 
+# Absent: the deployment's default (ECARD_ISSUER_KEY_STORE).
+KeyStore = Annotated[
+    Literal["software", "pkcs11"] | None,
+    msgspec.Meta(
+        description="Where the private key is generated and kept: in software (encrypted in the database) or in "
+        "the deployment's PKCS#11 token (it never leaves it); default: ECARD_ISSUER_KEY_STORE"
+    ),
+]
+
+
 class KeyPublication(WireModel):
-    """The next key of a rotation: of another algorithm than the current one, if so named."""
+    """The next key of a rotation: of another algorithm than the current one, or in another store, if so named."""
 
     algorithm: KeyAlgorithm = None
+    key_store: KeyStore = None
 
 
 class RegionOut(WireModel):
@@ -44,6 +55,8 @@ class IssuerKeyOut(WireModel):
     region: str
     state: str
     algorithm: Algorithm
+    # "software" or "pkcs11": where the private half lives.
+    key_store: str
     published_at: datetime
     jwk: dict[str, str]
 

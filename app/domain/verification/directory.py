@@ -32,6 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import ChangeCounter, Terminal, VerifierOrganisation
+from app.domain.issuers.key_store import SOFTWARE_KEYS, IssuerKeyStore
 from app.domain.issuers.services import IssuerKeys, load_issuer_keys
 from app.security.pii import NATIONAL, PiiCipher
 from app.stores.invalidation import InvalidationBus
@@ -180,9 +181,12 @@ class VerifierDirectory:
     per region, are read again in full whenever the counter moved.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], pii: PiiCipher) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], pii: PiiCipher, key_store: IssuerKeyStore = SOFTWARE_KEYS
+    ) -> None:
         self._sessions = sessions
         self._pii = pii
+        self._key_store = key_store
         # API keys are hashed with SM3 under the national profile (tried first), SHA-256 otherwise.
         self._national = pii.profile == NATIONAL
         self._terminals: dict[str, TerminalEntry] = {}
@@ -199,7 +203,7 @@ class VerifierDirectory:
         async with self._applying, self._sessions() as session:
             # The counter first: every change up to it is committed, so the reads below see it.
             version = await directory_counter(session)
-            keys = await load_issuer_keys(session, self._pii)
+            keys = await load_issuer_keys(session, self._pii, self._key_store)
             rows = await session.execute(
                 select(*_TERMINAL_COLUMNS).join(
                     VerifierOrganisation, Terminal.organisation_id == VerifierOrganisation.id
@@ -217,7 +221,7 @@ class VerifierDirectory:
             if version == self.version:
                 return 0
             since = self.version
-            keys = await load_issuer_keys(session, self._pii)
+            keys = await load_issuer_keys(session, self._pii, self._key_store)
             joined = select(*_TERMINAL_COLUMNS).join(
                 VerifierOrganisation, Terminal.organisation_id == VerifierOrganisation.id
             )

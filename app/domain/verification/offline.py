@@ -15,6 +15,7 @@ once a second and its body only when the ETag moved.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -30,6 +31,7 @@ from app.db.clock import utcnow
 from app.db.models import OfflineKitBuild, Region
 from app.domain import errors
 from app.domain.issuers.services import IssuerKeys
+from crypto.keys import SigningUnavailable
 from crypto.offline import kit_document
 from crypto.status_list import StatusList, sign_status_list
 
@@ -95,7 +97,13 @@ class OfflineKits:
             if etag and built_at and now - built_at < timedelta(seconds=min(self.rebuild_after, self.ttl)):
                 return await self._serve(session, region, etag)
             if await self._take_lease(session, keys, region, row, now):
-                return await self._build(session, keys, region)
+                try:
+                    return await self._build(session, keys, region)
+                except errors.Unavailable:
+                    # The region's key could not sign (its token failed): gates keep the kit still valid.
+                    if etag and row is not None and row.expires_at and now < row.expires_at:
+                        return await self._serve(session, region, etag)
+                    raise
             if etag and row is not None and row.expires_at and now < row.expires_at:
                 return await self._serve(session, region, etag)  # another worker is building the next one
             if time.monotonic() > give_up:
@@ -168,8 +176,10 @@ class OfflineKits:
         started = time.perf_counter()
         try:
             issued_at = int(time.time())
-            token = sign_status_list(
-                keys.signing_keys[region],
+            key = keys.signing_keys[region]
+            sign = functools.partial(
+                sign_status_list,
+                key,
                 region=region,
                 subject=status_list_subject(region),
                 status_list=StatusList.from_statuses({}, size=0),
@@ -177,6 +187,13 @@ class OfflineKits:
                 expires_at=issued_at + self.lifetime,
                 ttl=self.ttl,
             )
+            try:
+                # A key in a module signs by a blocking PKCS#11 call: off the loop.
+                token = await asyncio.to_thread(sign) if key.blocking else sign()
+            except SigningUnavailable as exc:
+                raise errors.Unavailable(
+                    f"the issuer key of region {region} cannot sign the kit just now: {exc}", code="signing_unavailable"
+                ) from None
             # Every key of the region, retired ones too: credentials they signed may still be shown.
             region_keys = [key for key in keys.verify_keys.values() if key.region == region]
             document = kit_document(region, region_keys, token)
