@@ -8,7 +8,7 @@ migrates it, registers region 510000, and by plain SQL (generate_series, the fas
 for figures, not the import path) puts in N eCards of which the given share is suspended or revoked
 (at random) and T terminals in T/100 organisations. The eCards' foreign key to cards is dropped in
 this database only: the build reads neither cards nor persons. Then it measures, with the service's
-own code: the kit build (EXPLAIN ANALYZE of its one query, wall time, stored size), a second worker
+own code: the kit build (wall time, stored size; it reads no eCard since issue 13), a second worker
 serving the stored kit, the directory's start-up (time, tracemalloc, RSS) and one poll with nothing
 changed and with 10 changes.
 """
@@ -69,9 +69,9 @@ async def fill(context: ServiceContext, ecards: int, share: float, terminals: in
         for first in range(0, ecards, step):
             await connection.execute(
                 text(
-                    "INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, updated_at,"
+                    "INSERT INTO ecards (id, card_id, region_code, card_ref, state, updated_at,"
                     " pin_attempts, mirror_version)"
-                    " SELECT gen_random_uuid(), gen_random_uuid(), :region, decode(md5(i::text), 'hex'), i,"
+                    " SELECT gen_random_uuid(), gen_random_uuid(), :region, decode(md5(i::text), 'hex'),"
                     " CASE WHEN r < CAST(:share AS float8) / 2 THEN 'suspended'"
                     " WHEN r < CAST(:share AS float8) THEN 'revoked' ELSE 'active' END, now(), 0, 0"
                     " FROM (SELECT i, random() AS r"
@@ -79,9 +79,6 @@ async def fill(context: ServiceContext, ecards: int, share: float, terminals: in
                 ),
                 {"region": REGION, "share": share, "first": first, "last": min(first + step, ecards) - 1},
             )
-        await connection.execute(
-            text("UPDATE regions SET next_status_index = :n WHERE code = :region"), {"n": ecards, "region": REGION}
-        )
         took["ecards_s"] = time.perf_counter() - started
         started = time.perf_counter()
         await connection.execute(
@@ -120,17 +117,8 @@ async def _vacuum(context: ServiceContext) -> None:
 
 async def kit_figures(context: ServiceContext, ecards: int) -> dict[str, object]:
     """The build's plan and cost, its size, and what a second worker pays to serve it."""
+    # Kits name no eCard since codes are unlinkable (issue 13): the build reads no eCard, whatever N is.
     await context.directory.reload()
-    # What a build with per-eCard statuses read (kits name no eCard since codes are unlinkable, so the
-    # build reads none now): the non-active eCards through their partial index, and before that every one.
-    query = (
-        f"SELECT status_index, state FROM ecards WHERE region_code = '{REGION}' AND state != 'active'"
-        f" AND status_index < {ecards}"
-    )
-    before = f"SELECT status_index, state FROM ecards WHERE region_code = '{REGION}'"
-    async with context.sessions() as session:
-        plan = [row[0] for row in await session.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {query}"))]
-        every = [row[0] for row in await session.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {before}"))]
     builds, build_cpu = [], []
     for _ in range(3):
         kits = OfflineKits(context.settings.status_list_ttl, context.settings.status_list_lifetime)
@@ -159,8 +147,6 @@ async def kit_figures(context: ServiceContext, ecards: int) -> dict[str, object]
             await other.kit(session, context.directory.keys, REGION)
             held.append(time.perf_counter() - started)
     return {
-        "plan_non_active": plan,
-        "plan_every_ecard_before": every,
         "build_s": builds,
         "build_cpu_s_of_this_process": build_cpu,
         **stored,
@@ -244,9 +230,7 @@ async def main() -> None:
         figures: dict[str, object] = {"fill": filled}
         async with context.sessions() as session:
             size = await session.scalar(text("SELECT pg_size_pretty(pg_total_relation_size('ecards'))"))
-            index = await session.scalar(text("SELECT pg_size_pretty(pg_relation_size('ix_ecards_not_active'))"))
         figures["ecards_table_with_indexes"] = size
-        figures["ix_ecards_not_active"] = index
         figures["kit"] = await kit_figures(context, options.ecards)
     finally:
         await context.close()

@@ -48,7 +48,7 @@ SERVER = os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1
 # Persons, cards and eCards from generate_series: ids and references from hashes of the row number, so
 # eCard ids come in random order like uuid4's; sealed profiles are random bytes as long as a real one.
 FILL_SQL = """
-INSERT INTO regions (code, name, created_at, next_status_index) VALUES ('510000', '四川省', now(), $1);
+INSERT INTO regions (code, name, created_at) VALUES ('510000', '四川省', now());
 INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, name_encrypted, created_at)
   SELECT md5('p' || i)::uuid, '510000', sha256(('c' || i)::bytea), sha256(('i' || i)::bytea),
          sha256(('n' || i)::bytea), now()
@@ -56,10 +56,10 @@ INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, na
 INSERT INTO cards (id, person_id, region_code, card_number, state, created_at)
   SELECT md5('k' || i)::uuid, md5('p' || i)::uuid, '510000', 'S' || lpad(i::text, 8, '0'), 'active', now()
   FROM generate_series(1, $1) AS i;
-INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, activated_at, updated_at,
+INSERT INTO ecards (id, card_id, region_code, card_ref, state, activated_at, updated_at,
                     mirror_version, sealed_profile)
   SELECT md5('e' || i)::uuid, md5('k' || i)::uuid, '510000', substring(sha256(('r' || i)::bytea) from 1 for 16),
-         i, 'active', now(), now(), 1,
+         'active', now(), now(), 1,
          CASE WHEN $2 THEN substring(sha512(('s' || i)::bytea) || sha512(('t' || i)::bytea) from 1 for $3) END
   FROM generate_series(1, $1) AS i;
 INSERT INTO entitlements (id, ecard_id, kind, region_code, valid_from, valid_until, created_at)

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql.expression import literal_column, text, true
+from sqlalchemy.sql.expression import true
 
 from app.db.clock import as_utc
 
@@ -138,8 +138,6 @@ class Region(Base):
     code: Mapped[str] = mapped_column(String(6), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime]
-    # The next free index in the region's status list (offline verification): one per eCard, never reused.
-    next_status_index: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class IssuerKey(Base):
@@ -189,7 +187,8 @@ class Person(Base):
     __tablename__ = "persons"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    # Not indexed: no query selects persons by region alone, and bulk imports pay for every index (0011).
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"))
     citizen_id_index: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     citizen_id_encrypted: Mapped[bytes]
     name_encrypted: Mapped[bytes]
@@ -205,7 +204,8 @@ class Card(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     person_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("persons.id"), index=True)
-    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    # Not indexed: no query selects cards by region alone, and bulk imports pay for every index (0011).
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"))
     card_number: Mapped[str] = mapped_column(String(16), unique=True)
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
@@ -220,27 +220,12 @@ class ECard(Base):
     """The electronic card of a physical card; `card_ref` is the opaque id inside credentials."""
 
     __tablename__ = "ecards"
-    __table_args__ = (
-        UniqueConstraint("region_code", "status_index"),
-        # The offline kit's status list names only the eCards that are not active (VALID is the default):
-        # this index holds just those, so building a region's list reads ~1 % of its eCards, not all of them.
-        # State changes keep it current in their own transaction.
-        Index(
-            "ix_ecards_not_active",
-            "region_code",
-            "status_index",
-            "state",
-            postgresql_where=text("state <> 'active'"),
-            sqlite_where=text("state <> 'active'"),
-        ),
-    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     card_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cards.id"), unique=True)
-    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"), index=True)
+    # Not indexed: no query selects eCards by region alone, and bulk imports pay for every index (0011).
+    region_code: Mapped[str] = mapped_column(ForeignKey("regions.code"))
     card_ref: Mapped[bytes] = mapped_column(LargeBinary(16), unique=True)
-    # Position in the region's signed status list; credentials carry it for offline gates.
-    status_index: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(24))
     activated_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
@@ -255,10 +240,6 @@ class ECard(Base):
     # The disclosure profile as the mirror keeps it (sealed: AES-GCM under the data key, bound to
     # card_ref), so refilling the mirror decrypts and encrypts nothing; None until first written.
     sealed_profile: Mapped[bytes | None] = mapped_column(LargeBinary)
-
-
-# The predicate of `ix_ecards_not_active`, written as a literal so PostgreSQL can prove a query uses it.
-ECARD_NOT_ACTIVE = ECard.__table__.c.state != literal_column("'active'")
 
 
 class MirrorChange(Base):

@@ -19,7 +19,6 @@ keyring (the dual-index period of a profile switch, docs/national-crypto.md) loo
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 
@@ -134,7 +133,7 @@ class PiiCipher:
             return hmac_sm3(self._sm3_index_key, message)
         if self._index_key is None:
             raise ValueError("no HMAC-SHA256 index key in the keyring")
-        return hmac.new(self._index_key, message, hashlib.sha256).digest()
+        return hmac.digest(self._index_key, message, "sha256")  # one call into OpenSSL, not an HMAC object
 
     def blind_indexes(self, value: str, field: str) -> tuple[bytes, ...]:
         """Every index a stored row may carry: the profile's first, then, in the dual-index period,

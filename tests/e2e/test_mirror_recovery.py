@@ -29,7 +29,6 @@ from app.domain.cards.citizen_id import check_character
 from app.domain.cards.rebuild import DatabaseFallback, MirrorRecovery, Rebuilder
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, reconcile_status_mirror
 from app.domain.operators.services import Role
-from app.domain.regions.services import allocate_status_indexes
 from app.server.context import STATE_KEY, ServiceContext
 from crypto.credential import NONCE_LENGTH, Claims, Purpose, issue_credential
 from tests import factories
@@ -59,7 +58,7 @@ class Deployment:
         self.client = client
         self.context = context
         self.gates = gates
-        self.cards: list[tuple[bytes, int]] = []
+        self.cards: list[bytes] = []
 
     async def add_cards(self, count: int) -> None:
         """Active eCards of region 510000 by SQL, as an import leaves them (no sealed profile yet)."""
@@ -67,7 +66,6 @@ class Deployment:
         pii = self.context.pii
         persons, cards, ecards = [], [], []
         async with self.context.sessions() as session:
-            first = await allocate_status_indexes(session, "510000", count)
             # Citizen IDs born before 1950, which factories.citizen_id never makes, and distinct among
             # themselves: random ones would collide (a 20 M space, thousands of rows) now and then.
             year, month = 1900 + secrets.randbelow(50), 1 + secrets.randbelow(12)
@@ -88,20 +86,20 @@ class Deployment:
                 card_ref = os.urandom(16)
                 ecards.append({
                     "id": uuid.uuid4(), "card_id": card_id, "region_code": "510000", "card_ref": card_ref,
-                    "status_index": first + i, "state": "active", "activated_at": now, "updated_at": now,
+                    "state": "active", "activated_at": now, "updated_at": now,
                     "mirror_version": 1,
                 })  # fmt: skip
-                self.cards.append((card_ref, first + i))
+                self.cards.append(card_ref)
             await session.execute(insert(Person), persons)
             await session.execute(insert(Card), cards)
             await session.execute(insert(ECard), ecards)
             await session.commit()
 
-    def code(self, card: tuple[bytes, int], not_before: int) -> str:
+    def code(self, card: bytes, not_before: int) -> str:
         """A transit code of the card, valid from not_before for 60 s, signed as issuing would."""
         key = self.context.directory.keys.signing_keys["510000"]
         claims = Claims(
-            card_ref=card[0], nonce=os.urandom(NONCE_LENGTH), region="510000", purpose=Purpose.TRANSIT,
+            card_ref=card, nonce=os.urandom(NONCE_LENGTH), region="510000", purpose=Purpose.TRANSIT,
             not_before=not_before, expires_at=not_before + 60,
         )  # fmt: skip
         return issue_credential(key, claims)
@@ -189,12 +187,12 @@ async def test_redis_restarted_empty_is_refilled_while_scans_go_on_and_single_us
     fallback = context.verifier.fallback
     assert isinstance(fallback, DatabaseFallback)
     mirrored_before, over_before = fallback.mirrored, fallback.over_rate
-    mirror_has = await context.mirror.get_statuses([card[0] for card in cards])
+    mirror_has = await context.mirror.get_statuses(cards)
     fresh_cards = [card for card, seen in zip(cards, mirror_has, strict=True) if seen is None][-400:]
     assert len(fresh_cards) == 400, "the refill was done before the fresh scans: nothing to fall back for"
     # Each shard has its own epoch (opened by its first scan after the loss, or by the refill): the
     # windows start after the latest of the fresh cards' shards, as issuing does per card.
-    states = await asyncio.gather(*(context.mirror.holder_state(card[0], uuid.UUID(int=0)) for card in fresh_cards))
+    states = await asyncio.gather(*(context.mirror.holder_state(card, uuid.UUID(int=0)) for card in fresh_cards))
     epoch_s = -(-max(state.epoch_ms for state in states) // 1000)
     not_before = max(int(time.time()), epoch_s + context.settings.clock_skew)
     await asyncio.sleep(max(0.0, not_before - context.settings.clock_skew - time.time()))

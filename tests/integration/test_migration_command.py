@@ -64,15 +64,17 @@ async def test_models_at_head_give_an_empty_revision(tmp_path: Path) -> None:
 
 
 async def test_a_model_the_database_lacks_gives_its_create_table(tmp_path: Path) -> None:
-    """Without the last revision, the models hold tables or columns head lacks: the new revision adds them."""
+    """Without the last revision, the models and head differ by what it did: the new revision does it again."""
     [last] = sorted(VERSIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.py"))[-1:]
     versions = _copy_of_versions(tmp_path, leave_out=last.name[:4])
     path = await write_migration("again", versions)
     assert path.name == f"{last.name[:4]}_again.py"
     upgrade, downgrade = (ast.unparse(_function_body(path, name)) for name in ("upgrade", "downgrade"))
-    # Whatever the repository's last revision adds (a table, or a column), in both directions.
-    assert ("op.create_table(" in upgrade and "op.drop_table(" in downgrade) or (
-        ".add_column(" in upgrade and ".drop_column(" in downgrade
+    # Whatever the repository's last revision adds (a table, or a column) or drops, in both directions.
+    assert (
+        ("op.create_table(" in upgrade and "op.drop_table(" in downgrade)
+        or (".add_column(" in upgrade and ".drop_column(" in downgrade)
+        or (".drop_column(" in upgrade and ".add_column(" in downgrade)
     ), (upgrade, downgrade)
 
 

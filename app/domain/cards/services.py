@@ -20,7 +20,6 @@ from app.domain import errors
 from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, mask_citizen_id, normalise_citizen_id
 from app.domain.regions.scope import covers, within
-from app.domain.regions.services import allocate_status_indexes
 from app.domain.verification.disclosure import (
     PARK_ANNUAL_PASS,
     Profile,
@@ -146,7 +145,9 @@ async def issue_card(
     name = name.strip()
     if not name:
         raise errors.Invalid("name must not be empty")
-    if await session.get(Region, region) is None:
+    # The region's row locked until the commit, as an import's chunk locks it: the two take turns, so
+    # neither gives a person a second card in use that the other's look-up could not see yet.
+    if await session.scalar(select(Region.code).where(Region.code == region).with_for_update()) is None:
         raise errors.NotFound(f"region {region} is not registered")
     if await session.scalar(select(Card.id).where(Card.card_number == card_number)) is not None:
         raise errors.Conflict(f"card number {card_number} is already issued")
@@ -178,7 +179,6 @@ async def issue_card(
         card_id=card.id,
         region_code=region,
         card_ref=card_ref,
-        status_index=await allocate_status_indexes(session, region, 1),
         state=ECardState.PENDING_ACTIVATION,
         updated_at=now,
         # Sealed once here (the person's data never changes), so refilling the mirror seals nothing.

@@ -34,7 +34,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -50,7 +50,7 @@ from app.domain.audit.services import Actor, record
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
 from app.domain.regions.scope import ALL_REGIONS
-from app.domain.regions.services import REGION_CODE, allocate_status_indexes
+from app.domain.regions.services import REGION_CODE
 from app.security.pii import PiiCipher
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("region", "citizen_id", "name", "card_number")
 REPORT_COLUMNS = ("line", "card_number", "reason")
 # Rows per transaction: large enough that per-chunk costs (a dozen statements, the commit's flush)
-# vanish beside the rows', small enough that a crash redoes little, that the region's status-index
-# counter is not held long (a single issue in the region waits for the chunk's commit), and that the IN
-# lists of SQLite's look-ups stay below its 32,766 parameters (the CLI's --chunk-size allows 20,000).
+# vanish beside the rows', small enough that a crash redoes little, that the region's lock is not held
+# long (a single issue in the region waits for the chunk's commit), and that the IN lists of SQLite's
+# look-ups stay below its 32,766 parameters (the CLI's --chunk-size allows 20,000).
 CHUNK_ROWS = 10_000
 # A legitimate row is well under 200 bytes; a longer line is not a card file.
 MAX_LINE_BYTES = 4096
@@ -145,6 +145,9 @@ class PreparedRow(NamedTuple):
     name_encrypted: bytes
     # The eCard's opaque reference, should the row create one.
     card_ref: bytes
+    # In a crypto-profile switch's dual-index period, the citizen ID's index under the other profile:
+    # a person stored under it takes this row's index and blob (`_adopt_former_indexes`); else None.
+    former_index: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +157,8 @@ class PreparedChunk:
     rows: list[PreparedRow]
     rejections: list[Rejection]
     bytes_processed: int
-    # In a crypto-profile switch's dual-index period: each row's index under the other profile, with
-    # its citizen_id_index and citizen_id_encrypted (see `_adopt_former_indexes`).
-    former_indexes: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    # Whether the rows carry former indexes (the reader's cipher holds both profiles' index keys).
+    dual_index: bool = False
 
     @property
     def size(self) -> int:
@@ -266,7 +268,6 @@ class CardFileReader:
         self._scope = frozenset(scope)
         self._card_lines: dict[str, int] = {}
         self._person_lines: dict[bytes, int] = {}
-        self._former_indexes: list[tuple[bytes, bytes, bytes]] = []
         # A file holds one or a few regions: check each once, not on every row.
         self._region_reasons: dict[str, str] = {}
 
@@ -290,8 +291,7 @@ class CardFileReader:
                 rejections.append(outcome)
         if not rows and not rejections:
             return None
-        former, self._former_indexes = self._former_indexes, []
-        return PreparedChunk(rows, rejections, self.bytes_read, former)
+        return PreparedChunk(rows, rejections, self.bytes_read, self._pii.dual_index)
 
     def _prepare(self, line: int, values: list[str]) -> PreparedRow | Rejection:
         raw_card_number = values[self._card_number_at] if len(values) > self._card_number_at else ""
@@ -319,25 +319,22 @@ class CardFileReader:
         reason = self._check_name(name)
         if reason:
             return Rejection(line, card_number, reason)
-        index = self._pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
+        index, *other = self._pii.blind_indexes(citizen_id, CITIZEN_ID_FIELD)
         if (earlier := self._card_lines.get(card_number)) is not None:
             return Rejection(line, card_number, f"card number repeats line {earlier}")
         if (earlier := self._person_lines.get(index)) is not None:
             return Rejection(line, card_number, f"the same citizen ID is on line {earlier}; a person holds one card")
         self._card_lines[card_number] = line
         self._person_lines[index] = line
-        citizen_id_encrypted = self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD)
-        if self._pii.dual_index:
-            former = self._pii.blind_indexes(citizen_id, CITIZEN_ID_FIELD)[1]
-            self._former_indexes.append((former, index, citizen_id_encrypted))
         return PreparedRow(
             line=line,
             region=region,
             card_number=card_number,
             citizen_id_index=index,
-            citizen_id_encrypted=citizen_id_encrypted,
+            citizen_id_encrypted=self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
             name_encrypted=self._pii.encrypt(name, NAME_FIELD),
             card_ref=os.urandom(16),
+            former_index=other[0] if other else None,
         )
 
     def _check_region(self, region: str) -> str:
@@ -597,10 +594,10 @@ async def _apply_chunk_with_retries(
     for attempt in range(1, CHUNK_ATTEMPTS + 1):
         async with sessions() as session:
             try:
-                if chunk.former_indexes:
-                    await _adopt_former_indexes(session, chunk.former_indexes)
                 if session.get_bind().dialect.name == "postgresql":
                     return await _apply_chunk_postgres(session, job_id, chunk, before)
+                if chunk.dual_index:
+                    await _adopt_former_indexes(session, chunk.rows)
                 return await _apply_chunk(session, job_id, chunk, before)
             except IntegrityError:
                 await session.rollback()
@@ -610,11 +607,12 @@ async def _apply_chunk_with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _adopt_former_indexes(session: AsyncSession, former_indexes: list[tuple[bytes, bytes, bytes]]) -> None:
+async def _adopt_former_indexes(session: AsyncSession, rows: Sequence[PreparedRow]) -> None:
     """Give persons the file names by their other-profile index this profile's index (and citizen ID
     blob), in the chunk's transaction, so the classification below finds them and makes no duplicate.
-    The name stays as it is; `ecard keys rekey-pii` rewrites the rest of the row."""
-    by_former = {former: (index, encrypted) for former, index, encrypted in former_indexes}
+    The name stays as it is; `ecard keys rekey-pii` rewrites the rest of the row. (SQLite; on
+    PostgreSQL `_ADOPT` does it from the staging table.)"""
+    by_former = {row.former_index: (row.citizen_id_index, row.citizen_id_encrypted) for row in rows if row.former_index}
     found = await session.scalars(select(Person.citizen_id_index).where(Person.citizen_id_index.in_(list(by_former))))
     updates = [
         {"b_former": bytes(former), "b_index": by_former[bytes(former)][0], "b_encrypted": by_former[bytes(former)][1]}
@@ -720,11 +718,6 @@ async def _apply_chunk(
 
     if new_persons:
         await session.execute(insert(Person), new_persons)
-    for region in sorted({str(ecard["region_code"]) for ecard in new_ecards}):
-        in_region = [ecard for ecard in new_ecards if ecard["region_code"] == region]
-        first = await allocate_status_indexes(session, region, len(in_region))
-        for offset, ecard in enumerate(in_region):
-            ecard["status_index"] = first + offset
     if new_cards:
         await session.execute(insert(Card), new_cards)
         await session.execute(insert(ECard), new_ecards)
@@ -778,8 +771,14 @@ async def _record_counts(session: AsyncSession, job_id: uuid.UUID, progress: Imp
 _STAGING_TABLE = text("""
 CREATE TEMPORARY TABLE import_staging (
     line integer NOT NULL, region text NOT NULL, card_number text NOT NULL, citizen_id_index bytea NOT NULL,
-    citizen_id_encrypted bytea NOT NULL, name_encrypted bytea NOT NULL, card_ref bytea NOT NULL
+    citizen_id_encrypted bytea NOT NULL, name_encrypted bytea NOT NULL, card_ref bytea NOT NULL,
+    former_index bytea
 ) ON COMMIT DELETE ROWS
+""")
+# `_adopt_former_indexes` for the staged chunk, in one statement.
+_ADOPT = text("""
+UPDATE persons SET citizen_id_index = s.citizen_id_index, citizen_id_encrypted = s.citizen_id_encrypted
+FROM import_staging s WHERE s.former_index IS NOT NULL AND persons.citizen_id_index = s.former_index
 """)
 # A chunk is tiny beside the tables it is checked against, whatever the planner's (often stale, after
 # a bulk load) statistics say: index look-ups only, never a scan of cards or persons, and no JIT
@@ -790,8 +789,9 @@ _PREPARE_TRANSACTION = text(
     "set_config('enable_mergejoin', 'off', true)"
 )
 # The chunk's regions, locked in code order before anything is looked up: two imports (or an import
-# and a single issue, which takes the same lock for its status index) in one region take turns, each
-# sees what the other committed, and none deadlocks.
+# and a single issue, which takes the same lock, `issue_card`) in one region take turns, each sees what
+# the other committed, and none deadlocks. A unique index stops two writers giving one card number or
+# citizen ID twice; this lock is what stops two of them giving one person two cards in use.
 _LOCK_REGIONS = text(
     "SELECT code FROM regions WHERE code IN (SELECT DISTINCT region FROM import_staging) ORDER BY code FOR UPDATE"
 )
@@ -813,8 +813,7 @@ _REJECTED_OUTCOMES = (_Outcome.OTHER_PERSON, _Outcome.OTHER_REGION, _Outcome.HOL
 # its owner and region; otherwise a known person gets a new card unless they hold one in use ('issued'
 # or 'active', _CARDS_IN_USE). The outcome numbers are _Outcome's. Every insert reads the classified
 # rows `k` once; foreign keys are checked at the end of the statement, so cards may point at persons
-# inserted beside them. Status indexes are reserved as `allocate_status_indexes` does: a consecutive
-# run per region, in line order, from the region's counter.
+# inserted beside them.
 #
 # New ids are UUIDv7 (RFC 9562): the chunk's millisecond and version nibble (:stamp, 7 bytes) before 70
 # random bits of gen_random_uuid(), variant kept. Time-ordered keys go to the right edge of the id
@@ -843,8 +842,7 @@ WITH k AS MATERIALIZED (
         coalesce(known_person, encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid)
             AS person_id,
         encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid AS card_id,
-        encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid AS ecard_id,
-        row_number() OVER (PARTITION BY region ORDER BY line) - 1 AS offset_in_region
+        encode(overlay(uuid_send(gen_random_uuid()) PLACING :stamp FROM 1 FOR 7), 'hex')::uuid AS ecard_id
     FROM k WHERE outcome = 0
 ), new_persons AS (
     INSERT INTO persons (id, region_code, citizen_id_index, citizen_id_encrypted, name_encrypted, created_at)
@@ -853,16 +851,9 @@ WITH k AS MATERIALIZED (
 ), new_cards AS (
     INSERT INTO cards (id, person_id, region_code, card_number, state, created_at)
     SELECT card_id, person_id, region, card_number, 'issued', :now FROM created
-), wanted AS (
-    SELECT region, count(*) AS n FROM created GROUP BY region
-), reserved AS (
-    UPDATE regions SET next_status_index = next_status_index + wanted.n FROM wanted
-    WHERE regions.code = wanted.region
-    RETURNING regions.code, regions.next_status_index - wanted.n AS first
 ), new_ecards AS (
-    INSERT INTO ecards (id, card_id, region_code, card_ref, status_index, state, updated_at)
-    SELECT ecard_id, card_id, region, card_ref, reserved.first + offset_in_region, 'pending_activation', :now
-    FROM created JOIN reserved ON reserved.code = created.region
+    INSERT INTO ecards (id, card_id, region_code, card_ref, state, updated_at)
+    SELECT ecard_id, card_id, region, card_ref, 'pending_activation', :now FROM created
 ), rejected AS (
     INSERT INTO import_rejections (job_id, line, card_number, reason)
     SELECT :job_id, line, card_number, CASE outcome
@@ -905,6 +896,8 @@ async def _apply_chunk_postgres(
     if chunk.rows:
         await _copy(session, "import_staging", list(PreparedRow._fields), chunk.rows)
         await session.execute(_LOCK_REGIONS)
+        if chunk.dual_index:
+            await session.execute(_ADOPT)
         found = await session.execute(_APPLY, {"stamp": _uuid7_stamp(), "now": now, "job_id": job_id})
         counts = {int(outcome): int(n) for outcome, n in found.all()}
     if chunk.rejections:

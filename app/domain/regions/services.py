@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.clock import utcnow
@@ -17,23 +17,6 @@ from app.security.pii import PiiCipher
 from crypto.algorithms import ED25519
 
 REGION_CODE = re.compile(r"^[1-9][0-9]{5}$")
-
-
-async def allocate_status_indexes(session: AsyncSession, region: str, count: int) -> int:
-    """Reserve count consecutive status-list indexes in region (in the caller's transaction); the first.
-
-    The counter row is updated in place, so concurrent issuers in one region queue on it and never
-    share an index.
-    """
-    next_free = await session.scalar(
-        update(Region)
-        .where(Region.code == region)
-        .values(next_status_index=Region.next_status_index + count)
-        .returning(Region.next_status_index)
-    )
-    if next_free is None:
-        raise errors.NotFound(f"region {region} is not registered")
-    return int(next_free) - count
 
 
 def check_region_code(code: str) -> str:
