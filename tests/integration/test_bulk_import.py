@@ -349,6 +349,14 @@ async def test_the_same_file_twice_creates_nothing_twice(context: ServiceContext
     assert (first.progress.created, first.progress.already_present, first.progress.rejected) == (40, 0, 2)
     assert (second.progress.created, second.progress.already_present, second.progress.rejected) == (0, 40, 2)
     assert await count_cards(context, prefix) == (40, 40, 40)
+    # Six chunks of 7, two written at once on PostgreSQL: each adds its counts to the job's row as it commits.
+    async with context.sessions() as session:
+        for result in (first, second):
+            job = await session.get(ImportJob, result.job_id)
+            assert job is not None
+            recorded = (job.rows_processed, job.created, job.already_present, job.rejected, job.bytes_processed)
+            progress = result.progress
+            assert recorded == (42, progress.created, progress.already_present, progress.rejected, len(content))
     assert await report(context, first.job_id) == await report(context, second.job_id)
 
 
@@ -762,3 +770,48 @@ def test_generated_file_is_what_the_crash_test_expects(tmp_path: Path) -> None:
     generated = generate_file(tmp_path / "cards.csv", 1000, "ABC")
     assert len(generated.valid) + len(generated.invalid_lines) == 1000
     assert len(set(generated.valid.values())) == len(generated.valid)
+
+
+async def test_a_chunk_waits_for_a_writer_giving_one_of_its_persons_a_card(
+    context: ServiceContext, tmp_path: Path, admin_token: str
+) -> None:
+    """Chunks lock the registered persons they name: a writer in the middle of giving one of them a card
+    (a single issue, another import) holds the row, the chunk waits for its commit and then sees the card.
+    Chunks no longer take turns on their region, so without the person's lock both would give a card."""
+    if context.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: the chunk cannot write beside the other writer at all")
+    prefix = card_prefix()
+    person = factories.citizen_id(SICHUAN)
+    first = await run(context, tmp_path, csv_text([line(SICHUAN, person, "张三", f"{prefix}000001")]))
+    assert first.progress.created == 1
+    async with context.sessions() as session:
+        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
+        assert card is not None
+        card.state = "revoked"  # the person holds no card in use now: a new one may be issued
+        await session.commit()
+    # Another writer, half-way through issuing the person a card: the person's row locked, its card added.
+    other = context.sessions()
+    held = await other.scalar(select(Person).where(Person.id == card.person_id).with_for_update())
+    assert held is not None
+    other.add(Card(person_id=held.id, region_code=SICHUAN, card_number=f"{prefix}000002", state="issued",
+                   created_at=card.created_at))  # fmt: skip
+    await other.flush()
+    importing = asyncio.ensure_future(
+        run(context, tmp_path, csv_text([line(SICHUAN, person, "张三", f"{prefix}000003")]))
+    )
+    await asyncio.sleep(1.0)
+    assert not importing.done(), "the chunk did not wait for the person's lock"
+    await other.commit()
+    await other.close()
+    result = await asyncio.wait_for(importing, 30)
+    assert (result.progress.created, result.progress.rejected) == (0, 1)
+    assert [row["reason"] for row in await report(context, result.job_id)] == [
+        "this person already holds a card in use"
+    ]
+    async with context.sessions() as session:
+        in_use = await session.scalar(
+            select(func.count())
+            .select_from(Card)
+            .where(Card.person_id == held.id, Card.state.in_(["issued", "active"]))
+        )
+    assert in_use == 1

@@ -145,14 +145,14 @@ async def issue_card(
     name = name.strip()
     if not name:
         raise errors.Invalid("name must not be empty")
-    # The region's row locked until the commit, as an import's chunk locks it: the two take turns, so
-    # neither gives a person a second card in use that the other's look-up could not see yet.
-    if await session.scalar(select(Region.code).where(Region.code == region).with_for_update()) is None:
+    if await session.get(Region, region) is None:
         raise errors.NotFound(f"region {region} is not registered")
     if await session.scalar(select(Card.id).where(Card.card_number == card_number)) is not None:
         raise errors.Conflict(f"card number {card_number} is already issued")
     index = pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
-    person = await session.scalar(select(Person).where(citizen_id_match(pii, citizen_id)))
+    # A registered person's row locked until the commit, as an import's chunk locks the persons it names:
+    # the two take turns, so neither gives them a second card in use the other's look-up could not see.
+    person = await session.scalar(select(Person).where(citizen_id_match(pii, citizen_id)).with_for_update())
     now = utcnow()
     if person is None:
         person = Person(

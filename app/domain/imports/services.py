@@ -6,10 +6,12 @@ rows and the job's counts go to the database in one transaction. A crash therefo
 nothing, and running the same file again completes it: a row whose card number is already issued to
 the same person (matched by the citizen ID's blind index) counts as `already_present`.
 
-Checking and encrypting a chunk (in a thread) overlaps the database's work on the chunk before. On
+Checking and encrypting a chunk (in a thread) overlaps the database's work on the chunks before. On
 PostgreSQL a chunk is COPYed into a temporary staging table and classified and inserted by one
-statement; on SQLite it is looked up with IN lists and inserted with one executemany per table. The
-rules are the same on both, and so are the tests.
+statement, and two chunks are written at once, each on a connection of its own (each commits with
+its counts; the job's row adds them up); on SQLite, one writer at a time, a chunk is looked up with
+IN lists and inserted with one executemany per table. The rules are the same on both, and so are
+the tests.
 
 Imported eCards wait in `pending_activation` with no activation code: the office issues codes one
 at a time, when it hands a card over, through POST /v1/operator/cards/{id}/activation-code. Nothing
@@ -33,15 +35,24 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, cast
 
-from sqlalchemy import Table, bindparam, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, bindparam, case, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.clock import utcnow
@@ -58,8 +69,8 @@ logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("region", "citizen_id", "name", "card_number")
 REPORT_COLUMNS = ("line", "card_number", "reason")
 # Rows per transaction: large enough that per-chunk costs (a dozen statements, the commit's flush)
-# vanish beside the rows', small enough that a crash redoes little, that the region's lock is not held
-# long (a single issue in the region waits for the chunk's commit), and that the IN lists of SQLite's
+# vanish beside the rows', small enough that a crash redoes little, that the persons' locks are not held
+# long (a single issue for one of them waits for the chunk's commit), and that the IN lists of SQLite's
 # look-ups stay below its 32,766 parameters (the CLI's --chunk-size allows 20,000).
 CHUNK_ROWS = 10_000
 # A legitimate row is well under 200 bytes; a longer line is not a card file.
@@ -70,6 +81,9 @@ MAX_CACHED_REGIONS = 64
 # Attempts per chunk when a concurrent writer (another import, a single issue) took a card number or
 # person between our look-up and our insert: the retry sees it and classifies the row again.
 CHUNK_ATTEMPTS = 3
+# Chunks written at once on PostgreSQL, each in its own transaction on its own connection: a chunk's one
+# statement keeps a core busy, and a second one in flight uses the other (SQLite: one writer at a time).
+CHUNKS_IN_FLIGHT = 2
 REPORT_BATCH = 5000
 _CARDS_IN_USE = (CardState.ISSUED.value, CardState.ACTIVE.value)
 _NOT_ALPHANUMERIC = re.compile(r"[^0-9A-Za-z]")
@@ -485,15 +499,21 @@ async def run_import(
         job.updated_at = utcnow()
         await session.commit()
         progress = ImportProgress(size_bytes=job.size_bytes)
+        in_flight = CHUNKS_IN_FLIGHT if session.get_bind().dialect.name == "postgresql" else 1
     logger.info("import job %s started (scope %s)", job_id, ",".join(scope))
     try:
         with await asyncio.to_thread(path.open, "rb") as stream:
             reader = await asyncio.to_thread(CardFileReader, stream, pii, registered_regions=regions, scope=scope)
-            async with contextlib.aclosing(_read_ahead(reader, chunk_rows)) as chunks:
-                async for chunk in chunks:
-                    progress = await _apply_chunk_with_retries(sessions, job_id, chunk, progress)
-                    if on_progress is not None:
-                        on_progress(progress)
+            writers = _ChunkWriters(in_flight, progress, on_progress)
+            try:
+                async with contextlib.aclosing(_read_ahead(reader, chunk_rows)) as chunks:
+                    async for chunk in chunks:
+                        await writers.add(_apply_chunk_with_retries(sessions, job_id, chunk))
+                await writers.drain()
+            finally:
+                # However the loop ended: the chunks already sent finish (or fail), and count if they committed.
+                await writers.abandon()
+                progress = writers.progress
             progress = replace(progress, bytes_processed=reader.bytes_read)
     except BaseException as exc:
         if isinstance(exc, ImportFileError):
@@ -510,6 +530,63 @@ async def run_import(
         job_id, progress.rows, progress.created, progress.already_present, progress.rejected,
     )  # fmt: skip
     return progress
+
+
+def _added(progress: ImportProgress, chunk: ImportProgress) -> ImportProgress:
+    """Progress after one more chunk's counts (its position may be before a chunk committed earlier)."""
+    return replace(
+        progress,
+        rows=progress.rows + chunk.rows,
+        created=progress.created + chunk.created,
+        already_present=progress.already_present + chunk.already_present,
+        rejected=progress.rejected + chunk.rejected,
+        bytes_processed=max(progress.bytes_processed, chunk.bytes_processed),
+    )
+
+
+class _ChunkWriters:
+    """Chunks being written, at most `size` at once, and the counts of the ones committed so far."""
+
+    def __init__(
+        self, size: int, progress: ImportProgress, on_progress: Callable[[ImportProgress], None] | None
+    ) -> None:
+        self._size = size
+        self._tasks: set[asyncio.Task[ImportProgress]] = set()
+        self.progress = progress
+        self._on_progress = on_progress
+
+    async def add(self, write: Coroutine[None, None, ImportProgress]) -> None:
+        """Start writing a chunk; first wait while `size` are being written (a chunk's error is raised)."""
+        while len(self._tasks) >= self._size:
+            await self._settle()
+        self._tasks.add(asyncio.ensure_future(write))
+
+    async def drain(self) -> None:
+        """Wait for every chunk being written (the first error is raised)."""
+        while self._tasks:
+            await self._settle()
+
+    async def abandon(self) -> None:
+        """Let the chunks still being written end, counting those that commit, and raise nothing."""
+        for done in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if isinstance(done, ImportProgress):
+                self._count(done)
+        self._tasks.clear()
+
+    async def _settle(self) -> None:
+        finished, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        self._tasks -= finished
+        errors = [error for task in finished if (error := task.exception()) is not None]
+        for task in finished:
+            if task.exception() is None:
+                self._count(task.result())
+        if errors:
+            raise errors[0]
+
+    def _count(self, chunk: ImportProgress) -> None:
+        self.progress = _added(self.progress, chunk)
+        if self._on_progress is not None:
+            self._on_progress(self.progress)
 
 
 async def _read_ahead(reader: CardFileReader, chunk_rows: int) -> AsyncGenerator[PreparedChunk, None]:
@@ -589,22 +666,30 @@ async def _finish(
 
 
 async def _apply_chunk_with_retries(
-    sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, chunk: PreparedChunk, before: ImportProgress
+    sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, chunk: PreparedChunk
 ) -> ImportProgress:
+    """Write the chunk in a transaction of its own; its counts (added to the job's in that transaction)."""
     for attempt in range(1, CHUNK_ATTEMPTS + 1):
         async with sessions() as session:
             try:
                 if session.get_bind().dialect.name == "postgresql":
-                    return await _apply_chunk_postgres(session, job_id, chunk, before)
+                    return await _apply_chunk_postgres(session, job_id, chunk)
                 if chunk.dual_index:
                     await _adopt_former_indexes(session, chunk.rows)
-                return await _apply_chunk(session, job_id, chunk, before)
-            except IntegrityError:
+                return await _apply_chunk(session, job_id, chunk)
+            except (IntegrityError, DBAPIError) as exc:
                 await session.rollback()
-                if attempt == CHUNK_ATTEMPTS:
+                # Another writer took a card number or person first (a unique index), or two writers
+                # locked persons the other waited for (PostgreSQL broke the cycle): classify again.
+                if attempt == CHUNK_ATTEMPTS or (not isinstance(exc, IntegrityError) and not _deadlocked(exc)):
                     raise
                 logger.warning("import job %s: a concurrent writer took a row of this chunk; retrying", job_id)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _deadlocked(exc: DBAPIError) -> bool:
+    """Whether PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01)."""
+    return getattr(exc.orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(exc.orig)
 
 
 async def _adopt_former_indexes(session: AsyncSession, rows: Sequence[PreparedRow]) -> None:
@@ -628,10 +713,9 @@ async def _adopt_former_indexes(session: AsyncSession, rows: Sequence[PreparedRo
         )
 
 
-async def _apply_chunk(
-    session: AsyncSession, job_id: uuid.UUID, chunk: PreparedChunk, before: ImportProgress
-) -> ImportProgress:
-    """Classify the chunk's rows against the database and write them, with the job's counts, in one transaction."""
+async def _apply_chunk(session: AsyncSession, job_id: uuid.UUID, chunk: PreparedChunk) -> ImportProgress:
+    """Classify the chunk's rows against the database and write them, with the job's counts, in one transaction;
+    the chunk's counts."""
     rows = chunk.rows
     issued: dict[str, tuple[bytes, str]] = {}
     persons: dict[bytes, uuid.UUID] = {}
@@ -734,30 +818,33 @@ async def _apply_chunk(
                 for rejection in rejections
             ],
         )
-    after = replace(
-        before,
-        rows=before.rows + chunk.size,
-        created=before.created + len(new_cards),
-        already_present=before.already_present + already_present,
-        rejected=before.rejected + len(rejections),
+    counts = ImportProgress(
+        rows=chunk.size,
+        created=len(new_cards),
+        already_present=already_present,
+        rejected=len(rejections),
         bytes_processed=chunk.bytes_processed,
     )
-    await _record_counts(session, job_id, after, now)
+    await _record_counts(session, job_id, counts, now)
     await session.commit()
-    return after
+    return counts
 
 
-async def _record_counts(session: AsyncSession, job_id: uuid.UUID, progress: ImportProgress, now: datetime) -> None:
-    """The job's counts after a chunk, in the chunk's transaction."""
+async def _record_counts(session: AsyncSession, job_id: uuid.UUID, counts: ImportProgress, now: datetime) -> None:
+    """Add a chunk's counts to the job's, in the chunk's transaction: the job's row then counts exactly the
+    committed chunks, whichever order they commit in (bytes: the furthest position committed)."""
     await session.execute(
         update(ImportJob)
         .where(ImportJob.id == job_id)
         .values(
-            rows_processed=progress.rows,
-            created=progress.created,
-            already_present=progress.already_present,
-            rejected=progress.rejected,
-            bytes_processed=progress.bytes_processed,
+            rows_processed=ImportJob.rows_processed + counts.rows,
+            created=ImportJob.created + counts.created,
+            already_present=ImportJob.already_present + counts.already_present,
+            rejected=ImportJob.rejected + counts.rejected,
+            bytes_processed=case(
+                (ImportJob.bytes_processed < counts.bytes_processed, counts.bytes_processed),
+                else_=ImportJob.bytes_processed,
+            ),
             updated_at=now,
         )
     )
@@ -788,12 +875,16 @@ _PREPARE_TRANSACTION = text(
     "set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), "
     "set_config('enable_mergejoin', 'off', true)"
 )
-# The chunk's regions, locked in code order before anything is looked up: two imports (or an import
-# and a single issue, which takes the same lock, `issue_card`) in one region take turns, each sees what
-# the other committed, and none deadlocks. A unique index stops two writers giving one card number or
-# citizen ID twice; this lock is what stops two of them giving one person two cards in use.
-_LOCK_REGIONS = text(
-    "SELECT code FROM regions WHERE code IN (SELECT DISTINCT region FROM import_staging) ORDER BY code FOR UPDATE"
+# The persons the chunk names who are registered already, locked in id order before the chunk is
+# classified. A unique index stops two writers registering one citizen ID or giving one card number
+# twice (the later one fails, and its chunk is classified again); this lock is what stops two of them
+# giving a registered person two cards in use: another import's chunk, or a single issue (which locks
+# its person too, `issue_card`), waits for this one's commit and then sees its card. Chunks of one file
+# never name one person twice (the reader refuses the repeat), so they are written side by side.
+# (An index scan for the array's values: a join could be planned as a scan of every person.)
+_LOCK_PERSONS = text(
+    "SELECT id FROM persons WHERE citizen_id_index = ANY (ARRAY(SELECT citizen_id_index FROM import_staging)) "
+    "ORDER BY id FOR UPDATE"
 )
 
 
@@ -881,9 +972,7 @@ async def _copy(session: AsyncSession, table: str, columns: list[str], records: 
     await driver.copy_records_to_table(table, records=records, columns=columns)
 
 
-async def _apply_chunk_postgres(
-    session: AsyncSession, job_id: uuid.UUID, chunk: PreparedChunk, before: ImportProgress
-) -> ImportProgress:
+async def _apply_chunk_postgres(session: AsyncSession, job_id: uuid.UUID, chunk: PreparedChunk) -> ImportProgress:
     """`_apply_chunk` on PostgreSQL: the rows COPYed to a staging table, classified and inserted set-wise.
 
     One transaction, as on SQLite; one statement for the chunk instead of one (or a parameter set) per row.
@@ -895,9 +984,9 @@ async def _apply_chunk_postgres(
     counts: dict[int, int] = {}
     if chunk.rows:
         await _copy(session, "import_staging", list(PreparedRow._fields), chunk.rows)
-        await session.execute(_LOCK_REGIONS)
         if chunk.dual_index:
             await session.execute(_ADOPT)
+        await session.execute(_LOCK_PERSONS)
         found = await session.execute(_APPLY, {"stamp": _uuid7_stamp(), "now": now, "job_id": job_id})
         counts = {int(outcome): int(n) for outcome, n in found.all()}
     if chunk.rejections:
@@ -905,18 +994,16 @@ async def _apply_chunk_postgres(
             session, "import_rejections", ["job_id", "line", "card_number", "reason"],
             [(job_id, rejection.line, rejection.card_number, rejection.reason) for rejection in chunk.rejections],
         )  # fmt: skip
-    created = counts.get(_Outcome.CREATE, 0)
-    after = replace(
-        before,
-        rows=before.rows + chunk.size,
-        created=before.created + created,
-        already_present=before.already_present + counts.get(_Outcome.PRESENT, 0),
-        rejected=before.rejected + len(chunk.rejections) + sum(counts.get(code, 0) for code in _REJECTED_OUTCOMES),
+    done = ImportProgress(
+        rows=chunk.size,
+        created=counts.get(_Outcome.CREATE, 0),
+        already_present=counts.get(_Outcome.PRESENT, 0),
+        rejected=len(chunk.rejections) + sum(counts.get(code, 0) for code in _REJECTED_OUTCOMES),
         bytes_processed=chunk.bytes_processed,
     )
-    await _record_counts(session, job_id, after, now)
+    await _record_counts(session, job_id, done, now)
     await session.commit()
-    return after
+    return done
 
 
 async def rejection_report(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> AsyncIterator[str]:
