@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.clock import utcnow
 from app.db.models import ECard, MirrorRebuild
+from app.domain.bulk import fewer_collections
 from app.domain.cards.services import (
     STATUS_OF_STATE,
     entitlements_of,
@@ -57,11 +57,6 @@ LEASE_TTL = timedelta(seconds=30)
 # The refilling flag lives this long unless renewed (every RENEW_EVERY seconds while a rebuild runs).
 REFILLING_TTL = 30
 RENEW_EVERY = 5.0
-# Container allocations between the collector's young passes while a rebuild runs (Python's default is 700).
-# A page makes tens of thousands of rows and entries that live until its write is answered: at 700 they
-# were traversed again and again and promoted, and full passes followed; that was 40 % of the rebuild's
-# CPU (10.1 against 6.3 µs a card with the collector off, loadtests/mirror_rebuild.py at 1 M cards).
-REBUILD_GC_THRESHOLD = 50_000
 
 
 class RebuildBusy(Exception):
@@ -111,29 +106,6 @@ class RebuildReport:
     def rate(self) -> float:
         """Cards per second in this run."""
         return (self.cards - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
-
-
-_collections_deferred: list[tuple[int, int, int]] = []
-
-
-@contextlib.contextmanager
-def fewer_collections(threshold: int = REBUILD_GC_THRESHOLD) -> Iterator[None]:
-    """Within the block, the collector's young pass runs after `threshold` allocations instead of the
-    default's 700; its other settings stay. Cycles are still collected, a little later: a worker
-    refilling the store keeps serving meanwhile. Blocks may overlap (tasks of one process): the settings
-    of before the first are back when the last one ends."""
-    if not _collections_deferred:
-        before = gc.get_threshold()
-        gc.set_threshold(max(before[0], threshold), before[1], before[2])
-    else:
-        before = _collections_deferred[0]
-    _collections_deferred.append(before)
-    try:
-        yield
-    finally:
-        _collections_deferred.pop()
-        if not _collections_deferred:
-            gc.set_threshold(*before)
 
 
 def process_name() -> str:

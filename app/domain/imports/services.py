@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.clock import utcnow
 from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportRejection, Person, Region
 from app.domain.audit.services import Actor, record
+from app.domain.bulk import fewer_collections
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
 from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
 from app.domain.regions.scope import ALL_REGIONS
@@ -502,7 +503,7 @@ async def run_import(
         in_flight = CHUNKS_IN_FLIGHT if session.get_bind().dialect.name == "postgresql" else 1
     logger.info("import job %s started (scope %s)", job_id, ",".join(scope))
     try:
-        with await asyncio.to_thread(path.open, "rb") as stream:
+        with fewer_collections(), await asyncio.to_thread(path.open, "rb") as stream:
             reader = await asyncio.to_thread(CardFileReader, stream, pii, registered_regions=regions, scope=scope)
             writers = _ChunkWriters(in_flight, progress, on_progress)
             try:

@@ -1,4 +1,4 @@
-"""The rebuild's collector setting: raised while rebuilds run, as before once the last one ends."""
+"""Bulk jobs' collector setting: raised while they run, as before once the last one ends."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.domain.cards.rebuild import REBUILD_GC_THRESHOLD, fewer_collections
+from app.domain.bulk import BULK_GC_THRESHOLD, fewer_collections
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def default_thresholds() -> Iterator[tuple[int, int, int]]:
 
 def test_young_passes_are_spaced_within_the_block_only(default_thresholds: tuple[int, int, int]) -> None:
     with fewer_collections():
-        assert gc.get_threshold() == (REBUILD_GC_THRESHOLD, 10, 10)
+        assert gc.get_threshold() == (BULK_GC_THRESHOLD, 10, 10)
     assert gc.get_threshold() == default_thresholds
 
 
@@ -32,7 +32,7 @@ def test_overlapping_blocks_restore_the_first_ones_settings_whatever_ends_first(
     first.__enter__()
     second.__enter__()
     first.__exit__(None, None, None)
-    assert gc.get_threshold() == (REBUILD_GC_THRESHOLD, 10, 10)
+    assert gc.get_threshold() == (BULK_GC_THRESHOLD, 10, 10)
     second.__exit__(None, None, None)
     assert gc.get_threshold() == default_thresholds
 
@@ -44,7 +44,7 @@ def test_a_failing_block_restores_the_settings(default_thresholds: tuple[int, in
 
 
 def test_a_higher_setting_of_the_process_is_kept(default_thresholds: tuple[int, int, int]) -> None:
-    gc.set_threshold(REBUILD_GC_THRESHOLD * 2, 10, 10)
+    gc.set_threshold(BULK_GC_THRESHOLD * 2, 10, 10)
     with fewer_collections():
-        assert gc.get_threshold() == (REBUILD_GC_THRESHOLD * 2, 10, 10)
-    assert gc.get_threshold() == (REBUILD_GC_THRESHOLD * 2, 10, 10)
+        assert gc.get_threshold() == (BULK_GC_THRESHOLD * 2, 10, 10)
+    assert gc.get_threshold() == (BULK_GC_THRESHOLD * 2, 10, 10)
