@@ -36,7 +36,7 @@ from sqlalchemy.engine import URL
 from app.db.models import ActivationCode, AuditEvent, Card, ECard, ImportJob, ImportRejection, Person
 from app.domain.audit.services import Actor
 from app.domain.cards.citizen_id import check_character
-from app.domain.cards.services import CITIZEN_ID_FIELD
+from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD
 from app.domain.imports import controllers as import_controllers
 from app.domain.imports.services import ImportFileError, ImportResult, import_file, rejection_report
 from app.domain.operators.services import Role
@@ -815,3 +815,40 @@ async def test_a_chunk_waits_for_a_writer_giving_one_of_its_persons_a_card(
             .where(Card.person_id == held.id, Card.state.in_(["issued", "active"]))
         )
     assert in_use == 1
+
+
+async def test_a_chunk_deadlocked_with_another_writer_is_written_again(
+    context: ServiceContext, tmp_path: Path, admin_token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two writers each waiting for a row the other holds: PostgreSQL aborts one. When it is the chunk,
+    the chunk is classified and written again, as after a unique-index conflict; nothing is lost."""
+    if context.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: no two writers wait for each other")
+    prefix = card_prefix()
+    registered, new = factories.citizen_id(SICHUAN), factories.citizen_id(SICHUAN)
+    first = await run(context, tmp_path, csv_text([line(SICHUAN, registered, "张三", f"{prefix}000001")]))
+    assert first.progress.created == 1
+    async with context.sessions() as session:
+        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
+        assert card is not None
+        card.state = "revoked"
+        await session.commit()
+    # The other writer registers the new person, uncommitted: the chunk will wait for that row.
+    other = context.sessions()
+    other.add(Person(region_code=SICHUAN, citizen_id_index=context.pii.blind_index(new, CITIZEN_ID_FIELD),
+                     citizen_id_encrypted=context.pii.encrypt(new, CITIZEN_ID_FIELD),
+                     name_encrypted=context.pii.encrypt("李四", NAME_FIELD), created_at=card.created_at))  # fmt: skip
+    await other.flush()
+    rows = [line(SICHUAN, registered, "张三", f"{prefix}000002"), line(SICHUAN, new, "李四", f"{prefix}000003")]
+    importing = asyncio.ensure_future(run(context, tmp_path, csv_text(rows)))
+    await asyncio.sleep(0.5)  # the chunk holds the registered person's lock and waits for the new person
+    assert not importing.done()
+    # Now the other writer wants the registered person: each waits for the other, the chunk first, so
+    # PostgreSQL's deadlock check (after deadlock_timeout) aborts the chunk.
+    await other.scalar(select(Person).where(Person.id == card.person_id).with_for_update())
+    await other.commit()
+    await other.close()
+    result = await asyncio.wait_for(importing, 30)
+    assert (result.progress.created, result.progress.rejected) == (2, 0)
+    assert await count_cards(context, prefix) == (3, 3, 2)  # the revoked card, and one new card each
+    assert "a concurrent writer took a row of this chunk; retrying" in caplog.text

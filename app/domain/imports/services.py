@@ -690,7 +690,7 @@ async def _apply_chunk_with_retries(
 
 def _deadlocked(exc: DBAPIError) -> bool:
     """Whether PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01)."""
-    return getattr(exc.orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(exc.orig)
+    return getattr(exc.orig, "sqlstate", None) == "40P01"
 
 
 async def _adopt_former_indexes(session: AsyncSession, rows: Sequence[PreparedRow]) -> None:
