@@ -7,6 +7,7 @@ each backend, with an app serving that database to show what clients see before 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -351,9 +352,15 @@ def _flat(text: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
-def catalog_load(env: dict[str, str], *args: str) -> Run:
-    """Run `litestar ecard catalog load …` to the end."""
-    done = subprocess.run(
+async def catalog_load(env: dict[str, str], *args: str) -> Run:
+    """Run `litestar ecard catalog load …` to the end, in a thread.
+
+    The served app's loop keeps running meanwhile, as a worker's does beside an operator's command: a
+    write of its background tasks caught in flight by a blocked loop held SQLite's write lock until the
+    command gave up ("database is locked" after the busy timeout).
+    """
+    done = await asyncio.to_thread(
+        subprocess.run,
         [str(VENV_BIN / "litestar"), "--app", "app.asgi:create_app", "ecard", "catalog", "load", *args],
         cwd=PROJECT_ROOT, env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -393,7 +400,7 @@ async def test_the_command_loads_once_and_says_so_when_run_again(fresh: Fresh) -
     assert (await get_json(client, "/v1/catalog"))["loaded"] is False
     problem(await client.get("/v1/catalog/services/HRSS-SI-001"), 404)
 
-    first = catalog_load(fresh.env)
+    first = await catalog_load(fresh.env)
     assert first.returncode == 0, first.stderr
     total = len(SHIPPED["services"])
     assert f"{total} services (95 HR & social security, {total - 95} livelihood" in first.stdout
@@ -406,7 +413,7 @@ async def test_the_command_loads_once_and_says_so_when_run_again(fresh: Fresh) -
     assert (event.actor_type, event.actor_id) == ("command", "ecard catalog load")
     assert event.after is not None and event.after["hrss"] == 95
 
-    again = catalog_load(fresh.env, "--file", str(DEFAULT_SERVICES_FILE), "--regions", str(DEFAULT_REGIONS_FILE))
+    again = await catalog_load(fresh.env, "--file", str(DEFAULT_SERVICES_FILE), "--regions", str(DEFAULT_REGIONS_FILE))
     assert again.returncode == 0, again.stderr
     assert "already loaded: nothing changed" in again.stdout
     assert await snapshot(fresh.context) == loaded
@@ -417,7 +424,7 @@ async def test_the_command_loads_once_and_says_so_when_run_again(fresh: Fresh) -
 
 
 async def test_a_new_version_changes_adds_and_withdraws_and_an_old_one_comes_back(fresh: Fresh, tmp_path: Path) -> None:
-    assert catalog_load(fresh.env).returncode == 0
+    assert (await catalog_load(fresh.env)).returncode == 0
     before = await snapshot(fresh.context)
     withdrawn, added = "LIVE-TRN-004", "LIVE-TRN-006"
     assert {(SICHUAN, withdrawn), (GUANGDONG, withdrawn)} <= before["regions"]
@@ -430,7 +437,7 @@ async def test_a_new_version_changes_adds_and_withdraws_and_an_old_one_comes_bac
         document["services"].remove(gone)
         document["services"].append({**gone, "code": added, "name_zh": "城市轮渡乘船", "name_en": "Pay ferry fares"})
 
-    result = catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "next.json", next_version)))
+    result = await catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "next.json", next_version)))
     assert result.returncode == 0, result.stderr
     assert "catalogue 2026-11-27.2 loaded" in result.stdout
     assert "1 added, 1 updated, 1 withdrawn" in result.stdout
@@ -453,7 +460,7 @@ async def test_a_new_version_changes_adds_and_withdraws_and_an_old_one_comes_bac
     assert len(await get_json(client, "/v1/catalog/services", params={"domain": "hrss"})) == 95
 
     # Loading the first version again brings it back: the withdrawn service returns to its regions.
-    back = catalog_load(fresh.env)
+    back = await catalog_load(fresh.env)
     assert back.returncode == 0, back.stderr
     assert "0 added, 2 updated, 1 withdrawn" in back.stdout
     restored = await snapshot(fresh.context)
@@ -465,13 +472,13 @@ async def test_a_new_version_changes_adds_and_withdraws_and_an_old_one_comes_bac
 async def test_the_command_refuses_a_changed_file_under_an_old_version_and_a_file_that_breaks_a_rule(
     fresh: Fresh, tmp_path: Path
 ) -> None:
-    assert catalog_load(fresh.env).returncode == 0
+    assert (await catalog_load(fresh.env)).returncode == 0
     before = await snapshot(fresh.context)
 
     def renamed(document: dict[str, Any]) -> None:
         document["services"][0]["name_en"] = "Something else"
 
-    reused = catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "reused.json", renamed)))
+    reused = await catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "reused.json", renamed)))
     assert reused.returncode == 1
     assert f"catalogue version {SHIPPED['version']} was loaded before with different content" in reused.stderr
 
@@ -481,11 +488,11 @@ async def test_the_command_refuses_a_changed_file_under_an_old_version_and_a_fil
         pension["forms"] = ["physical", "electronic"]
         pension["purposes"] = ["general"]
 
-    refused = catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "pension.json", electronic_pension)))
+    refused = await catalog_load(fresh.env, "--file", str(write_catalog(tmp_path / "pension.json", electronic_pension)))
     assert refused.returncode == 1
     assert "benefit payouts go to the physical card's bank account only" in refused.stderr
     assert "nothing was loaded" in refused.stderr
 
-    missing = catalog_load(fresh.env, "--file", str(tmp_path / "absent.json"))
+    missing = await catalog_load(fresh.env, "--file", str(tmp_path / "absent.json"))
     assert missing.returncode == 1 and "cannot read" in missing.stderr
     assert await snapshot(fresh.context) == before
