@@ -9,14 +9,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY app app
 COPY crypto crypto
 # The project's dependencies only (with python-pkcs11, for issuer keys in an HSM: mount the vendor's module and
 # set ECARD_PKCS11_MODULE): the code itself runs from /app, where var/ is the writable part.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install ".[hsm]" \
+    && /opt/venv/bin/pip install ".[hsm]" -c constraints.txt \
     && /opt/venv/bin/pip uninstall -y ecard
 
 FROM python:3.11-slim AS runtime

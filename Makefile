@@ -6,17 +6,24 @@ PORT   ?= 8000
 WORKERS ?= 2
 APP    := --app app.asgi:create_app
 SOURCES := $(wildcard app crypto tests loadtests)
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps softhsm scale
+.PHONY: install lock run serve test lint openapi bench demo clean web-vendor loadtest migration browser-deps softhsm scale
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test]' -c constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+## constraints.txt from the newest releases pyproject.toml allows (a scratch venv), then `make test`.
+lock:
+	rm -rf var/lock-venv && $(PYTHON) -m venv var/lock-venv
+	var/lock-venv/bin/pip install --quiet --upgrade pip && var/lock-venv/bin/pip install --quiet -e '.[test]'
+	{ sed -n '1,2p' constraints.txt; var/lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf var/lock-venv
 
 ## Serve on embedded defaults: SQLite under var/, in-process nonce store, dev keys, one worker.
 run: install

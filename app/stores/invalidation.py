@@ -96,7 +96,7 @@ class RedisInvalidationBus:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def close(self) -> None:
         """See `InvalidationBus.close`."""
