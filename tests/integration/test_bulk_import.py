@@ -35,12 +35,13 @@ from sqlalchemy.engine import URL
 
 from app.db.models import ActivationCode, AuditEvent, Card, ECard, ImportJob, ImportRejection, Person
 from app.domain.audit.services import Actor
-from app.domain.cards.citizen_id import check_character
-from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD
+from app.domain.cards.citizen_id import check_character, mask_citizen_id
+from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, seal_missing_profiles
 from app.domain.imports import controllers as import_controllers
 from app.domain.imports.services import ImportFileError, ImportResult, import_file, rejection_report
 from app.domain.operators.services import Role
 from app.domain.regions.services import register_region
+from app.domain.verification.disclosure import Profile, profile_field, unpack_profile
 from app.server.context import ServiceContext
 from app.settings import PROJECT_ROOT
 from tests import factories
@@ -416,6 +417,46 @@ async def test_a_card_issued_before_to_the_same_person_is_already_present(
     assert (result.progress.created, result.progress.already_present, result.progress.rejected) == (0, 1, 0)
     # The card's pending activation code was left alone.
     await factories.activate(client, number, code)
+
+
+async def test_imported_ecards_keep_their_profile_sealed_from_the_row(
+    context: ServiceContext, tmp_path: Path, admin_token: str
+) -> None:
+    """A row that registers its person seals the eCard's profile from its own data, so the mirror's
+    first fill seals nothing; a registered person's new eCard waits to be sealed from what is stored
+    (the file's name may differ from it), as before."""
+    prefix = card_prefix()
+    registered, new = factories.citizen_id(SICHUAN), factories.citizen_id(CHONGQING)
+    first = await run(context, tmp_path, csv_text([line(SICHUAN, registered, "张三", f"{prefix}000001")]))
+    assert first.progress.created == 1
+    async with context.sessions() as session:
+        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
+        assert card is not None
+        card.state = "revoked"  # the person holds no card in use now: a new one may be issued
+        await session.commit()
+    rows = [line(SICHUAN, registered, "张叁", f"{prefix}000002"), line(CHONGQING, new, " 王五 ", f"{prefix}000003")]
+    result = await run(context, tmp_path, csv_text(rows))
+    assert (result.progress.created, result.progress.rejected) == (2, 0)
+
+    async def ecard_of(number: str) -> ECard:
+        async with context.sessions() as session:
+            ecard = await session.scalar(select(ECard).join(Card).where(Card.card_number == number))
+        assert ecard is not None
+        return ecard
+
+    for number, citizen_id, name, region in [(f"{prefix}000001", registered, "张三", SICHUAN),
+                                              (f"{prefix}000003", new, "王五", CHONGQING)]:  # fmt: skip
+        ecard = await ecard_of(number)
+        assert ecard.sealed_profile is not None, number
+        profile = unpack_profile(context.pii.decrypt_bytes(ecard.sealed_profile, profile_field(ecard.card_ref)))
+        assert profile == Profile(name, mask_citizen_id(citizen_id), region)
+    again = await ecard_of(f"{prefix}000002")
+    assert again.sealed_profile is None
+    async with context.sessions() as session:
+        sealed = await seal_missing_profiles(session, context.pii, [again.id])
+        await session.commit()
+    profile = unpack_profile(context.pii.decrypt_bytes(sealed[again.id], profile_field(again.card_ref)))
+    assert profile.name == "张三", "sealed from the stored person, not the file's other spelling"
 
 
 # --- whole-file errors -----------------------------------------------------------------------

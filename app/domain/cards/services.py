@@ -241,7 +241,12 @@ def profile_record(pii: PiiCipher, card_ref: bytes, person: Person) -> bytes:
     """The card's sealed disclosure profile: name, masked citizen ID, insured region."""
     citizen_id = pii.decrypt(person.citizen_id_encrypted, CITIZEN_ID_FIELD)
     name = pii.decrypt(person.name_encrypted, NAME_FIELD)
-    return seal_profile(pii, card_ref, Profile(name, mask_citizen_id(citizen_id), person.region_code))
+    return sealed_profile_of(pii, card_ref, name, citizen_id, person.region_code)
+
+
+def sealed_profile_of(pii: PiiCipher, card_ref: bytes, name: str, citizen_id: str, region: str) -> bytes:
+    """`profile_record` from the person's data in clear (a bulk import has it before it stores the person)."""
+    return seal_profile(pii, card_ref, Profile(name, mask_citizen_id(citizen_id), region))
 
 
 async def entitlements_of(session: AsyncSession, ecard_id: uuid.UUID) -> bytes | None:

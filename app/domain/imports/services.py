@@ -60,7 +60,13 @@ from app.db.models import Card, CardState, ECard, ECardState, ImportJob, ImportR
 from app.domain.audit.services import Actor, record
 from app.domain.bulk import fewer_collections
 from app.domain.cards.citizen_id import InvalidCitizenId, normalise_citizen_id
-from app.domain.cards.services import CITIZEN_ID_FIELD, NAME_FIELD, InvalidCardNumber, parse_card_number
+from app.domain.cards.services import (
+    CITIZEN_ID_FIELD,
+    NAME_FIELD,
+    InvalidCardNumber,
+    parse_card_number,
+    sealed_profile_of,
+)
 from app.domain.regions.scope import ALL_REGIONS
 from app.domain.regions.services import REGION_CODE
 from app.security.pii import PiiCipher
@@ -163,6 +169,10 @@ class PreparedRow(NamedTuple):
     # In a crypto-profile switch's dual-index period, the citizen ID's index under the other profile:
     # a person stored under it takes this row's index and blob (`_adopt_former_indexes`); else None.
     former_index: bytes | None
+    # The eCard's disclosure profile sealed from this row (name, citizen ID, region): kept with the eCard
+    # when the row registers its person, so the mirror's first fill seals nothing. A person registered
+    # before keeps their stored data (the row's may differ); their new eCard is sealed from it later.
+    sealed_profile: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +351,7 @@ class CardFileReader:
             return Rejection(line, card_number, f"the same citizen ID is on line {earlier}; a person holds one card")
         self._card_lines[card_number] = line
         self._person_lines[index] = line
+        card_ref = os.urandom(16)
         return PreparedRow(
             line=line,
             region=region,
@@ -348,8 +359,9 @@ class CardFileReader:
             citizen_id_index=index,
             citizen_id_encrypted=self._pii.encrypt(citizen_id, CITIZEN_ID_FIELD),
             name_encrypted=self._pii.encrypt(name, NAME_FIELD),
-            card_ref=os.urandom(16),
+            card_ref=card_ref,
             former_index=other[0] if other else None,
+            sealed_profile=sealed_profile_of(self._pii, card_ref, name, citizen_id, region),
         )
 
     def _check_region(self, region: str) -> str:
@@ -764,6 +776,7 @@ async def _apply_chunk(session: AsyncSession, job_id: uuid.UUID, chunk: Prepared
                 already_present += 1
             continue
         person_id = persons.get(row.citizen_id_index)
+        registers = person_id is None
         if person_id is None:
             person_id = uuid.uuid4()
             new_persons.append(
@@ -798,6 +811,7 @@ async def _apply_chunk(session: AsyncSession, job_id: uuid.UUID, chunk: Prepared
                 "card_ref": row.card_ref,
                 "state": ECardState.PENDING_ACTIVATION.value,
                 "updated_at": now,
+                "sealed_profile": row.sealed_profile if registers else None,
             }
         )
 
@@ -860,7 +874,7 @@ _STAGING_TABLE = text("""
 CREATE TEMPORARY TABLE import_staging (
     line integer NOT NULL, region text NOT NULL, card_number text NOT NULL, citizen_id_index bytea NOT NULL,
     citizen_id_encrypted bytea NOT NULL, name_encrypted bytea NOT NULL, card_ref bytea NOT NULL,
-    former_index bytea
+    former_index bytea, sealed_profile bytea NOT NULL
 ) ON COMMIT DELETE ROWS
 """)
 # `_adopt_former_indexes` for the staged chunk, in one statement.
@@ -944,8 +958,10 @@ WITH k AS MATERIALIZED (
     INSERT INTO cards (id, person_id, region_code, card_number, state, created_at)
     SELECT card_id, person_id, region, card_number, 'issued', :now FROM created
 ), new_ecards AS (
-    INSERT INTO ecards (id, card_id, region_code, card_ref, state, updated_at)
-    SELECT ecard_id, card_id, region, card_ref, 'pending_activation', :now FROM created
+    INSERT INTO ecards (id, card_id, region_code, card_ref, state, updated_at, sealed_profile)
+    SELECT ecard_id, card_id, region, card_ref, 'pending_activation', :now,
+        CASE WHEN known_person IS NULL THEN sealed_profile END
+    FROM created
 ), rejected AS (
     INSERT INTO import_rejections (job_id, line, card_number, reason)
     SELECT :job_id, line, card_number, CASE outcome
