@@ -21,6 +21,10 @@ one), then, for the baseline and then for all --cards cards of region 510000:
 - kills its redis-server (SIGKILL) and starts it again empty under the running service: the seconds
   until the workers have refilled the mirror by themselves.
 
+The service runs on the development keys of one profile (international: keys_dev/ without the
+national pair), as a deployment does outside a profile switch; with both pairs every imported row would
+pay the dual-index period's second index and its adoption (docs/national-crypto.md).
+
 It prints a Markdown table of every figure (docs/scale.md keeps the ones measured here) and a
 calibration line. Everything it made is removed at the end (--keep leaves the database).
 """
@@ -46,6 +50,9 @@ import psutil  # type: ignore[import-untyped]
 import redis
 from sqlalchemy.engine import make_url
 
+from app.security.keyring import PAIR_FILES
+from app.security.pii import NATIONAL
+from app.settings import DEV_KEYS_DIR
 from loadtests.bench_verify import (
     HOST,
     REGION,
@@ -309,6 +316,9 @@ class Harness:
         self.workspace.redis_url = self.redis.url
         self.points: list[Point] = []
         self.calibration = ""
+        self.keys = self.workspace.directory / "keys"
+        national = set(PAIR_FILES[NATIONAL][:2])
+        shutil.copytree(DEV_KEYS_DIR, self.keys, ignore=lambda _, names: [name for name in names if name in national])
 
     @property
     def env(self) -> dict[str, str]:
@@ -316,6 +326,7 @@ class Harness:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         # The mirror's bucket hashes are sized for the deployment's cards (a deployment sets it once).
         env["ECARD_MIRROR_CAPACITY"] = str(self.options.cards)
+        env["ECARD_KEYS_DIR"] = str(self.keys)
         return env
 
     async def run(self) -> None:

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date
@@ -74,11 +75,17 @@ _NIBBLES = "0123456789X"
 _VISIBLE = 4  # characters kept at each end of a masked citizen ID (see mask_citizen_id)
 
 
+# _NIBBLES are hexadecimal digits with X for ten (a): packing is bytes.fromhex (a bulk import packs
+# every card's profile; a character at a time this was 9 µs of the 12 a sealed profile costs).
+_NIBBLE_TEXT = re.compile(r"(?:[0-9X]{2})*")
+_X_AS_HEX = str.maketrans("X", "a")
+
+
 def _nibbles(text: str) -> bytes | None:
     """Characters of _NIBBLES, two to a byte; None if text has another (or an odd number)."""
-    if len(text) % 2 or any(char not in _NIBBLES for char in text):
+    if not _NIBBLE_TEXT.fullmatch(text):
         return None
-    return bytes(_NIBBLES.index(text[i]) << 4 | _NIBBLES.index(text[i + 1]) for i in range(0, len(text), 2))
+    return bytes.fromhex(text.translate(_X_AS_HEX))
 
 
 def _unnibble(data: bytes) -> str:
