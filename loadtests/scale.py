@@ -408,6 +408,8 @@ class Harness:
                 first, size, second = await fetch_kit(client, api_keys[0])
                 kit = f"{first * 1000:,.0f} ms, then {second * 1000:,.0f} ms; {_human(size)}"
                 point.add("offline kit GET (first, then kept)", kit)
+            # The machine's speed drifts between the points (minutes apart): its calibration beside each.
+            point.add("calibration just before the verify", calibration().removeprefix("calibration: "))
             cpu, p99, scans = await measure_verify(server, api_keys, holders, self.options.verify_seconds)
             point.add("verify: server CPU per scan", f"{cpu:,.0f} µs ({scans:,} scans)")
             point.add("verify: service p99", f"{p99:.2f} ms")
