@@ -17,6 +17,7 @@ import click
 from app.db.engine import create_engine
 from app.domain.audit.services import Actor
 from app.domain.errors import DomainError
+from app.domain.imports.services import CHUNKS_IN_FLIGHT, MAX_CHUNKS_IN_FLIGHT
 from app.security.keyring import KeyringError, generate_keyring
 from app.security.pii import NATIONAL
 from app.server.context import ServiceContext
@@ -271,7 +272,15 @@ def card_issue(region: str, citizen_id: str, name: str, card_number: str) -> Non
 @click.option("--region", "regions", multiple=True, help="Accept rows of this region only; repeatable. Default: all.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write rejected rows to this CSV.")
 @click.option("--chunk-size", type=click.IntRange(1, 20000), default=10000, show_default=True, help="Rows per commit.")
-def card_import(file: Path, regions: tuple[str, ...], report: Path | None, chunk_size: int) -> None:
+@click.option(
+    "--writers",
+    type=click.IntRange(1, MAX_CHUNKS_IN_FLIGHT),
+    default=CHUNKS_IN_FLIGHT,
+    show_default=True,
+    help="Chunks written at once on PostgreSQL, each on its own connection (SQLite: one). More for a "
+    "database server with cores to spare.",
+)
+def card_import(file: Path, regions: tuple[str, ...], report: Path | None, chunk_size: int, writers: int) -> None:
     """Issue persons and physical cards from a CSV file with the header region,citizen_id,name,card_number.
 
     Each chunk of rows commits as a whole and a rerun creates nothing twice: after a crash, run the same
@@ -295,6 +304,7 @@ def card_import(file: Path, regions: tuple[str, ...], report: Path | None, chunk
                     regions=scope,
                     chunk_rows=chunk_size,
                     on_progress=lambda progress: bar.update(progress.bytes_processed - bar.pos),
+                    writers=writers,
                 )
             except ImportFileError as exc:
                 raise click.ClickException(f"{exc}; the rows before it are imported: fix it and run again") from None

@@ -1,7 +1,8 @@
 """Redis comes back empty under load, and it is not an outage: the workers refill it, scans go on meanwhile.
 
 The service runs on a redis-server of this test alone, with thousands of active eCards in the database
-(put there directly, as a bulk import leaves them: no profile sealed yet). The store is SIGKILLed and
+(put there directly, without a sealed profile, as eCards made before migration 0009 are: the first
+fill seals them). The store is SIGKILLed and
 restarted empty while gates scan; then, counted exactly: replays of codes used before the loss accepted
 (none), codes shown before the loss refused as refresh_required (all), fresh codes of cards not mirrored
 yet accepted through the database fallback, within its rate, and how long until the mirror is full.

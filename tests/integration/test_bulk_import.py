@@ -459,6 +459,40 @@ async def test_imported_ecards_keep_their_profile_sealed_from_the_row(
     assert profile.name == "张三", "sealed from the stored person, not the file's other spelling"
 
 
+@pytest.mark.parametrize("writers", [1, 5])
+async def test_any_number_of_writers_imports_each_row_once(
+    context: ServiceContext, tmp_path: Path, admin_token: str, writers: int
+) -> None:
+    """`ecard card import --writers N`: N chunks in flight on PostgreSQL (SQLite writes one at a time);
+    the counts, and what is in the database, are the same whatever N."""
+    prefix = card_prefix()
+    rows = [line(SICHUAN, factories.citizen_id(SICHUAN), "张三", f"{prefix}{i:06d}") for i in range(1, 61)]
+    rows.insert(40, rows[5])  # the same row again, in a later chunk: rejected as a repeat
+    path = tmp_path / "cards.csv"
+    path.write_bytes(csv_text(rows))
+    result = await import_file(context.sessions, context.pii, path, ACTOR, regions=["*"], chunk_rows=7, writers=writers)
+    assert (result.progress.rows, result.progress.created, result.progress.rejected) == (61, 60, 1)
+    assert await count_cards(context, prefix) == (60, 60, 60)
+    async with context.sessions() as session:
+        job = await session.get(ImportJob, result.job_id)
+    assert job is not None and (job.status, job.rows_processed, job.created, job.rejected) == ("succeeded", 61, 60, 1)
+
+    again = await import_file(context.sessions, context.pii, path, ACTOR, regions=["*"], chunk_rows=7, writers=writers)
+    assert (again.progress.created, again.progress.already_present) == (0, 60)
+
+
+async def test_writers_out_of_range_are_refused_before_any_job(context: ServiceContext, tmp_path: Path) -> None:
+    path = tmp_path / "cards.csv"
+    path.write_bytes(csv_text([line(SICHUAN, factories.citizen_id(SICHUAN), "张三", f"{card_prefix()}000001")]))
+    async with context.sessions() as session:
+        jobs = await session.scalar(select(func.count()).select_from(ImportJob))
+    for writers in (0, 9):
+        with pytest.raises(ValueError, match="writers must be 1 to 8"):
+            await import_file(context.sessions, context.pii, path, ACTOR, regions=["*"], writers=writers)
+    async with context.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ImportJob)) == jobs
+
+
 # --- whole-file errors -----------------------------------------------------------------------
 
 

@@ -90,7 +90,9 @@ MAX_CACHED_REGIONS = 64
 CHUNK_ATTEMPTS = 3
 # Chunks written at once on PostgreSQL, each in its own transaction on its own connection: a chunk's one
 # statement keeps a core busy, and a second one in flight uses the other (SQLite: one writer at a time).
+# The default; `ecard card import --writers N` gives a database server with more cores more.
 CHUNKS_IN_FLIGHT = 2
+MAX_CHUNKS_IN_FLIGHT = 8  # within the engine's pool (10 connections, 10 more on overflow)
 REPORT_BATCH = 5000
 _CARDS_IN_USE = (CardState.ISSUED.value, CardState.ACTIVE.value)
 _NOT_ALPHANUMERIC = re.compile(r"[^0-9A-Za-z]")
@@ -492,8 +494,11 @@ async def run_import(
     *,
     chunk_rows: int = CHUNK_ROWS,
     on_progress: Callable[[ImportProgress], None] | None = None,
+    writers: int = CHUNKS_IN_FLIGHT,
 ) -> ImportProgress:
     """Import the file into the job's region scope, chunk by chunk; the job records status and counts.
+
+    On PostgreSQL, `writers` chunks (1 to MAX_CHUNKS_IN_FLIGHT) are written at once; on SQLite one.
 
     The audit log gets the job's end, with its counts, under actor (the cards themselves trace back to
     the job through its time and the job's `import.started` event).
@@ -502,6 +507,7 @@ async def run_import(
     as a whole (header, malformed CSV) ends the job `failed` with the reason and raises ImportFileError;
     the chunks before the fault stay imported. Activation codes are not issued here (see the module).
     """
+    _check_writers(writers)
     async with sessions() as session:
         job = await session.get(ImportJob, job_id)
         if job is None:
@@ -512,21 +518,21 @@ async def run_import(
         job.updated_at = utcnow()
         await session.commit()
         progress = ImportProgress(size_bytes=job.size_bytes)
-        in_flight = CHUNKS_IN_FLIGHT if session.get_bind().dialect.name == "postgresql" else 1
+        in_flight = writers if session.get_bind().dialect.name == "postgresql" else 1
     logger.info("import job %s started (scope %s)", job_id, ",".join(scope))
     try:
         with fewer_collections(), await asyncio.to_thread(path.open, "rb") as stream:
             reader = await asyncio.to_thread(CardFileReader, stream, pii, registered_regions=regions, scope=scope)
-            writers = _ChunkWriters(in_flight, progress, on_progress)
+            sending = _ChunkWriters(in_flight, progress, on_progress)
             try:
                 async with contextlib.aclosing(_read_ahead(reader, chunk_rows)) as chunks:
                     async for chunk in chunks:
-                        await writers.add(_apply_chunk_with_retries(sessions, job_id, chunk))
-                await writers.drain()
+                        await sending.add(_apply_chunk_with_retries(sessions, job_id, chunk))
+                await sending.drain()
             finally:
                 # However the loop ended: the chunks already sent finish (or fail), and count if they committed.
-                await writers.abandon()
-                progress = writers.progress
+                await sending.abandon()
+                progress = sending.progress
             progress = replace(progress, bytes_processed=reader.bytes_read)
     except BaseException as exc:
         if isinstance(exc, ImportFileError):
@@ -543,6 +549,11 @@ async def run_import(
         job_id, progress.rows, progress.created, progress.already_present, progress.rejected,
     )  # fmt: skip
     return progress
+
+
+def _check_writers(writers: int) -> None:
+    if not 1 <= writers <= MAX_CHUNKS_IN_FLIGHT:
+        raise ValueError(f"writers must be 1 to {MAX_CHUNKS_IN_FLIGHT}, not {writers}")
 
 
 def _added(progress: ImportProgress, chunk: ImportProgress) -> ImportProgress:
@@ -632,8 +643,10 @@ async def import_file(
     regions: list[str],
     chunk_rows: int = CHUNK_ROWS,
     on_progress: Callable[[ImportProgress], None] | None = None,
+    writers: int = CHUNKS_IN_FLIGHT,
 ) -> ImportResult:
     """Import a file on this machine as a job of the command line, in the given region scope."""
+    _check_writers(writers)  # before the job exists: a refused call leaves none behind
     size = (await asyncio.to_thread(path.stat)).st_size
     digest = await asyncio.to_thread(file_sha256, path)
     async with sessions() as session:
@@ -642,7 +655,9 @@ async def import_file(
             size_bytes=size,
         )  # fmt: skip
     started = time.perf_counter()
-    progress = await run_import(sessions, pii, job.id, path, actor, chunk_rows=chunk_rows, on_progress=on_progress)
+    progress = await run_import(
+        sessions, pii, job.id, path, actor, chunk_rows=chunk_rows, on_progress=on_progress, writers=writers
+    )
     return ImportResult(job_id=job.id, progress=progress, seconds=time.perf_counter() - started)
 
 
