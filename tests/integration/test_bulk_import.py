@@ -140,6 +140,21 @@ async def card_id_of(context: ServiceContext, number: str) -> uuid.UUID:
     return card_id
 
 
+async def registered_without_a_card_in_use(
+    context: ServiceContext, tmp_path: Path, citizen_id: str, number: str
+) -> Card:
+    """A person of Sichuan registered by an import of one row, whose card is then revoked: they hold no
+    card in use, so a later row may give them a new one. Their revoked card."""
+    first = await run(context, tmp_path, csv_text([line(SICHUAN, citizen_id, "张三", number)]))
+    assert first.progress.created == 1
+    async with context.sessions() as session:
+        card = await session.scalar(select(Card).where(Card.card_number == number))
+        assert card is not None
+        card.state = "revoked"
+        await session.commit()
+    return card
+
+
 async def persons_with(context: ServiceContext, citizen_id: str) -> int:
     """How many persons have this citizen ID."""
     index = context.pii.blind_index(citizen_id, CITIZEN_ID_FIELD)
@@ -427,13 +442,7 @@ async def test_imported_ecards_keep_their_profile_sealed_from_the_row(
     (the file's name may differ from it), as before."""
     prefix = card_prefix()
     registered, new = factories.citizen_id(SICHUAN), factories.citizen_id(CHONGQING)
-    first = await run(context, tmp_path, csv_text([line(SICHUAN, registered, "张三", f"{prefix}000001")]))
-    assert first.progress.created == 1
-    async with context.sessions() as session:
-        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
-        assert card is not None
-        card.state = "revoked"  # the person holds no card in use now: a new one may be issued
-        await session.commit()
+    await registered_without_a_card_in_use(context, tmp_path, registered, f"{prefix}000001")
     rows = [line(SICHUAN, registered, "张叁", f"{prefix}000002"), line(CHONGQING, new, " 王五 ", f"{prefix}000003")]
     result = await run(context, tmp_path, csv_text(rows))
     assert (result.progress.created, result.progress.rejected) == (2, 0)
@@ -857,13 +866,7 @@ async def test_a_chunk_waits_for_a_writer_giving_one_of_its_persons_a_card(
         pytest.skip("SQLite has one writer at a time: the chunk cannot write beside the other writer at all")
     prefix = card_prefix()
     person = factories.citizen_id(SICHUAN)
-    first = await run(context, tmp_path, csv_text([line(SICHUAN, person, "张三", f"{prefix}000001")]))
-    assert first.progress.created == 1
-    async with context.sessions() as session:
-        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
-        assert card is not None
-        card.state = "revoked"  # the person holds no card in use now: a new one may be issued
-        await session.commit()
+    card = await registered_without_a_card_in_use(context, tmp_path, person, f"{prefix}000001")
     # Another writer, half-way through issuing the person a card: the person's row locked, its card added.
     other = context.sessions()
     held = await other.scalar(select(Person).where(Person.id == card.person_id).with_for_update())
@@ -901,13 +904,7 @@ async def test_a_chunk_deadlocked_with_another_writer_is_written_again(
         pytest.skip("SQLite has one writer at a time: no two writers wait for each other")
     prefix = card_prefix()
     registered, new = factories.citizen_id(SICHUAN), factories.citizen_id(SICHUAN)
-    first = await run(context, tmp_path, csv_text([line(SICHUAN, registered, "张三", f"{prefix}000001")]))
-    assert first.progress.created == 1
-    async with context.sessions() as session:
-        card = await session.scalar(select(Card).where(Card.card_number == f"{prefix}000001"))
-        assert card is not None
-        card.state = "revoked"
-        await session.commit()
+    card = await registered_without_a_card_in_use(context, tmp_path, registered, f"{prefix}000001")
     # The other writer registers the new person, uncommitted: the chunk will wait for that row.
     other = context.sessions()
     other.add(Person(region_code=SICHUAN, citizen_id_index=context.pii.blind_index(new, CITIZEN_ID_FIELD),
