@@ -35,7 +35,7 @@ import redis
 from app.domain.cards.citizen_id import check_character, mask_citizen_id
 from app.domain.verification.disclosure import Profile, seal_profile
 from app.security.pii import PiiCipher
-from app.stores.status_mirror import MIRROR_BATCH, CardRecord, MirroredStatus, MirrorEntry, RedisStatusMirror
+from app.stores.status_mirror import MIRROR_BATCH, MirroredStatus, MirrorEntry, RedisStatusMirror
 from loadtests.redis_cluster import free_port
 
 HOST = "127.0.0.1"
@@ -107,8 +107,7 @@ def build_entries(pii: PiiCipher, rng: random.Random, count: int) -> list[Mirror
     for _ in range(count):
         card_ref = rng.randbytes(16)
         sealed = seal_profile(pii, card_ref, holder_profile(rng))
-        records = {CardRecord.PROFILE: sealed, CardRecord.ENTITLEMENTS: None}
-        entries.append(MirrorEntry(card_ref, rng.randint(1, 30), MirroredStatus.ACTIVE, records))
+        entries.append(MirrorEntry(card_ref, rng.randint(1, 30), MirroredStatus.ACTIVE, sealed, None))
     return entries
 
 

@@ -196,7 +196,8 @@ class ScanAnswer:
 
 
 class MirrorEntry(NamedTuple):
-    """One card as a bulk write gives it to the mirror: `mirror_card`'s arguments (see `mirror_many`).
+    """One card as a bulk write gives it to the mirror, whole: its status, sealed profile and entitlements
+    record under its mirror version (None: the card has none). See `mirror_many`.
 
     A tuple, not a dataclass: a rebuild makes one per card, millions, and a frozen dataclass's
     constructor cost twice as much."""
@@ -204,7 +205,8 @@ class MirrorEntry(NamedTuple):
     card_ref: bytes
     version: int
     status: MirroredStatus
-    records: Mapping[CardRecord, bytes | None]
+    profile: bytes | None
+    entitlements: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,8 +242,9 @@ class StatusMirror(Protocol):
         ...
 
     async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
-        """`mirror_card` for many cards in as few round trips as the store allows; how many were written
-        (an entry older than the store's version of its card is not)."""
+        """`mirror_card` of each card whole (a profile or entitlements record the entry lacks is dropped), in
+        as few round trips as the store allows; how many were written (an entry older than the store's
+        version of its card is not)."""
         ...
 
     async def set_refilling(self, refilling: bool, ttl: int = 120) -> None:
@@ -462,6 +465,34 @@ end
 return written
 """
 
+# `mirror_many`'s script for cards given whole (status, profile and entitlements): for the i-th card
+# KEYS[2i-1] its bucket, KEYS[2i] its entitlements key, ARGV[4(i-1)+1..4] its field, version, the
+# value of its field (built by the caller: letter, version, "." and the profile if any) and its
+# entitlements ("" = none). A card whose store holds a newer version is left alone. Returns how many
+# cards were written.
+_REPLACE_LUA = """
+local written = 0
+for i = 1, #KEYS / 2 do
+  local bucket, a = KEYS[2 * i - 1], 4 * (i - 1)
+  local current = redis.call('HGET', bucket, ARGV[a + 1])
+  local current_version = 0
+  if current then
+    local dot = string.find(current, '.', 2, true)
+    current_version = tonumber(string.sub(current, 2, (dot or 0) - 1)) or 0
+  end
+  if current_version <= tonumber(ARGV[a + 2]) then
+    redis.call('HSET', bucket, ARGV[a + 1], ARGV[a + 3])
+    if ARGV[a + 4] == '' then
+      redis.call('DEL', KEYS[2 * i])
+    else
+      redis.call('SET', KEYS[2 * i], ARGV[a + 4])
+    end
+    written = written + 1
+  end
+end
+return written
+"""
+
 # KEYS[1] the shard's event stream, KEYS[2] the nonce; ARGV[1] verification id, ARGV[2] terminal,
 # ARGV[3] now (ms), ARGV[4] nonce lifetime (s). See `StatusMirror.void`.
 _VOID_LUA = """
@@ -499,10 +530,14 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 
 
-_SCRIPTS = {_sha(script): script for script in (_SCAN_LUA, _HOLDER_LUA, _MIRROR_LUA, _VOID_LUA, _REOPEN_LUA)}
-_SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA, _REOPEN_SHA = _SCRIPTS
+_SCRIPTS = {
+    _sha(script): script for script in (_SCAN_LUA, _HOLDER_LUA, _MIRROR_LUA, _VOID_LUA, _REOPEN_LUA, _REPLACE_LUA)
+}
+_SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA, _REOPEN_SHA, _REPLACE_SHA = _SCRIPTS
 EPOCH_KEY = "epoch"
 REFILLING_KEY = "refilling"
+# The start of a card's value in its bucket, by status.
+_VALUE_HEAD = {status: status.value.encode() for status in MirroredStatus}
 # Cards per round trip of a bulk write.
 MIRROR_BATCH = 2000
 # A card's entitlements key after `card_key`.
@@ -814,19 +849,22 @@ class RedisStatusMirror:
         return await self._mirror_one(card_ref, version, status.value, records)
 
     async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
-        """See `StatusMirror.mirror_many`: MIRROR_BATCH cards per pipeline, in one script call per shard (the
-        cards of a call share a slot); on a cluster the pipeline sends each node the calls of its shards."""
+        """See `StatusMirror.mirror_many`: MIRROR_BATCH cards per pipeline, in one `_REPLACE_LUA` call per shard
+        (the cards of a call share a slot); on a cluster the pipeline sends each node the calls of its shards.
+        A card's value is built here, so the script only compares versions and writes."""
         written = 0
+        place = self._place
         for start in range(0, len(entries), MIRROR_BATCH):
             calls: dict[str, tuple[list[str], list[Any]]] = {}
-            for entry in entries[start : start + MIRROR_BATCH]:
-                shard, keys, args = self._mirror_call(entry.card_ref, entry.version, entry.status.value, entry.records)
-                call_keys, call_args = calls.setdefault(shard, ([], []))
-                call_keys += keys
-                call_args += args
-            commands = [("EVALSHA", _MIRROR_SHA, len(keys), *keys, *args) for keys, args in calls.values()]
+            for card_ref, version, status, profile, entitlements in entries[start : start + MIRROR_BATCH]:
+                shard, bucket, field = place(card_ref)
+                keys, args = calls.setdefault(shard, ([], []))
+                keys += (bucket, f"{shard}{card_ref.hex()}{ENTITLEMENTS_SUFFIX}")
+                value = _VALUE_HEAD[status] + str(version).encode()
+                args += (field, version, value + b"." + profile if profile else value, entitlements or b"")
+            commands = [("EVALSHA", _REPLACE_SHA, len(keys), *keys, *args) for keys, args in calls.values()]
             try:
-                await self._client.script_load(_MIRROR_LUA)
+                await self._client.script_load(_REPLACE_LUA)
                 results = await self._bulk(commands)
             except (RedisError, OSError) as exc:
                 raise _unavailable(exc) from exc
@@ -1098,8 +1136,9 @@ class MemoryStatusMirror:
     async def mirror_many(self, entries: Sequence[MirrorEntry]) -> int:
         """See `StatusMirror.mirror_many`."""
         written = 0
-        for entry in entries:
-            written += await self.mirror_card(entry.card_ref, entry.version, entry.status, entry.records)
+        for card_ref, version, status, profile, entitlements in entries:
+            records = {CardRecord.PROFILE: profile, CardRecord.ENTITLEMENTS: entitlements}
+            written += await self.mirror_card(card_ref, version, status, records)
         return written
 
     async def set_refilling(self, refilling: bool, ttl: int = 120) -> None:

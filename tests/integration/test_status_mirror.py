@@ -226,10 +226,7 @@ async def test_statuses_decided_results_and_a_missing_profile(store: StatusMirro
 async def test_bulk_writes_keep_versions_and_records(store: StatusMirror) -> None:
     cards = [os.urandom(16) for _ in range(5)]
     await store.mirror_card(cards[0], 9, MirroredStatus.SUSPENDED, {CardRecord.PROFILE: b"newer"})
-    entries = [
-        MirrorEntry(card, 3, MirroredStatus.ACTIVE, {CardRecord.PROFILE: b"p" + card, CardRecord.ENTITLEMENTS: None})
-        for card in cards
-    ]
+    entries = [MirrorEntry(card, 3, MirroredStatus.ACTIVE, b"p" + card, None) for card in cards]
     # The card the store holds at a newer version keeps it; the four others are written.
     assert await store.mirror_many(entries) == 4
     assert await store.get_statuses(cards) == ["S"] + ["A"] * 4
@@ -237,6 +234,27 @@ async def test_bulk_writes_keep_versions_and_records(store: StatusMirror) -> Non
     assert await store.get_record(cards[1], CardRecord.PROFILE) == b"p" + cards[1]
     assert await store.missing_records(cards, CardRecord.ENTITLEMENTS) == [True] * 5
     assert await store.mirror_many([]) == 0
+
+
+async def test_a_bulk_write_replaces_each_card_whole(store: StatusMirror) -> None:
+    """What a card lacks in the database it loses in the store (a rebuild or a repair sets the truth)."""
+    card, other = os.urandom(16), os.urandom(16)
+    records = {CardRecord.PROFILE: b"old profile", CardRecord.ENTITLEMENTS: b"old pass"}
+    await store.mirror_card(card, 2, MirroredStatus.ACTIVE, records)
+    await store.mirror_card(other, 2, MirroredStatus.ACTIVE, records)
+    entries = [
+        MirrorEntry(card, 2, MirroredStatus.SUSPENDED, None, None),  # the same version is written again
+        MirrorEntry(other, 3, MirroredStatus.ACTIVE, b"new profile", b"new pass"),
+    ]
+    assert await store.mirror_many(entries) == 2
+    assert await store.get_statuses([card, other]) == ["S", "A"]
+    assert await store.missing_records([card, other], CardRecord.PROFILE) == [True, False]
+    assert await store.missing_records([card, other], CardRecord.ENTITLEMENTS) == [True, False]
+    assert await store.get_record(other, CardRecord.PROFILE) == b"new profile"
+    assert await store.get_record(other, CardRecord.ENTITLEMENTS) == b"new pass"
+    # Its status and version stay the card's own: a later single write of an older version is refused.
+    assert not await store.mirror_card(other, 2, MirroredStatus.REVOKED, {})
+    assert await store.get_statuses([other]) == ["A"]
 
 
 async def test_refilling_flag_and_reopening_a_card_unknown_scan(store: StatusMirror) -> None:
@@ -304,7 +322,7 @@ async def test_bulk_writes_of_many_shards_guard_each_card(store: StatusMirror) -
     newer = cards[::7]
     for card in newer:
         await store.mirror_card(card, 5, MirroredStatus.REVOKED, {})
-    entries = [MirrorEntry(card, 4, MirroredStatus.ACTIVE, {CardRecord.PROFILE: card[::-1]}) for card in cards]
+    entries = [MirrorEntry(card, 4, MirroredStatus.ACTIVE, card[::-1], None) for card in cards]
     assert await store.mirror_many(entries) == len(cards) - len(newer)
     statuses = await store.get_statuses(cards)
     assert statuses == ["R" if index % 7 == 0 else "A" for index in range(len(cards))]
@@ -342,7 +360,8 @@ async def test_cards_live_in_listpack_buckets_of_their_shard() -> None:
                 card,
                 123_456,
                 MirroredStatus.ACTIVE,
-                {CardRecord.PROFILE: seal_profile(pii, card, Profile("欧阳娜娜", "5101**********123X", "510000"))},
+                seal_profile(pii, card, Profile("欧阳娜娜", "5101**********123X", "510000")),
+                None,
             )
             for card in cards
         ]
@@ -357,7 +376,7 @@ async def test_cards_live_in_listpack_buckets_of_their_shard() -> None:
             b"A123456."
         )
         answer = await mirror.scan(replace(scan(card, os.urandom(NONCE_LENGTH), "h"), record=CardRecord.PROFILE))
-        assert answer.result == ScanResult.ACCEPTED and answer.record == entries[0].records[CardRecord.PROFILE]
+        assert answer.result == ScanResult.ACCEPTED and answer.record == entries[0].profile
     finally:
         await direct.aclose()
         await mirror.close()
@@ -370,7 +389,7 @@ async def test_a_refused_bulk_write_fails_whole_and_leaves_no_reply_behind(
     """A bulk write's replies are read off a pooled connection: one refused must not leave the others there."""
     mirror, direct = own_mirror
     cards = [os.urandom(16) for _ in range(300)]
-    entries = [MirrorEntry(card, 1, MirroredStatus.ACTIVE, {CardRecord.PROFILE: card}) for card in cards]
+    entries = [MirrorEntry(card, 1, MirroredStatus.ACTIVE, card, None) for card in cards]
     await direct.config_set("maxmemory", 1)  # every write refused (out of memory), so every shard's call fails
     with pytest.raises(StoreUnavailable):
         await mirror.mirror_many(entries)

@@ -347,13 +347,13 @@ async def mirror_entries(
     passes = await entitlements_between(session, rows[0][0], rows[-1][0])
     unsealed = [row[0] for row in rows if row[4] is None]
     sealed = await seal_missing_profiles(session, pii, unsealed) if unsealed else {}
-    profile, entitlements = CardRecord.PROFILE, CardRecord.ENTITLEMENTS
     entries = [
         MirrorEntry(
             card_ref,
             version,
             STATUS_OF_STATE[state],
-            {profile: stored if stored is not None else sealed.get(ecard_id), entitlements: passes.get(ecard_id)},
+            stored if stored is not None else sealed.get(ecard_id),
+            passes.get(ecard_id),
         )
         for ecard_id, card_ref, state, version, stored in rows
     ]
