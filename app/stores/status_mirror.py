@@ -433,7 +433,8 @@ return {value and string.sub(value, 1, 1) or '', redis.call('EXISTS', KEYS[3]), 
 # its 7 arguments from ARGV[7(i-1)+1]: field, version ("" = unversioned: no guard, and the value
 # keeps none), status letter ("" keeps the card's status and version), profile ("k" keep, "d" drop, "s" set
 # to the next argument), the profile, entitlements (the same three), the entitlements. A card whose store
-# holds a newer version is left alone. Returns how many cards were written.
+# holds a newer version is left alone. Returns how many cards were written. `_mirror_one` sends one card;
+# bulk writes, which give cards whole, have `_REPLACE_LUA`.
 _MIRROR_LUA = """
 local written = 0
 for i = 1, #KEYS / 2 do
@@ -807,23 +808,14 @@ class RedisStatusMirror:
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    def _mirror_call(
-        self, card_ref: bytes, version: int | None, status: str, records: Mapping[CardRecord, bytes | None]
-    ) -> tuple[str, tuple[str, str], list[Any]]:
-        """A card's part of a `_MIRROR_LUA` call: its shard (calls group cards by it), keys and arguments."""
-        shard, bucket, field = self._place(card_ref)
-        return (
-            shard,
-            (bucket, f"{shard}{card_ref.hex()}{ENTITLEMENTS_SUFFIX}"),
-            [field, "" if version is None else version, status, *_record_args(records, CardRecord.PROFILE),
-             *_record_args(records, CardRecord.ENTITLEMENTS)],
-        )  # fmt: skip
-
     async def _mirror_one(
         self, card_ref: bytes, version: int | None, status: str, records: Mapping[CardRecord, bytes | None]
     ) -> bool:
         """One card's `_MIRROR_LUA` call; whether it was written."""
-        _, keys, args = self._mirror_call(card_ref, version, status, records)
+        shard, bucket, field = self._place(card_ref)
+        keys = (bucket, f"{shard}{card_ref.hex()}{ENTITLEMENTS_SUFFIX}")
+        args = [field, "" if version is None else version, status, *_record_args(records, CardRecord.PROFILE),
+                *_record_args(records, CardRecord.ENTITLEMENTS)]  # fmt: skip
         try:
             try:
                 written = await self._client.evalsha(_MIRROR_SHA, len(keys), *keys, *args)
