@@ -13,6 +13,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Litestar, get, post
+from litestar.params import JSONBody
 
 # The same bound as crypto.credential.MAX_TEXT_LENGTH, without importing the service.
 MAX_TEXT_LENGTH = 512
@@ -33,7 +34,7 @@ class NoopResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 @post("/noop", status_code=200, request_max_body_size=2048)
-async def noop(data: NoopRequest) -> NoopResponse:
+async def noop(data: JSONBody[NoopRequest]) -> NoopResponse:
     """Decode the body, answer a constant."""
     return NoopResponse(result="accepted", verification_id="vf_noop", purpose="transit")
 
