@@ -308,11 +308,19 @@ class StatusMirror(Protocol):
 
 # The status letter of a card whose mirror value holds a profile but no status (yet).
 NO_STATUS = "-"
+# The start of a card's value in its bucket, by status (`card_value`).
+_VALUE_HEAD = {status: status.value.encode() for status in MirroredStatus}
 
 
 def status_letter(value: str | None) -> str | None:
     """The status part of a mirrored value (`A17` → `A`; None for no status)."""
     return value[:1] if value and value[:1] != NO_STATUS else None
+
+
+def card_value(status: MirroredStatus, version: int, profile: bytes | None) -> bytes:
+    """A card's value in its bucket: status letter, mirror version, and "." and the profile if any (`A17.…`)."""
+    head = _VALUE_HEAD[status] + str(version).encode()
+    return head + b"." + profile if profile else head
 
 
 def profile_part(value: bytes | None) -> bytes | None:
@@ -468,7 +476,7 @@ return written
 
 # `mirror_many`'s script for cards given whole (status, profile and entitlements): for the i-th card
 # KEYS[2i-1] its bucket, KEYS[2i] its entitlements key, ARGV[4(i-1)+1..4] its field, version, the
-# value of its field (built by the caller: letter, version, "." and the profile if any) and its
+# value of its field (`card_value`, built by the caller) and its
 # entitlements ("" = none). A card whose store holds a newer version is left alone. Returns how many
 # cards were written.
 _REPLACE_LUA = """
@@ -537,8 +545,6 @@ _SCRIPTS = {
 _SCAN_SHA, _HOLDER_SHA, _MIRROR_SHA, _VOID_SHA, _REOPEN_SHA, _REPLACE_SHA = _SCRIPTS
 EPOCH_KEY = "epoch"
 REFILLING_KEY = "refilling"
-# The start of a card's value in its bucket, by status.
-_VALUE_HEAD = {status: status.value.encode() for status in MirroredStatus}
 # Cards per round trip of a bulk write.
 MIRROR_BATCH = 2000
 # A card's entitlements key after `card_key`.
@@ -852,8 +858,7 @@ class RedisStatusMirror:
                 shard, bucket, field = place(card_ref)
                 keys, args = calls.setdefault(shard, ([], []))
                 keys += (bucket, f"{shard}{card_ref.hex()}{ENTITLEMENTS_SUFFIX}")
-                value = _VALUE_HEAD[status] + str(version).encode()
-                args += (field, version, value + b"." + profile if profile else value, entitlements or b"")
+                args += (field, version, card_value(status, version, profile), entitlements or b"")
             commands = [("EVALSHA", _REPLACE_SHA, len(keys), *keys, *args) for keys, args in calls.values()]
             try:
                 await self._client.script_load(_REPLACE_LUA)

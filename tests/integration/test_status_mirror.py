@@ -33,6 +33,9 @@ from app.stores.status_mirror import (
     StatusMirror,
     StoreUnavailable,
     card_key,
+    card_value,
+    profile_part,
+    status_letter,
 )
 from crypto.credential import NONCE_LENGTH, open_credential
 from tests import factories
@@ -328,6 +331,15 @@ async def test_bulk_writes_of_many_shards_guard_each_card(store: StatusMirror) -
     assert statuses == ["R" if index % 7 == 0 else "A" for index in range(len(cards))]
     assert await store.missing_records(cards, CardRecord.PROFILE) == [index % 7 == 0 for index in range(len(cards))]
     assert await store.get_record(cards[1], CardRecord.PROFILE) == cards[1][::-1]
+
+
+def test_a_card_value_built_for_a_bulk_write_reads_back_as_the_scripts_write_it() -> None:
+    """`mirror_many` builds values in Python that `_MIRROR_LUA` builds in Lua: one format, read by one parser."""
+    assert card_value(MirroredStatus.SUSPENDED, 17, b"sealed.with.dots") == b"S17.sealed.with.dots"
+    assert profile_part(card_value(MirroredStatus.ACTIVE, 3, b"sealed.with.dots")) == b"sealed.with.dots"
+    assert card_value(MirroredStatus.REVOKED, 123_456, None) == b"R123456"
+    assert profile_part(card_value(MirroredStatus.REVOKED, 123_456, b"")) is None
+    assert status_letter(card_value(MirroredStatus.PENDING_ACTIVATION, 1, None).decode()) == "P"
 
 
 def test_buckets_hold_32_to_64_cards_at_the_capacity_they_were_sized_for() -> None:
