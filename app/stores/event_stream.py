@@ -99,6 +99,11 @@ class EventStream(Protocol):
         """Up to count new entries for consumer, waiting up to block_ms for the first."""
         ...
 
+    async def read_pending(self, consumer: str, count: int) -> list[StreamEntry]:
+        """Up to count entries delivered to consumer before and not acknowledged: what a read whose reply
+        was lost (a timeout after the command was sent) delivered, or what a failed batch left."""
+        ...
+
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """Take over up to count entries delivered to any consumer and unacknowledged for min_idle_ms."""
         ...
@@ -185,6 +190,23 @@ class RedisEventStream:
             reply: Any = await self._client.xreadgroup(GROUP, consumer, {key: ">"}, count=count)
             entries.extend(_entry(key, entry_id, fields) for _, items in reply or [] for entry_id, fields in items)
         return entries
+
+    async def read_pending(self, consumer: str, count: int) -> list[StreamEntry]:
+        """See `EventStream.read_pending` (XREADGROUP from id 0, shard by shard); entries deleted meanwhile
+        are acknowledged and skipped, as in `claim_stale`."""
+        found: list[StreamEntry] = []
+        for key in self.keys:
+            if len(found) >= count:
+                break
+            reply: Any = await self._call(
+                lambda key=key: self._client.xreadgroup(GROUP, consumer, {key: "0"}, count=count - len(found))
+            )
+            items = [item for _, entries in reply or [] for item in entries]
+            found.extend(_entry(key, entry_id, fields) for entry_id, fields in items if fields)
+            gone = [entry_id for entry_id, fields in items if not fields]
+            if gone:
+                await self._call(lambda key=key, gone=gone: self._client.xack(key, GROUP, *gone))
+        return found
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """See `EventStream.claim_stale`; entries deleted meanwhile are acknowledged and skipped."""
@@ -281,6 +303,10 @@ class MemoryEventStream:
         for entry in taken:
             self._pending[entry.entry_id] = (entry, consumer, now)
         return taken
+
+    async def read_pending(self, consumer: str, count: int) -> list[StreamEntry]:
+        """See `EventStream.read_pending`."""
+        return [entry for entry, owner, _ in self._pending.values() if owner == consumer][:count]
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """See `EventStream.claim_stale`."""

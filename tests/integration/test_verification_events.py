@@ -43,7 +43,7 @@ from app.domain.operators.services import Role
 from app.domain.verification.events import ONLINE, EventRecord, encode_event
 from app.server.context import STATE_KEY, ServiceContext
 from app.settings import PROJECT_ROOT
-from app.stores.event_stream import GROUP, stream_keys
+from app.stores.event_stream import GROUP, EventStream, StreamEntry, StreamUnavailable, stream_keys
 from app.stores.status_mirror import RateLimit, Scan
 from crypto.credential import NONCE_LENGTH, Claims, issue_credential, open_credential
 from tests import factories
@@ -634,6 +634,53 @@ async def wait_until_working(
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the drain never took an entry"
         await asyncio.sleep(0.001)
+
+
+class LostReply:
+    """The stream, with the reply of its first read lost: Redis delivered the entries, the client timed out."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self._stream = stream
+        self.lost: list[StreamEntry] = []
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[StreamEntry]:
+        entries = await self._stream.read(consumer, count, block_ms)
+        if not self.lost:
+            self.lost = entries
+            raise StreamUnavailable("Timeout reading from the stream")
+        return entries
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+async def test_a_drain_whose_read_lost_its_reply_stores_those_entries_at_once(drain_setup: DrainSetup) -> None:
+    """A read that timed out after Redis ran it leaves entries delivered to this drain: they are read
+    again at the next batch, not left until another drain's claim takes them (30 s by default)."""
+    setup = drain_setup
+    app = create_app(make_settings(setup.database_url, setup.redis_url, setup.prefix))
+    async with serve(app) as client:
+        context: ServiceContext = app.state[STATE_KEY]
+        token = await operator_token(client, context, Role.ADMIN, ["*"])
+        response = await client.post(
+            "/v1/operator/regions", json={"code": SICHUAN, "name": "四川省"}, headers=bearer(token)
+        )
+        assert response.status_code == 201, response.text
+        holders = [await factories.activated_holder(client, token, SICHUAN) for _ in range(3)]
+        organisation = (await factories.new_gate(client, token, SICHUAN, "transit", ["transit"])).organisation_id
+        producer = Producer(client, context, holders, [await fast_gate(client, token, organisation, ["transit"])])
+        await producer.wave(direct=40)
+        drainer = context.event_drain(block_ms=0, claim_idle_ms=600_000)
+        lossy = LostReply(drainer.stream)
+        drainer.stream = lossy  # type: ignore[assignment]
+        with pytest.raises(StreamUnavailable):
+            await drainer.run_once()
+        assert len(lossy.lost) > 0 and (await context.events.backlog()).pending == len(lossy.lost)
+        while await drainer.run_once():
+            pass
+        assert (await context.events.backlog()).length == 0
+        found = await stored(context, list(producer.produced))
+        assert {verification_id: row.result for verification_id, row in found.items()} == producer.produced
 
 
 async def test_drain_killed_mid_run_and_restarted_stores_every_event_exactly_once(drain_setup: DrainSetup) -> None:

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -126,10 +126,26 @@ class EventDrain:
     block_ms: int = 1000
     # Entries delivered to a consumer and unacknowledged this long belong to a dead drain.
     claim_idle_ms: int = 30_000
+    # Whether this drain's own delivered, unacknowledged entries are to be read first: at the start, and
+    # after a failed call (a read that timed out may have delivered entries whose reply never came).
+    own_pending: bool = field(default=True, init=False)
 
     async def run_once(self) -> int:
-        """Drain one batch: entries of dead drains first, then new ones. The number of entries handled."""
-        entries = await self.stream.claim_stale(self.consumer, self.claim_idle_ms, self.batch)
+        """Drain one batch: this drain's own unacknowledged entries after a failure, then entries of dead
+        drains, then new ones. The number of entries handled."""
+        try:
+            return await self._drain_batch()
+        except BaseException:
+            self.own_pending = True
+            raise
+
+    async def _drain_batch(self) -> int:
+        entries: list[StreamEntry] = []
+        if self.own_pending:
+            entries = await self.stream.read_pending(self.consumer, self.batch)
+            self.own_pending = bool(entries)
+        if not entries:
+            entries = await self.stream.claim_stale(self.consumer, self.claim_idle_ms, self.batch)
         if not entries:
             entries = await self.stream.read(self.consumer, self.batch, self.block_ms)
         if not entries:
